@@ -1,0 +1,36 @@
+"""User-facing errors: one clear line and a non-zero exit, never a library traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user (file, field, flag): printed as one line, exit status 2."""
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run an entry point; turn UsageError (and Ctrl-C) into a one-line message and exit code."""
+    try:
+        main()
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # The libraries are chatty at INFO; keep their warnings.
+    for name in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)

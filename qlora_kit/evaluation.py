@@ -1,0 +1,177 @@
+"""Evaluate a trained run or a zero/few-shot baseline: data, prompts, generation, metrics, result files."""
+
+from __future__ import annotations
+
+import logging
+import time
+from argparse import Namespace
+from pathlib import Path
+
+from . import data as data_lib
+from . import modeling, results
+from .errors import UsageError
+from .formatting import PromptFormat, answer_ids, end_of_turn_token
+from .generation import generate
+from .metrics import classification_metrics, parse_label, rouge_scores
+
+log = logging.getLogger(__name__)
+
+BASELINE_CONTEXT = 2048
+
+
+def load_eval_rows(task: str, args: Namespace, label_names: list[str]) -> list[dict]:
+    spec = data_lib.TASKS[task]
+    file = args.test_file if args.split == "test" else args.validation_file
+    rows, source = data_lib.load_rows(spec, file=file, dataset=args.dataset, split=args.split)
+    rows = data_lib.CLEANERS[task](rows, source)
+    if task == "classification":
+        data_lib.map_to_known_labels(rows, label_names, source)
+    if args.limit:
+        rows = rows[:args.limit]
+    log.info("%s: %d evaluation rows", source, len(rows))
+    return rows
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if (out_dir / results.METRICS).exists() and not overwrite:
+        raise UsageError(f"{out_dir / results.METRICS} exists; pass --overwrite to replace it")
+    results.check_writable_dir(out_dir, "--output_dir")
+
+
+def _load_finetuned(config: dict, run_dir: Path, merge_adapter: bool, use_flash_attention: bool):
+    from peft import PeftModel
+
+    source = config["model_source"]
+    if not Path(source).exists():  # a Hub id, or a run folder copied from another machine: resolve again
+        source = modeling.resolve_model_source(config["pretrained_ckpt"])
+    load_in_4bit = config["load_in_4bit"] and not merge_adapter
+    model = modeling.load_model(source, load_in_4bit=load_in_4bit, use_flash_attention=use_flash_attention,
+                                for_training=False)
+    model = PeftModel.from_pretrained(model, run_dir / results.ADAPTER_DIR)
+    if merge_adapter:
+        model = model.merge_and_unload()  # plain bf16 weights: no 4-bit dequantization per step
+    model.eval()
+    return model
+
+
+def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace,
+                   max_prompt_tokens: int, end_token: str, label_names: list[str]) -> tuple[dict, list[dict]]:
+    """Generate for every row, score, and return (metrics, prediction records)."""
+    prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
+    stop_ids = sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id})
+    constrained = task == "classification" and getattr(args, "decoding", "greedy") == "constrained"
+    label_sequences = [answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None
+    started = time.perf_counter()
+    generated = generate(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
+                         batch_size=args.batch_size, label_sequences=label_sequences)
+    seconds = time.perf_counter() - started
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) if ids is not None else None
+             for ids in generated.outputs]
+    scored = [i for i, text in enumerate(texts) if text is not None]
+    records = []
+    for index, row in enumerate(rows):
+        record = {"id": index, "prompt": tokenizer.decode(prompt_ids[index]), "output": texts[index],
+                  "reference": row["target"]}
+        if index in generated.failures:
+            record["error"] = generated.failures[index]
+        elif task == "classification":
+            record["parsed"] = parse_label(texts[index], label_names)
+        else:
+            record["parsed"] = texts[index].strip()
+        records.append(record)
+    if task == "classification":
+        metrics = classification_metrics([rows[i]["target"] for i in scored],
+                                         [records[i]["parsed"] for i in scored], label_names)
+    else:
+        metrics = rouge_scores([rows[i]["target"] for i in scored], [records[i]["parsed"] for i in scored])
+    metrics.update({
+        "failed": len(generated.failures),
+        "generation_seconds": seconds,
+        "examples_per_second": len(rows) / seconds if seconds else None,
+        "final_batch_size": generated.final_batch_size,
+    })
+    return metrics, records
+
+
+def evaluate_run(task: str, args: Namespace) -> dict:
+    """Evaluate a fine-tuned run folder on its task's test (or validation) split."""
+    run_dir = Path(args.experiment_dir)
+    config = results.load_run_config(run_dir)
+    if config.get("task") != task:
+        raise UsageError(f"--experiment_dir {run_dir} is a {config.get('task')} run, not a {task} run")
+    out_dir = Path(args.output_dir) if args.output_dir else run_dir / ("metrics" if args.split == "test"
+                                                                       else f"metrics_{args.split}")
+    check_output_dir(out_dir, args.overwrite)
+    label_names = config["label_names"]
+    rows = load_eval_rows(task, args, label_names)
+
+    tokenizer = modeling.load_tokenizer(str(run_dir / results.ADAPTER_DIR), padding_side="left")
+    end_token = config.get("end_token") or end_of_turn_token(tokenizer)
+    fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=label_names)
+    max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
+    model = _load_finetuned(config, run_dir, args.merge_adapter, args.use_flash_attention)
+    metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
+                                      label_names)
+    metrics["config"] = {"experiment_dir": str(run_dir), "split": args.split, "limit": args.limit,
+                         "merge_adapter": args.merge_adapter, "max_new_tokens": args.max_new_tokens,
+                         "max_prompt_tokens": max_prompt_tokens, "decoding": getattr(args, "decoding", "greedy"),
+                         "prompt_style": config["prompt_style"], "versions": modeling.library_versions()}
+    _save(out_dir, metrics, records)
+    return metrics
+
+
+def evaluate_baseline(args: Namespace) -> dict:
+    """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
+    task = args.task_type
+    spec = data_lib.TASKS[task]
+    style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
+    out_dir = Path(args.output_dir) if args.output_dir else (
+        Path("baseline_results") / modeling.model_slug(args.pretrained_ckpt) / task / f"{args.prompt_type}{style_suffix}")
+    check_output_dir(out_dir, args.overwrite)
+
+    train_rows, label_names = [], []
+    if task == "classification" or args.prompt_type == "few-shot":
+        train_rows, source = data_lib.load_rows(spec, file=args.train_file, dataset=args.dataset, split="train")
+        train_rows = data_lib.CLEANERS[task](train_rows, source)
+        if task == "classification":
+            label_names = data_lib.canonical_labels(train_rows, source)
+    rows = load_eval_rows(task, args, label_names)
+
+    source_path = modeling.resolve_model_source(args.pretrained_ckpt)
+    tokenizer = modeling.load_tokenizer(source_path, padding_side="left")
+    end_token = end_of_turn_token(tokenizer)
+    fmt = PromptFormat(task, args.prompt_type, args.prompt_style, tokenizer, label_names=label_names)
+    max_prompt_tokens = args.max_prompt_tokens or BASELINE_CONTEXT - args.max_new_tokens
+    if args.prompt_type == "few-shot":
+        fmt.set_few_shot(data_lib.few_shot_examples(train_rows, task, args.shots), max_prompt_tokens)
+    model = modeling.load_model(source_path, load_in_4bit=args.load_in_4bit,
+                                use_flash_attention=args.use_flash_attention, for_training=False)
+    model.eval()
+    metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
+                                      label_names)
+    metrics["config"] = {"pretrained_ckpt": args.pretrained_ckpt, "task": task, "prompt_type": args.prompt_type,
+                         "prompt_style": args.prompt_style, "shots": args.shots, "split": args.split,
+                         "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                         "max_prompt_tokens": max_prompt_tokens, "load_in_4bit": args.load_in_4bit,
+                         "decoding": getattr(args, "decoding", "greedy"), "versions": modeling.library_versions()}
+    _save(out_dir, metrics, records)
+    return metrics
+
+
+def _save(out_dir: Path, metrics: dict, records: list[dict]) -> None:
+    results.write_jsonl_atomic(out_dir / results.PREDICTIONS, records)
+    results.write_json_atomic(out_dir / results.METRICS, metrics)  # last: its presence marks a finished evaluation
+    metrics["output_dir"] = str(out_dir)
+
+
+def summary_table(metrics: dict) -> str:
+    """A compact table of the headline numbers."""
+    if "accuracy" in metrics:
+        keys = ["n", "accuracy", "macro_f1", "micro_f1", "invalid_rate", "failed", "examples_per_second"]
+    else:
+        keys = ["n", "rouge1", "rouge2", "rougeL", "rougeLsum", "failed", "examples_per_second"]
+    lines = ["| metric | value |", "|---|---|"]
+    for key in keys:
+        value = metrics.get(key)
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Turn rows into token ids: prompts from ``prompts.py``, rendered in a style, shortened to fit.
+
+The input text (message or dialogue) is the only part ever shortened: the instruction,
+the label list, the answer and EOS are always kept whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import prompts
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+PURPOSES = ("finetune", "zero-shot", "few-shot")
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token that ends an assistant turn in the chat template (``</s>`` for Zephyr, ``<|im_end|>`` for ChatML).
+
+    Falls back to the tokenizer's EOS when there is no chat template.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        marker = "XQXQ-ANSWER-XQXQ"
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+            )
+        except Exception:  # a template that rejects this conversation: keep the EOS we have
+            rendered = ""
+        after = rendered.split(marker, 1)[1].strip() if marker in rendered else ""
+        if after:
+            ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+            if ids and ids[0] in tokenizer.all_special_ids:
+                return tokenizer.convert_ids_to_tokens(ids[0])
+    return tokenizer.eos_token
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a whole prompt: the tokenizer's BOS unless the text (a rendered template) has it already."""
+    has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+
+@dataclass
+class PromptFormat:
+    """How one task's examples become prompts for one purpose (fine-tuning or a baseline) and style."""
+
+    task: str
+    purpose: str
+    style: str
+    tokenizer: object
+    label_names: list[str] = field(default_factory=list)
+    few_shot: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.style not in prompts.PROMPT_STYLES:
+            raise UsageError(f"--prompt_style must be one of {', '.join(prompts.PROMPT_STYLES)}, got '{self.style}'")
+        if self.style == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise UsageError("--prompt_style chat needs a tokenizer with a chat template; this model has none (use seed)")
+        self.template = prompts.TEMPLATES[(self.task, self.purpose, self.style)]
+        self.few_shot_text = ""
+
+    def render(self, text: str) -> str:
+        body = self.template.format(
+            **{prompts.INPUT_FIELD[self.task]: text},
+            newsgroup_classes=", ".join(self.label_names),
+            few_shot_samples=self.few_shot_text,
+        )
+        if self.style == "chat":
+            body = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+            )
+        return body
+
+    def shorten(self, text: str, max_tokens: int) -> str:
+        """The text cut to at most ``max_tokens`` tokens (on a token boundary)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(ids[:max(max_tokens, 0)])
+
+    def set_few_shot(self, examples: list[dict], max_prompt_tokens: int) -> None:
+        """Fill the few-shot block, each example's text shortened so that the examples use at most half the budget."""
+        if self.purpose != "few-shot":
+            return
+        sample = prompts.FEW_SHOT_SAMPLES[self.task]
+        per_example = max(8, (max_prompt_tokens // 2) // max(len(examples), 1) - 16)
+        field_name = prompts.INPUT_FIELD[self.task]
+        answer_name = "label" if self.task == "classification" else "summary"
+        self.few_shot_text = "".join(
+            sample.format(**{field_name: self.shorten(row["input"], per_example), answer_name: row["target"]})
+            for row in examples
+        )
+
+    def prompt_ids(self, text: str, max_tokens: int) -> list[int]:
+        """Token ids of the prompt for ``text``, the text shortened until the whole prompt fits ``max_tokens``."""
+        ids = encode(self.tokenizer, self.render(text))
+        if len(ids) <= max_tokens:
+            return ids
+        overhead = len(encode(self.tokenizer, self.render("")))
+        if overhead >= max_tokens:
+            raise UsageError(
+                f"the {self.task} prompt without any input text needs {overhead} tokens, more than the "
+                f"{max_tokens} available; raise --max_seq_length (or --max_prompt_tokens)"
+            )
+        keep = max_tokens - overhead
+        while True:
+            ids = encode(self.tokenizer, self.render(self.shorten(text, keep)))
+            if len(ids) <= max_tokens:
+                return ids
+            keep -= len(ids) - max_tokens  # re-tokenizing at the cut can add a token or two
+
+
+def answer_ids(tokenizer, answer: str, end_token: str) -> list[int]:
+    """Token ids of the completion: the answer, then the end-of-turn token (EOS)."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(end_token)]
+
+
+def build_training_examples(rows, fmt: PromptFormat, max_seq_length: int, end_token: str,
+                            completion_only_loss: bool) -> list[dict]:
+    """``input_ids``/``labels`` for each row; the prompt is shortened so that the answer and EOS fit whole.
+
+    Rows whose answer alone does not fit are skipped and counted; if none fit, that is an error.
+    """
+    examples, skipped = [], 0
+    for row in rows:
+        completion = answer_ids(fmt.tokenizer, row["target"], end_token)
+        budget = max_seq_length - len(completion)
+        try:
+            prompt = fmt.prompt_ids(row["input"], budget) if budget > 0 else None
+        except UsageError:
+            prompt = None
+        if prompt is None:
+            skipped += 1
+            continue
+        labels = ([-100] * len(prompt) if completion_only_loss else list(prompt)) + completion
+        examples.append({"input_ids": prompt + completion, "labels": labels})
+    if skipped:
+        log.warning("skipped %d of %d training rows whose answer does not fit in --max_seq_length %d",
+                    skipped, len(rows), max_seq_length)
+    if not examples:
+        raise UsageError(f"--max_seq_length {max_seq_length} is too small to hold any training answer with its prompt")
+    return examples

@@ -1,0 +1,120 @@
+"""One batched greedy generation engine for every evaluation script.
+
+Prompts are sorted by length and left-padded in batches; the answer is what comes
+after the prompt's token positions, cut at the first stop token. On CUDA out of
+memory the batch is halved and the same prompts are retried; a prompt that fails even
+alone is reported as failed, never recorded as an empty answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    outputs: list[list[int] | None]  # new token ids per prompt (stop token removed); None = failed
+    failures: dict[int, str] = field(default_factory=dict)  # prompt index -> reason
+    final_batch_size: int = 0
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def default_batch_size() -> int:
+    import torch
+
+    return 64 if torch.cuda.is_available() else 8
+
+
+class LabelTrie:
+    """Allowed next tokens when the answer must be one of a fixed set of token sequences (constrained decoding)."""
+
+    def __init__(self, sequences: list[list[int]]):
+        self.root: dict = {}
+        for sequence in sequences:
+            node = self.root
+            for token in sequence:
+                node = node.setdefault(token, {})
+
+    def allowed(self, prefix: list[int], fallback: int) -> list[int]:
+        node = self.root
+        for token in prefix:
+            node = node.get(token)
+            if node is None:
+                return [fallback]  # the sequence is complete (its stop token was emitted): pad out
+        return list(node) or [fallback]
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                    trie: LabelTrie | None):
+    import torch
+
+    pad_id = tokenizer.pad_token_id
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    device = next(model.parameters()).device
+    kwargs = {}
+    if trie is not None:
+        kwargs["prefix_allowed_tokens_fn"] = lambda _, ids: trie.allowed(ids[width:].tolist(), pad_id)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
+            max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+            temperature=None, top_p=None, top_k=None, **kwargs,
+        )
+    answers = []
+    for row in output[:, width:].tolist():  # the prompt is removed by position, never by string slicing
+        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
+             batch_size: int | None = None, label_sequences: list[list[int]] | None = None,
+             progress: bool = True) -> GenerationResult:
+    """Greedy answers for token-id prompts, in the prompts' order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    batch_size = batch_size or default_batch_size()
+    trie = LabelTrie(label_sequences) if label_sequences else None
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory trouble shows early
+    result = GenerationResult(outputs=[None] * len(prompts))
+    bar = tqdm(total=len(prompts), desc="generating", unit="ex", disable=not progress)
+    start = 0
+    while start < len(order):
+        indices = order[start:start + batch_size]
+        try:
+            answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch_size > 1:
+                batch_size //= 2
+                log.warning("out of memory: retrying with batch size %d", batch_size)
+                continue
+            result.failures[indices[0]] = "out of memory at batch size 1"
+            log.error("prompt %d (%d tokens) does not fit in memory even alone", indices[0], len(prompts[indices[0]]))
+            start += 1
+            bar.update(1)
+            continue
+        for index, answer in zip(indices, answers):
+            result.outputs[index] = answer
+        start += len(indices)
+        bar.update(len(indices))
+    bar.close()
+    result.final_batch_size = batch_size
+    return result

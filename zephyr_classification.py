@@ -1,0 +1,17 @@
+"""Fine-tune a causal LM with QLoRA to classify 20 Newsgroups messages by generating the group name.
+
+Usage (Zephyr-7B-beta on one 24 GB GPU, the original recipe):
+    python zephyr_classification.py --train_sample_fraction 0.1
+
+Offline, on local files and the small embedded model:
+    python zephyr_classification.py --pretrained_ckpt embedded:smollm2-135m-instruct \
+        --train_file data/sample/newsgroups_train.jsonl --max_steps 20
+
+The run folder (adapter, run_config.json, train_metrics.json) is what
+zephyr_classification_inference.py evaluates.
+"""
+
+from qlora_kit.train_cli import entry_point
+
+if __name__ == "__main__":
+    entry_point("classification", __doc__)

@@ -1,0 +1,17 @@
+"""Fine-tune a causal LM with QLoRA to summarize SAMSum dialogues.
+
+Usage (Zephyr-7B-beta on one 24 GB GPU, the original recipe):
+    python zephyr_summarization.py --lora_r 64 --epochs 1
+
+Offline, on local files and the small embedded model:
+    python zephyr_summarization.py --pretrained_ckpt embedded:smollm2-135m-instruct \
+        --train_file data/sample/dialogues_train.jsonl --max_steps 20
+
+The run folder (adapter, run_config.json, train_metrics.json) is what
+zephyr_summarization_inference.py evaluates.
+"""
+
+from qlora_kit.train_cli import entry_point
+
+if __name__ == "__main__":
+    entry_point("summarization", __doc__)
