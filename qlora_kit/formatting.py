@@ -31,11 +31,13 @@ def end_of_turn_token(tokenizer) -> str:
             )
         except Exception:  # a template that rejects this conversation: keep the EOS we have
             rendered = ""
-        after = rendered.split(marker, 1)[1].strip() if marker in rendered else ""
-        if after:
-            ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-            if ids and ids[0] in tokenizer.all_special_ids:
-                return tokenizer.convert_ids_to_tokens(ids[0])
+        after = rendered.split(marker, 1)[1].lstrip() if marker in rendered else ""
+        # Match by string against the special tokens, longest first (never by re-tokenizing).
+        specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
+                          key=len, reverse=True)
+        for token in specials:
+            if token and after.startswith(token):
+                return token
     return tokenizer.eos_token
 
 

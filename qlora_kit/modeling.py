@@ -61,8 +61,11 @@ def convert_gguf(path: Path) -> Path:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path}: cannot load this GGUF file ({first_line})")
     # The dequantized weights are plain tensors now; drop the GGUF marker so the folder loads as a normal model.
+    # (some transformers versions also keep a GGUF "quantizer" that refuses to save).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)

@@ -99,6 +99,43 @@ def sft_config(args: Namespace, run_dir: Path):
     )
 
 
+def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset):
+    """An SFTTrainer; one that also trains a LoRA adapter on lm_head when the config targets it.
+
+    trl computes its loss from ``lm_head.weight`` directly (a fused head) and so refuses an
+    adapter there. With one, the loss comes from the model's own logits instead, as in
+    ``transformers.Trainer``: slower, but it trains what the user asked for.
+    """
+    from peft import get_peft_model
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if "lm_head" not in (peft_config.target_modules or []):
+        return SFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          processing_class=tokenizer, peft_config=peft_config)
+
+    class SFTTrainerWithHeadAdapter(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    peft_model = get_peft_model(model, peft_config)
+    if getattr(model, "is_loaded_in_4bit", False):  # as trl does for QLoRA: adapters in bf16
+        import torch
+
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(modeling.compute_dtype() if torch.cuda.is_available() else torch.float32)
+    # trl's constructor refuses an adapted lm_head because of its fused loss, which this subclass replaces.
+    peft_model.get_output_embeddings = lambda: None
+    try:
+        trainer = SFTTrainerWithHeadAdapter(model=peft_model, args=sft_args, train_dataset=train_dataset,
+                                            eval_dataset=eval_dataset, processing_class=tokenizer)
+    finally:
+        del peft_model.get_output_embeddings
+    return trainer
+
+
 class TokenCountingCollator:
     """Wraps the trainer's collator to count the non-padding tokens it feeds the model."""
 
@@ -118,7 +155,6 @@ def train(task: str, args: Namespace) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTTrainer
 
     run_dir = Path(args.experiment_dir) if args.experiment_dir else default_run_dir(task, args)
     if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
@@ -171,14 +207,8 @@ def train(task: str, args: Namespace) -> dict:
     )
     sft_args = sft_config(args, run_dir)
     sft_args.eos_token = end_token
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_args,
-        train_dataset=Dataset.from_list(examples),
-        eval_dataset=Dataset.from_list(eval_examples) if eval_examples else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    trainer = make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(examples),
+                           Dataset.from_list(eval_examples) if eval_examples else None)
     counter = TokenCountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     if torch.cuda.is_available():
@@ -203,7 +233,8 @@ def train(task: str, args: Namespace) -> dict:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
     # 5. save: adapter and tokenizer, then the metrics file that marks the run finished
-    trainer.model.save_pretrained(run_dir / results.ADAPTER_DIR)
+    # lm_head itself is unchanged (only its LoRA matrices train): do not copy the whole layer into the adapter.
+    trainer.model.save_pretrained(run_dir / results.ADAPTER_DIR, save_embedding_layers=False)
     tokenizer.save_pretrained(run_dir / results.ADAPTER_DIR)
     results.write_json_atomic(run_dir / results.TRAIN_METRICS, metrics)
     metrics["run_dir"] = str(run_dir)

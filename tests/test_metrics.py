@@ -1,0 +1,58 @@
+import pytest
+
+from qlora_kit.metrics import INVALID, classification_metrics, parse_label, rouge_scores
+
+LABELS = ["comp.graphics", "comp.sys.mac.hardware", "comp.sys.ibm.pc.hardware", "sci.space", "sci.med"]
+
+
+@pytest.mark.parametrize("generated, expected", [
+    ("sci.space", "sci.space"),
+    ("  Sci.Space \nmore text", "sci.space"),
+    (" sci.space.", "sci.space"),
+    ("comp.graph", "comp.graphics"),          # cut off: a prefix of exactly one label
+    ("comp.sys", None),                       # a prefix of two labels: ambiguous
+    ("sci.space is the answer", "sci.space"), # the label, then other words
+    ("sci.spaceship", None),                  # a longer word is not the label
+    ("", None),
+    ("\n\n", None),
+    ("talk.politics", None),
+])
+def test_parse_label(generated, expected):
+    assert parse_label(generated, LABELS) == expected
+
+
+def test_classification_metrics_by_hand():
+    refs = ["a", "a", "b", "b", "c"]
+    preds = ["a", "b", "b", None, "c"]
+    m = classification_metrics(refs, preds, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # a: P=1/1 R=1/2 F=2/3 ; b: P=1/2 R=1/2 F=1/2 ; c: P=1 R=1 F=1
+    assert m["per_class"]["a"]["f1"] == pytest.approx(2 / 3)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert m["micro_precision"] == pytest.approx(3 / 4)
+    assert m["micro_recall"] == pytest.approx(3 / 5)
+    assert m["micro_f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert m["invalid"] == 1 and m["invalid_rate"] == pytest.approx(0.2)
+    assert m["confusion_matrix"]["b"] == {"b": 1, INVALID: 1}
+
+
+def test_micro_f1_equals_accuracy_without_invalid():
+    refs, preds = ["a", "b", "b", "a"], ["a", "a", "b", "b"]
+    m = classification_metrics(refs, preds, ["a", "b"])
+    assert m["micro_f1"] == pytest.approx(m["accuracy"]) == pytest.approx(0.5)
+
+
+def test_rouge_matches_rouge_score_package():
+    from rouge_score import rouge_scorer
+
+    refs = ["Anna is going to the park at 5 pm.", "Ben bought milk.\nHe will be late."]
+    preds = ["Anna goes to the park at five.", "Ben buys milk and is late."]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    expected = {k: 100 * sum(scorer.score(r, p)[k].fmeasure for r, p in zip(refs, preds)) / 2
+                for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    got = rouge_scores(refs, preds)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value)
+    assert rouge_scores(["the cat sat"], ["the cat sat"])["rouge1"] == pytest.approx(100.0)
+    assert 0 < got["rouge1"] < 100
