@@ -30,7 +30,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def default_batch_size() -> int:
     import torch
 
-    return 64 if torch.cuda.is_available() else 8
+    return 128 if torch.cuda.is_available() else 8
 
 
 class LabelTrie:

@@ -1,0 +1,112 @@
+"""Evaluation speed: the original one-at-a-time sampling against this project's batched engine, side by side.
+
+Model: Zephyr-7B-beta's exact config with random weights, 4-bit NF4, a LoRA adapter (r=8 on q,v).
+Prompts: the real 20 Newsgroups test set in the fine-tuning format, token lengths as the
+embedded model's tokenizer counts them, random ids; every example generates exactly
+--new_tokens tokens (random weights never stop early), so both ways do the same work.
+
+Usage (GPU):
+    python benchmarks/generation_throughput.py --test_file data/newsgroups/test.jsonl.gz \
+        --model_dir /tmp/zephyr-shaped --out benchmarks/results/generation_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(args):
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import zephyr_shaped
+    from qlora_kit import modeling
+    from qlora_kit.generation import generate
+
+    folder = zephyr_shaped.build(Path(args.model_dir))
+    lengths, _, _ = zephyr_shaped.real_prompt_lengths("classification", args.test_file, 
+                                                      modeling.resolve_model_source(args.tokenizer), args.max_prompt_tokens)
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 32000) for _ in range(n - 1)] for n in lengths]
+    print(f"{len(prompts)} prompts, mean {sum(lengths) / len(lengths):.0f} tokens, max {max(lengths)}")
+
+    class Tok:  # the engine needs only the pad id
+        pad_token_id = 2
+
+    results = {"command": " ".join(sys.argv), "model": "Zephyr-7B-beta config, random weights", "new_tokens":
+               args.new_tokens, "examples": len(prompts), "mean_prompt_tokens": sum(lengths) / len(lengths),
+               **zephyr_shaped.environment(), "runs": {}}
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    no_stop = [-1]  # no token stops generation: every example produces new_tokens tokens
+
+    def record(name, seconds, count, extra=None):
+        per = seconds / count
+        results["runs"][name] = {"examples": count, "seconds": seconds, "seconds_per_example": per,
+                                 "examples_per_second": 1 / per,
+                                 "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9, **(extra or {})}
+        print(f"{name}: {count} examples in {seconds:.1f}s = {per * 1000:.1f} ms/example, "
+              f"peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
+
+    # 1. the original way and the engine on the 4-bit model with its adapter
+    model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=True, for_training=False), lora).eval()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for ids in prompts[:args.original_examples]:
+            model.generate(input_ids=torch.tensor([ids], device="cuda"), do_sample=True, temperature=1e-3,
+                           top_p=0.95, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           pad_token_id=2)
+    record("original_one_at_a_time_4bit", time.perf_counter() - started, args.original_examples)
+    for batch_size in args.batch_sizes_4bit:
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        subset = prompts[:args.engine_examples_4bit]
+        out = generate(model, Tok, subset, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size)
+        assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
+        record(f"engine_4bit_batch{batch_size}", time.perf_counter() - started, len(subset),
+               {"final_batch_size": out.final_batch_size})
+    del model
+    torch.cuda.empty_cache()
+
+    # 2. the engine with the adapter merged into a bf16 base (--merge_adapter): no dequantization per step
+    model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=False, for_training=False), lora)
+    model = model.merge_and_unload().eval()
+    for batch_size in args.batch_sizes_merged:
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        out = generate(model, Tok, prompts, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size)
+        assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
+        record(f"engine_merged_bf16_batch{batch_size}", time.perf_counter() - started, len(prompts),
+               {"final_batch_size": out.final_batch_size})
+
+    base = results["runs"]["original_one_at_a_time_4bit"]["seconds_per_example"]
+    for name, run in results["runs"].items():
+        run["speedup_vs_original"] = base / run["seconds_per_example"]
+    print("\n| way | ms/example | examples/s | speed-up | peak GPU GB |\n|---|---|---|---|---|")
+    for name, run in results["runs"].items():
+        print(f"| {name} | {run['seconds_per_example'] * 1000:.1f} | {run['examples_per_second']:.1f} | "
+              f"{run['speedup_vs_original']:.1f}x | {run['peak_gpu_memory_gb']:.1f} |")
+    zephyr_shaped.write_result(Path(args.out), results)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test_file", required=True)
+    parser.add_argument("--model_dir", default="/tmp/zephyr-7b-shaped")
+    parser.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--max_prompt_tokens", type=int, default=512)
+    parser.add_argument("--new_tokens", type=int, default=20)
+    parser.add_argument("--original_examples", type=int, default=16)
+    parser.add_argument("--engine_examples_4bit", type=int, default=1024)
+    parser.add_argument("--batch_sizes_4bit", type=int, nargs="+", default=[128])
+    parser.add_argument("--batch_sizes_merged", type=int, nargs="+", default=[128])
+    parser.add_argument("--out", default="benchmarks/results/generation_throughput.json")
+    main(parser.parse_args())

@@ -1,0 +1,70 @@
+"""A model with Zephyr-7B-beta's exact config and random weights: same shapes, same cost, no download."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+# HuggingFaceH4/zephyr-7b-beta's config.json (a Mistral-7B-v0.1 derivative).
+ZEPHYR_7B_BETA_CONFIG = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+    "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+}
+
+
+def build(folder: Path) -> Path:
+    """Save the random-weight model once (bf16 safetensors); reuse it when already there."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    started = time.perf_counter()
+    config = MistralConfig(**{k: v for k, v in ZEPHYR_7B_BETA_CONFIG.items() if k not in ("architectures", "model_type")})
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = MistralForCausalLM(config).to(torch.bfloat16)
+    staging = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(staging)
+    staging.rename(folder)
+    del model
+    print(f"built the Zephyr-7B-shaped random model at {folder} in {time.perf_counter() - started:.0f}s")
+    return folder
+
+
+def real_prompt_lengths(task: str, data_file: str, tokenizer_source: str, max_tokens: int, limit: int | None = None):
+    """Token counts of the task's real fine-tuning prompts (cleaned data, seed format, shortened to max_tokens)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from qlora_kit import data as data_lib
+    from qlora_kit.formatting import PromptFormat
+    from qlora_kit.modeling import load_tokenizer
+
+    rows, source = data_lib.load_rows(data_lib.TASKS[task], file=data_file, dataset="", split="test")
+    rows = data_lib.CLEANERS[task](rows, source)[:limit]
+    tokenizer = load_tokenizer(tokenizer_source)
+    fmt = PromptFormat(task, "finetune", "seed", tokenizer)
+    return [len(fmt.prompt_ids(row["input"], max_tokens)) for row in rows], [row["target"] for row in rows], tokenizer
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    from qlora_kit.modeling import library_versions
+
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "python": platform.python_version(), "versions": library_versions(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
