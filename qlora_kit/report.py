@@ -1,0 +1,186 @@
+"""Tables, CSV and plots made from result files (run folders and baseline folders), never by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+VARIANTS = ["QLoRA", "+ NEFTune", "+ all modules", "+ NEFTune + all modules"]
+MISSING = "—"
+ROUGE_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum")]
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def variant(settings: dict) -> str:
+    neftune, full = bool(settings.get("neftune")), bool(settings.get("full_tune"))
+    return VARIANTS[(2 if full else 0) + (1 if neftune else 0)]
+
+
+def collect(experiments: Path, baselines: Path | None) -> list[dict]:
+    """One record per fine-tuned run and per baseline evaluation found under the folders."""
+    records = []
+    for config_path in sorted(Path(experiments).rglob("run_config.json")) if Path(experiments).is_dir() else []:
+        config = _read(config_path)
+        if not config or "settings" not in config:
+            continue
+        run_dir = config_path.parent
+        settings = config["settings"]
+        record = {
+            "kind": "fine-tuned", "run": str(run_dir), "task": config["task"], "method": variant(settings),
+            "model": settings.get("pretrained_ckpt"), "prompt_style": config.get("prompt_style"),
+            "train_sample_fraction": settings.get("train_sample_fraction", 1.0),
+            "train_samples": config.get("data", {}).get("rows", {}).get("used"),
+            **{key: settings.get(key) for key in ("epochs", "lora_r", "dropout", "neftune", "full_tune",
+                                                  "max_steps", "learning_rate", "batch_size", "grad_accum")},
+        }
+        train = _read(run_dir / "train_metrics.json") or {}
+        record.update({key: train.get(key) for key in ("train_loss", "train_runtime_s", "tokens_per_second",
+                                                       "peak_gpu_memory_gb")})
+        record.update(_metrics(_read(run_dir / "metrics" / "metrics.json")))
+        records.append(record)
+    for metrics_path in sorted(Path(baselines).rglob("metrics.json")) if baselines and Path(baselines).is_dir() else []:
+        metrics = _read(metrics_path)
+        config = (metrics or {}).get("config", {})
+        if "prompt_type" not in config:
+            continue
+        records.append({"kind": "baseline", "run": str(metrics_path.parent), "task": config["task"],
+                        "method": f"{config['prompt_type']} ({config.get('prompt_style', 'seed')})",
+                        "model": config.get("pretrained_ckpt"), "prompt_style": config.get("prompt_style"),
+                        **_metrics(metrics)})
+    return records
+
+
+def _metrics(metrics: dict | None) -> dict:
+    keys = ("n", "accuracy", "macro_f1", "micro_f1", "invalid_rate", "rouge1", "rouge2", "rougeL", "rougeLsum")
+    return {key: (metrics or {}).get(key) for key in keys}
+
+
+def _pct(value) -> str:
+    return MISSING if value is None else f"{100 * value:.1f}"
+
+
+def _num(value) -> str:
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def classification_table(records: list[dict]) -> str:
+    """Table 1: training samples x method, accuracy (macro-F1) in %."""
+    runs = [r for r in records if r["task"] == "classification" and r["kind"] == "fine-tuned"]
+    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for run in runs:
+        cells[(run["train_sample_fraction"], run["train_samples"])][run["method"]] = run
+    lines = ["| training samples | fraction | " + " | ".join(VARIANTS) + " |",
+             "|---|---|" + "---|" * len(VARIANTS)]
+    for (fraction, samples) in sorted(cells, key=lambda key: (key[0], key[1] or 0)):
+        row = []
+        for method in VARIANTS:
+            run = cells[(fraction, samples)].get(method)
+            row.append(MISSING if run is None or run["accuracy"] is None
+                       else f"{_pct(run['accuracy'])} ({_pct(run['macro_f1'])})")
+        lines.append(f"| {samples if samples is not None else MISSING} | {fraction} | " + " | ".join(row) + " |")
+    baselines = [r for r in records if r["task"] == "classification" and r["kind"] == "baseline"]
+    for run in sorted(baselines, key=lambda r: r["method"]):
+        lines.append(f"| {run['method']} | - | {_pct(run['accuracy'])} ({_pct(run['macro_f1'])}) |"
+                     + f" {MISSING} |" * (len(VARIANTS) - 1))
+    return "\n".join(lines)
+
+
+def summarization_table(records: list[dict]) -> str:
+    """Table 2: zero-shot, few-shot and each QLoRA run, ROUGE-1/2/L/Lsum."""
+    runs = [r for r in records if r["task"] == "summarization"]
+    baselines = sorted((r for r in runs if r["kind"] == "baseline"), key=lambda r: r["method"])
+    tuned = sorted((r for r in runs if r["kind"] == "fine-tuned"),
+                   key=lambda r: (VARIANTS.index(r["method"]), r["lora_r"] or 0, r["dropout"] or 0, r["epochs"] or 0))
+    lines = ["| method | " + " | ".join(label for _, label in ROUGE_COLUMNS) + " |",
+             "|---|" + "---|" * len(ROUGE_COLUMNS)]
+    for run in baselines + tuned:
+        name = run["method"] if run["kind"] == "baseline" else (
+            f"{run['method']} r={run['lora_r']} dropout={run['dropout']} epochs={run['epochs']}"
+            + (f" steps={run['max_steps']}" if run.get("max_steps") else ""))
+        lines.append(f"| {name} | " + " | ".join(_num(run[key]) for key, _ in ROUGE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    columns = sorted({key for record in records for key in record}, key=lambda k: (k not in ("kind", "task", "method", "run"), k))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for record in records:
+            writer.writerow({key: "" if record.get(key) is None else record.get(key) for key in columns})
+
+
+def plot_accuracy(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method in VARIANTS:
+        points = sorted((r["train_samples"], 100 * r["accuracy"]) for r in records
+                        if r["task"] == "classification" and r["kind"] == "fine-tuned" and r["method"] == method
+                        and r["accuracy"] is not None and r["train_samples"])
+        if points:
+            axis.plot(*zip(*points), marker="o", label=method)
+    axis.set_xscale("log")
+    axis.set_xlabel("training samples")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title("20 Newsgroups: accuracy against training samples")
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_rouge(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r["task"] == "summarization" and r["rouge1"] is not None]
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(runs)), 4))
+    labels = [r["method"] if r["kind"] == "baseline" else f"{r['method']}\nr={r['lora_r']}" for r in runs]
+    width = 0.4
+    for offset, (key, label) in zip((-width / 2, width / 2), ROUGE_COLUMNS[:2]):
+        axis.bar([i + offset for i in range(len(runs))], [r[key] for r in runs], width, label=label)
+    axis.set_xticks(range(len(runs)), labels, fontsize=7)
+    axis.set_ylabel("score")
+    axis.set_title("SAMSum: ROUGE by method")
+    if runs:
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
+    records = collect(experiments, baselines)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join([
+        "# Results report",
+        f"Made by `python make_report.py {experiments} {baselines or ''} --out {out}` from {len(records)} result folders; "
+        f"{MISSING} marks a run that has not been made.",
+        "## Table 1: 20 Newsgroups accuracy (macro-F1), %",
+        classification_table(records),
+        "## Table 2: SAMSum ROUGE",
+        summarization_table(records),
+        "![accuracy against training samples](accuracy_vs_samples.png)\n\n![ROUGE by method](rouge_by_method.png)",
+    ]) + "\n"
+    (out / "report.md").write_text(text, encoding="utf-8")
+    write_csv(records, out / "runs.csv")
+    plot_accuracy(records, out / "accuracy_vs_samples.png")
+    plot_rouge(records, out / "rouge_by_method.png")
+    return text

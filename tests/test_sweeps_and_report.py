@@ -1,0 +1,109 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def sweep(script, *args, env=None, cwd=None):
+    environment = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run(["bash", str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          env=environment, cwd=cwd, timeout=900)
+
+
+def test_dry_run_prints_the_grid(tmp_path):
+    result = sweep("sample_ablate.sh", "--dry-run", "--max_steps", 3, "--limit", 7,
+                   env={"EXPERIMENTS": str(tmp_path), "NEFTUNE": "5", "FULL_TUNE": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 12  # six fractions, train + evaluate each
+    name = "classification_sampleFraction-0.025_epochs-5_rank-8_dropout-0.1_neftune-5_full"
+    assert lines[0] == (f"python zephyr_classification.py --train_sample_fraction 0.025 --epochs 5 --lora_r 8 "
+                        f"--dropout 0.1 --neftune 5 --full_tune --experiment_dir {tmp_path}/{name} --max_steps 3")
+    assert lines[1] == (f"python zephyr_classification_inference.py --experiment_dir {tmp_path}/{name} "
+                        f"--overwrite --limit 7")
+    assert [line.split("--train_sample_fraction ")[1].split()[0] for line in lines[::2]] == \
+        ["0.025", "0.05", "0.1", "0.25", "0.5", "1.0"]
+    lora = sweep("run_lora.sh", "--dry-run", env={"EXPERIMENTS": str(tmp_path)})
+    assert len(lora.stdout.strip().splitlines()) == 2 * 6 * 3 * 3
+    baselines = sweep("baseline_inference.sh", "--dry-run", "--decoding", "constrained",
+                      env={"BASELINES": str(tmp_path), "STYLES": "seed chat"})
+    lines = baselines.stdout.strip().splitlines()
+    assert len(lines) == 8
+    assert all(("--decoding constrained" in line) == ("classification" in line) for line in lines)
+
+
+def test_real_sweep_runs_then_skips(tiny_model, data_dir, tmp_path):
+    env = {"EXPERIMENTS": str(tmp_path / "exp"), "FRACTIONS": "0.5 1.0", "EPOCHS": "1"}
+    args = ["--pretrained_ckpt", tiny_model, "--train_file", data_dir / "news_train.jsonl", "--test_file",
+            data_dir / "news_test.jsonl", "--max_steps", 1, "--limit", 3]
+    first = sweep("sample_ablate.sh", *args, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    runs = sorted(p.name for p in (tmp_path / "exp").iterdir() if p.name != "logs")
+    assert len(runs) == 2
+    for run in runs:
+        assert json.loads((tmp_path / "exp" / run / "metrics" / "metrics.json").read_text())["n"] == 3
+        assert (tmp_path / "exp" / "logs" / f"{run}.log").is_file()
+    second = sweep("sample_ablate.sh", *args, env=env)
+    assert second.returncode == 0
+    assert second.stdout.count("[sweep] skip") == 2 and "0 runs to do" in second.stdout
+
+
+def test_failed_run_is_logged_and_the_sweep_goes_on(tiny_model, data_dir, tmp_path):
+    env = {"EXPERIMENTS": str(tmp_path / "exp"), "FRACTIONS": "0.5 2.0", "EPOCHS": "1"}
+    result = sweep("sample_ablate.sh", "--pretrained_ckpt", tiny_model, "--train_file", data_dir / "news_train.jsonl",
+                   "--test_file", data_dir / "news_test.jsonl", "--max_steps", 1, "--limit", 2, env=env)
+    assert result.returncode == 1
+    assert "1 of 2 runs failed" in result.stdout and "sampleFraction-2.0" in result.stdout
+    log = (tmp_path / "exp" / "logs" / "classification_sampleFraction-2.0_epochs-1_rank-8_dropout-0.1.log")
+    assert "--train_sample_fraction" in log.read_text()
+    assert (tmp_path / "exp" / "classification_sampleFraction-0.5_epochs-1_rank-8_dropout-0.1" / "metrics"
+            / "metrics.json").is_file()
+
+
+def _run_folder(root: Path, name, task, settings, rows_used, metrics):
+    folder = root / name
+    (folder / "metrics").mkdir(parents=True)
+    (folder / "run_config.json").write_text(json.dumps({
+        "task": task, "prompt_style": "seed", "data": {"rows": {"used": rows_used}},
+        "settings": {"pretrained_ckpt": "m", "epochs": 1, "lora_r": 8, "dropout": 0.1, **settings}}))
+    (folder / "train_metrics.json").write_text(json.dumps({"train_loss": 1.0}))
+    if metrics:
+        (folder / "metrics" / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_tables_and_plots(tmp_path):
+    from qlora_kit.report import make_report
+
+    exp, base = tmp_path / "exp", tmp_path / "base"
+    _run_folder(exp, "a", "classification", {"train_sample_fraction": 0.1}, 100, {"accuracy": 0.5, "macro_f1": 0.25})
+    _run_folder(exp, "b", "classification", {"train_sample_fraction": 0.1, "neftune": 5.0}, 100,
+                {"accuracy": 0.6, "macro_f1": 0.5})
+    _run_folder(exp, "c", "classification", {"train_sample_fraction": 0.05, "full_tune": True}, 50,
+                {"accuracy": 0.4, "macro_f1": 0.3})
+    _run_folder(exp, "d", "classification", {"train_sample_fraction": 0.05}, 50, None)  # trained, not evaluated
+    _run_folder(exp, "s", "summarization", {"lora_r": 64}, 10, {"rouge1": 40.0, "rouge2": 20.0, "rougeL": 30.0,
+                                                                "rougeLsum": 31.0})
+    (base / "zs").mkdir(parents=True)
+    (base / "zs" / "metrics.json").write_text(json.dumps({
+        "rouge1": 10.0, "rouge2": 2.5, "rougeL": 8.0, "rougeLsum": 9.0,
+        "config": {"task": "summarization", "prompt_type": "zero-shot", "prompt_style": "seed"}}))
+    text = make_report(exp, base, tmp_path / "out")
+    assert "\n".join([
+        "| training samples | fraction | QLoRA | + NEFTune | + all modules | + NEFTune + all modules |",
+        "|---|---|---|---|---|---|",
+        "| 50 | 0.05 | — | — | 40.0 (30.0) | — |",
+        "| 100 | 0.1 | 50.0 (25.0) | 60.0 (50.0) | — | — |",
+    ]) in text
+    assert "\n".join([
+        "| method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |",
+        "|---|---|---|---|---|",
+        "| zero-shot (seed) | 10.00 | 2.50 | 8.00 | 9.00 |",
+        "| QLoRA r=64 dropout=0.1 epochs=1 | 40.00 | 20.00 | 30.00 | 31.00 |",
+    ]) in text
+    for png in ("accuracy_vs_samples.png", "rouge_by_method.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv_lines = (tmp_path / "out" / "runs.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("kind,method,run,task,")
