@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from argparse import Namespace
@@ -33,9 +34,13 @@ def load_eval_rows(task: str, args: Namespace, label_names: list[str]) -> list[d
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a finished evaluation unless --overwrite; an interrupted one is continued."""
     if (out_dir / results.METRICS).exists() and not overwrite:
         raise UsageError(f"{out_dir / results.METRICS} exists; pass --overwrite to replace it")
     results.check_writable_dir(out_dir, "--output_dir")
+    if overwrite:
+        (out_dir / results.PARTIAL_PREDICTIONS).unlink(missing_ok=True)
+
 
 
 def _load_finetuned(config: dict, run_dir: Path, merge_adapter: bool, use_flash_attention: bool):
@@ -54,40 +59,95 @@ def _load_finetuned(config: dict, run_dir: Path, merge_adapter: bool, use_flash_
     return model
 
 
+def _record(index: int, row: dict, prompt: str, text: str | None, task: str, label_names: list[str],
+            error: str | None = None) -> dict:
+    record = {"id": index, "prompt": prompt, "output": text, "reference": row["target"]}
+    if error is not None:
+        record["error"] = error
+    elif task == "classification":
+        record["parsed"] = parse_label(text, label_names)
+    else:
+        record["parsed"] = text.strip()
+    return record
+
+
+def _resume_partial(path: Path, prompts: list[str]) -> dict[int, dict]:
+    """Predictions an interrupted evaluation already made, kept only where the prompt is still the same."""
+    if not path.is_file():
+        return {}
+    done = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut off by the crash: everything after it is redone
+            index = record.get("id")
+            if isinstance(index, int) and index < len(prompts) and record.get("prompt") == prompts[index] \
+                    and "error" not in record:
+                done[index] = record
+    if done:
+        log.info("continuing an interrupted evaluation: %d of %d examples already done", len(done), len(prompts))
+    return done
+
+
 def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace,
-                   max_prompt_tokens: int, end_token: str, label_names: list[str]) -> tuple[dict, list[dict]]:
-    """Generate for every row, score, and return (metrics, prediction records)."""
+                   max_prompt_tokens: int, end_token: str, label_names: list[str],
+                   partial_path: Path | None = None) -> tuple[dict, list[dict]]:
+    """Generate for every row, score, and return (metrics, prediction records).
+
+    Each finished batch is appended to ``partial_path``; a re-run after a crash generates only what is missing.
+    """
     prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
+    prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
+    done = _resume_partial(partial_path, prompt_texts) if partial_path else {}
+    todo = [i for i in range(len(rows)) if i not in done]
     stop_ids = sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id})
     constrained = task == "classification" and getattr(args, "decoding", "greedy") == "constrained"
     label_sequences = [answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None
+
+    if partial_path:
+        partial_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = open(partial_path, "a", encoding="utf-8") if partial_path else None
+
+    def save_batch(batch_indices, answers):
+        if partial is None:
+            return
+        for position, answer in zip(batch_indices, answers):
+            index = todo[position]
+            record = _record(index, rows[index], prompt_texts[index],
+                             tokenizer.decode(answer, skip_special_tokens=True), task, label_names)
+            partial.write(json.dumps(record, ensure_ascii=False) + "\n")
+        partial.flush()
+
     started = time.perf_counter()
-    generated = generate(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
-                         batch_size=args.batch_size, label_sequences=label_sequences)
+    try:
+        generated = generate(model, tokenizer, [prompt_ids[i] for i in todo], max_new_tokens=args.max_new_tokens,
+                             stop_ids=stop_ids, batch_size=args.batch_size, label_sequences=label_sequences,
+                             on_batch=save_batch)
+    finally:
+        if partial is not None:
+            partial.close()
     seconds = time.perf_counter() - started
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) if ids is not None else None
-             for ids in generated.outputs]
-    scored = [i for i, text in enumerate(texts) if text is not None]
-    records = []
-    for index, row in enumerate(rows):
-        record = {"id": index, "prompt": tokenizer.decode(prompt_ids[index]), "output": texts[index],
-                  "reference": row["target"]}
-        if index in generated.failures:
-            record["error"] = generated.failures[index]
-        elif task == "classification":
-            record["parsed"] = parse_label(texts[index], label_names)
-        else:
-            record["parsed"] = texts[index].strip()
-        records.append(record)
+    records = [None] * len(rows)
+    for index, record in done.items():
+        records[index] = record
+    for position, index in enumerate(todo):
+        ids = generated.outputs[position]
+        records[index] = _record(index, rows[index], prompt_texts[index],
+                                 tokenizer.decode(ids, skip_special_tokens=True) if ids is not None else None,
+                                 task, label_names, error=generated.failures.get(position))
+    scored = [i for i, record in enumerate(records) if "error" not in record]
     if task == "classification":
         metrics = classification_metrics([rows[i]["target"] for i in scored],
                                          [records[i]["parsed"] for i in scored], label_names)
     else:
         metrics = rouge_scores([rows[i]["target"] for i in scored], [records[i]["parsed"] for i in scored])
     metrics.update({
-        "failed": len(generated.failures),
+        "failed": len(rows) - len(scored),
+        "resumed_examples": len(done),
         "generation_seconds": seconds,
-        "examples_per_second": len(rows) / seconds if seconds else None,
+        "examples_per_second": len(todo) / seconds if seconds and todo else None,
         "final_batch_size": generated.final_batch_size,
     })
     return metrics, records
@@ -111,7 +171,7 @@ def evaluate_run(task: str, args: Namespace) -> dict:
     max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
     model = _load_finetuned(config, run_dir, args.merge_adapter, args.use_flash_attention)
     metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
-                                      label_names)
+                                      label_names, partial_path=out_dir / results.PARTIAL_PREDICTIONS)
     metrics["config"] = {"experiment_dir": str(run_dir), "split": args.split, "limit": args.limit,
                          "merge_adapter": args.merge_adapter, "max_new_tokens": args.max_new_tokens,
                          "max_prompt_tokens": max_prompt_tokens, "decoding": getattr(args, "decoding", "greedy"),
@@ -148,7 +208,7 @@ def evaluate_baseline(args: Namespace) -> dict:
                                 use_flash_attention=args.use_flash_attention, for_training=False)
     model.eval()
     metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
-                                      label_names)
+                                      label_names, partial_path=out_dir / results.PARTIAL_PREDICTIONS)
     metrics["config"] = {"pretrained_ckpt": args.pretrained_ckpt, "task": task, "prompt_type": args.prompt_type,
                          "prompt_style": args.prompt_style, "shots": args.shots, "split": args.split,
                          "limit": args.limit, "max_new_tokens": args.max_new_tokens,
@@ -161,6 +221,7 @@ def evaluate_baseline(args: Namespace) -> dict:
 def _save(out_dir: Path, metrics: dict, records: list[dict]) -> None:
     results.write_jsonl_atomic(out_dir / results.PREDICTIONS, records)
     results.write_json_atomic(out_dir / results.METRICS, metrics)  # last: its presence marks a finished evaluation
+    (out_dir / results.PARTIAL_PREDICTIONS).unlink(missing_ok=True)
     metrics["output_dir"] = str(out_dir)
 
 

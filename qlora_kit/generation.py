@@ -82,8 +82,11 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: in
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
              batch_size: int | None = None, label_sequences: list[list[int]] | None = None,
-             progress: bool = True) -> GenerationResult:
-    """Greedy answers for token-id prompts, in the prompts' order."""
+             progress: bool = True, on_batch=None) -> GenerationResult:
+    """Greedy answers for token-id prompts, in the prompts' order.
+
+    ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -113,6 +116,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             continue
         for index, answer in zip(indices, answers):
             result.outputs[index] = answer
+        if on_batch is not None:
+            on_batch(indices, answers)
         start += len(indices)
         bar.update(len(indices))
     bar.close()

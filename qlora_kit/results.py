@@ -14,6 +14,7 @@ TRAIN_METRICS = "train_metrics.json"
 ADAPTER_DIR = "adapter"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
+PARTIAL_PREDICTIONS = "predictions.partial.jsonl"  # appended while generating; gone when finished
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -87,3 +87,11 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: int =
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def trained_run_for_resume(tmp_path_factory, tiny_model, data_dir) -> Path:
+    work = tmp_path_factory.mktemp("trained")
+    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
+               data_dir / "news_train.jsonl", "--max_steps", 2, "--no-load_in_4bit", "--experiment_dir", "run", cwd=work)
+    return work / "run"

@@ -102,3 +102,39 @@ def test_constrained_decoding_only_yields_labels(model_and_tokenizer):
                                  progress=False)
     decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.outputs]
     assert set(decoded) <= set(labels) and len(decoded) == 6
+
+
+def test_interrupted_evaluation_continues_with_the_same_result(trained_run_for_resume, data_dir, tmp_path,
+                                                              monkeypatch):
+    """A crash after some batches keeps them; the re-run generates only the rest and scores the same."""
+    from argparse import Namespace
+
+    from qlora_kit import evaluation
+
+    def args(out):
+        return Namespace(experiment_dir=str(trained_run_for_resume), split="test", test_file=str(data_dir / "news_test.jsonl"),
+                         validation_file=None, dataset="", limit=None, batch_size=3, max_new_tokens=6,
+                         max_prompt_tokens=None, output_dir=str(out), overwrite=False, merge_adapter=False,
+                         use_flash_attention=False, decoding="greedy")
+
+    whole = evaluation.evaluate_run("classification", args(tmp_path / "whole"))
+    real = generation._generate_batch
+    calls = []
+
+    def crash_on_third_batch(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(generation, "_generate_batch", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_run("classification", args(tmp_path / "resumed"))
+    partial = tmp_path / "resumed" / "predictions.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 6 and not (tmp_path / "resumed" / "metrics.json").exists()
+    monkeypatch.setattr(generation, "_generate_batch", real)
+    resumed = evaluation.evaluate_run("classification", args(tmp_path / "resumed"))
+    assert resumed["resumed_examples"] == 6 and not partial.exists()
+    for key in ("accuracy", "macro_f1", "invalid", "n"):
+        assert resumed[key] == whole[key]
+    assert (tmp_path / "resumed" / "predictions.jsonl").read_text() == (tmp_path / "whole" / "predictions.jsonl").read_text()
