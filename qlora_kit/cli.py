@@ -103,6 +103,10 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     run.add_argument("--experiment_dir", default=None,
                      help="run folder (default: experiments/<name made from the settings>)")
     run.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from the newest checkpoint in its folder")
+    run.add_argument("--save_steps", type=positive_int, default=200,
+                     help="save a checkpoint every N optimizer steps, and on SIGTERM/SIGINT (default: %(default)s)")
 
     if task == "classification":
         train.add_argument("--train_sample_fraction", type=fraction, default=1.0,

@@ -13,6 +13,14 @@ class UsageError(Exception):
     """Bad input from the user (file, field, flag): printed as one line, exit status 2."""
 
 
+class Interrupted(Exception):
+    """Stopped by a signal after saving what can be resumed: printed as one line, exit status 128 + signal."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run an entry point; turn UsageError (and Ctrl-C) into a one-line message and exit code."""
     try:
@@ -20,6 +28,9 @@ def run_main(main: Callable[[], object]) -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except Interrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

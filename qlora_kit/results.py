@@ -76,13 +76,31 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: cannot write there (permission denied on {existing})")
 
 
-def check_run_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a folder that already holds a run, unless ``--overwrite``; creates nothing."""
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        finished = (path / TRAIN_METRICS).is_file()
+def check_run_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a folder that holds a finished run (unless --overwrite) or an unfinished one (unless
+    --resume or --overwrite); creates nothing."""
+    occupied = path.exists() and any(path.iterdir())
+    finished = (path / TRAIN_METRICS).is_file()
+    if resume and not overwrite:
+        if finished:
+            raise UsageError(f"--experiment_dir {path} holds a finished run: nothing to resume")
+        if not (path / RUN_CONFIG).is_file():
+            raise UsageError(f"--experiment_dir {path}: no run_config.json, so no run to resume")
+    elif occupied and not overwrite:
         state = "a finished run" if finished else "an unfinished run (or other files)"
-        raise UsageError(f"--experiment_dir {path} already holds {state}; pass --overwrite to replace it")
+        hint = "--overwrite to replace it" if finished else "--resume to continue it or --overwrite to replace it"
+        raise UsageError(f"--experiment_dir {path} already holds {state}; pass {hint}")
     check_writable_dir(path, "--experiment_dir")
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """The newest complete trainer checkpoint in a run folder (one with its trainer state saved)."""
+    candidates = []
+    for folder in (path / "checkpoints").glob("checkpoint-*"):
+        suffix = folder.name.split("-")[-1]
+        if suffix.isdigit() and (folder / "trainer_state.json").is_file():
+            candidates.append((int(suffix), folder))
+    return max(candidates)[1] if candidates else None
 
 
 def load_run_config(run_dir: Path) -> dict:

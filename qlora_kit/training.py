@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import time
 from argparse import Namespace
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from . import data as data_lib
 from . import modeling, results
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 from .formatting import PromptFormat, build_training_examples, end_of_turn_token
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,9 @@ def sft_config(args: Namespace, run_dir: Path):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=args.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
         report_to=[] if args.report_to == "none" else [args.report_to],
         seed=args.seed,
         data_seed=args.seed,
@@ -136,6 +142,51 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     return trainer
 
 
+def check_checkpoint(checkpoint: Path) -> None:
+    """A clear error for a checkpoint that cannot be resumed from (cut short by a full disk, say)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as weights:
+            list(weights.keys())
+        if not (checkpoint / "optimizer.pt").is_file():
+            raise FileNotFoundError("optimizer.pt is missing")
+    except Exception as error:  # json, safetensors and the file system each raise their own types
+        raise UsageError(f"{checkpoint}: damaged checkpoint ({type(error).__name__}: {error}); delete it to resume "
+                         "from an earlier one, or pass --overwrite to start again")
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGTERM/SIGINT, save a checkpoint at the end of the current step and stop training."""
+
+    def __init__(self):
+        self.signal_number = None
+
+    def _handle(self, number, frame):
+        if self.signal_number is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_number = number
+        log.warning("%s received: saving a checkpoint after this step, then stopping", signal.Signals(number).name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {number: signal.signal(number, self._handle) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_number is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class TokenCountingCollator:
     """Wraps the trainer's collator to count the non-padding tokens it feeds the model."""
 
@@ -157,7 +208,7 @@ def train(task: str, args: Namespace) -> dict:
     from peft import LoraConfig
 
     run_dir = Path(args.experiment_dir) if args.experiment_dir else default_run_dir(task, args)
-    results.check_run_dir(run_dir, args.overwrite)
+    results.check_run_dir(run_dir, args.overwrite, args.resume)
 
     # 1. data
     training_data = load_training_data(task, args)
@@ -180,6 +231,12 @@ def train(task: str, args: Namespace) -> dict:
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = results.latest_checkpoint(run_dir) if args.resume else None
+    if checkpoint:
+        check_checkpoint(checkpoint)
+        log.info("resuming from %s", checkpoint)
+    elif args.resume:
+        log.warning("%s has no checkpoint yet: training from the beginning", run_dir)
     config = {
         "task": task,
         "pretrained_ckpt": args.pretrained_ckpt,
@@ -214,10 +271,16 @@ def train(task: str, args: Namespace) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    # 4. train
+    # 4. train; SIGTERM/SIGINT save a checkpoint at the end of the current step, then stop
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
     started = time.perf_counter()
-    output = trainer.train()
+    with stop.installed():
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
+    if stop.signal_number is not None:
+        raise Interrupted(f"{signal.Signals(stop.signal_number).name} at step {trainer.state.global_step}; checkpoint "
+                          f"saved in {run_dir / 'checkpoints'}; continue with --resume", stop.signal_number)
     metrics = {
         "train_loss": output.training_loss,
         "final_loss": _last_logged_loss(trainer),

@@ -1,0 +1,74 @@
+"""Interrupted training: a SIGTERM saves a checkpoint; --resume ends with the same adapter as an uninterrupted run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+
+
+def _train(tiny_model, data_dir, cwd, *extra, check=True):
+    return run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
+                      data_dir / "news_train.jsonl", "--max_steps", 6, "--save_steps", 2, "--batch_size", 2,
+                      "--grad_accum", 2, "--logging_steps", 1, *extra, cwd=cwd, check=check)
+
+
+def test_resume_gives_the_same_adapter(tiny_model, data_dir, tmp_path):
+    _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "whole")
+    # The same run as if killed after step 3: checkpoint-2 is its newest complete checkpoint.
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    for name in ("adapter", "train_metrics.json", "checkpoints/checkpoint-6", "checkpoints/checkpoint-4"):
+        path = tmp_path / "cut" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    (tmp_path / "cut" / "checkpoints" / "checkpoint-4").mkdir()  # an incomplete save is ignored
+    refused = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume")
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-5)
+    first = json.loads((tmp_path / "whole" / "train_metrics.json").read_text())
+    again = json.loads((tmp_path / "cut" / "train_metrics.json").read_text())
+    assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-4)
+    finished = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume", check=False)
+    assert finished.returncode == 2 and "nothing to resume" in finished.stderr
+
+
+def test_damaged_checkpoint_gets_a_clear_message(tiny_model, data_dir, tmp_path):
+    _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "run")
+    (tmp_path / "run" / "train_metrics.json").unlink()
+    newest = tmp_path / "run" / "checkpoints" / "checkpoint-6"
+    (newest / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+    result = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "run", "--resume", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "checkpoint-6: damaged checkpoint" in result.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, data_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "zephyr_classification.py"), "--pretrained_ckpt", str(tiny_model),
+         "--train_file", str(data_dir / "news_train.jsonl"), "--max_steps", "5000", "--save_steps", "1000",
+         "--batch_size", "2", "--grad_accum", "1", "--experiment_dir", "run"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "run_config.json").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(8)  # let it take some steps
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "continue with --resume" in stderr.strip().splitlines()[-1]
+    checkpoints = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    assert not (tmp_path / "run" / "train_metrics.json").exists()
