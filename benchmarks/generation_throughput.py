@@ -5,9 +5,14 @@ Prompts: the real 20 Newsgroups test set in the fine-tuning format, token length
 embedded model's tokenizer counts them, random ids; every example generates exactly
 --new_tokens tokens (random weights never stop early), so both ways do the same work.
 
-Usage (GPU):
-    python benchmarks/generation_throughput.py --test_file data/newsgroups/test.jsonl.gz \
-        --model_dir /tmp/zephyr-shaped --out benchmarks/results/generation_throughput.json
+Usage:
+    # once, on any machine: the real prompts' token lengths (committed in benchmarks/)
+    python benchmarks/generation_throughput.py --write_lengths --test_file data/newsgroups/test.jsonl.gz
+    # on the GPU:
+    python benchmarks/generation_throughput.py --model_dir /tmp/zephyr-shaped \
+        --out benchmarks/results/generation_throughput.json
+    # the same code path on a CPU, tiny model, in seconds:
+    python benchmarks/generation_throughput.py --tiny --model_dir /tmp/tiny-shaped --out /tmp/g.json
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(args):
+    import json
     import random
 
     import torch
@@ -31,9 +37,17 @@ def main(args):
     from qlora_kit import modeling
     from qlora_kit.generation import generate
 
-    folder = zephyr_shaped.build(Path(args.model_dir))
-    lengths, _, _ = zephyr_shaped.real_prompt_lengths("classification", args.test_file, 
-                                                      modeling.resolve_model_source(args.tokenizer), args.max_prompt_tokens)
+    if args.write_lengths:
+        lengths, _, _ = zephyr_shaped.real_prompt_lengths("classification", args.test_file,
+                                                          modeling.resolve_model_source(args.tokenizer),
+                                                          args.max_prompt_tokens)
+        Path(args.lengths).write_text(json.dumps({"source": args.test_file, "tokenizer": args.tokenizer,
+                                                  "max_prompt_tokens": args.max_prompt_tokens,
+                                                  "lengths": lengths}) + "\n")
+        print(f"wrote {len(lengths)} prompt lengths to {args.lengths}")
+        return
+    folder = zephyr_shaped.build(Path(args.model_dir), tiny=args.tiny)
+    lengths = json.loads(Path(args.lengths).read_text())["lengths"]
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(3, 32000) for _ in range(n - 1)] for n in lengths]
     print(f"{len(prompts)} prompts, mean {sum(lengths) / len(lengths):.0f} tokens, max {max(lengths)}")
@@ -47,66 +61,88 @@ def main(args):
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     no_stop = [-1]  # no token stops generation: every example produces new_tokens tokens
 
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+
+    def peak_gb():
+        return torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+
+    def reset_peak():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
     def record(name, seconds, count, extra=None):
         per = seconds / count
         results["runs"][name] = {"examples": count, "seconds": seconds, "seconds_per_example": per,
-                                 "examples_per_second": 1 / per,
-                                 "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9, **(extra or {})}
-        print(f"{name}: {count} examples in {seconds:.1f}s = {per * 1000:.1f} ms/example, "
-              f"peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
+                                 "examples_per_second": 1 / per, "peak_gpu_memory_gb": peak_gb(), **(extra or {})}
+        base = results["runs"].get("original_one_at_a_time_4bit")
+        if base:
+            results["runs"][name]["speedup_vs_original"] = base["seconds_per_example"] / per
+        print(f"{name}: {count} examples in {seconds:.1f}s = {per * 1000:.1f} ms/example, peak {peak_gb()} GB",
+              flush=True)
+        zephyr_shaped.write_result(Path(args.out), results)  # after every run: a cut-off benchmark keeps its numbers
 
     # 1. the original way and the engine on the 4-bit model with its adapter
     model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=True, for_training=False), lora).eval()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     started = time.perf_counter()
     with torch.inference_mode():
-        for ids in prompts[:args.original_examples]:
-            model.generate(input_ids=torch.tensor([ids], device="cuda"), do_sample=True, temperature=1e-3,
+        for ids in prompts[::len(prompts) // args.original_examples][:args.original_examples]:
+            model.generate(input_ids=torch.tensor([ids], device=device), do_sample=True, temperature=1e-3,
                            top_p=0.95, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                            pad_token_id=2)
     record("original_one_at_a_time_4bit", time.perf_counter() - started, args.original_examples)
     for batch_size in args.batch_sizes_4bit:
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         started = time.perf_counter()
-        subset = prompts[:args.engine_examples_4bit]
-        out = generate(model, Tok, subset, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size)
+        subset = prompts[::args.stride_4bit]  # evenly spread over the test set
+        out = generate(model, Tok, subset, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size,
+                       max_batch_tokens=args.max_batch_tokens_4bit)
         assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
         record(f"engine_4bit_batch{batch_size}", time.perf_counter() - started, len(subset),
                {"final_batch_size": out.final_batch_size})
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
     # 2. the engine with the adapter merged into a bf16 base (--merge_adapter): no dequantization per step
     model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=False, for_training=False), lora)
     model = model.merge_and_unload().eval()
     for batch_size in args.batch_sizes_merged:
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         started = time.perf_counter()
-        out = generate(model, Tok, prompts, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size)
+        subset = prompts[::args.stride_merged]
+        out = generate(model, Tok, subset, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size,
+                       max_batch_tokens=args.max_batch_tokens_merged)
         assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
-        record(f"engine_merged_bf16_batch{batch_size}", time.perf_counter() - started, len(prompts),
+        record(f"engine_merged_bf16_batch{batch_size}", time.perf_counter() - started, len(subset),
                {"final_batch_size": out.final_batch_size})
 
-    base = results["runs"]["original_one_at_a_time_4bit"]["seconds_per_example"]
-    for name, run in results["runs"].items():
-        run["speedup_vs_original"] = base / run["seconds_per_example"]
+    results["runs"]["original_one_at_a_time_4bit"]["speedup_vs_original"] = 1.0
     print("\n| way | ms/example | examples/s | speed-up | peak GPU GB |\n|---|---|---|---|---|")
     for name, run in results["runs"].items():
         print(f"| {name} | {run['seconds_per_example'] * 1000:.1f} | {run['examples_per_second']:.1f} | "
-              f"{run['speedup_vs_original']:.1f}x | {run['peak_gpu_memory_gb']:.1f} |")
+              f"{run['speedup_vs_original']:.1f}x | {run['peak_gpu_memory_gb']} |")
     zephyr_shaped.write_result(Path(args.out), results)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test_file", required=True)
+    parser.add_argument("--test_file", help="20 Newsgroups test file (for --write_lengths)")
+    parser.add_argument("--write_lengths", action="store_true", help="only compute the real prompts' token lengths")
+    parser.add_argument("--lengths", default=str(Path(__file__).resolve().parent / "newsgroups_test_prompt_lengths.json"))
+    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture (CPU check)")
     parser.add_argument("--model_dir", default="/tmp/zephyr-7b-shaped")
     parser.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--max_prompt_tokens", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=20)
     parser.add_argument("--original_examples", type=int, default=16)
-    parser.add_argument("--engine_examples_4bit", type=int, default=1024)
-    parser.add_argument("--batch_sizes_4bit", type=int, nargs="+", default=[128])
-    parser.add_argument("--batch_sizes_merged", type=int, nargs="+", default=[128])
+    parser.add_argument("--stride_4bit", type=int, default=1, help="engine on every Nth prompt, 4-bit model")
+    parser.add_argument("--stride_merged", type=int, default=1, help="engine on every Nth prompt, merged model")
+    parser.add_argument("--batch_sizes_4bit", type=int, nargs="+", default=[256])
+    parser.add_argument("--batch_sizes_merged", type=int, nargs="+", default=[256])
+    # Token budgets that keep the peak within 22 GB on a 7B model (KV cache: 128 KiB per token in bf16).
+    parser.add_argument("--max_batch_tokens_4bit", type=int, default=100_000)
+    parser.add_argument("--max_batch_tokens_merged", type=int, default=40_000)
     parser.add_argument("--out", default="benchmarks/results/generation_throughput.json")
     main(parser.parse_args())

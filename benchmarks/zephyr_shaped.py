@@ -16,7 +16,12 @@ ZEPHYR_7B_BETA_CONFIG = {
 }
 
 
-def build(folder: Path) -> Path:
+# The same architecture, tiny: to check a benchmark's code path on a CPU in seconds.
+TINY_OVERRIDES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2}
+
+
+def build(folder: Path, tiny: bool = False) -> Path:
     """Save the random-weight model once (bf16 safetensors); reuse it when already there."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
@@ -25,9 +30,15 @@ def build(folder: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     started = time.perf_counter()
-    config = MistralConfig(**{k: v for k, v in ZEPHYR_7B_BETA_CONFIG.items() if k not in ("architectures", "model_type")})
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = MistralForCausalLM(config).to(torch.bfloat16)
+    settings = {k: v for k, v in ZEPHYR_7B_BETA_CONFIG.items() if k not in ("architectures", "model_type")}
+    config = MistralConfig(**{**settings, **(TINY_OVERRIDES if tiny else {})})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     staging = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(staging)
     staging.rename(folder)

@@ -123,7 +123,8 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
     started = time.perf_counter()
     try:
         generated = generate(model, tokenizer, [prompt_ids[i] for i in todo], max_new_tokens=args.max_new_tokens,
-                             stop_ids=stop_ids, batch_size=args.batch_size, label_sequences=label_sequences,
+                             stop_ids=stop_ids, batch_size=args.batch_size,
+                             max_batch_tokens=getattr(args, "max_batch_tokens", None), label_sequences=label_sequences,
                              on_batch=save_batch)
     finally:
         if partial is not None:

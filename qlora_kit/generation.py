@@ -30,7 +30,26 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def default_batch_size() -> int:
     import torch
 
-    return 128 if torch.cuda.is_available() else 8
+    return 256 if torch.cuda.is_available() else 8
+
+
+def kv_cache_bytes_per_token(model) -> int:
+    """Bytes of key/value cache one token takes in this model (all layers)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype_bytes = next(model.parameters()).element_size() if next(model.parameters()).is_floating_point() else 2
+    return 2 * config.num_hidden_layers * heads * head_dim * max(dtype_bytes, 2)
+
+
+def default_max_batch_tokens(model, memory_fraction: float = 0.5) -> int | None:
+    """Tokens (prompt + answer, padded) per batch that fit in a share of the free GPU memory; None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return max(1024, int(free * memory_fraction / kv_cache_bytes_per_token(model)))
 
 
 class LabelTrie:
@@ -81,23 +100,30 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: in
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
-             batch_size: int | None = None, label_sequences: list[list[int]] | None = None,
-             progress: bool = True, on_batch=None) -> GenerationResult:
+             batch_size: int | None = None, max_batch_tokens: int | None = None,
+             label_sequences: list[list[int]] | None = None, progress: bool = True, on_batch=None) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order.
 
+    A batch holds at most ``batch_size`` prompts and at most ``max_batch_tokens`` padded tokens
+    (prompt + new tokens): short prompts travel in large batches, long ones in small ones.
     ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
     """
     import torch
     from tqdm.auto import tqdm
 
     batch_size = batch_size or default_batch_size()
+    if max_batch_tokens is None:
+        max_batch_tokens = default_max_batch_tokens(model)
     trie = LabelTrie(label_sequences) if label_sequences else None
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory trouble shows early
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=len(prompts), desc="generating", unit="ex", disable=not progress)
     start = 0
     while start < len(order):
-        indices = order[start:start + batch_size]
+        count = batch_size
+        if max_batch_tokens:  # the first prompt of a batch is its longest (sorted longest first)
+            count = max(1, min(count, max_batch_tokens // (len(prompts[order[start]]) + max_new_tokens)))
+        indices = order[start:start + count]
         try:
             answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
@@ -105,8 +131,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if batch_size > 1:
-                batch_size //= 2
+            if len(indices) > 1:
+                batch_size = max(1, len(indices) // 2)
+                max_batch_tokens = max_batch_tokens // 2 if max_batch_tokens else None
                 log.warning("out of memory: retrying with batch size %d", batch_size)
                 continue
             result.failures[indices[0]] = "out of memory at batch size 1"

@@ -138,3 +138,29 @@ def test_interrupted_evaluation_continues_with_the_same_result(trained_run_for_r
     for key in ("accuracy", "macro_f1", "invalid", "n"):
         assert resumed[key] == whole[key]
     assert (tmp_path / "resumed" / "predictions.jsonl").read_text() == (tmp_path / "whole" / "predictions.jsonl").read_text()
+
+
+def test_token_budget_makes_batches_by_length(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    prompts = [[1] + [5] * n for n in (40, 10, 10, 10, 10, 10, 10)]
+    real = generation._generate_batch
+    sizes = []
+
+    def spy(model, tokenizer, batch, *args):
+        sizes.append([len(p) for p in batch])
+        return real(model, tokenizer, batch, *args)
+
+    monkeypatch.setattr(generation, "_generate_batch", spy)
+    result = generation.generate(model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id],
+                                 batch_size=5, max_batch_tokens=50, progress=False)
+    assert sizes == [[41], [11, 11, 11], [11, 11, 11]]  # 45 tokens alone; then 3 x 15 fit in 50
+    monkeypatch.setattr(generation, "_generate_batch", real)
+    assert result.outputs == generation.generate(model, tokenizer, prompts, max_new_tokens=4,
+                                                 stop_ids=[tokenizer.eos_token_id], batch_size=1,
+                                                 progress=False).outputs
+
+
+def test_kv_cache_size_of_a_mistral_layout(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    # 2 layers x 2 kv heads x head_dim 16 x (key + value) x 4 bytes (fp32)
+    assert generation.kv_cache_bytes_per_token(model) == 2 * 2 * 2 * 16 * 4
