@@ -42,6 +42,17 @@ def kv_cache_bytes_per_token(model) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * max(dtype_bytes, 2)
 
 
+def generation_bytes_per_token(model) -> int:
+    """GPU memory one batch token costs while generating: its KV cache plus the prefill's activations.
+
+    The activations term (4 x hidden + 3 x intermediate values in 16-bit) matches what was measured on a
+    Zephyr-7B-shaped model: about 242 KB per token beyond the weights (benchmarks/results/).
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    return kv_cache_bytes_per_token(model) + 2 * (4 * config.hidden_size + 3 * intermediate)
+
+
 def default_max_batch_tokens(model, memory_fraction: float = 0.5) -> int | None:
     """Tokens (prompt + answer, padded) per batch that fit in a share of the free GPU memory; None on CPU."""
     import torch
@@ -49,7 +60,7 @@ def default_max_batch_tokens(model, memory_fraction: float = 0.5) -> int | None:
     if not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info()
-    return max(1024, int(free * memory_fraction / kv_cache_bytes_per_token(model)))
+    return max(1024, int(free * memory_fraction / generation_bytes_per_token(model)))
 
 
 class LabelTrie:
