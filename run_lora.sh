@@ -13,16 +13,14 @@ NEFTUNE=${NEFTUNE:-}
 FULL_TUNE=${FULL_TUNE:-}
 source scripts/sweep_lib.sh
 
-variant=""
-[ -n "$NEFTUNE" ] && variant+="_neftune-$NEFTUNE"
-[ -n "$FULL_TUNE" ] && variant+="_full"
+variant=$(variant_suffix)
 for epochs in $EPOCHS_LIST; do
   for rank in $RANKS; do
     for dropout in $DROPOUTS; do
       plan "summarization_epochs-${epochs}_rank-${rank}_dropout-${dropout}${variant}" \
         zephyr_summarization.py zephyr_summarization_inference.py \
         --epochs "$epochs" --lora_r "$rank" --dropout "$dropout" \
-        ${NEFTUNE:+--neftune "$NEFTUNE"} ${FULL_TUNE:+--full_tune}
+        $(variant_flags)
     done
   done
 done | run_plan "$@"

@@ -14,12 +14,10 @@ NEFTUNE=${NEFTUNE:-}
 FULL_TUNE=${FULL_TUNE:-}
 source scripts/sweep_lib.sh
 
-variant=""
-[ -n "$NEFTUNE" ] && variant+="_neftune-$NEFTUNE"
-[ -n "$FULL_TUNE" ] && variant+="_full"
+variant=$(variant_suffix)
 for fraction in $FRACTIONS; do
   plan "classification_sampleFraction-${fraction}_epochs-${EPOCHS}_rank-${LORA_R}_dropout-${DROPOUT}${variant}" \
     zephyr_classification.py zephyr_classification_inference.py \
     --train_sample_fraction "$fraction" --epochs "$EPOCHS" --lora_r "$LORA_R" --dropout "$DROPOUT" \
-    ${NEFTUNE:+--neftune "$NEFTUNE"} ${FULL_TUNE:+--full_tune}
+    $(variant_flags)
 done | run_plan "$@"
