@@ -17,33 +17,30 @@ PREDICTIONS = "predictions.jsonl"
 PARTIAL_PREDICTIONS = "predictions.partial.jsonl"  # appended while generating; gone when finished
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it over: never a half-written file."""
+def _write_atomic(path: Path, write) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
-            handle.write("\n")
+            write(handle)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    def write(handle):
+        json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
+        handle.write("\n")
+
+    _write_atomic(path, write)
 
 
 def write_jsonl_atomic(path: Path, rows) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda handle: handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_json(path: Path, what: str):
