@@ -50,8 +50,11 @@ def parse_baseline_args(parser: argparse.ArgumentParser, argv=None) -> argparse.
 
 
 def _print(metrics: dict) -> None:
+    from . import distributed
     from .evaluation import summary_table
 
+    if not distributed.is_main():
+        return
     print(summary_table(metrics))
     print(f"results: {metrics['output_dir']}")
     if metrics.get("failed"):

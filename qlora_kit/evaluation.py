@@ -9,7 +9,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from . import data as data_lib
-from . import modeling, results
+from . import distributed, modeling, results
 from .errors import UsageError
 from .formatting import PromptFormat, answer_ids, end_of_turn_token
 from .generation import generate
@@ -38,9 +38,10 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if (out_dir / results.METRICS).exists() and not overwrite:
         raise UsageError(f"{out_dir / results.METRICS} exists; pass --overwrite to replace it")
     results.check_writable_dir(out_dir, "--output_dir")
-    if overwrite:
-        (out_dir / results.PARTIAL_PREDICTIONS).unlink(missing_ok=True)
-
+    if overwrite and distributed.is_main():
+        for partial in out_dir.glob("predictions.partial*.jsonl"):
+            partial.unlink()
+    distributed.barrier()
 
 
 def _load_finetuned(config: dict, run_dir: Path, merge_adapter: bool, use_flash_attention: bool):
@@ -94,14 +95,19 @@ def _resume_partial(path: Path, prompts: list[str]) -> dict[int, dict]:
 def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace,
                    max_prompt_tokens: int, end_token: str, label_names: list[str],
                    partial_path: Path | None = None) -> tuple[dict, list[dict]]:
-    """Generate for every row, score, and return (metrics, prediction records).
+    """Generate for every row, score, and return (metrics, prediction records in row order).
 
+    With several processes each takes every N-th row and the records are gathered in order.
     Each finished batch is appended to ``partial_path``; a re-run after a crash generates only what is missing.
     """
-    prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
-    prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
+    rank, world = distributed.rank(), distributed.world_size()
+    if partial_path is not None and world > 1:
+        partial_path = partial_path.with_name(f"{partial_path.stem}.rank{rank}{partial_path.suffix}")
+    mine = list(range(rank, len(rows), world))
+    prompt_ids = {i: fmt.prompt_ids(rows[i]["input"], max_prompt_tokens) for i in mine}
+    prompt_texts = {i: tokenizer.decode(ids) for i, ids in prompt_ids.items()}
     done = _resume_partial(partial_path, prompt_texts) if partial_path else {}
-    todo = [i for i in range(len(rows)) if i not in done]
+    todo = [i for i in mine if i not in done]
     stop_ids = sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id})
     constrained = task == "classification" and getattr(args, "decoding", "greedy") == "constrained"
     label_sequences = [answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None
@@ -110,10 +116,10 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
         partial_path.parent.mkdir(parents=True, exist_ok=True)
     partial = open(partial_path, "a", encoding="utf-8") if partial_path else None
 
-    def save_batch(batch_indices, answers):
+    def save_batch(batch_positions, answers):
         if partial is None:
             return
-        for position, answer in zip(batch_indices, answers):
+        for position, answer in zip(batch_positions, answers):
             index = todo[position]
             record = _record(index, rows[index], prompt_texts[index],
                              tokenizer.decode(answer, skip_special_tokens=True), task, label_names)
@@ -130,32 +136,42 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
         if partial is not None:
             partial.close()
     seconds = time.perf_counter() - started
-    records = [None] * len(rows)
-    for index, record in done.items():
-        records[index] = record
+    records = dict(done)
     for position, index in enumerate(todo):
         ids = generated.outputs[position]
         records[index] = _record(index, rows[index], prompt_texts[index],
                                  tokenizer.decode(ids, skip_special_tokens=True) if ids is not None else None,
                                  task, label_names, error=generated.failures.get(position))
-    scored = [i for i, record in enumerate(records) if "error" not in record]
-    if task == "classification":
-        metrics = classification_metrics([rows[i]["target"] for i in scored],
-                                         [records[i]["parsed"] for i in scored], label_names)
-    else:
-        metrics = rouge_scores([rows[i]["target"] for i in scored], [records[i]["parsed"] for i in scored])
+    gathered = distributed.gather({"records": list(records.values()), "seconds": seconds, "new": len(todo),
+                                   "resumed": len(done), "batch": generated.final_batch_size})
+    all_records = sorted((r for part in gathered for r in part["records"]), key=lambda record: record["id"])
+    metrics = score(task, all_records, label_names)
+    seconds = max(part["seconds"] for part in gathered)
+    new = sum(part["new"] for part in gathered)
     metrics.update({
-        "failed": len(rows) - len(scored),
-        "resumed_examples": len(done),
+        "failed": sum("error" in record for record in all_records),
+        "resumed_examples": sum(part["resumed"] for part in gathered),
+        "processes": world,
         "generation_seconds": seconds,
-        "examples_per_second": len(todo) / seconds if seconds and todo else None,
-        "final_batch_size": generated.final_batch_size,
+        "examples_per_second": new / seconds if seconds and new else None,
+        "final_batch_size": min(part["batch"] for part in gathered),
     })
-    return metrics, records
+    return metrics, all_records
+
+
+def score(task: str, records: list[dict], label_names: list[str]) -> dict:
+    """Metrics over the records that ran (a failed example is counted, never scored as empty)."""
+    scored = [record for record in records if "error" not in record]
+    references = [record["reference"] for record in scored]
+    predictions = [record["parsed"] for record in scored]
+    if task == "classification":
+        return classification_metrics(references, predictions, label_names)
+    return rouge_scores(references, predictions)
 
 
 def evaluate_run(task: str, args: Namespace) -> dict:
     """Evaluate a fine-tuned run folder on its task's test (or validation) split."""
+    distributed.init()
     run_dir = Path(args.experiment_dir)
     config = results.load_run_config(run_dir)
     if config.get("task") != task:
@@ -183,6 +199,7 @@ def evaluate_run(task: str, args: Namespace) -> dict:
 
 def evaluate_baseline(args: Namespace) -> dict:
     """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
+    distributed.init()
     task = args.task_type
     spec = data_lib.TASKS[task]
     style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
@@ -220,10 +237,14 @@ def evaluate_baseline(args: Namespace) -> dict:
 
 
 def _save(out_dir: Path, metrics: dict, records: list[dict]) -> None:
-    results.write_jsonl_atomic(out_dir / results.PREDICTIONS, records)
-    results.write_json_atomic(out_dir / results.METRICS, metrics)  # last: its presence marks a finished evaluation
-    (out_dir / results.PARTIAL_PREDICTIONS).unlink(missing_ok=True)
     metrics["output_dir"] = str(out_dir)
+    distributed.barrier()
+    if distributed.is_main():  # one process writes the results
+        results.write_jsonl_atomic(out_dir / results.PREDICTIONS, records)
+        results.write_json_atomic(out_dir / results.METRICS, metrics)  # last: its presence marks a finished evaluation
+        for partial in out_dir.glob("predictions.partial*.jsonl"):
+            partial.unlink()
+    distributed.barrier()
 
 
 def summary_table(metrics: dict) -> str:

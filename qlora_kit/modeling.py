@@ -134,10 +134,13 @@ def attention_implementation(use_flash_attention: bool) -> str:
 
 
 def device_map():
-    """Each process puts the whole model on its own GPU (data parallel); CPU otherwise."""
+    """Each process puts the whole model on its own GPU (data parallel); CPU otherwise.
+
+    Under FSDP the model is loaded without a device map and FSDP places the shards.
+    """
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         return None
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 

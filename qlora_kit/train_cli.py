@@ -18,9 +18,12 @@ def build_parser(task: str, description: str) -> argparse.ArgumentParser:
 
 
 def main(task: str, args: argparse.Namespace) -> dict:
+    from . import distributed
     from .training import train
 
     metrics = train(task, args)
+    if not distributed.is_main():
+        return metrics
     summary = {key: metrics[key] for key in ("train_loss", "final_loss", "global_steps", "train_runtime_s",
                                              "trained_tokens", "tokens_per_second", "peak_gpu_memory_gb")}
     if "eval_loss" in metrics:

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import data as data_lib
-from . import modeling, results
+from . import distributed, modeling, results
 from .errors import Interrupted, UsageError
 from .formatting import PromptFormat, build_training_examples, end_of_turn_token
 
@@ -102,6 +102,7 @@ def sft_config(args: Namespace, run_dir: Path):
         per_device_eval_batch_size=args.batch_size,
         dataloader_pin_memory=on_gpu,
         remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",  # summed over processes by the Trainer
     )
 
 
@@ -187,28 +188,16 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-class TokenCountingCollator:
-    """Wraps the trainer's collator to count the non-padding tokens it feeds the model."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.tokens = 0
-        self.examples = 0
-
-    def __call__(self, examples):
-        self.tokens += sum(len(example["input_ids"]) for example in examples)
-        self.examples += len(examples)
-        return self.collator(examples)
-
-
 def train(task: str, args: Namespace) -> dict:
     """Fine-tune and write the run folder; returns the training metrics."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
 
+    distributed.init()
     run_dir = Path(args.experiment_dir) if args.experiment_dir else default_run_dir(task, args)
     results.check_run_dir(run_dir, args.overwrite, args.resume)
+    distributed.barrier()  # every process has checked before the main one writes anything
 
     # 1. data
     training_data = load_training_data(task, args)
@@ -224,12 +213,16 @@ def train(task: str, args: Namespace) -> dict:
                                                 args.completion_only_loss)
     log.info("%d training examples, %d tokens (end of answer: %r)", len(examples),
              sum(len(e["input_ids"]) for e in examples), end_token)
+    effective_batch = args.batch_size * args.grad_accum * distributed.world_size()
+    log.info("effective batch %d = %d per device x %d accumulation x %d processes", effective_batch,
+             args.batch_size, args.grad_accum, distributed.world_size())
 
     # 2. run folder: everything above was checked before anything is written
-    if args.overwrite and run_dir.exists():
+    if args.overwrite and run_dir.exists() and distributed.is_main():
         import shutil
 
         shutil.rmtree(run_dir)
+    distributed.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = results.latest_checkpoint(run_dir) if args.resume else None
     if checkpoint:
@@ -248,11 +241,15 @@ def train(task: str, args: Namespace) -> dict:
         "label_names": training_data["label_names"],
         "lora_target_modules": modeling.lora_target_modules(args.full_tune),
         "data": {"dataset": None if args.train_file else args.dataset, "train_file": args.train_file,
-                 "validation_file": args.validation_file, "rows": training_data["counts"]},
+                 "validation_file": args.validation_file, "rows": training_data["counts"],
+                 "tokens": sum(len(example["input_ids"]) for example in examples)},
         "settings": {key: value for key, value in vars(args).items()},
+        "processes": distributed.world_size(),
+        "effective_batch_size": effective_batch,
         "versions": modeling.library_versions(),
     }
-    results.write_json_atomic(run_dir / results.RUN_CONFIG, config)
+    if distributed.is_main():
+        results.write_json_atomic(run_dir / results.RUN_CONFIG, config)
 
     # 3. model and trainer
     model = modeling.load_model(source, load_in_4bit=args.load_in_4bit, use_flash_attention=args.use_flash_attention)
@@ -266,8 +263,6 @@ def train(task: str, args: Namespace) -> dict:
     sft_args.eos_token = end_token
     trainer = make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(examples),
                            Dataset.from_list(eval_examples) if eval_examples else None)
-    counter = TokenCountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -278,6 +273,7 @@ def train(task: str, args: Namespace) -> dict:
     with stop.installed():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
+    trained_tokens = trainer.state.num_input_tokens_seen
     if stop.signal_number is not None:
         raise Interrupted(f"{signal.Signals(stop.signal_number).name} at step {trainer.state.global_step}; checkpoint "
                           f"saved in {run_dir / 'checkpoints'}; continue with --resume", stop.signal_number)
@@ -286,9 +282,9 @@ def train(task: str, args: Namespace) -> dict:
         "final_loss": _last_logged_loss(trainer),
         "global_steps": output.global_step,
         "train_runtime_s": runtime,
-        "trained_examples": counter.examples,
-        "trained_tokens": counter.tokens,
-        "tokens_per_second": counter.tokens / runtime if runtime else None,
+        "trained_tokens": trained_tokens,
+        "tokens_per_second": trained_tokens / runtime if runtime else None,
+        "processes": distributed.world_size(),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
         "log_history": trainer.state.log_history,
     }
@@ -296,10 +292,12 @@ def train(task: str, args: Namespace) -> dict:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
     # 5. save: adapter and tokenizer, then the metrics file that marks the run finished
-    # lm_head itself is unchanged (only its LoRA matrices train): do not copy the whole layer into the adapter.
-    trainer.model.save_pretrained(run_dir / results.ADAPTER_DIR, save_embedding_layers=False)
-    tokenizer.save_pretrained(run_dir / results.ADAPTER_DIR)
-    results.write_json_atomic(run_dir / results.TRAIN_METRICS, metrics)
+    if distributed.is_main():  # one process writes the run folder
+        # lm_head itself is unchanged (only its LoRA matrices train): do not copy the whole layer into the adapter.
+        trainer.model.save_pretrained(run_dir / results.ADAPTER_DIR, save_embedding_layers=False)
+        tokenizer.save_pretrained(run_dir / results.ADAPTER_DIR)
+        results.write_json_atomic(run_dir / results.TRAIN_METRICS, metrics)
+    distributed.barrier()
     metrics["run_dir"] = str(run_dir)
     return metrics
 

@@ -26,7 +26,8 @@ def test_training_writes_a_complete_run_folder(trained_classifier):
     assert config["lora_target_modules"] == ["q_proj", "v_proj"]
     assert config["end_token"] == "</s>"
     metrics = json.loads((trained_classifier / "train_metrics.json").read_text())
-    assert metrics["global_steps"] == 3 and metrics["trained_tokens"] > 0
+    # 3 steps x 4 examples x 2 accumulation = the 24 sampled examples once: every token counted, no padding
+    assert metrics["global_steps"] == 3 and metrics["trained_tokens"] == config["data"]["tokens"]
     assert (trained_classifier / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -1,0 +1,44 @@
+"""Several processes (torchrun / accelerate launch): who is the main one, waiting, gathering results."""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Start the process group when launched as several processes (gloo on CPU, nccl on GPU)."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def gather(value) -> list:
+    """Every process's ``value``, in rank order, on every process."""
+    if world_size() == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
