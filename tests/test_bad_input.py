@@ -127,3 +127,11 @@ def test_unfinished_run_is_refused(finished_run, tmp_path):
     shutil.rmtree(copy / "adapter")
     result = run_script("zephyr_classification_inference.py", "--experiment_dir", copy, cwd=tmp_path, check=False)
     _fails(result, "no trained adapter")
+
+
+def test_output_dir_that_is_a_file(finished_run, data_dir, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    result = run_script("zephyr_classification_inference.py", "--experiment_dir", finished_run, "--test_file",
+                        data_dir / "news_test.jsonl", "--output_dir", tmp_path / "taken" / "out", cwd=tmp_path,
+                        check=False)
+    _fails(result, "--output_dir", "is a file, not a folder")

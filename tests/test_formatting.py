@@ -68,3 +68,9 @@ def test_chat_style_needs_a_chat_template(tokenizer):
     tokenizer.chat_template = None
     with pytest.raises(UsageError, match="chat template"):
         PromptFormat("classification", "finetune", "chat", tokenizer)
+
+
+def test_a_million_character_text_fits(tokenizer):
+    fmt = PromptFormat("classification", "finetune", "seed", tokenizer)
+    ids = fmt.prompt_ids("orbit " * 170_000, 64)
+    assert len(ids) <= 64 and tokenizer.decode(ids).endswith("### Class:")

@@ -1,0 +1,71 @@
+"""Correctness of the batched engine: parsed labels from batched greedy decoding against one example at a time.
+
+Usage:
+    python benchmarks/batched_vs_single.py --experiment_dir RUN --test_file news_test.jsonl [--limit N] --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(args):
+    import torch
+
+    from qlora_kit import evaluation, modeling, results
+    from qlora_kit.formatting import PromptFormat
+    from qlora_kit.generation import generate
+    from qlora_kit.metrics import parse_label
+
+    run_dir = Path(args.experiment_dir)
+    config = results.load_run_config(run_dir)
+    label_names = config["label_names"]
+    eval_args = Namespace(split="test", test_file=args.test_file, validation_file=None, dataset="", limit=args.limit)
+    rows = evaluation.load_eval_rows("classification", eval_args, label_names)
+    tokenizer = modeling.load_tokenizer(str(run_dir / results.ADAPTER_DIR), padding_side="left")
+    fmt = PromptFormat("classification", "finetune", config["prompt_style"], tokenizer, label_names=label_names)
+    prompts = [fmt.prompt_ids(row["input"], config["settings"]["max_seq_length"]) for row in rows]
+    model = evaluation._load_finetuned(config, run_dir, merge_adapter=False, use_flash_attention=False)
+    stop = sorted({tokenizer.convert_tokens_to_ids(config["end_token"]), tokenizer.eos_token_id})
+
+    def run(batch_size):
+        started = time.perf_counter()
+        out = generate(model, tokenizer, prompts, max_new_tokens=20, stop_ids=stop, batch_size=batch_size,
+                       max_batch_tokens=None if batch_size > 1 else 10**9)
+        seconds = time.perf_counter() - started
+        return [parse_label(tokenizer.decode(ids, skip_special_tokens=True), label_names) for ids in out.outputs], \
+            [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.outputs], seconds
+
+    batched, batched_text, batched_seconds = run(args.batch_size)
+    single, single_text, single_seconds = run(1)
+    same_label = sum(a == b for a, b in zip(batched, single))
+    same_text = sum(a == b for a, b in zip(batched_text, single_text))
+    result = {
+        "command": " ".join(sys.argv), "run": str(run_dir), "examples": len(rows),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": modeling.library_versions(), "batch_size": args.batch_size,
+        "same_parsed_label": same_label, "same_parsed_label_rate": same_label / len(rows),
+        "same_output_text": same_text, "same_output_text_rate": same_text / len(rows),
+        "batched_seconds": batched_seconds, "one_at_a_time_seconds": single_seconds,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment_dir", required=True)
+    parser.add_argument("--test_file", required=True)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--out", default=None)
+    main(parser.parse_args())
