@@ -65,6 +65,10 @@ def add_data_args(parser: argparse.ArgumentParser, task: str, *, training: bool)
     columns = f"columns {spec.input_column},{spec.target_column}; .jsonl, .jsonl.gz, .csv or .parquet"
     group.add_argument("--train_file", help=f"local training file instead of the Hub ({columns})")
     group.add_argument("--validation_file", help=f"local validation file ({columns})")
+    if training:
+        group.add_argument("--validation_fraction", type=float, default=0.0,
+                           help="hold out this stratified fraction of the training rows as a validation split "
+                                "(for choosing hyperparameters; evaluate it with --split validation)")
     if not training:
         group.add_argument("--test_file", help=f"local test file ({columns})")
 

@@ -279,9 +279,15 @@ def stratified_sample(rows: list[dict], fraction: float, seed: int) -> list[dict
     return [rows[index] for index in chosen]
 
 
-def split_off_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a stratified ``fraction`` of the training rows (for choosing hyperparameters)."""
-    held_out = stratified_sample(rows, fraction, seed) if fraction < 1 else []
+def split_off_validation(rows: list[dict], fraction: float, seed: int, task: str) -> tuple[list[dict], list[dict]]:
+    """Hold out a fixed-seed ``fraction`` of the training rows (stratified by label for classification)."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"--validation_fraction must be in (0, 1), got {fraction}")
+    if task == "classification":
+        held_out = stratified_sample(rows, fraction, seed)
+    else:
+        held_out = sorted(random.Random(seed).sample(range(len(rows)), max(1, round(fraction * len(rows)))))
+        held_out = [rows[index] for index in held_out]
     held_ids = {id(row) for row in held_out}
     return [row for row in rows if id(row) not in held_ids], held_out
 

@@ -33,6 +33,20 @@ def load_eval_rows(task: str, args: Namespace, label_names: list[str]) -> list[d
     return rows
 
 
+def held_out_rows(task: str, config: dict, limit: int | None) -> list[dict]:
+    """The validation rows a run held out of its training data (--validation_fraction), rebuilt the same way."""
+    spec = data_lib.TASKS[task]
+    data = config["data"]
+    rows, source = data_lib.load_rows(spec, file=data.get("train_file"), dataset=data.get("dataset") or "",
+                                      split="train")
+    rows = data_lib.CLEANERS[task](rows, source)
+    if task == "classification":
+        data_lib.canonical_labels(rows, source)
+    _, held_out = data_lib.split_off_validation(rows, data["validation_fraction"], config["settings"]["seed"], task)
+    log.info("%s: %d validation rows held out of the training data", source, len(held_out))
+    return held_out[:limit] if limit else held_out
+
+
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to replace a finished evaluation unless --overwrite; an interrupted one is continued."""
     if (out_dir / results.METRICS).exists() and not overwrite:
@@ -179,7 +193,11 @@ def evaluate_run(task: str, args: Namespace) -> dict:
     out_dir = Path(args.output_dir) if args.output_dir else run_dir / ("metrics" if args.split == "test"
                                                                        else f"metrics_{args.split}")
     label_names = config["label_names"]
-    rows = load_eval_rows(task, args, label_names)
+    fraction = config.get("data", {}).get("validation_fraction")
+    if args.split == "validation" and not args.validation_file and fraction:
+        rows = held_out_rows(task, config, args.limit)
+    else:
+        rows = load_eval_rows(task, args, label_names)
     check_output_dir(out_dir, args.overwrite)
 
     tokenizer = modeling.load_tokenizer(str(run_dir / results.ADAPTER_DIR), padding_side="left")

@@ -53,19 +53,23 @@ def load_training_data(task: str, args: Namespace) -> dict:
     label_names = data_lib.canonical_labels(rows, source) if task == "classification" else []
     if task == "classification" and len(label_names) < 2:
         raise UsageError(f"{source}: needs at least two distinct labels, found {len(label_names)}")
-    fraction = getattr(args, "train_sample_fraction", 1.0)
-    rows = data_lib.stratified_sample(rows, fraction, args.seed) if task == "classification" else rows
-    validation = None
+    validation, held_out = None, 0
     if args.validation_file:
         validation, val_source = data_lib.load_rows(spec, file=args.validation_file, dataset=args.dataset,
                                                     split="validation")
         validation = data_lib.CLEANERS[task](validation, val_source)
         if task == "classification":
             data_lib.map_to_known_labels(validation, label_names, val_source)
-    log.info("training rows: %d read, %d after cleaning, %d used (fraction %s)", read, cleaned, len(rows), fraction)
+    elif args.validation_fraction:
+        rows, validation = data_lib.split_off_validation(rows, args.validation_fraction, args.seed, task)
+        held_out = len(validation)
+    fraction = getattr(args, "train_sample_fraction", 1.0)
+    rows = data_lib.stratified_sample(rows, fraction, args.seed) if task == "classification" else rows
+    log.info("training rows: %d read, %d after cleaning, %d held out for validation, %d used (fraction %s)",
+             read, cleaned, held_out, len(rows), fraction)
     return {"rows": rows, "validation": validation, "label_names": label_names,
-            "counts": {"read": read, "after_cleaning": cleaned, "used": len(rows)}, "source": source,
-            "validation_source": args.validation_file}
+            "counts": {"read": read, "after_cleaning": cleaned, "held_out": held_out, "used": len(rows)},
+            "source": source, "validation_source": args.validation_file}
 
 
 def sft_config(args: Namespace, run_dir: Path):
@@ -241,7 +245,8 @@ def train(task: str, args: Namespace) -> dict:
         "label_names": training_data["label_names"],
         "lora_target_modules": modeling.lora_target_modules(args.full_tune),
         "data": {"dataset": None if args.train_file else args.dataset, "train_file": args.train_file,
-                 "validation_file": args.validation_file, "rows": training_data["counts"],
+                 "validation_file": args.validation_file, "validation_fraction": args.validation_fraction,
+                 "rows": training_data["counts"],
                  "tokens": sum(len(example["input_ids"]) for example in examples)},
         "settings": {key: value for key, value in vars(args).items()},
         "processes": distributed.world_size(),

@@ -139,3 +139,16 @@ def test_few_shot_examples_are_deterministic():
     assert [r["input"] for r in data.few_shot_examples(rows, "classification", 1)] == ["0", "1"]
     assert [r["input"] for r in data.few_shot_examples(rows, "classification", 2)] == ["0", "1", "2", "3"]
     assert [r["input"] for r in data.few_shot_examples(rows, "summarization", 2)] == ["0", "1"]
+
+
+def test_validation_split_is_disjoint_fixed_and_stratified():
+    rows = [{"input": str(i), "target": "a" if i % 4 else "b"} for i in range(400)]
+    train, held = data.split_off_validation(rows, 0.1, seed=42, task="classification")
+    assert len(held) == 40 and len(train) == 360 and sum(r["target"] == "b" for r in held) == 10
+    assert not {r["input"] for r in train} & {r["input"] for r in held}
+    assert held == data.split_off_validation(rows, 0.1, seed=42, task="classification")[1]
+    dialogues = [{"input": str(i), "target": "s"} for i in range(50)]
+    train, held = data.split_off_validation(dialogues, 0.2, seed=1, task="summarization")
+    assert len(held) == 10 and len(train) == 40
+    with pytest.raises(UsageError, match="--validation_fraction"):
+        data.split_off_validation(rows, 1.0, seed=1, task="classification")

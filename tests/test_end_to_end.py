@@ -122,3 +122,15 @@ def test_gguf_model_trains_and_evaluates(data_dir, tmp_path):
     run_script("zephyr_classification_inference.py", "--experiment_dir", "g", "--test_file",
                data_dir / "news_test.jsonl", "--limit", 2, cwd=tmp_path)
     assert json.loads((tmp_path / "g" / "metrics" / "metrics.json").read_text())["n"] == 2
+
+
+def test_validation_held_out_of_training_and_evaluated(tiny_model, data_dir, tmp_path):
+    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
+               data_dir / "news_train.jsonl", "--max_steps", 1, "--validation_fraction", 0.25, "--experiment_dir",
+               "run", cwd=tmp_path)
+    config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert config["data"]["rows"]["held_out"] == 12 and config["data"]["rows"]["used"] == 36
+    assert "eval_loss" in json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--split", "validation", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "run" / "metrics_validation" / "metrics.json").read_text())
+    assert metrics["n"] == 12
