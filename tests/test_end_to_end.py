@@ -22,7 +22,7 @@ def test_training_writes_a_complete_run_folder(trained_classifier):
     config = json.loads((trained_classifier / "run_config.json").read_text())
     assert config["task"] == "classification" and config["prompt_style"] == "seed"
     assert config["label_names"] == ["comp.graphics", "rec.autos", "sci.space", "talk.politics.guns"]
-    assert config["data"]["rows"] == {"read": 48, "after_cleaning": 48, "used": 24}
+    assert config["data"]["rows"] == {"read": 48, "after_cleaning": 48, "held_out": 0, "used": 24}
     assert config["lora_target_modules"] == ["q_proj", "v_proj"]
     assert config["end_token"] == "</s>"
     metrics = json.loads((trained_classifier / "train_metrics.json").read_text())
