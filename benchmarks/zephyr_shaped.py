@@ -21,6 +21,16 @@ TINY_OVERRIDES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layer
                   "num_key_value_heads": 2}
 
 
+def placeholder_tokenizer():
+    """Zephyr's special token ids (<unk> 0, <s> 1, </s> 2), nothing else: the benchmarks feed random ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
 def build(folder: Path, tiny: bool = False) -> Path:
     """Save the random-weight model once (bf16 safetensors); reuse it when already there."""
     import torch
@@ -41,6 +51,7 @@ def build(folder: Path, tiny: bool = False) -> Path:
         torch.set_default_dtype(previous)
     staging = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(staging)
+    placeholder_tokenizer().save_pretrained(staging)
     staging.rename(folder)
     del model
     print(f"built the Zephyr-7B-shaped random model at {folder} in {time.perf_counter() - started:.0f}s")

@@ -1,0 +1,34 @@
+"""The benchmark scripts' code paths, on a tiny model of the same architecture, so they stay runnable."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _run(script, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_generation_benchmark_tiny(tmp_path):
+    out = tmp_path / "g.json"
+    _run("generation_throughput.py", "--tiny", "--model_dir", tmp_path / "m", "--out", out, "--original_examples", 2,
+         "--stride_4bit", 500, "--stride_merged", 500, "--batch_sizes_4bit", 8, "--batch_sizes_merged", 8)
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"original_one_at_a_time_4bit", "engine_4bit_batch8", "engine_merged_bf16_batch8"}
+    assert runs["engine_4bit_batch8"]["examples"] == 16 and runs["engine_4bit_batch8"]["speedup_vs_original"] > 0
+
+
+def test_train_benchmark_tiny(tmp_path):
+    out = tmp_path / "t.json"
+    _run("train_throughput.py", "--tiny", "--model_dir", tmp_path / "m", "--out", out, "--steps", 1,
+         "--warmup_steps", 1, "--tasks", "summarization", "--recipes", "original, all modules",
+         "batch 16, all modules, fused AdamW", "--scratch", tmp_path / "s")
+    runs = json.loads(out.read_text())["runs"]
+    fast = runs["summarization: batch 16, all modules, fused AdamW"]
+    assert fast["tokens_per_second"] > 0 and fast["speedup_vs_original"] > 0
+    assert runs["summarization: original, all modules"]["grad_accum"] == 2
