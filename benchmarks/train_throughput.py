@@ -47,8 +47,7 @@ def write_lengths(data_dir: Path, tokenizer_name: str, max_seq_length: int) -> N
     result = {"tokenizer": tokenizer_name, "max_seq_length": max_seq_length}
     for task, file in (("classification", data_dir / "newsgroups" / "train.jsonl.gz"),
                        ("summarization", data_dir / "samsum" / "train.jsonl.gz")):
-        rows, source = data_lib.load_rows(data_lib.TASKS[task], file=str(file), dataset="", split="train")
-        rows = data_lib.CLEANERS[task](rows, source)
+        rows, source = data_lib.load_clean_rows(task, file=str(file), dataset="", split="train")
         labels = data_lib.canonical_labels(rows, source) if task == "classification" else []
         fmt = PromptFormat(task, "finetune", "seed", tokenizer, label_names=labels)
         examples = build_training_examples(rows, fmt, max_seq_length, end_of_turn_token(tokenizer), True)

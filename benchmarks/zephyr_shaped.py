@@ -67,8 +67,8 @@ def real_prompt_lengths(task: str, data_file: str, tokenizer_source: str, max_to
     from qlora_kit.formatting import PromptFormat
     from qlora_kit.modeling import load_tokenizer
 
-    rows, source = data_lib.load_rows(data_lib.TASKS[task], file=data_file, dataset="", split="test")
-    rows = data_lib.CLEANERS[task](rows, source)[:limit]
+    rows, source = data_lib.load_clean_rows(task, file=data_file, dataset="", split="test")
+    rows = rows[:limit]
     tokenizer = load_tokenizer(tokenizer_source)
     fmt = PromptFormat(task, "finetune", "seed", tokenizer)
     return [len(fmt.prompt_ids(row["input"], max_tokens)) for row in rows], [row["target"] for row in rows], tokenizer

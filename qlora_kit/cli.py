@@ -117,6 +117,13 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
                            help="train on this stratified fraction of the training set, 0 < f <= 1 (default: all)")
 
 
+def training_defaults(task: str) -> dict:
+    """The default of every training setting, straight from the flags' definitions."""
+    parser = argparse.ArgumentParser()
+    add_training_args(parser, task)
+    return vars(parser.parse_args([]))
+
+
 def add_generation_args(parser: argparse.ArgumentParser, task: str, *, baseline: bool) -> None:
     defaults = TASK_DEFAULTS[task]
     group = parser.add_argument_group("evaluation")

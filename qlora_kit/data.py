@@ -234,6 +234,12 @@ def clean_summarization(rows: list[dict], source: str) -> list[dict]:
 CLEANERS = {"classification": clean_classification, "summarization": clean_summarization}
 
 
+def load_clean_rows(task: str, *, file: str | None, dataset: str, split: str) -> tuple[list[dict], str]:
+    """One split of a task, read (local file or Hub) and cleaned; and a description of its source."""
+    rows, source = load_rows(TASKS[task], file=file, dataset=dataset, split=split)
+    return CLEANERS[task](rows, source), source
+
+
 def canonical_labels(rows: list[dict], source: str) -> list[str]:
     """Merge labels that differ only in case (the most frequent spelling wins); return the sorted label set."""
     spellings: dict[str, Counter] = defaultdict(Counter)

@@ -21,10 +21,8 @@ BASELINE_CONTEXT = 2048
 
 
 def load_eval_rows(task: str, args: Namespace, label_names: list[str]) -> list[dict]:
-    spec = data_lib.TASKS[task]
     file = args.test_file if args.split == "test" else args.validation_file
-    rows, source = data_lib.load_rows(spec, file=file, dataset=args.dataset, split=args.split)
-    rows = data_lib.CLEANERS[task](rows, source)
+    rows, source = data_lib.load_clean_rows(task, file=file, dataset=args.dataset, split=args.split)
     if task == "classification":
         data_lib.map_to_known_labels(rows, label_names, source)
     if args.limit:
@@ -35,11 +33,9 @@ def load_eval_rows(task: str, args: Namespace, label_names: list[str]) -> list[d
 
 def held_out_rows(task: str, config: dict, limit: int | None) -> list[dict]:
     """The validation rows a run held out of its training data (--validation_fraction), rebuilt the same way."""
-    spec = data_lib.TASKS[task]
     data = config["data"]
-    rows, source = data_lib.load_rows(spec, file=data.get("train_file"), dataset=data.get("dataset") or "",
-                                      split="train")
-    rows = data_lib.CLEANERS[task](rows, source)
+    rows, source = data_lib.load_clean_rows(task, file=data.get("train_file"), dataset=data.get("dataset") or "",
+                                            split="train")
     if task == "classification":
         data_lib.canonical_labels(rows, source)
     _, held_out = data_lib.split_off_validation(rows, data["validation_fraction"], config["settings"]["seed"], task)
@@ -219,7 +215,6 @@ def evaluate_baseline(args: Namespace) -> dict:
     """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
     distributed.init()
     task = args.task_type
-    spec = data_lib.TASKS[task]
     style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
     out_dir = Path(args.output_dir) if args.output_dir else (
         Path("baseline_results") / modeling.model_slug(args.pretrained_ckpt) / task / f"{args.prompt_type}{style_suffix}")
@@ -227,8 +222,7 @@ def evaluate_baseline(args: Namespace) -> dict:
 
     train_rows, label_names = [], []
     if task == "classification" or args.prompt_type == "few-shot":
-        train_rows, source = data_lib.load_rows(spec, file=args.train_file, dataset=args.dataset, split="train")
-        train_rows = data_lib.CLEANERS[task](train_rows, source)
+        train_rows, source = data_lib.load_clean_rows(task, file=args.train_file, dataset=args.dataset, split="train")
         if task == "classification":
             label_names = data_lib.canonical_labels(train_rows, source)
     rows = load_eval_rows(task, args, label_names)

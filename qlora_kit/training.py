@@ -19,15 +19,18 @@ from .formatting import PromptFormat, build_training_examples, end_of_turn_token
 
 log = logging.getLogger(__name__)
 
-# Settings that name a run folder when they differ from these defaults (the rest always do).
+# Settings that name a run folder (by these short names) when they differ from their defaults.
 _NAMED_IF_CHANGED = {
-    "lora_alpha": ("alpha", 16), "learning_rate": ("lr", 2e-4), "batch_size": ("bs", 4), "grad_accum": ("ga", 2),
-    "max_seq_length": ("len", 512), "seed": ("seed", 42), "max_steps": ("steps", None),
-    "prompt_style": ("style", "seed"), "completion_only_loss": ("completion-only", True),
+    "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs", "grad_accum": "ga", "max_seq_length": "len",
+    "seed": "seed", "max_steps": "steps", "prompt_style": "style", "completion_only_loss": "completion-only",
+    "validation_fraction": "val",
 }
 
 
 def default_run_dir(task: str, args: Namespace) -> Path:
+    from .cli import training_defaults
+
+    defaults = training_defaults(task)
     parts = [task, modeling.model_slug(args.pretrained_ckpt)]
     if task == "classification":
         parts.append(f"sampleFraction-{args.train_sample_fraction}")
@@ -36,17 +39,16 @@ def default_run_dir(task: str, args: Namespace) -> Path:
         parts.append(f"neftune-{args.neftune:g}")
     if args.full_tune:
         parts.append("full")
-    for key, (short, default) in _NAMED_IF_CHANGED.items():
-        value = getattr(args, key)
-        if value != default:
+    for key, short in _NAMED_IF_CHANGED.items():
+        value = getattr(args, key, None)
+        if value != defaults.get(key):
             parts.append(f"{short}-{value}")
     return Path("experiments") / "_".join(parts)
 
 
 def load_training_data(task: str, args: Namespace) -> dict:
     """Cleaned (and, for classification, sampled) training rows with their label list and provenance."""
-    spec = data_lib.TASKS[task]
-    rows, source = data_lib.load_rows(spec, file=args.train_file, dataset=args.dataset, split="train")
+    rows, source = data_lib.load_rows(data_lib.TASKS[task], file=args.train_file, dataset=args.dataset, split="train")
     read = len(rows)
     rows = data_lib.CLEANERS[task](rows, source)
     cleaned = len(rows)
@@ -55,9 +57,8 @@ def load_training_data(task: str, args: Namespace) -> dict:
         raise UsageError(f"{source}: needs at least two distinct labels, found {len(label_names)}")
     validation, held_out = None, 0
     if args.validation_file:
-        validation, val_source = data_lib.load_rows(spec, file=args.validation_file, dataset=args.dataset,
-                                                    split="validation")
-        validation = data_lib.CLEANERS[task](validation, val_source)
+        validation, val_source = data_lib.load_clean_rows(task, file=args.validation_file, dataset=args.dataset,
+                                                          split="validation")
         if task == "classification":
             data_lib.map_to_known_labels(validation, label_names, val_source)
     elif args.validation_fraction:
@@ -131,12 +132,10 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     peft_model = get_peft_model(model, peft_config)
-    if getattr(model, "is_loaded_in_4bit", False):  # as trl does for QLoRA: adapters in bf16
-        import torch
-
+    if getattr(model, "is_loaded_in_4bit", False):  # as trl does for QLoRA: adapters in the compute dtype
         for param in peft_model.parameters():
             if param.requires_grad:
-                param.data = param.data.to(modeling.compute_dtype() if torch.cuda.is_available() else torch.float32)
+                param.data = param.data.to(modeling.compute_dtype())
     # trl's constructor refuses an adapted lm_head because of its fused loss, which this subclass replaces.
     peft_model.get_output_embeddings = lambda: None
     try:
@@ -248,7 +247,7 @@ def train(task: str, args: Namespace) -> dict:
                  "validation_file": args.validation_file, "validation_fraction": args.validation_fraction,
                  "rows": training_data["counts"],
                  "tokens": sum(len(example["input_ids"]) for example in examples)},
-        "settings": {key: value for key, value in vars(args).items()},
+        "settings": dict(vars(args)),
         "processes": distributed.world_size(),
         "effective_batch_size": effective_batch,
         "versions": modeling.library_versions(),
