@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from typing import Callable
 
 EXIT_USAGE = 2
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UsageError(Exception):
@@ -31,6 +33,14 @@ def run_main(main: Callable[[], object]) -> None:
     except Interrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
+    except OSError as error:
+        # A full disk or a folder that turned read-only mid-run: say which file, and how to go on.
+        if error.errno not in _STORAGE_ERRORS:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}; results already written are intact "
+              "(free space or fix permissions, then run again; training continues with --resume)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
