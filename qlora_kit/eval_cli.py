@@ -36,8 +36,11 @@ def build_baseline_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_baseline_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    # Task-dependent defaults (data columns, max_new_tokens) need the task first.
-    known, _ = parser.parse_known_args(argv)
+    # Task-dependent flags and defaults (data columns, max_new_tokens, --decoding) need the task first;
+    # --help without a task shows the classification ones.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task_type", choices=tuple(TASK_DEFAULTS), default="classification")
+    known, _ = pre.parse_known_args(argv)
     task = known.task_type
     add_data_args(parser, task, training=False)
     add_generation_args(parser, task, baseline=True)

@@ -98,7 +98,9 @@ def load_tokenizer(source: str, padding_side: str = "right"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:
-        raise UsageError(f"cannot load the tokenizer of '{source}' ({type(error).__name__}: {_first_line(error)})")
+        raise UsageError(f"cannot load the tokenizer of '{source}' ({type(error).__name__}: {_first_line(error)}); "
+                         "offline, give --pretrained_ckpt a local model folder or .gguf file "
+                         f"(or {EMBEDDED_MODEL})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: labels and attention masks never rely on the pad id
     tokenizer.padding_side = padding_side
