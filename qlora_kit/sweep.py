@@ -89,9 +89,11 @@ def commands(run: PlannedRun, experiments: Path, baselines: Path, extra: list[st
     run_dir = experiments / run.name
     calls = []
     if not (run_dir / "train_metrics.json").is_file():
-        overwrite = ["--overwrite"] if run_dir.exists() else []  # an unfinished run starts again
+        # An interrupted run continues from its newest checkpoint; a folder with no run in it starts again.
+        restart = (["--resume"] if (run_dir / "run_config.json").is_file() else ["--overwrite"]) \
+            if run_dir.exists() else []
         calls.append(python + [str(ROOT / run.train_script), *run.args, "--experiment_dir", str(run_dir),
-                               *overwrite, *route(run.train_script, extra)])
+                               *restart, *route(run.train_script, extra)])
     calls.append(python + [str(ROOT / run.eval_script), "--experiment_dir", str(run_dir), "--overwrite",
                            *route(run.eval_script, extra)])
     return calls, run_dir / "metrics" / "metrics.json"

@@ -107,3 +107,20 @@ def test_report_tables_and_plots(tmp_path):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_lines = (tmp_path / "out" / "runs.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("kind,method,run,task,")
+
+
+def test_interrupted_runs_resume_and_finished_ones_only_evaluate(tmp_path):
+    from qlora_kit.sweep import PlannedRun, commands
+
+    run = PlannedRun("r", "zephyr_classification.py", "zephyr_classification_inference.py", ["--epochs", "1"])
+    calls, finished = commands(run, tmp_path, tmp_path / "b", [])
+    assert len(calls) == 2 and "--resume" not in calls[0] and "--overwrite" not in calls[0]
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "stray.txt").write_text("")
+    assert "--overwrite" in commands(run, tmp_path, tmp_path / "b", [])[0][0]
+    (tmp_path / "r" / "run_config.json").write_text("{}")
+    assert "--resume" in commands(run, tmp_path, tmp_path / "b", [])[0][0]
+    (tmp_path / "r" / "train_metrics.json").write_text("{}")
+    calls, finished = commands(run, tmp_path, tmp_path / "b", [])
+    assert len(calls) == 1 and "zephyr_classification_inference.py" in calls[0][1]
+    assert finished == tmp_path / "r" / "metrics" / "metrics.json"
