@@ -99,6 +99,9 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
                        help="loss on the answer only (default: on); --no-completion_only_loss trains on the whole text")
     train.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
                        help="recompute activations to save memory (default: on)")
+    train.add_argument("--packing", action="store_true",
+                       help="pack several examples into each row, kept apart by a block-diagonal attention mask "
+                            "(SDPA); off by default until measured on the GPU")
     train.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     train.add_argument("--report_to", default="none", help="none, tensorboard or wandb (default: %(default)s)")
     train.add_argument("--logging_steps", type=positive_int, default=10, help="default: %(default)s")

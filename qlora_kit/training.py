@@ -16,6 +16,7 @@ from . import data as data_lib
 from . import distributed, modeling, results
 from .errors import Interrupted, UsageError
 from .formatting import PromptFormat, build_training_examples, end_of_turn_token
+from .packing import PackedCollator, packed_rows
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 _NAMED_IF_CHANGED = {
     "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs", "grad_accum": "ga", "max_seq_length": "len",
     "seed": "seed", "max_steps": "steps", "prompt_style": "style", "completion_only_loss": "completion-only",
-    "validation_fraction": "val",
+    "validation_fraction": "val", "packing": "packed",
 }
 
 
@@ -111,7 +112,7 @@ def sft_config(args: Namespace, run_dir: Path):
     )
 
 
-def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset):
+def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator=None):
     """An SFTTrainer; one that also trains a LoRA adapter on lm_head when the config targets it.
 
     trl computes its loss from ``lm_head.weight`` directly (a fused head) and so refuses an
@@ -124,7 +125,7 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
 
     if "lm_head" not in (peft_config.target_modules or []):
         return SFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, peft_config=peft_config)
+                          processing_class=tokenizer, peft_config=peft_config, data_collator=data_collator)
 
     class SFTTrainerWithHeadAdapter(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -140,7 +141,8 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     peft_model.get_output_embeddings = lambda: None
     try:
         trainer = SFTTrainerWithHeadAdapter(model=peft_model, args=sft_args, train_dataset=train_dataset,
-                                            eval_dataset=eval_dataset, processing_class=tokenizer)
+                                            eval_dataset=eval_dataset, processing_class=tokenizer,
+                                            data_collator=data_collator)
     finally:
         del peft_model.get_output_embeddings
     return trainer
@@ -198,6 +200,8 @@ def train(task: str, args: Namespace) -> dict:
     from peft import LoraConfig
 
     distributed.init()
+    if args.packing and args.use_flash_attention:
+        raise UsageError("--packing uses a 4-D attention mask, which flash_attention_2 does not take; use SDPA")
     run_dir = Path(args.experiment_dir) if args.experiment_dir else default_run_dir(task, args)
     results.check_run_dir(run_dir, args.overwrite, args.resume)
     distributed.barrier()  # every process has checked before the main one writes anything
@@ -265,8 +269,18 @@ def train(task: str, args: Namespace) -> dict:
     )
     sft_args = sft_config(args, run_dir)
     sft_args.eos_token = end_token
-    trainer = make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(examples),
-                           Dataset.from_list(eval_examples) if eval_examples else None)
+    collator = None
+    if args.packing:
+        train_rows = packed_rows(examples, args.max_seq_length)
+        eval_rows = packed_rows(eval_examples, args.max_seq_length) if eval_examples else None
+        log.info("packing: %d examples in %d rows of at most %d tokens", len(examples), len(train_rows),
+                 args.max_seq_length)
+        collator = PackedCollator(tokenizer.pad_token_id)
+        sft_args.include_num_input_tokens_seen = "all"  # the 4-D mask is not a token count; rows are nearly full
+    else:
+        train_rows, eval_rows = examples, eval_examples
+    trainer = make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(train_rows),
+                           Dataset.from_list(eval_rows) if eval_rows else None, data_collator=collator)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 

@@ -134,3 +134,12 @@ def test_validation_held_out_of_training_and_evaluated(tiny_model, data_dir, tmp
     run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--split", "validation", cwd=tmp_path)
     metrics = json.loads((tmp_path / "run" / "metrics_validation" / "metrics.json").read_text())
     assert metrics["n"] == 12
+
+
+def test_packed_training_runs(tiny_model, data_dir, tmp_path):
+    run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
+               data_dir / "dialogues_train.jsonl", "--max_steps", 2, "--packing", "--max_seq_length", 128,
+               "--validation_file", data_dir / "dialogues_test.jsonl", "--experiment_dir", "packed", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "packed" / "train_metrics.json").read_text())
+    assert metrics["global_steps"] == 2 and metrics["eval_loss"] > 0
+    assert json.loads((tmp_path / "packed" / "run_config.json").read_text())["settings"]["packing"] is True
