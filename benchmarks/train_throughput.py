@@ -29,12 +29,13 @@ sys.path.insert(0, str(HERE))
 
 LENGTHS = HERE / "train_lengths.json"
 
-# name -> (LoRA targets, per-device batch, accumulation, gradient checkpointing, optimizer)
+# name -> (LoRA targets, per-device batch, accumulation, gradient checkpointing, optimizer, packing)
 RECIPES = {
-    "original, q,v": ("qv", 4, 2, True, "paged_adamw_32bit"),
-    "original, all modules": ("all", 4, 2, True, "paged_adamw_32bit"),
-    "batch 16, all modules, fused AdamW": ("all", 16, 1, True, "adamw_torch_fused"),
-    "batch 32, all modules, fused AdamW": ("all", 32, 1, True, "adamw_torch_fused"),
+    "original, q,v": ("qv", 4, 2, True, "paged_adamw_32bit", False),
+    "original, all modules": ("all", 4, 2, True, "paged_adamw_32bit", False),
+    "batch 16, all modules, fused AdamW": ("all", 16, 1, True, "adamw_torch_fused", False),
+    "batch 32, all modules, fused AdamW": ("all", 32, 1, True, "adamw_torch_fused", False),
+    "packed rows x 8, all modules, fused AdamW": ("all", 8, 1, True, "adamw_torch_fused", True),
 }
 
 
@@ -77,14 +78,24 @@ def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
 
     from qlora_kit import modeling, training
 
-    targets, batch, accumulation, checkpointing, optimizer = recipe
+    from qlora_kit.packing import PackedCollator, packed_rows
+
+    targets, batch, accumulation, checkpointing, optimizer, packing = recipe
     if not torch.cuda.is_available():
         optimizer = "adamw_torch"
     steps = args.warmup_steps + args.steps
     model = modeling.load_model(str(model_dir), load_in_4bit=True)
     tokenizer = modeling.load_tokenizer(str(model_dir))
-    dataset, epoch_tokens, epoch_examples = synthetic_dataset(task, model.config.vocab_size,
-                                                              steps * batch * accumulation, args.seed)
+    # packed rows hold several examples: draw enough of them to fill every row
+    draw = steps * batch * accumulation * (args.max_seq_length // 64 if packing else 1)
+    dataset, epoch_tokens, epoch_examples = synthetic_dataset(task, model.config.vocab_size, draw, args.seed)
+    collator = None
+    if packing:
+        rows = packed_rows(list(dataset), args.max_seq_length)
+        examples_per_row = len(dataset) / len(rows)
+        from datasets import Dataset
+
+        dataset, collator = Dataset.from_list(rows), PackedCollator(tokenizer.pad_token_id)
     settings = Namespace(epochs=1, max_steps=steps, batch_size=batch, grad_accum=accumulation,
                          gradient_checkpointing=checkpointing, learning_rate=2e-4, logging_steps=1000,
                          save_steps=10**6, report_to="none", seed=args.seed, neftune=None,
@@ -92,9 +103,11 @@ def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
     sft_args = training.sft_config(settings, Path(args.scratch))
     sft_args.optim = optimizer
     sft_args.save_strategy = "no"
+    if packing:
+        sft_args.include_num_input_tokens_seen = "all"
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
                              target_modules=modeling.lora_target_modules(targets == "all"))
-    trainer = training.make_trainer(model, sft_args, peft_config, tokenizer, dataset, None)
+    trainer = training.make_trainer(model, sft_args, peft_config, tokenizer, dataset, None, data_collator=collator)
 
     class Clock(TrainerCallback):
         start_time = start_tokens = None
@@ -114,8 +127,8 @@ def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock.start_time
     tokens = trainer.state.num_input_tokens_seen - clock.start_tokens
-    examples = args.steps * batch * accumulation
-    result = {"targets": targets, "batch_size": batch, "grad_accum": accumulation, "gradient_checkpointing":
+    examples = args.steps * batch * accumulation * (examples_per_row if packing else 1)
+    result = {"packing": packing, "targets": targets, "batch_size": batch, "grad_accum": accumulation, "gradient_checkpointing":
               checkpointing, "optimizer": optimizer, "timed_steps": args.steps, "seconds": seconds,
               "tokens_per_second": tokens / seconds, "examples_per_second": examples / seconds,
               "seconds_per_epoch": epoch_tokens / (tokens / seconds), "epoch_examples": epoch_examples,
