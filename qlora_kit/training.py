@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -137,6 +138,8 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
         for param in peft_model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(modeling.compute_dtype())
+    # lm_head's own weights never change (only its LoRA matrices train): checkpoints need not copy the layer.
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
     # trl's constructor refuses an adapted lm_head because of its fused loss, which this subclass replaces.
     peft_model.get_output_embeddings = lambda: None
     try:
@@ -311,7 +314,6 @@ def train(task: str, args: Namespace) -> dict:
 
     # 5. save: adapter and tokenizer, then the metrics file that marks the run finished
     if distributed.is_main():  # one process writes the run folder
-        # lm_head itself is unchanged (only its LoRA matrices train): do not copy the whole layer into the adapter.
         trainer.model.save_pretrained(run_dir / results.ADAPTER_DIR, save_embedding_layers=False)
         tokenizer.save_pretrained(run_dir / results.ADAPTER_DIR)
         results.write_json_atomic(run_dir / results.TRAIN_METRICS, metrics)

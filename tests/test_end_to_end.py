@@ -56,13 +56,21 @@ def test_constrained_decoding_has_no_invalid_answers(trained_classifier, data_di
 
 def test_all_module_lora_with_neftune_and_whole_text_loss(tiny_model, data_dir, tmp_path):
     run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "news_train.jsonl", "--max_steps", 2, "--full_tune", "--neftune", 5,
+               data_dir / "news_train.jsonl", "--max_steps", 2, "--save_steps", 2, "--full_tune", "--neftune", 5,
                "--no-completion_only_loss", "--experiment_dir", "full", cwd=tmp_path)
     adapter = json.loads((tmp_path / "full" / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj", "lm_head"}
     config = json.loads((tmp_path / "full" / "run_config.json").read_text())
     assert config["settings"]["neftune"] == 5.0 and config["settings"]["completion_only_loss"] is False
+    from safetensors import safe_open
+
+    # only the LoRA matrices are saved, in the adapter and in checkpoints: not a copy of lm_head itself
+    for folder in (tmp_path / "full" / "adapter", tmp_path / "full" / "checkpoints" / "checkpoint-2"):
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as weights:
+            names = list(weights.keys())
+        assert any("lm_head.lora_A" in name for name in names)
+        assert not any("base_layer" in name or "embed_tokens" in name for name in names), names
 
 
 def test_summarization_chat_style_train_and_evaluate(tiny_model, data_dir, tmp_path):
