@@ -49,8 +49,7 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"{out_dir / results.METRICS} exists; pass --overwrite to replace it")
     results.check_writable_dir(out_dir, "--output_dir")
     if overwrite and distributed.is_main():
-        for partial in out_dir.glob("predictions.partial*.jsonl"):
-            partial.unlink()
+        results.remove_partial_predictions(out_dir)
     distributed.barrier()
 
 
@@ -125,33 +124,31 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
     if partial_path:
         partial_path.parent.mkdir(parents=True, exist_ok=True)
     partial = open(partial_path, "a", encoding="utf-8") if partial_path else None
+    records = dict(done)
 
-    def save_batch(batch_positions, answers):
-        if partial is None:
-            return
+    def record_batch(batch_positions, answers):
         for position, answer in zip(batch_positions, answers):
             index = todo[position]
-            record = _record(index, rows[index], prompt_texts[index],
-                             tokenizer.decode(answer, skip_special_tokens=True), task, label_names)
-            partial.write(json.dumps(record, ensure_ascii=False) + "\n")
-        partial.flush()
+            records[index] = _record(index, rows[index], prompt_texts[index],
+                                     tokenizer.decode(answer, skip_special_tokens=True), task, label_names)
+            if partial is not None:
+                partial.write(json.dumps(records[index], ensure_ascii=False) + "\n")
+        if partial is not None:
+            partial.flush()
 
     started = time.perf_counter()
     try:
         generated = generate(model, tokenizer, [prompt_ids[i] for i in todo], max_new_tokens=args.max_new_tokens,
                              stop_ids=stop_ids, batch_size=args.batch_size,
                              max_batch_tokens=getattr(args, "max_batch_tokens", None), label_sequences=label_sequences,
-                             on_batch=save_batch)
+                             on_batch=record_batch)
     finally:
         if partial is not None:
             partial.close()
     seconds = time.perf_counter() - started
-    records = dict(done)
-    for position, index in enumerate(todo):
-        ids = generated.outputs[position]
-        records[index] = _record(index, rows[index], prompt_texts[index],
-                                 tokenizer.decode(ids, skip_special_tokens=True) if ids is not None else None,
-                                 task, label_names, error=generated.failures.get(position))
+    for position, error in generated.failures.items():  # the rest were recorded batch by batch
+        index = todo[position]
+        records[index] = _record(index, rows[index], prompt_texts[index], None, task, label_names, error=error)
     gathered = distributed.gather({"records": list(records.values()), "seconds": seconds, "new": len(todo),
                                    "resumed": len(done), "batch": generated.final_batch_size})
     all_records = sorted((r for part in gathered for r in part["records"]), key=lambda record: record["id"])
@@ -254,8 +251,7 @@ def _save(out_dir: Path, metrics: dict, records: list[dict]) -> None:
     if distributed.is_main():  # one process writes the results
         results.write_jsonl_atomic(out_dir / results.PREDICTIONS, records)
         results.write_json_atomic(out_dir / results.METRICS, metrics)  # last: its presence marks a finished evaluation
-        for partial in out_dir.glob("predictions.partial*.jsonl"):
-            partial.unlink()
+        results.remove_partial_predictions(out_dir)
     distributed.barrier()
 
 

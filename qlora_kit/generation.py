@@ -33,12 +33,17 @@ def default_batch_size() -> int:
     return 256 if torch.cuda.is_available() else 8
 
 
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def kv_cache_bytes_per_token(model) -> int:
     """Bytes of key/value cache one token takes in this model (all layers)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype_bytes = next(model.parameters()).element_size() if next(model.parameters()).is_floating_point() else 2
+    parameter = next(model.parameters())
+    dtype_bytes = parameter.element_size() if parameter.is_floating_point() else 2  # 4-bit weights: 16-bit cache
     return 2 * config.num_hidden_layers * heads * head_dim * max(dtype_bytes, 2)
 
 
@@ -48,7 +53,7 @@ def generation_bytes_per_token(model) -> int:
     The activations term (4 x hidden + 3 x intermediate values in 16-bit) matches what was measured on a
     Zephyr-7B-shaped model: about 242 KB per token beyond the weights (benchmarks/results/).
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
     return kv_cache_bytes_per_token(model) + 2 * (4 * config.hidden_size + 3 * intermediate)
 

@@ -14,7 +14,7 @@ TRAIN_METRICS = "train_metrics.json"
 ADAPTER_DIR = "adapter"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
-PARTIAL_PREDICTIONS = "predictions.partial.jsonl"  # appended while generating; gone when finished
+PARTIAL_PREDICTIONS = "predictions.partial.jsonl"  # appended while generating (one per process); gone when finished
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -41,6 +41,13 @@ def write_json_atomic(path: Path, data) -> None:
 
 def write_jsonl_atomic(path: Path, rows) -> None:
     _write_atomic(path, lambda handle: handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def remove_partial_predictions(out_dir: Path) -> None:
+    """Delete an evaluation's in-progress prediction files (every process's)."""
+    stem = Path(PARTIAL_PREDICTIONS).stem  # per-process files add .rankN before the suffix
+    for partial in Path(out_dir).glob(f"{stem}*.jsonl"):
+        partial.unlink()
 
 
 def read_json(path: Path, what: str):
