@@ -29,13 +29,27 @@ sys.path.insert(0, str(HERE))
 
 LENGTHS = HERE / "train_lengths.json"
 
-# name -> (LoRA targets, per-device batch, accumulation, gradient checkpointing, optimizer, packing)
+# name -> LoRA targets ("qv": q_proj,v_proj; "all": every linear layer and lm_head) and the speed settings
+# (the same names as the training scripts' flags; qlora_kit.cli.TRAINING_RECIPES holds the named recipes).
+def _recipe(targets, base, **changes):
+    from qlora_kit.cli import TRAINING_RECIPES
+
+    return {"targets": targets, **TRAINING_RECIPES[base], **changes}
+
+
 RECIPES = {
-    "original, q,v": ("qv", 4, 2, True, "paged_adamw_32bit", False),
-    "original, all modules": ("all", 4, 2, True, "paged_adamw_32bit", False),
-    "batch 16, all modules, fused AdamW": ("all", 16, 1, True, "adamw_torch_fused", False),
-    "batch 32, all modules, fused AdamW": ("all", 32, 1, True, "adamw_torch_fused", False),
-    "packed rows x 8, all modules, fused AdamW": ("all", 8, 1, True, "adamw_torch_fused", True),
+    "original, q,v": _recipe("qv", "original"),
+    "original, all modules": _recipe("all", "original"),
+    "fast, q,v": _recipe("qv", "fast"),
+    "fast, all modules": _recipe("all", "fast"),
+    "fast without Liger, all modules": _recipe("all", "fast", use_liger_kernel=False),
+    "fast, batch 16, all modules": _recipe("all", "fast", batch_size=16),
+    "packed rows x 4, fused AdamW, Liger, all modules": _recipe("all", "fast", batch_size=4, packing=True,
+                                                                group_by_length=False),
+    # candidates for a faster default (more examples per optimizer step: need a learning check first)
+    "fast, batch 32, all modules": _recipe("all", "fast", batch_size=32),
+    "packed rows x 8, fused AdamW, Liger, all modules": _recipe("all", "fast", batch_size=8, packing=True,
+                                                                group_by_length=False),
 }
 
 
@@ -80,14 +94,15 @@ def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
 
     from qlora_kit.packing import PackedCollator, packed_rows
 
-    targets, batch, accumulation, checkpointing, optimizer, packing = recipe
-    if not torch.cuda.is_available():
-        optimizer = "adamw_torch"
+    targets, batch, accumulation, packing = recipe["targets"], recipe["batch_size"], recipe["grad_accum"], recipe["packing"]
     steps = args.warmup_steps + args.steps
     model = modeling.load_model(str(model_dir), load_in_4bit=True)
     tokenizer = modeling.load_tokenizer(str(model_dir))
-    # packed rows hold several examples: draw enough of them to fill every row
+    # packed rows hold several examples: draw enough of them to fill every row; length grouping sorts within
+    # mega-batches of 50 batches (transformers' LengthGroupedSampler), so draw at least one of those
     draw = steps * batch * accumulation * (args.max_seq_length // 64 if packing else 1)
+    if recipe["group_by_length"]:
+        draw = max(draw, 50 * batch * accumulation)
     dataset, epoch_tokens, epoch_examples = synthetic_dataset(task, model.config.vocab_size, draw, args.seed)
     collator = None
     if packing:
@@ -96,12 +111,12 @@ def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
         from datasets import Dataset
 
         dataset, collator = Dataset.from_list(rows), PackedCollator(tokenizer.pad_token_id)
-    settings = Namespace(epochs=1, max_steps=steps, batch_size=batch, grad_accum=accumulation,
-                         gradient_checkpointing=checkpointing, learning_rate=2e-4, logging_steps=1000,
+    speed = {key: recipe[key] for key in ("batch_size", "grad_accum", "gradient_checkpointing", "optim",
+                                          "group_by_length", "use_liger_kernel", "packing")}
+    settings = Namespace(epochs=1, max_steps=steps, learning_rate=2e-4, logging_steps=1000,
                          save_steps=10**6, report_to="none", seed=args.seed, neftune=None,
-                         max_seq_length=args.max_seq_length, completion_only_loss=True)
+                         max_seq_length=args.max_seq_length, completion_only_loss=True, **speed)
     sft_args = training.sft_config(settings, Path(args.scratch))
-    sft_args.optim = optimizer
     sft_args.save_strategy = "no"
     if packing:
         sft_args.include_num_input_tokens_seen = "all"
@@ -128,8 +143,8 @@ def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
     seconds = time.perf_counter() - clock.start_time
     tokens = trainer.state.num_input_tokens_seen - clock.start_tokens
     examples = args.steps * batch * accumulation * (examples_per_row if packing else 1)
-    result = {"packing": packing, "targets": targets, "batch_size": batch, "grad_accum": accumulation, "gradient_checkpointing":
-              checkpointing, "optimizer": optimizer, "timed_steps": args.steps, "seconds": seconds,
+    result = {**recipe, "optim": sft_args.optim, "use_liger_kernel": sft_args.use_liger_kernel,
+              "timed_steps": args.steps, "seconds": seconds,
               "tokens_per_second": tokens / seconds, "examples_per_second": examples / seconds,
               "seconds_per_epoch": epoch_tokens / (tokens / seconds), "epoch_examples": epoch_examples,
               "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
@@ -169,7 +184,8 @@ if __name__ == "__main__":
     parser.add_argument("--model_dir", default="/tmp/zephyr-7b-shaped")
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture (CPU check)")
     parser.add_argument("--tasks", nargs="+", default=["classification", "summarization"])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES)[:7], choices=list(RECIPES),
+                        help="default: the seven measured on 2026-11-29 (benchmarks/README.md)")
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max_seq_length", type=int, default=512)

@@ -10,6 +10,26 @@ from .modeling import EMBEDDED_MODEL
 
 DEFAULT_MODEL = "HuggingFaceH4/zephyr-7b-beta"
 
+# Speed settings of a training recipe; any flag given on the command line wins.
+# "original" is the published scripts' recipe (to reproduce their tables); the default is the faster one,
+# chosen by benchmarks/train_throughput.py on the GPU machine (see benchmarks/README.md).
+TRAINING_RECIPES = {
+    "original": {"batch_size": 4, "grad_accum": 2, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
+                 "group_by_length": False, "use_liger_kernel": False, "packing": False},
+    "fast": {"batch_size": 8, "grad_accum": 1, "gradient_checkpointing": True, "optim": "adamw_torch_fused",
+             "group_by_length": True, "use_liger_kernel": True, "packing": False},
+}
+DEFAULT_RECIPE = "fast"
+
+
+def describe_recipe(name: str) -> str:
+    recipe = TRAINING_RECIPES[name]
+    words = [f"batch {recipe['batch_size']} x accumulation {recipe['grad_accum']}", recipe["optim"]]
+    words += [flag for flag in ("gradient_checkpointing", "group_by_length", "use_liger_kernel", "packing")
+              if recipe[flag]]
+    return ", ".join(words)
+
+
 # Per-task defaults of the original recipe.
 TASK_DEFAULTS = {
     "classification": {"lora_r": 8, "epochs": 5, "max_new_tokens": 20, "baseline_max_new_tokens": 20, "shots": 1},
@@ -86,8 +106,20 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     train.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="default: %(default)s")
     train.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     train.add_argument("--learning_rate", type=float, default=2e-4, help="default: %(default)s")
-    train.add_argument("--batch_size", type=positive_int, default=4, help="per-device micro-batch (default: %(default)s)")
-    train.add_argument("--grad_accum", type=positive_int, default=2, help="gradient accumulation steps (default: %(default)s)")
+    train.add_argument("--recipe", choices=list(TRAINING_RECIPES), default=DEFAULT_RECIPE,
+                       help="speed settings below that are not given: " + "; ".join(
+                           f"{name}: {describe_recipe(name)}" for name in TRAINING_RECIPES) + " (default: %(default)s)")
+    train.add_argument("--batch_size", type=positive_int, default=None, help="per-device micro-batch (default: the recipe's)")
+    train.add_argument("--grad_accum", type=positive_int, default=None,
+                       help="gradient accumulation steps (default: the recipe's)")
+    train.add_argument("--optim", default=None,
+                       help="optimizer name as transformers knows it, e.g. paged_adamw_32bit, adamw_torch_fused "
+                            "(default: the recipe's; plain AdamW on the CPU)")
+    train.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
+                       help="batch examples of similar length together (less padding) (default: the recipe's)")
+    train.add_argument("--use_liger_kernel", action=argparse.BooleanOptionalAction, default=None,
+                       help="Liger's fused RMSNorm, SwiGLU and RoPE kernels (GPU only; needs liger-kernel) "
+                            "(default: the recipe's)")
     train.add_argument("--max_seq_length", type=positive_int, default=512,
                        help="tokens per example; the input text is shortened, the answer never (default: %(default)s)")
     train.add_argument("--neftune", type=non_negative_float, default=None, metavar="ALPHA",
@@ -97,11 +129,11 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
                             "template (default: %(default)s)")
     train.add_argument("--completion_only_loss", action=argparse.BooleanOptionalAction, default=True,
                        help="loss on the answer only (default: on); --no-completion_only_loss trains on the whole text")
-    train.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                       help="recompute activations to save memory (default: on)")
-    train.add_argument("--packing", action="store_true",
+    train.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations to save memory (default: the recipe's)")
+    train.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                        help="pack several examples into each row, kept apart by a block-diagonal attention mask "
-                            "(SDPA); off by default until measured on the GPU")
+                            "(SDPA) (default: the recipe's)")
     train.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     train.add_argument("--report_to", default="none", help="none, tensorboard or wandb (default: %(default)s)")
     train.add_argument("--logging_steps", type=positive_int, default=10, help="default: %(default)s")
@@ -120,11 +152,19 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
                            help="train on this stratified fraction of the training set, 0 < f <= 1 (default: all)")
 
 
-def training_defaults(task: str) -> dict:
-    """The default of every training setting, straight from the flags' definitions."""
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the speed settings the user did not give from ``--recipe`` (in place; returns ``args``)."""
+    for key, value in TRAINING_RECIPES[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def training_defaults(task: str, recipe: str = DEFAULT_RECIPE) -> dict:
+    """The default of every training setting, straight from the flags' definitions and the recipe's values."""
     parser = argparse.ArgumentParser()
     add_training_args(parser, task)
-    return vars(parser.parse_args([]))
+    return vars(apply_recipe(parser.parse_args(["--recipe", recipe])))
 
 
 def add_generation_args(parser: argparse.ArgumentParser, task: str, *, baseline: bool) -> None:

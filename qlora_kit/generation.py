@@ -27,10 +27,14 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+# Prompt tokens run through the model at once while prefilling (rows are grouped to stay under it).
+PREFILL_TOKENS = 16384
+
+
 def default_batch_size() -> int:
     import torch
 
-    return 256 if torch.cuda.is_available() else 8
+    return 1024 if torch.cuda.is_available() else 8
 
 
 def _text_config(model):
@@ -47,25 +51,27 @@ def kv_cache_bytes_per_token(model) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * max(dtype_bytes, 2)
 
 
-def generation_bytes_per_token(model) -> int:
-    """GPU memory one batch token costs while generating: its KV cache plus the prefill's activations.
+def prefill_bytes_per_token(model) -> int:
+    """Activations one prompt token takes while prefilling (4 x hidden + 3 x intermediate values in 16-bit).
 
-    The activations term (4 x hidden + 3 x intermediate values in 16-bit) matches what was measured on a
-    Zephyr-7B-shaped model: about 242 KB per token beyond the weights (benchmarks/results/).
+    With the KV cache this matches what was measured on a Zephyr-7B-shaped model when the whole batch was
+    prefilled at once: about 242 KB per token beyond the weights (benchmarks/README.md).
     """
     config = _text_config(model)
     intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
-    return kv_cache_bytes_per_token(model) + 2 * (4 * config.hidden_size + 3 * intermediate)
+    return 2 * (4 * config.hidden_size + 3 * intermediate)
 
 
-def default_max_batch_tokens(model, memory_fraction: float = 0.5) -> int | None:
-    """Tokens (prompt + answer, padded) per batch that fit in a share of the free GPU memory; None on CPU."""
+def default_max_batch_tokens(model, memory_fraction: float = 0.5, prefill_tokens: int = PREFILL_TOKENS) -> int | None:
+    """Padded tokens (prompt + answer) per batch whose KV cache fits in a share of the free GPU memory, after
+    room for one prefill group's activations; None on the CPU."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info()
-    return max(1024, int(free * memory_fraction / generation_bytes_per_token(model)))
+    room = free * memory_fraction - prefill_tokens * prefill_bytes_per_token(model)
+    return max(1024, int(room / kv_cache_bytes_per_token(model)))
 
 
 class LabelTrie:
@@ -87,41 +93,102 @@ class LabelTrie:
         return list(node) or [fallback]
 
 
+def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
+    """Run the prompts through the model in groups of rows of at most ``prefill_tokens`` tokens.
+
+    The KV caches of the groups are joined into one, so that the whole batch decodes together: a decode
+    step costs about as much for 500 rows as for 50, while prefill activations would not fit for 500 rows
+    at once. Returns (cache, logits of each row's last position).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    rows_per_group = max(1, prefill_tokens // input_ids.shape[1])
+    caches, last_logits = [], []
+    for start in range(0, input_ids.shape[0], rows_per_group):
+        rows = slice(start, start + rows_per_group)
+        out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows],
+                    use_cache=True, logits_to_keep=1)
+        caches.append(out.past_key_values)
+        last_logits.append(out.logits[:, -1].float())
+        del out
+    if len(caches) == 1:
+        return caches[0], last_logits[0]
+    joined = []
+    for layer in range(len(caches[0].layers)):  # one layer at a time: little memory beyond the cache itself
+        parts = [cache.layers[layer] for cache in caches]
+        joined.append((torch.cat([part.keys for part in parts]), torch.cat([part.values for part in parts])))
+        for part in parts:
+            part.keys = part.values = None
+    return DynamicCache(joined), torch.cat(last_logits)
+
+
 def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                    trie: LabelTrie | None):
+                    trie: LabelTrie | None, prefill_tokens: int = 16384):
+    """Greedy answers for one left-padded batch: prefill in row groups, then decode all rows together."""
     import torch
 
     pad_id = tokenizer.pad_token_id
     width = max(len(ids) for ids in batch)
+    device = next(model.parameters()).device
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         attention_mask[row, width - len(ids):] = 1
-    device = next(model.parameters()).device
-    kwargs = {}
-    if trie is not None:
-        kwargs["prefix_allowed_tokens_fn"] = lambda _, ids: trie.allowed(ids[width:].tolist(), pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+    stops = torch.tensor(stop_ids, device=device)
+    answers: list[list[int]] = [[] for _ in batch]
     with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
-            max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
-            temperature=None, top_p=None, top_k=None, **kwargs,
-        )
-    answers = []
-    for row in output[:, width:].tolist():  # the prompt is removed by position, never by string slicing
+        cache, logits = _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens)
+        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+        tokens = []
+        for step in range(max_new_tokens):
+            if trie is not None:
+                logits = _restrict_to_labels(logits, trie, answers, pad_id)
+            next_token = logits.argmax(-1)
+            next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+            tokens.append(next_token)
+            if trie is not None:
+                for row, token in enumerate(next_token.tolist()):
+                    answers[row].append(token)
+            finished |= torch.isin(next_token, stops)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+            del out
+        generated = torch.stack(tokens, dim=1).tolist()
+    result = []
+    for row in generated:  # the answer is cut at its first stop token; tokens after it were never real
         cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        answers.append(row[:cut])
-    return answers
+        result.append(row[:cut])
+    return result
+
+
+def _restrict_to_labels(logits, trie: LabelTrie, answers: list[list[int]], pad_id: int):
+    """Mask every token that would leave the label set (constrained decoding)."""
+    import torch
+
+    mask = torch.full_like(logits, float("-inf"))
+    for row, prefix in enumerate(answers):
+        mask[row, trie.allowed(prefix, pad_id)] = 0
+    return logits + mask
 
 
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
              batch_size: int | None = None, max_batch_tokens: int | None = None,
-             label_sequences: list[list[int]] | None = None, progress: bool = True, on_batch=None) -> GenerationResult:
+             label_sequences: list[list[int]] | None = None, progress: bool = True, on_batch=None,
+             prefill_tokens: int = PREFILL_TOKENS) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order.
 
     A batch holds at most ``batch_size`` prompts and at most ``max_batch_tokens`` padded tokens
-    (prompt + new tokens): short prompts travel in large batches, long ones in small ones.
+    (prompt + new tokens): short prompts travel in large batches, long ones in small ones. Prompts are
+    prefilled ``prefill_tokens`` at a time, then the whole batch decodes together.
     ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
     """
     import torch
@@ -141,7 +208,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             count = max(1, min(count, max_batch_tokens // (len(prompts[order[start]]) + max_new_tokens)))
         indices = order[start:start + count]
         try:
-            answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie)
+            answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie,
+                                      prefill_tokens)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
             if not _is_out_of_memory(error):
                 raise

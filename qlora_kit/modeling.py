@@ -50,6 +50,18 @@ def convert_gguf(path: Path) -> Path:
     target = _gguf_cache_dir(path)
     if (target / "config.json").is_file():
         return target
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several runs started at once (a sweep with several slots) convert once: the others wait for the lock.
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        return _convert_gguf_unlocked(path, target)
+
+
+def _convert_gguf_unlocked(path: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,6 +82,8 @@ def convert_gguf(path: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    if target.exists():  # left by a conversion that died between its rename and its config (never complete)
+        shutil.rmtree(target)
     staging.rename(target)
     return target
 

@@ -73,23 +73,29 @@ def _num(value) -> str:
 
 
 def classification_table(records: list[dict]) -> str:
-    """Table 1: training samples x method, accuracy (macro-F1) in %."""
+    """Table 1: training samples (and epochs) x method, accuracy (macro-F1) in %.
+
+    Runs that land in the same cell (same samples, epochs and method, other settings differing) are all
+    shown, separated by " / ", never one silently in place of another.
+    """
     runs = [r for r in records if r["task"] == "classification" and r["kind"] == "fine-tuned"]
-    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for run in runs:
-        cells[(run["train_sample_fraction"], run["train_samples"])][run["method"]] = run
-    lines = ["| training samples | fraction | " + " | ".join(VARIANTS) + " |",
-             "|---|---|" + "---|" * len(VARIANTS)]
-    for (fraction, samples) in sorted(cells, key=lambda key: (key[0], key[1] or 0)):
+    cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in sorted(runs, key=lambda r: r["run"]):
+        cells[(run["train_sample_fraction"], run["train_samples"], run["epochs"])][run["method"]].append(run)
+    lines = ["| training samples | fraction | epochs | " + " | ".join(VARIANTS) + " |",
+             "|---|---|---|" + "---|" * len(VARIANTS)]
+    for key in sorted(cells, key=lambda key: (key[0], key[1] or 0, key[2] or 0)):
+        fraction, samples, epochs = key
         row = []
         for method in VARIANTS:
-            run = cells[(fraction, samples)].get(method)
-            row.append(MISSING if run is None or run["accuracy"] is None
-                       else f"{_pct(run['accuracy'])} ({_pct(run['macro_f1'])})")
-        lines.append(f"| {samples if samples is not None else MISSING} | {fraction} | " + " | ".join(row) + " |")
+            shown = [f"{_pct(run['accuracy'])} ({_pct(run['macro_f1'])})" for run in cells[key].get(method, [])
+                     if run["accuracy"] is not None]
+            row.append(" / ".join(shown) or MISSING)
+        lines.append(f"| {samples if samples is not None else MISSING} | {fraction} | "
+                     f"{epochs if epochs is not None else MISSING} | " + " | ".join(row) + " |")
     baselines = [r for r in records if r["task"] == "classification" and r["kind"] == "baseline"]
     for run in sorted(baselines, key=lambda r: r["method"]):
-        lines.append(f"| {run['method']} | - | {_pct(run['accuracy'])} ({_pct(run['macro_f1'])}) |"
+        lines.append(f"| {run['method']} | - | - | {_pct(run['accuracy'])} ({_pct(run['macro_f1'])}) |"
                      + f" {MISSING} |" * (len(VARIANTS) - 1))
     return "\n".join(lines)
 
@@ -126,12 +132,16 @@ def plot_accuracy(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
+    runs = [r for r in records if r["task"] == "classification" and r["kind"] == "fine-tuned"
+            and r["accuracy"] is not None and r["train_samples"]]
+    epochs_seen = sorted({r["epochs"] or 0 for r in runs})
     for method in VARIANTS:
-        points = sorted((r["train_samples"], 100 * r["accuracy"]) for r in records
-                        if r["task"] == "classification" and r["kind"] == "fine-tuned" and r["method"] == method
-                        and r["accuracy"] is not None and r["train_samples"])
-        if points:
-            axis.plot(*zip(*points), marker="o", label=method)
+        for epochs in epochs_seen:  # one line per method and epoch count: runs trained longer are not mixed in
+            points = sorted((r["train_samples"], 100 * r["accuracy"]) for r in runs
+                            if r["method"] == method and (r["epochs"] or 0) == epochs)
+            label = method if len(epochs_seen) == 1 else f"{method}, {epochs} epoch{'s' if epochs != 1 else ''}"
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
     axis.set_xscale("log")
     axis.set_xlabel("training samples")
     axis.set_ylabel("accuracy (%)")

@@ -7,7 +7,8 @@ print one plan line per run; this module executes the plan:
 
 A run whose metrics.json exists is skipped, so a stopped sweep continues where it stopped; a
 failed run is logged and the sweep goes on; the exit status says whether any run failed.
-Extra arguments go to every Python call that accepts them (model, data files, --max_steps, --limit).
+Extra arguments go to every Python call that accepts them (model, data files, --max_steps, --limit);
+--batch_size goes to the training script of a run that trains (its generation batch stays automatic).
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ def route(script: str, extra: list[str], run_args: list[str] = ()) -> list[str]:
     return kept
 
 
+# Flags both kinds of script take with different meanings: in a run that trains, they are the training
+# script's (--batch_size is the training micro-batch, not the generation batch).
+TRAINING_MEANING = ("--batch_size",)
+
+
+def _without(extra: list[str], flags: tuple[str, ...]) -> list[str]:
+    kept, index = [], 0
+    while index < len(extra):
+        flag = extra[index].split("=", 1)[0]
+        if flag in flags:
+            index += 1 if "=" in extra[index] else 2
+            continue
+        kept.append(extra[index])
+        index += 1
+    return kept
+
+
 def commands(run: PlannedRun, experiments: Path, baselines: Path, extra: list[str]) -> tuple[list[list[str]], Path]:
     """The Python calls of one run, and the metrics file whose existence means it is finished."""
     python = [sys.executable]
@@ -95,7 +113,7 @@ def commands(run: PlannedRun, experiments: Path, baselines: Path, extra: list[st
         calls.append(python + [str(ROOT / run.train_script), *run.args, "--experiment_dir", str(run_dir),
                                *restart, *route(run.train_script, extra)])
     calls.append(python + [str(ROOT / run.eval_script), "--experiment_dir", str(run_dir), "--overwrite",
-                           *route(run.eval_script, extra)])
+                           *route(run.eval_script, _without(extra, TRAINING_MEANING))])
     return calls, run_dir / "metrics" / "metrics.json"
 
 

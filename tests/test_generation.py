@@ -176,5 +176,26 @@ def test_generation_memory_per_token_for_zephyr_7b_shape():
     parameter = torch.zeros(1, dtype=torch.bfloat16)
     model = SimpleNamespace(config=config, parameters=lambda: iter([parameter]))
     assert generation.kv_cache_bytes_per_token(model) == 131072  # 128 KiB
-    # KV cache + prefill activations: within 5% of the 242 KB per token measured on the GPU
-    assert generation.generation_bytes_per_token(model) == pytest.approx(242_000, rel=0.05)
+    # KV cache + prefill activations: within 5% of the 242 KB per token measured on the GPU (whole-batch prefill)
+    total = generation.kv_cache_bytes_per_token(model) + generation.prefill_bytes_per_token(model)
+    assert total == pytest.approx(242_000, rel=0.05)
+
+
+def test_prefill_in_row_groups_gives_the_same_answers(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    prompts = [[1] + [5 + (i * 7 + j) % 50 for j in range(n)] for i, n in enumerate((12, 3, 9, 30, 7, 18, 5))]
+    forwards = []
+    real_forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        forwards.append(kwargs["input_ids"].shape)
+        return real_forward(*args, **kwargs)
+
+    whole = generation.generate(model, tokenizer, prompts, max_new_tokens=6, stop_ids=[tokenizer.eos_token_id],
+                                batch_size=7, prefill_tokens=10_000, progress=False)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    grouped = generation.generate(model, tokenizer, prompts, max_new_tokens=6, stop_ids=[tokenizer.eos_token_id],
+                                  batch_size=7, prefill_tokens=70, progress=False)  # 31-token rows: 2 per group
+    assert [shape[0] for shape in forwards[:4]] == [2, 2, 2, 1]  # four prefill groups, then decode steps of 7
+    assert all(shape == (7, 1) for shape in forwards[4:]) and len(forwards) > 4
+    assert grouped.outputs == whole.outputs

@@ -79,6 +79,8 @@ def test_report_tables_and_plots(tmp_path):
 
     exp, base = tmp_path / "exp", tmp_path / "base"
     _run_folder(exp, "a", "classification", {"train_sample_fraction": 0.1}, 100, {"accuracy": 0.5, "macro_f1": 0.25})
+    _run_folder(exp, "a2", "classification", {"train_sample_fraction": 0.1, "learning_rate": 1e-3}, 100,
+                {"accuracy": 0.55, "macro_f1": 0.2})  # same cell as "a": both shown
     _run_folder(exp, "b", "classification", {"train_sample_fraction": 0.1, "neftune": 5.0}, 100,
                 {"accuracy": 0.6, "macro_f1": 0.5})
     _run_folder(exp, "c", "classification", {"train_sample_fraction": 0.05, "full_tune": True}, 50,
@@ -92,10 +94,10 @@ def test_report_tables_and_plots(tmp_path):
         "config": {"task": "summarization", "prompt_type": "zero-shot", "prompt_style": "seed"}}))
     text = make_report(exp, base, tmp_path / "out")
     assert "\n".join([
-        "| training samples | fraction | QLoRA | + NEFTune | + all modules | + NEFTune + all modules |",
-        "|---|---|---|---|---|---|",
-        "| 50 | 0.05 | — | — | 40.0 (30.0) | — |",
-        "| 100 | 0.1 | 50.0 (25.0) | 60.0 (50.0) | — | — |",
+        "| training samples | fraction | epochs | QLoRA | + NEFTune | + all modules | + NEFTune + all modules |",
+        "|---|---|---|---|---|---|---|",
+        "| 50 | 0.05 | 1 | — | — | 40.0 (30.0) | — |",
+        "| 100 | 0.1 | 1 | 50.0 (25.0) / 55.0 (20.0) | 60.0 (50.0) | — | — |",
     ]) in text
     assert "\n".join([
         "| method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |",
@@ -106,7 +108,7 @@ def test_report_tables_and_plots(tmp_path):
     for png in ("accuracy_vs_samples.png", "rouge_by_method.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_lines = (tmp_path / "out" / "runs.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 6 and csv_lines[0].startswith("kind,method,run,task,")
+    assert len(csv_lines) == 1 + 7 and csv_lines[0].startswith("kind,method,run,task,")
 
 
 def test_interrupted_runs_resume_and_finished_ones_only_evaluate(tmp_path):

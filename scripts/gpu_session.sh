@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# The GPU machine's measurement stages, each a function, run in the order given:
+#   CUDA_VISIBLE_DEVICES=0 R=/tmp/work bash scripts/gpu_session.sh bench_train baselines
+# Needs MODEL_GGUF and DATA_DIR (source .device/bin/setup.sh there). Every stage writes under $R/<stage>/
+# and its log to $R/logs/<stage>.log; after each stage $R is packed into $PACK (a .tgz), so what finished
+# comes back even if a later stage is cut off. The commands here are the ones behind benchmarks/results/
+# and results/ (see their READMEs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+R=${R:-/tmp/work}
+PACK=${PACK:-}
+NEWS=$DATA_DIR/newsgroups
+SAMSUM=$DATA_DIR/samsum
+MODEL=$MODEL_GGUF
+Z7=${Z7:-/tmp/z7}  # the Zephyr-7B-shaped model with random weights (built once by build_z7)
+LR=${LR:-5e-4}     # learning rate for the SmolLM2 runs (chosen by lr_scan on the validation split)
+KR_SAVE=${KR_SAVE:-20}  # kill_resume: checkpoint every KR_SAVE steps, killed after the second, 3*KR_SAVE in all
+# Extra flags for every training / evaluation call (a quick CPU check of this script: --max_steps 2, --limit 8).
+read -r -a EXTRA_TRAIN <<< "${EXTRA_TRAIN:-}"
+read -r -a EXTRA_EVAL <<< "${EXTRA_EVAL:-}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$R/logs"
+
+quiet() { grep --line-buffered -v "it/s]\|s/it]\|ex/s]\|examples/s]"; }
+
+build_z7() {
+  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import zephyr_shaped; zephyr_shaped.build(Path('$Z7'))"
+}
+
+# Issue 6: training throughput of each recipe on the 7B-shaped model (classification: every recipe).
+bench_train() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --steps 6 \
+    --out "$R/bench_train/train_throughput_classification.json"
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks summarization --steps 6 \
+    --recipes "original, all modules" "fast, all modules" "packed rows x 4, fused AdamW, Liger, all modules" \
+    --out "$R/bench_train/train_throughput_summarization.json"
+}
+
+# Issue 3: the original one-at-a-time way against the engine, the whole test set on the 4-bit model.
+bench_gen() {
+  python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 4 --stride_4bit 1 \
+    --stride_merged 2 --out "$R/bench_gen/generation_throughput.json"
+}
+
+# Issue 8: a real run killed once (SIGKILL, as a preempted machine) and resumed, against an uninterrupted one.
+kill_resume() {
+  local d=$R/kill_resume
+  local common=(--pretrained_ckpt "$MODEL" --train_file "$SAMSUM/train.jsonl.gz" --max_steps $((3 * KR_SAVE))
+                --save_steps "$KR_SAVE" --logging_steps 5 --batch_size 16)
+  python3 zephyr_summarization.py "${common[@]}" --experiment_dir "$d/uninterrupted" 2>&1 | quiet | tail -12
+  python3 zephyr_summarization.py "${common[@]}" --experiment_dir "$d/interrupted" > "$d.first.log" 2>&1 &
+  local pid=$!
+  until [ -s "$d/interrupted/checkpoints/checkpoint-$((2 * KR_SAVE))/trainer_state.json" ] || ! kill -0 $pid 2>/dev/null; do
+    sleep 0.5
+  done
+  sleep 3
+  kill -9 $pid && echo "killed the training process (SIGKILL) after checkpoint-$((2 * KR_SAVE))"
+  wait $pid
+  ls "$d/interrupted/checkpoints"
+  python3 zephyr_summarization.py "${common[@]}" --experiment_dir "$d/interrupted" --resume 2>&1 | quiet | tail -12
+  python3 - "$d" <<'PY'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+for name in ("uninterrupted", "interrupted"):
+    m = json.loads((d / name / "train_metrics.json").read_text())
+    losses = {e["step"]: round(e["loss"], 4) for e in m["log_history"] if "loss" in e}
+    print(name, "final loss", m["final_loss"], "steps", m["global_steps"], "logged losses", losses)
+PY
+}
+
+# Issue 7 (hyperparameters on a validation split): learning rates for the 10% classification runs,
+# 10% of the training set held out (stratified) and scored.
+lr_scan() {
+  local lr
+  for lr in ${LRS:-2e-4 5e-4 1e-3 2e-3}; do
+    (python3 zephyr_classification.py --pretrained_ckpt "$MODEL" --train_file "$NEWS/train.jsonl.gz" \
+       --validation_fraction 0.1 --train_sample_fraction 0.1 --epochs 3 --batch_size 16 --no-gradient_checkpointing \
+       --learning_rate $lr --experiment_dir "$R/lr_scan/lr-$lr" "${EXTRA_TRAIN[@]}" > "$R/logs/lr_scan_$lr.log" 2>&1 &&
+     python3 zephyr_classification_inference.py --experiment_dir "$R/lr_scan/lr-$lr" --split validation \
+       --train_file "$NEWS/train.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}" >> "$R/logs/lr_scan_$lr.log" 2>&1) &
+  done
+  wait
+  python3 - "$R/lr_scan" <<'PY'
+import json, sys
+from pathlib import Path
+for run in sorted(Path(sys.argv[1]).glob("lr-*")):
+    train = json.loads((run / "train_metrics.json").read_text()) if (run / "train_metrics.json").is_file() else {}
+    metrics = run / "metrics_validation" / "metrics.json"
+    m = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    print(run.name, "eval_loss", train.get("eval_loss"), "validation accuracy", m.get("accuracy"),
+          "invalid", m.get("invalid_rate"), "train s", train.get("train_runtime_s"))
+PY
+}
+
+# Issues 3, 4, 7: zero-shot and few-shot baselines of both tasks, both prompt styles, 4 at a time on one GPU.
+baselines() {
+  local gpu=${CUDA_VISIBLE_DEVICES:-0}
+  TASKS=classification STYLES="seed chat" BASELINES="$R/baselines" EXPERIMENTS="$R/baselines" \
+    GPUS=$gpu,$gpu,$gpu,$gpu ./baseline_inference.sh --pretrained_ckpt "$MODEL" --train_file "$NEWS/train.jsonl.gz" \
+    --test_file "$NEWS/test.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
+  TASKS=summarization STYLES="seed chat" BASELINES="$R/baselines" EXPERIMENTS="$R/baselines" \
+    GPUS=$gpu,$gpu,$gpu,$gpu ./baseline_inference.sh --pretrained_ckpt "$MODEL" --train_file "$SAMSUM/train.jsonl.gz" \
+    --test_file "$SAMSUM/test.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
+}
+
+# Issue 4: the sample ablation at 2.5%, 5% and 10% for the four variants; a small model leaves the GPU
+# mostly idle, so several runs share each GPU (GPUS lists a GPU once per run slot).
+grid() {
+  local flags=(--pretrained_ckpt "$MODEL" --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz"
+               --batch_size 16 --no-gradient_checkpointing --learning_rate "$LR" --max_batch_tokens 300000
+               "${EXTRA_TRAIN[@]}" "${EXTRA_EVAL[@]}")
+  env FRACTIONS="0.025 0.05 0.1" EPOCHS=3 EXPERIMENTS="$R/grid" GPUS=${GPU_A:-0},${GPU_A:-0},${GPU_A:-0} \
+    ./sample_ablate.sh "${flags[@]}" &
+  env FRACTIONS="0.025 0.05 0.1" EPOCHS=3 EXPERIMENTS="$R/grid" NEFTUNE=5 GPUS=${GPU_A:-0},${GPU_A:-0},${GPU_A:-0} \
+    ./sample_ablate.sh "${flags[@]}" &
+  env FRACTIONS="0.025 0.05 0.1" EPOCHS=3 EXPERIMENTS="$R/grid" FULL_TUNE=1 GPUS=${GPU_B:-0},${GPU_B:-0},${GPU_B:-0} \
+    ./sample_ablate.sh "${flags[@]}" &
+  env FRACTIONS="0.025 0.05 0.1" EPOCHS=3 EXPERIMENTS="$R/grid" NEFTUNE=5 FULL_TUNE=1 \
+    GPUS=${GPU_B:-0},${GPU_B:-0},${GPU_B:-0} ./sample_ablate.sh "${flags[@]}" &
+  wait
+}
+
+# Issue 6: learning is not traded for speed: the default recipe against the original, same examples
+# (8 per optimizer step in both), SAMSum, evaluation loss on the validation split.
+recipe_check() {
+  local recipe
+  for recipe in original fast; do
+    python3 zephyr_summarization.py --pretrained_ckpt "$MODEL" --train_file "$SAMSUM/train.jsonl.gz" \
+      --validation_file "$SAMSUM/validation.jsonl.gz" --recipe $recipe --max_steps ${RC_STEPS:-250} \
+      --experiment_dir "$R/recipe_check/$recipe" "${EXTRA_TRAIN[@]}" > "$R/logs/recipe_check_$recipe.log" 2>&1 &
+  done
+  wait
+  python3 - "$R/recipe_check" <<'PY'
+import json, sys
+from pathlib import Path
+for run in sorted(Path(sys.argv[1]).iterdir()):
+    m = json.loads((run / "train_metrics.json").read_text())
+    print(run.name, {k: m.get(k) for k in ("eval_loss", "final_loss", "global_steps", "train_runtime_s",
+                                           "tokens_per_second", "peak_gpu_memory_gb")})
+PY
+}
+
+# Issue 9: the scripts under accelerate launch on 2 GPUs: data-parallel training, split evaluation (same
+# predictions as one process), and the FSDP-QLoRA config.
+multi_gpu() {
+  local d=$R/multi_gpu
+  local data=(--pretrained_ckpt "$MODEL" --train_file "$NEWS/train.jsonl.gz")
+  python3 -m accelerate.commands.launch --config_file configs/ddp.yaml --num_processes 2 zephyr_classification.py "${data[@]}" \
+    --train_sample_fraction 0.05 --epochs 1 --batch_size 4 --experiment_dir "$d/ddp" "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -15
+  python3 -m accelerate.commands.launch --config_file configs/ddp.yaml --num_processes 2 zephyr_classification_inference.py \
+    --experiment_dir "$d/ddp" --test_file "$NEWS/test.jsonl.gz" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -12
+  CUDA_VISIBLE_DEVICES=0 python3 zephyr_classification_inference.py --experiment_dir "$d/ddp" \
+    --test_file "$NEWS/test.jsonl.gz" --output_dir "$d/one_process_eval" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -12
+  python3 - "$d" <<'PY'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+config = json.loads((d / "ddp" / "run_config.json").read_text())
+print("processes", config["processes"], "effective batch", config["effective_batch_size"])
+two = [json.loads(line) for line in open(d / "ddp" / "metrics" / "predictions.jsonl")]
+one = [json.loads(line) for line in open(d / "one_process_eval" / "predictions.jsonl")]
+same = sum(a["id"] == b["id"] and a["output"] == b["output"] for a, b in zip(one, two))
+m2 = json.loads((d / "ddp" / "metrics" / "metrics.json").read_text())
+m1 = json.loads((d / "one_process_eval" / "metrics.json").read_text())
+print(f"2 processes vs 1: {same}/{len(one)} same predictions in the same order; accuracy {m2['accuracy']} vs {m1['accuracy']}; "
+      f"generation {m2['generation_seconds']:.1f}s vs {m1['generation_seconds']:.1f}s")
+PY
+  python3 -m accelerate.commands.launch --config_file configs/fsdp_qlora.yaml --num_processes 2 zephyr_classification.py "${data[@]}" \
+    --train_sample_fraction 0.05 --max_steps 20 --batch_size 4 --experiment_dir "$d/fsdp" "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -15
+}
+
+pack() {
+  [ -n "$PACK" ] || return 0
+  tar czf "$PACK.tmp" -C "$R" --exclude=checkpoints --exclude=adapter --exclude='*.safetensors' . && mv "$PACK.tmp" "$PACK"
+}
+
+for stage in "$@"; do
+  echo "=== $stage (GPU ${CUDA_VISIBLE_DEVICES:-all}) $(date +%T)"
+  started=$SECONDS
+  "$stage" 2>&1 | tee "$R/logs/$stage.log" | quiet
+  echo "=== $stage done in $((SECONDS - started)) s"
+  pack
+done
