@@ -12,7 +12,7 @@ from . import data as data_lib
 from . import distributed, modeling, results
 from .errors import UsageError
 from .formatting import PromptFormat, answer_ids, end_of_turn_token
-from .generation import generate
+from .generation import default_max_batch_tokens, generate
 from .metrics import classification_metrics, parse_label, rouge_scores
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,27 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
                    partial_path: Path | None = None) -> tuple[dict, list[dict]]:
     """Generate for every row, score, and return (metrics, prediction records in row order).
 
-    With several processes each takes every N-th row and the records are gathered in order.
-    Each finished batch is appended to ``partial_path``; a re-run after a crash generates only what is missing.
+    With several processes every process plans the same batches (same prompts, same token budget) and
+    runs its share of them, so each prediction comes from exactly the batch one process would have run;
+    the records are gathered in order. Each finished batch is appended to ``partial_path`` (one file
+    per process); a re-run after a crash, with any number of processes, generates only what is missing.
     """
     rank, world = distributed.rank(), distributed.world_size()
+    all_partials = sorted(partial_path.parent.glob(f"{partial_path.stem}*{partial_path.suffix}")) \
+        if partial_path is not None else []
     if partial_path is not None and world > 1:
         partial_path = partial_path.with_name(f"{partial_path.stem}.rank{rank}{partial_path.suffix}")
-    mine = list(range(rank, len(rows), world))
-    prompt_ids = {i: fmt.prompt_ids(rows[i]["input"], max_prompt_tokens) for i in mine}
-    prompt_texts = {i: tokenizer.decode(ids) for i, ids in prompt_ids.items()}
-    done = _resume_partial(partial_path, prompt_texts) if partial_path else {}
-    todo = [i for i in mine if i not in done]
+    prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
+    prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
+    done = {}
+    for path in all_partials:  # every process reads every process's file: all agree on what is left
+        done.update(_resume_partial(path, prompt_texts))
+    distributed.barrier()  # nobody appends before everybody has read
+    todo = [i for i in range(len(rows)) if i not in done]
+    max_batch_tokens = getattr(args, "max_batch_tokens", None)
+    if max_batch_tokens is None and world > 1:  # one budget for all, or the plans would differ
+        budgets = [b for b in distributed.gather(default_max_batch_tokens(model)) if b is not None]
+        max_batch_tokens = min(budgets) if budgets else None
     stop_ids = sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id})
     constrained = task == "classification" and getattr(args, "decoding", "greedy") == "constrained"
     label_sequences = [answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None
@@ -124,7 +134,7 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
     if partial_path:
         partial_path.parent.mkdir(parents=True, exist_ok=True)
     partial = open(partial_path, "a", encoding="utf-8") if partial_path else None
-    records = dict(done)
+    records = dict(done) if rank == 0 else {}  # the resumed records travel once, with the main process
 
     def record_batch(batch_positions, answers):
         for position, answer in zip(batch_positions, answers):
@@ -139,9 +149,8 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
     started = time.perf_counter()
     try:
         generated = generate(model, tokenizer, [prompt_ids[i] for i in todo], max_new_tokens=args.max_new_tokens,
-                             stop_ids=stop_ids, batch_size=args.batch_size,
-                             max_batch_tokens=getattr(args, "max_batch_tokens", None), label_sequences=label_sequences,
-                             on_batch=record_batch)
+                             stop_ids=stop_ids, batch_size=args.batch_size, max_batch_tokens=max_batch_tokens,
+                             label_sequences=label_sequences, on_batch=record_batch, shard=(rank, world))
     finally:
         if partial is not None:
             partial.close()
@@ -149,8 +158,9 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
     for position, error in generated.failures.items():  # the rest were recorded batch by batch
         index = todo[position]
         records[index] = _record(index, rows[index], prompt_texts[index], None, task, label_names, error=error)
-    gathered = distributed.gather({"records": list(records.values()), "seconds": seconds, "new": len(todo),
-                                   "resumed": len(done), "batch": generated.final_batch_size})
+    ran = sum(output is not None for output in generated.outputs) + len(generated.failures)
+    gathered = distributed.gather({"records": list(records.values()), "seconds": seconds, "new": ran,
+                                   "resumed": len(done) if rank == 0 else 0, "batch": generated.final_batch_size})
     all_records = sorted((r for part in gathered for r in part["records"]), key=lambda record: record["id"])
     metrics = score(task, all_records, label_names)
     seconds = max(part["seconds"] for part in gathered)

@@ -180,17 +180,38 @@ def _restrict_to_labels(logits, trie: LabelTrie, answers: list[list[int]], pad_i
     return logits + mask
 
 
+def plan_batches(lengths: list[int], *, max_new_tokens: int, batch_size: int,
+                 max_batch_tokens: int | None) -> list[list[int]]:
+    """Batches of prompt indices, longest prompts first: each at most ``batch_size`` prompts and at most
+    ``max_batch_tokens`` padded tokens (prompt + new tokens). Deterministic: every process that plans the
+    same prompts gets the same batches."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their index order
+    batches, start = [], 0
+    while start < len(order):
+        count = batch_size
+        if max_batch_tokens:  # the first prompt of a batch is its longest
+            count = max(1, min(count, max_batch_tokens // (lengths[order[start]] + max_new_tokens)))
+        batches.append(order[start:start + count])
+        start += count
+    return batches
+
+
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
              batch_size: int | None = None, max_batch_tokens: int | None = None,
              label_sequences: list[list[int]] | None = None, progress: bool = True, on_batch=None,
-             prefill_tokens: int = PREFILL_TOKENS) -> GenerationResult:
+             prefill_tokens: int = PREFILL_TOKENS, shard: tuple[int, int] = (0, 1)) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order.
 
     A batch holds at most ``batch_size`` prompts and at most ``max_batch_tokens`` padded tokens
     (prompt + new tokens): short prompts travel in large batches, long ones in small ones. Prompts are
     prefilled ``prefill_tokens`` at a time, then the whole batch decodes together.
+    ``shard=(rank, processes)``: every process plans the same batches and runs every processes-th one, so
+    each batch is exactly the one a single process would run (same padding, same numbers); the other
+    prompts' outputs stay None and are not failures.
     ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
     """
+    import collections
+
     import torch
     from tqdm.auto import tqdm
 
@@ -198,15 +219,18 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     if max_batch_tokens is None:
         max_batch_tokens = default_max_batch_tokens(model)
     trie = LabelTrie(label_sequences) if label_sequences else None
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory trouble shows early
+    rank, processes = shard
+    plan = plan_batches([len(p) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        max_batch_tokens=max_batch_tokens)
+    queue = collections.deque(plan[rank::processes])
     result = GenerationResult(outputs=[None] * len(prompts))
-    bar = tqdm(total=len(prompts), desc="generating", unit="ex", disable=not progress)
-    start = 0
-    while start < len(order):
-        count = batch_size
-        if max_batch_tokens:  # the first prompt of a batch is its longest (sorted longest first)
-            count = max(1, min(count, max_batch_tokens // (len(prompts[order[start]]) + max_new_tokens)))
-        indices = order[start:start + count]
+    bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
+    rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows
+    while queue:
+        indices = queue.popleft()
+        if rows_that_fit and len(indices) > rows_that_fit:
+            queue.appendleft(indices[rows_that_fit:])
+            indices = indices[:rows_that_fit]
         try:
             answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie,
                                       prefill_tokens)
@@ -215,22 +239,21 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if len(indices) > 1:
-                batch_size = max(1, len(indices) // 2)
-                max_batch_tokens = max_batch_tokens // 2 if max_batch_tokens else None
-                log.warning("out of memory: retrying with batch size %d", batch_size)
+            if len(indices) > 1:  # the same prompts again, in two halves
+                rows_that_fit = max(1, len(indices) // 2)
+                queue.appendleft(indices[rows_that_fit:])
+                queue.appendleft(indices[:rows_that_fit])
+                log.warning("out of memory: retrying with batch size %d", rows_that_fit)
                 continue
             result.failures[indices[0]] = "out of memory at batch size 1"
             log.error("prompt %d (%d tokens) does not fit in memory even alone", indices[0], len(prompts[indices[0]]))
-            start += 1
             bar.update(1)
             continue
         for index, answer in zip(indices, answers):
             result.outputs[index] = answer
         if on_batch is not None:
             on_batch(indices, answers)
-        start += len(indices)
         bar.update(len(indices))
     bar.close()
-    result.final_batch_size = batch_size
+    result.final_batch_size = rows_that_fit or batch_size
     return result

@@ -170,6 +170,18 @@ PY
     --train_sample_fraction 0.05 --max_steps 20 --batch_size 4 --experiment_dir "$d/fsdp" "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -15
 }
 
+# Issue 7 (next): the full training sets with all-module LoRA. Longer than one 10-minute command: run the
+# stage again on the same machine and the sweeps resume the interrupted runs from their checkpoints.
+full_data() {
+  local common=(--pretrained_ckpt "$MODEL" --batch_size 16 --no-gradient_checkpointing --learning_rate "$LR"
+                --max_batch_tokens 300000 --save_steps 100 "${EXTRA_TRAIN[@]}" "${EXTRA_EVAL[@]}")
+  env FRACTIONS=1.0 EPOCHS=3 EXPERIMENTS="$R/full" FULL_TUNE=1 GPUS=${GPU_A:-0} ./sample_ablate.sh "${common[@]}" \
+    --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz" &
+  env RANKS=64 DROPOUTS=0.1 EPOCHS_LIST=1 EXPERIMENTS="$R/full" FULL_TUNE=1 GPUS=${GPU_B:-0} ./run_lora.sh \
+    "${common[@]}" --train_file "$SAMSUM/train.jsonl.gz" --test_file "$SAMSUM/test.jsonl.gz" &
+  wait
+}
+
 pack() {
   [ -n "$PACK" ] || return 0
   tar czf "$PACK.tmp" -C "$R" --exclude=checkpoints --exclude=adapter --exclude='*.safetensors' . && mv "$PACK.tmp" "$PACK"

@@ -199,3 +199,32 @@ def test_prefill_in_row_groups_gives_the_same_answers(model_and_tokenizer, monke
     assert [shape[0] for shape in forwards[:4]] == [2, 2, 2, 1]  # four prefill groups, then decode steps of 7
     assert all(shape == (7, 1) for shape in forwards[4:]) and len(forwards) > 4
     assert grouped.outputs == whole.outputs
+
+
+def test_processes_share_one_batch_plan(model_and_tokenizer, monkeypatch):
+    """Each process runs whole batches of the single-process plan: together they cover every prompt once,
+    with the same padding and so the same numbers as one process."""
+    model, tokenizer = model_and_tokenizer
+    prompts = [[1] + [5 + (i * 3 + j) % 40 for j in range(n)] for i, n in enumerate((3, 25, 9, 14, 9, 30, 5, 18))]
+    real = generation._generate_batch
+    batches = []
+
+    def spy(model, tokenizer, batch, *args):
+        batches.append(tuple(map(tuple, batch)))
+        return real(model, tokenizer, batch, *args)
+
+    monkeypatch.setattr(generation, "_generate_batch", spy)
+    kwargs = dict(max_new_tokens=4, stop_ids=[tokenizer.eos_token_id], batch_size=3, max_batch_tokens=60,
+                  progress=False)
+    one = generation.generate(model, tokenizer, prompts, **kwargs)
+    single_batches, batches[:] = list(batches), []
+    parts = [generation.generate(model, tokenizer, prompts, shard=(rank, 2), **kwargs) for rank in (0, 1)]
+    assert sorted(batches) == sorted(single_batches) and len(single_batches) > 2
+    merged = [a if a is not None else b for a, b in zip(parts[0].outputs, parts[1].outputs)]
+    assert all((a is None) != (b is None) for a, b in zip(parts[0].outputs, parts[1].outputs))
+    assert merged == one.outputs and not parts[0].failures and not parts[1].failures
+
+
+def test_plan_batches_by_token_budget():
+    plan = generation.plan_batches([10, 40, 10, 10, 10], max_new_tokens=5, batch_size=3, max_batch_tokens=50)
+    assert plan == [[1], [0, 2, 3], [4]]  # 45 tokens alone; then 3 x 15 (the batch size caps it at 3)
