@@ -167,18 +167,32 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     ``transformers.Trainer``: slower, but it trains what the user asked for.
     """
     from peft import get_peft_model
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
     from trl import SFTTrainer
 
-    if "lm_head" not in (peft_config.target_modules or []):
-        return SFTTrainer(model=model, args=sft_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, peft_config=peft_config, data_collator=data_collator)
+    class ResumingTrainer(SFTTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # peft's load_adapter upcasts the adapter to fp32, while trl trains QLoRA adapters in bf16: without
+            # this, a resumed run would go on in another precision than the run it continues.
+            target = model if model is not None else self.model
+            dtypes = {name: param.dtype for name, param in target.named_parameters() if param.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in target.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
 
-    class SFTTrainerWithHeadAdapter(SFTTrainer):
+    if "lm_head" not in (peft_config.target_modules or []):
+        return ResumingTrainer(model=model, args=sft_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                               processing_class=tokenizer, peft_config=peft_config, data_collator=data_collator)
+
+    class SFTTrainerWithHeadAdapter(ResumingTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+    # The LoRA matrices are initialised from the global RNG: seed it as the trainer would before wrapping,
+    # or two runs with the same --seed start from different adapters.
+    set_seed(sft_args.seed)
     peft_model = get_peft_model(model, peft_config)
     if getattr(model, "is_loaded_in_4bit", False):  # as trl does for QLoRA: adapters in the compute dtype
         for param in peft_model.parameters():

@@ -21,27 +21,40 @@ def _train(tiny_model, data_dir, cwd, *extra, check=True):
                       "--grad_accum", 2, "--logging_steps", 1, *extra, cwd=cwd, check=check)
 
 
-def test_resume_gives_the_same_adapter(tiny_model, data_dir, tmp_path):
-    _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "whole")
-    # The same run as if killed after step 3: checkpoint-2 is its newest complete checkpoint.
+@pytest.mark.parametrize("variant", [[], ["--full_tune"]], ids=["q,v", "full_tune"])
+def test_resume_gives_the_same_adapter(tiny_model, data_dir, tmp_path, variant):
+    _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "whole", *variant)
+    # The same run as if killed during step 5: checkpoint-4 is its newest complete checkpoint (the two
+    # newest are kept, so checkpoint-2 is gone).
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-    for name in ("adapter", "train_metrics.json", "checkpoints/checkpoint-6", "checkpoints/checkpoint-4"):
+    for name in ("adapter", "train_metrics.json", "checkpoints/checkpoint-6"):
         path = tmp_path / "cut" / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    (tmp_path / "cut" / "checkpoints" / "checkpoint-4").mkdir()  # an incomplete save is ignored
-    refused = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", check=False)
+    (tmp_path / "cut" / "checkpoints" / "checkpoint-6").mkdir()  # an incomplete save is ignored
+    refused = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", *variant, check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume")
+    resumed_run = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume", *variant)
+    assert "resuming from cut/checkpoints/checkpoint-4" in resumed_run.stderr
     whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
     assert whole.keys() == resumed.keys()
-    for key in whole:
-        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-4, atol=1e-5)
+    for key in whole:  # same precision, data order, optimizer and RNG state: the same numbers
+        assert resumed[key].dtype == whole[key].dtype, key
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6)
     first = json.loads((tmp_path / "whole" / "train_metrics.json").read_text())
     again = json.loads((tmp_path / "cut" / "train_metrics.json").read_text())
-    assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-4)
-    finished = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume", check=False)
+    assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-6)
+    finished = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume", *variant, check=False)
     assert finished.returncode == 2 and "nothing to resume" in finished.stderr
+
+
+def test_same_seed_same_adapter_with_full_tune(tiny_model, data_dir, tmp_path):
+    """The adapter of --full_tune is built before the trainer seeds the RNG: it is seeded for it."""
+    for name in ("a", "b"):
+        _train(tiny_model, data_dir, tmp_path, "--experiment_dir", name, "--full_tune", "--max_steps", 1)
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_damaged_checkpoint_gets_a_clear_message(tiny_model, data_dir, tmp_path):
