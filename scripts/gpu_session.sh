@@ -141,6 +141,29 @@ for run in sorted(Path(sys.argv[1]).iterdir()):
 PY
 }
 
+# Issue 6 (next): candidate recipes with more examples per optimizer step, against the default, at the same
+# number of training examples. RC_VARIANTS: one "name|flags" per line (all run at once on one GPU).
+recipe_compare() {
+  local line name flags
+  while IFS='|' read -r name flags; do
+    [ -n "$name" ] || continue
+    # shellcheck disable=SC2086
+    python3 zephyr_summarization.py --pretrained_ckpt "$MODEL" --train_file "$SAMSUM/train.jsonl.gz" \
+      --validation_file "$SAMSUM/validation.jsonl.gz" $flags --experiment_dir "$R/recipe_compare/$name" \
+      "${EXTRA_TRAIN[@]}" > "$R/logs/recipe_compare_$name.log" 2>&1 &
+  done <<< "${RC_VARIANTS:-fast-bs8|--max_steps 250
+fast-bs16-lr2.8e-4|--batch_size 16 --learning_rate 2.8e-4 --max_steps 125
+fast-bs32-lr4e-4|--batch_size 32 --learning_rate 4e-4 --max_steps 63}"
+  wait
+  python3 - "$R/recipe_compare" <<'PY'
+import json, sys
+from pathlib import Path
+for run in sorted(Path(sys.argv[1]).iterdir()):
+    m = json.loads((run / "train_metrics.json").read_text()) if (run / "train_metrics.json").is_file() else {}
+    print(run.name, {k: m.get(k) for k in ("eval_loss", "global_steps", "train_runtime_s", "tokens_per_second")})
+PY
+}
+
 # Issue 9: the scripts under accelerate launch on 2 GPUs: data-parallel training, split evaluation (same
 # predictions as one process), and the FSDP-QLoRA config.
 multi_gpu() {
