@@ -228,3 +228,26 @@ def test_processes_share_one_batch_plan(model_and_tokenizer, monkeypatch):
 def test_plan_batches_by_token_budget():
     plan = generation.plan_batches([10, 40, 10, 10, 10], max_new_tokens=5, batch_size=3, max_batch_tokens=50)
     assert plan == [[1], [0, 2, 3], [4]]  # 45 tokens alone; then 3 x 15 (the batch size caps it at 3)
+
+
+def test_partial_files_of_other_processes_are_resumed(trained_run_for_resume, data_dir, tmp_path):
+    """An evaluation cut off while running as several processes continues in one (or any number)."""
+    from argparse import Namespace
+
+    from qlora_kit import evaluation
+
+    def args(out):
+        return Namespace(experiment_dir=str(trained_run_for_resume), split="test", test_file=str(data_dir / "news_test.jsonl"),
+                         validation_file=None, dataset="", limit=None, batch_size=3, max_new_tokens=6,
+                         max_prompt_tokens=None, output_dir=str(out), overwrite=False, merge_adapter=False,
+                         use_flash_attention=False, decoding="greedy")
+
+    whole = evaluation.evaluate_run("classification", args(tmp_path / "whole"))
+    lines = (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "predictions.partial.rank0.jsonl").write_text("\n".join(lines[0:6:2]) + "\n")
+    (tmp_path / "cut" / "predictions.partial.rank1.jsonl").write_text("\n".join(lines[1:6:2]) + "\n")
+    resumed = evaluation.evaluate_run("classification", args(tmp_path / "cut"))
+    assert resumed["resumed_examples"] == 6 and resumed["accuracy"] == whole["accuracy"]
+    assert (tmp_path / "cut" / "predictions.jsonl").read_text() == "\n".join(lines) + "\n"
+    assert not list((tmp_path / "cut").glob("*.partial*"))
