@@ -65,6 +65,16 @@ def dropout_rate(text: str) -> float:
     return value
 
 
+def optimizer_name(text: str) -> str:
+    """An optimizer transformers knows (checked when the flag is given; the import is only paid then)."""
+    from transformers.training_args import OptimizerNames
+
+    names = [name.value for name in OptimizerNames]
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {text!r}; one of: {', '.join(names)}")
+    return text
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_ckpt", default=DEFAULT_MODEL,
@@ -112,7 +122,7 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     train.add_argument("--batch_size", type=positive_int, default=None, help="per-device micro-batch (default: the recipe's)")
     train.add_argument("--grad_accum", type=positive_int, default=None,
                        help="gradient accumulation steps (default: the recipe's)")
-    train.add_argument("--optim", default=None,
+    train.add_argument("--optim", type=optimizer_name, default=None,
                        help="optimizer name as transformers knows it, e.g. paged_adamw_32bit, adamw_torch_fused "
                             "(default: the recipe's; plain AdamW on the CPU)")
     train.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=None,

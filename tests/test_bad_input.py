@@ -39,6 +39,8 @@ def bad_files(tmp_path):
     (["--train_sample_fraction", "0"], ["--train_sample_fraction"]),
     (["--dropout", "1.2"], ["--dropout"]),
     (["--lora_r", "0"], ["--lora_r"]),
+    (["--optim", "nonsense"], ["--optim", "unknown optimizer 'nonsense'", "paged_adamw_32bit"]),
+    (["--recipe", "turbo"], ["--recipe", "invalid choice"]),
     (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
 ])
 def test_training_input_errors(bad_files, data_dir, args, needles):
