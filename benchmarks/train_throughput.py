@@ -111,8 +111,9 @@ def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
         from datasets import Dataset
 
         dataset, collator = Dataset.from_list(rows), PackedCollator(tokenizer.pad_token_id)
-    speed = {key: recipe[key] for key in ("batch_size", "grad_accum", "gradient_checkpointing", "optim",
-                                          "group_by_length", "use_liger_kernel", "packing")}
+    from qlora_kit.cli import TRAINING_RECIPES
+
+    speed = {key: recipe[key] for key in TRAINING_RECIPES["original"]}  # the speed settings every recipe has
     settings = Namespace(epochs=1, max_steps=steps, learning_rate=2e-4, logging_steps=1000,
                          save_steps=10**6, report_to="none", seed=args.seed, neftune=None,
                          max_seq_length=args.max_seq_length, completion_only_loss=True, **speed)

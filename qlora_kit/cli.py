@@ -186,7 +186,7 @@ def add_generation_args(parser: argparse.ArgumentParser, task: str, *, baseline:
                        help="generation batch size (default: automatic, halved on out-of-memory)")
     group.add_argument("--max_batch_tokens", type=positive_int, default=None,
                        help="at most this many padded tokens per batch (default: what half the free GPU memory "
-                            "holds as KV cache plus prefill activations)")
+                            "holds as KV cache, after room for one prefill group's activations)")
     group.add_argument("--max_new_tokens", type=positive_int,
                        default=defaults["baseline_max_new_tokens" if baseline else "max_new_tokens"],
                        help="default: %(default)s")

@@ -124,43 +124,37 @@ grid() {
 # Issue 6: learning is not traded for speed: the default recipe against the original, same examples
 # (8 per optimizer step in both), SAMSum, evaluation loss on the validation split.
 recipe_check() {
-  local recipe
-  for recipe in original fast; do
-    python3 zephyr_summarization.py --pretrained_ckpt "$MODEL" --train_file "$SAMSUM/train.jsonl.gz" \
-      --validation_file "$SAMSUM/validation.jsonl.gz" --recipe $recipe --max_steps ${RC_STEPS:-250} \
-      --experiment_dir "$R/recipe_check/$recipe" "${EXTRA_TRAIN[@]}" > "$R/logs/recipe_check_$recipe.log" 2>&1 &
-  done
-  wait
-  python3 - "$R/recipe_check" <<'PY'
-import json, sys
-from pathlib import Path
-for run in sorted(Path(sys.argv[1]).iterdir()):
-    m = json.loads((run / "train_metrics.json").read_text())
-    print(run.name, {k: m.get(k) for k in ("eval_loss", "final_loss", "global_steps", "train_runtime_s",
-                                           "tokens_per_second", "peak_gpu_memory_gb")})
-PY
+  compare_recipes recipe_check "original|--recipe original --max_steps ${RC_STEPS:-250}
+fast|--recipe fast --max_steps ${RC_STEPS:-250}"
 }
 
 # Issue 6 (next): candidate recipes with more examples per optimizer step, against the default, at the same
-# number of training examples. RC_VARIANTS: one "name|flags" per line (all run at once on one GPU).
+# number of training examples. RC_VARIANTS: one "name|flags" per line.
 recipe_compare() {
-  local line name flags
+  compare_recipes recipe_compare "${RC_VARIANTS:-fast-bs8|--max_steps 250
+fast-bs16-lr2.8e-4|--batch_size 16 --learning_rate 2.8e-4 --max_steps 125
+fast-bs32-lr4e-4|--batch_size 32 --learning_rate 4e-4 --max_steps 63}"
+}
+
+# compare_recipes NAME VARIANTS: SAMSum trained once per "name|flags" line, all at once on one GPU, scored by the
+# evaluation loss on the validation split; results in $R/NAME/<name>.
+compare_recipes() {
+  local stage=$1 name flags
   while IFS='|' read -r name flags; do
     [ -n "$name" ] || continue
     # shellcheck disable=SC2086
     python3 zephyr_summarization.py --pretrained_ckpt "$MODEL" --train_file "$SAMSUM/train.jsonl.gz" \
-      --validation_file "$SAMSUM/validation.jsonl.gz" $flags --experiment_dir "$R/recipe_compare/$name" \
-      "${EXTRA_TRAIN[@]}" > "$R/logs/recipe_compare_$name.log" 2>&1 &
-  done <<< "${RC_VARIANTS:-fast-bs8|--max_steps 250
-fast-bs16-lr2.8e-4|--batch_size 16 --learning_rate 2.8e-4 --max_steps 125
-fast-bs32-lr4e-4|--batch_size 32 --learning_rate 4e-4 --max_steps 63}"
+      --validation_file "$SAMSUM/validation.jsonl.gz" $flags --experiment_dir "$R/$stage/$name" \
+      "${EXTRA_TRAIN[@]}" > "$R/logs/${stage}_$name.log" 2>&1 &
+  done <<< "$2"
   wait
-  python3 - "$R/recipe_compare" <<'PY'
+  python3 - "$R/$stage" <<'PY'
 import json, sys
 from pathlib import Path
 for run in sorted(Path(sys.argv[1]).iterdir()):
     m = json.loads((run / "train_metrics.json").read_text()) if (run / "train_metrics.json").is_file() else {}
-    print(run.name, {k: m.get(k) for k in ("eval_loss", "global_steps", "train_runtime_s", "tokens_per_second")})
+    print(run.name, {k: m.get(k) for k in ("eval_loss", "final_loss", "global_steps", "train_runtime_s",
+                                           "tokens_per_second", "peak_gpu_memory_gb")})
 PY
 }
 

@@ -104,18 +104,22 @@ def test_constrained_decoding_only_yields_labels(model_and_tokenizer):
     assert set(decoded) <= set(labels) and len(decoded) == 6
 
 
+def _eval_args(run, data_dir, out):
+    from argparse import Namespace
+
+    return Namespace(experiment_dir=str(run), split="test", test_file=str(data_dir / "news_test.jsonl"),
+                     validation_file=None, dataset="", limit=None, batch_size=3, max_new_tokens=6,
+                     max_prompt_tokens=None, output_dir=str(out), overwrite=False, merge_adapter=False,
+                     use_flash_attention=False, decoding="greedy")
+
+
 def test_interrupted_evaluation_continues_with_the_same_result(trained_run_for_resume, data_dir, tmp_path,
                                                               monkeypatch):
     """A crash after some batches keeps them; the re-run generates only the rest and scores the same."""
-    from argparse import Namespace
-
     from qlora_kit import evaluation
 
     def args(out):
-        return Namespace(experiment_dir=str(trained_run_for_resume), split="test", test_file=str(data_dir / "news_test.jsonl"),
-                         validation_file=None, dataset="", limit=None, batch_size=3, max_new_tokens=6,
-                         max_prompt_tokens=None, output_dir=str(out), overwrite=False, merge_adapter=False,
-                         use_flash_attention=False, decoding="greedy")
+        return _eval_args(trained_run_for_resume, data_dir, out)
 
     whole = evaluation.evaluate_run("classification", args(tmp_path / "whole"))
     real = generation._generate_batch
@@ -232,15 +236,10 @@ def test_plan_batches_by_token_budget():
 
 def test_partial_files_of_other_processes_are_resumed(trained_run_for_resume, data_dir, tmp_path):
     """An evaluation cut off while running as several processes continues in one (or any number)."""
-    from argparse import Namespace
-
     from qlora_kit import evaluation
 
     def args(out):
-        return Namespace(experiment_dir=str(trained_run_for_resume), split="test", test_file=str(data_dir / "news_test.jsonl"),
-                         validation_file=None, dataset="", limit=None, batch_size=3, max_new_tokens=6,
-                         max_prompt_tokens=None, output_dir=str(out), overwrite=False, merge_adapter=False,
-                         use_flash_attention=False, decoding="greedy")
+        return _eval_args(trained_run_for_resume, data_dir, out)
 
     whole = evaluation.evaluate_run("classification", args(tmp_path / "whole"))
     lines = (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()
