@@ -47,9 +47,12 @@ RECIPES = {
     "packed rows x 4, fused AdamW, Liger, all modules": _recipe("all", "fast", batch_size=4, packing=True,
                                                                 group_by_length=False),
     # candidates for a faster default (more examples per optimizer step: need a learning check first)
+    "fast, batch 32, q,v": _recipe("qv", "fast", batch_size=32),
     "fast, batch 32, all modules": _recipe("all", "fast", batch_size=32),
     "packed rows x 8, fused AdamW, Liger, all modules": _recipe("all", "fast", batch_size=8, packing=True,
                                                                 group_by_length=False),
+    "packed rows x 16, fused AdamW, Liger, all modules": _recipe("all", "fast", batch_size=16, packing=True,
+                                                                 group_by_length=False),
 }
 
 
@@ -71,86 +74,133 @@ def write_lengths(data_dir: Path, tokenizer_name: str, max_seq_length: int) -> N
     print(f"wrote {LENGTHS}")
 
 
-def synthetic_dataset(task: str, vocab: int, count: int, seed: int):
-    """Examples with the real (prompt + answer) lengths of the task, random ids, loss on the answer."""
-    from datasets import Dataset
+def stratified(lengths: list, count: int) -> list:
+    """``count`` items at evenly spaced quantiles of ``lengths``: the real length mix, without sampling noise."""
+    ordered = sorted(lengths)
+    return [ordered[int((i + 0.5) * len(ordered) / count)] for i in range(count)]
 
-    lengths = json.loads(LENGTHS.read_text())[task]
+
+def _example(total: int, answer: int, vocab: int, rng: random.Random) -> dict:
+    ids = [rng.randrange(3, vocab) for _ in range(total)]
+    return {"input_ids": ids, "labels": [-100] * (total - answer) + ids[total - answer:]}
+
+
+def synthetic_rows(task: str, vocab: int, rows_per_step: int, warmup_steps: int, steps: int, grouped: bool,
+                   packing: bool, max_seq_length: int, seed: int):
+    """Training rows with the real (prompt + answer) lengths of the task, random ids, loss on the answer, in
+    the order they are trained (the benchmark feeds them sequentially): (warm-up rows, timed rows).
+
+    The first step takes the task's longest examples, so the peak memory covers the worst batch a real epoch
+    meets. The timed steps take examples at evenly spaced quantiles of the real lengths: shuffled for a recipe
+    with random batches; sorted, so that each batch holds similar lengths, for a length-grouped one (as its
+    sampler does within each mega-batch); for packing, as many as fill the rows, packed, rows shuffled.
+    """
+    from qlora_kit.packing import packed_rows
+
+    lengths = [tuple(pair) for pair in json.loads(LENGTHS.read_text())[task]]
     rng = random.Random(seed)
-    chosen = [lengths[rng.randrange(len(lengths))] for _ in range(count)]
-    rows = []
-    for total, answer in chosen:
-        ids = [rng.randrange(3, vocab) for _ in range(total)]
-        rows.append({"input_ids": ids, "labels": [-100] * (total - answer) + ids[total - answer:]})
-    return Dataset.from_list(rows), sum(total for total, _ in lengths), len(lengths)
+    warm = sorted(lengths)[-rows_per_step:] + [lengths[rng.randrange(len(lengths))]
+                                               for _ in range(rows_per_step * (warmup_steps - 1))]
+    warm = [_example(total, answer, vocab, rng) for total, answer in warm]
+    needed = rows_per_step * steps
+    if not packing:
+        timed = stratified(lengths, needed)
+        if grouped:
+            timed.sort(reverse=True)
+        else:
+            rng.shuffle(timed)
+        return warm, [_example(total, answer, vocab, rng) for total, answer in timed]
+    mean = sum(total for total, _ in lengths) / len(lengths)
+    count = int(needed * max_seq_length / mean)
+    while True:  # examples enough to fill `needed` rows
+        timed = packed_rows([_example(t, a, vocab, rng) for t, a in stratified(lengths, count)], max_seq_length)
+        if len(timed) >= needed:
+            break
+        count = int(count * 1.1) + 1
+    rng.shuffle(timed)
+    warm_rows = packed_rows(warm, max_seq_length)
+    return (warm_rows * warmup_steps)[:rows_per_step * warmup_steps], timed[:needed]
 
 
-def measure(model_dir: Path, recipe: tuple, task: str, args) -> dict:
+class LargestBatch:
+    """Wraps a collator to remember the largest padded batch (rows x width) it made."""
+
+    def __init__(self, collate):
+        self.collate, self.shape = collate, (0, 0)
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        shape = tuple(batch["input_ids"].shape)
+        if shape[0] * shape[1] > self.shape[0] * self.shape[1]:
+            self.shape = shape
+        return batch
+
+
+def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     import torch
+    from datasets import Dataset
     from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
 
     from qlora_kit import modeling, training
-
-    from qlora_kit.packing import PackedCollator, packed_rows
+    from qlora_kit.cli import TRAINING_RECIPES
+    from qlora_kit.packing import PackedCollator
 
     targets, batch, accumulation, packing = recipe["targets"], recipe["batch_size"], recipe["grad_accum"], recipe["packing"]
-    steps = args.warmup_steps + args.steps
     model = modeling.load_model(str(model_dir), load_in_4bit=True)
     tokenizer = modeling.load_tokenizer(str(model_dir))
-    # packed rows hold several examples: draw enough of them to fill every row; length grouping sorts within
-    # mega-batches of 50 batches (transformers' LengthGroupedSampler), so draw at least one of those
-    draw = steps * batch * accumulation * (args.max_seq_length // 64 if packing else 1)
-    if recipe["group_by_length"]:
-        draw = max(draw, 50 * batch * accumulation)
-    dataset, epoch_tokens, epoch_examples = synthetic_dataset(task, model.config.vocab_size, draw, args.seed)
-    collator = None
-    if packing:
-        rows = packed_rows(list(dataset), args.max_seq_length)
-        examples_per_row = len(dataset) / len(rows)
-        from datasets import Dataset
-
-        dataset, collator = Dataset.from_list(rows), PackedCollator(tokenizer.pad_token_id)
-    from qlora_kit.cli import TRAINING_RECIPES
+    warm, timed = synthetic_rows(task, model.config.vocab_size, batch * accumulation, args.warmup_steps, args.steps,
+                                 recipe["group_by_length"], packing, args.max_seq_length, args.seed)
+    timed_tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
+    timed_examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
+    lengths = json.loads(LENGTHS.read_text())[task]
+    epoch_tokens, epoch_examples = sum(total for total, _ in lengths), len(lengths)
 
     speed = {key: recipe[key] for key in TRAINING_RECIPES["original"]}  # the speed settings every recipe has
-    settings = Namespace(epochs=1, max_steps=steps, learning_rate=2e-4, logging_steps=1000,
-                         save_steps=10**6, report_to="none", seed=args.seed, neftune=None,
+    settings = Namespace(epochs=1, max_steps=args.warmup_steps + args.steps, learning_rate=2e-4,
+                         logging_steps=1000, save_steps=10**6, report_to="none", seed=args.seed, neftune=None,
                          max_seq_length=args.max_seq_length, completion_only_loss=True, **speed)
     sft_args = training.sft_config(settings, Path(args.scratch))
     sft_args.save_strategy = "no"
-    if packing:
-        sft_args.include_num_input_tokens_seen = "all"
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
                              target_modules=modeling.lora_target_modules(targets == "all"))
-    trainer = training.make_trainer(model, sft_args, peft_config, tokenizer, dataset, None, data_collator=collator)
+    collator = PackedCollator(tokenizer.pad_token_id) if packing else None
+    trainer = training.make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(warm + timed), None,
+                                    data_collator=collator)
+    # the rows' own order (see synthetic_rows): the worst batch first, then the timed steps
+    trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)
+    trainer.data_collator = largest = LargestBatch(trainer.data_collator)
 
     class Clock(TrainerCallback):
-        start_time = start_tokens = None
+        start_time = None
 
         def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == settings_warmup:
+            if state.global_step == args.warmup_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                self.start_time, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+                self.start_time = time.perf_counter()
 
-    settings_warmup = args.warmup_steps
     clock = Clock()
     trainer.add_callback(clock)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock.start_time
-    tokens = trainer.state.num_input_tokens_seen - clock.start_tokens
-    examples = args.steps * batch * accumulation * (examples_per_row if packing else 1)
+    on_gpu = torch.cuda.is_available()
     result = {**recipe, "optim": sft_args.optim, "use_liger_kernel": sft_args.use_liger_kernel,
-              "timed_steps": args.steps, "seconds": seconds,
-              "tokens_per_second": tokens / seconds, "examples_per_second": examples / seconds,
-              "seconds_per_epoch": epoch_tokens / (tokens / seconds), "epoch_examples": epoch_examples,
-              "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
+              "timed_steps": args.steps, "seconds": seconds, "timed_tokens": timed_tokens,
+              "timed_examples": timed_examples,
+              "tokens_per_second": timed_tokens / seconds, "examples_per_second": timed_examples / seconds,
+              "seconds_per_epoch": epoch_tokens / (timed_tokens / seconds), "epoch_examples": epoch_examples,
+              # over every step, warm-up included, whose first batch holds the task's longest examples
+              "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
+              "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
+              "largest_batch_rows_x_width": list(largest.shape)}
     del trainer, model
-    if torch.cuda.is_available():
+    if on_gpu:
         torch.cuda.empty_cache()
     return result
 
@@ -173,7 +223,8 @@ def main(args):
             if base:
                 run["speedup_vs_original"] = run["tokens_per_second"] / base["tokens_per_second"]
             print(f"{key}: {run['tokens_per_second']:.0f} tokens/s, {run['examples_per_second']:.2f} examples/s, "
-                  f"peak {run['peak_gpu_memory_gb']} GB, {run['seconds_per_epoch']:.0f} s/epoch", flush=True)
+                  f"peak {run['peak_gpu_memory_gb']} GB (largest batch {run['largest_batch_rows_x_width']}), "
+                  f"{run['seconds_per_epoch']:.0f} s/epoch", flush=True)
             zephyr_shaped.write_result(Path(args.out), results)
 
 

@@ -27,12 +27,14 @@ build_z7() {
   python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import zephyr_shaped; zephyr_shaped.build(Path('$Z7'))"
 }
 
-# Issue 6: training throughput of each recipe on the 7B-shaped model (classification: every recipe).
+# Issue 6: training throughput of each recipe on the 7B-shaped model, side by side in one run per task.
 bench_train() {
-  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --steps 6 \
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --steps 8 \
+    --recipes "original, q,v" "fast, batch 32, q,v" "original, all modules" "fast, all modules" \
+              "fast, batch 32, all modules" "packed rows x 16, fused AdamW, Liger, all modules" \
     --out "$R/bench_train/train_throughput_classification.json"
-  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks summarization --steps 6 \
-    --recipes "original, all modules" "fast, all modules" "packed rows x 4, fused AdamW, Liger, all modules" \
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks summarization --steps 8 \
+    --recipes "original, all modules" "fast, batch 32, all modules" "packed rows x 16, fused AdamW, Liger, all modules" \
     --out "$R/bench_train/train_throughput_summarization.json"
 }
 
@@ -128,12 +130,14 @@ recipe_check() {
 fast|--recipe fast --max_steps ${RC_STEPS:-250}"
 }
 
-# Issue 6 (next): candidate recipes with more examples per optimizer step, against the default, at the same
-# number of training examples. RC_VARIANTS: one "name|flags" per line.
+# Issue 6: candidate recipes with more examples per optimizer step, against the original, at about the same
+# number of training examples (2,000 dialogues: 250 x 8, 63 x 32, 45 packed steps of about 44).
+# RC_VARIANTS: one "name|flags" per line.
 recipe_compare() {
-  compare_recipes recipe_compare "${RC_VARIANTS:-fast-bs8|--max_steps 250
-fast-bs16-lr2.8e-4|--batch_size 16 --learning_rate 2.8e-4 --max_steps 125
-fast-bs32-lr4e-4|--batch_size 32 --learning_rate 4e-4 --max_steps 63}"
+  compare_recipes recipe_compare "${RC_VARIANTS:-original|--recipe original --max_steps 250
+bs32-lr4e-4|--batch_size 32 --learning_rate 4e-4 --max_steps 63
+bs32-lr8e-4|--batch_size 32 --learning_rate 8e-4 --max_steps 63
+packed16-lr8e-4|--batch_size 16 --packing --no-group_by_length --learning_rate 8e-4 --max_steps 45}"
 }
 
 # compare_recipes NAME VARIANTS: SAMSum trained once per "name|flags" line, all at once on one GPU, scored by the
@@ -187,16 +191,40 @@ PY
     --train_sample_fraction 0.05 --max_steps 20 --batch_size 4 --experiment_dir "$d/fsdp" "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -15
 }
 
-# Issue 7 (next): the full training sets with all-module LoRA. Longer than one 10-minute command: run the
-# stage again on the same machine and the sweeps resume the interrupted runs from their checkpoints.
+# Issue 7: the full training sets with all-module LoRA: 20 Newsgroups with the learning rate chosen by lr_scan;
+# SAMSum in both prompt styles, the style chosen by validation ROUGE. Longer than one 10-minute command: with
+# STOP_AFTER every run checkpoints and stops in time; run the stage again and the sweeps resume them.
 full_data() {
   local common=(--pretrained_ckpt "$MODEL" --batch_size 16 --no-gradient_checkpointing --learning_rate "$LR"
                 --max_batch_tokens 300000 --save_steps 100 "${EXTRA_TRAIN[@]}" "${EXTRA_EVAL[@]}")
   env FRACTIONS=1.0 EPOCHS=3 EXPERIMENTS="$R/full" FULL_TUNE=1 GPUS=${GPU_A:-0} ./sample_ablate.sh "${common[@]}" \
     --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz" &
-  env RANKS=64 DROPOUTS=0.1 EPOCHS_LIST=1 EXPERIMENTS="$R/full" FULL_TUNE=1 GPUS=${GPU_B:-0} ./run_lora.sh \
-    "${common[@]}" --train_file "$SAMSUM/train.jsonl.gz" --test_file "$SAMSUM/test.jsonl.gz" &
+  local style
+  for style in seed chat; do
+    (env RANKS=64 DROPOUTS=0.1 EPOCHS_LIST=1 EXPERIMENTS="$R/full/samsum-$style" FULL_TUNE=1 GPUS=${GPU_B:-0} \
+       ./run_lora.sh "${common[@]}" --prompt_style $style --train_file "$SAMSUM/train.jsonl.gz" \
+       --test_file "$SAMSUM/test.jsonl.gz"
+     run=$R/full/samsum-$style/summarization_epochs-1_rank-64_dropout-0.1_full
+     if [ -f "$run/metrics/metrics.json" ] && [ ! -f "$run/metrics_validation/metrics.json" ]; then
+       python3 zephyr_summarization_inference.py --experiment_dir "$run" --split validation \
+         --validation_file "$SAMSUM/validation.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
+     fi) &
+  done
   wait
+}
+
+# With STOP_AFTER=N: after N seconds, every training or evaluation process gets one SIGTERM (a training run
+# saves a checkpoint and stops; an evaluation keeps its partial predictions), so the command ends in time.
+stop_after() {
+  sleep "$1"
+  echo "STOP_AFTER: asking every run to checkpoint and stop"
+  local seen=" " pid
+  while true; do
+    for pid in $(pgrep -f "zephyr_[a-z_]*\.py"); do
+      case "$seen" in *" $pid "*) ;; *) kill -TERM "$pid" 2>/dev/null; seen="$seen$pid ";; esac
+    done
+    sleep 1
+  done
 }
 
 pack() {
@@ -204,6 +232,11 @@ pack() {
   tar czf "$PACK.tmp" -C "$R" --exclude=checkpoints --exclude=adapter --exclude='*.safetensors' . && mv "$PACK.tmp" "$PACK"
 }
 
+if [ -n "${STOP_AFTER:-}" ]; then
+  stop_after "$STOP_AFTER" &
+  watchdog=$!
+  trap 'pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null' EXIT  # its sleep too: it holds our stdout
+fi
 for stage in "$@"; do
   echo "=== $stage (GPU ${CUDA_VISIBLE_DEVICES:-all}) $(date +%T)"
   started=$SECONDS

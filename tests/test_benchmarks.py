@@ -33,3 +33,25 @@ def test_train_benchmark_tiny(tmp_path):
     assert fast["tokens_per_second"] > 0 and fast["speedup_vs_original"] > 0 and fast["group_by_length"]
     assert runs["summarization: original, all modules"]["grad_accum"] == 2
     assert runs["summarization: packed rows x 4, fused AdamW, Liger, all modules"]["examples_per_second"] > 0
+    # the peak covers the worst batch: the first step holds the task's longest examples, padded to the longest
+    longest = max(total for total, _ in json.loads((ROOT / "benchmarks" / "train_lengths.json").read_text())["summarization"])
+    assert fast["largest_batch_rows_x_width"] == [fast["batch_size"], longest]
+    # recipes with the same examples per step are timed on the same examples
+    assert fast["timed_tokens"] == runs["summarization: original, all modules"]["timed_tokens"]
+
+
+def test_train_benchmark_rows_follow_the_real_lengths():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_throughput
+
+    lengths = [total for total, _ in json.loads(train_throughput.LENGTHS.read_text())["classification"]]
+    warm, grouped = train_throughput.synthetic_rows("classification", 1000, 8, 2, 10, True, False, 512, 0)
+    _, shuffled = train_throughput.synthetic_rows("classification", 1000, 8, 2, 10, False, False, 512, 0)
+    sizes = [len(row["input_ids"]) for row in grouped]
+    assert len(warm) == 16 and len(grouped) == 80
+    assert [len(row["input_ids"]) for row in warm[:8]] == sorted(lengths)[-8:]
+    assert sizes == sorted(sizes, reverse=True)  # length-grouped: each batch holds similar lengths
+    assert sorted(len(row["input_ids"]) for row in shuffled) == sorted(sizes)  # same examples, other order
+    assert abs(sum(sizes) / len(sizes) - sum(lengths) / len(lengths)) < 0.1 * sum(lengths) / len(lengths)
+    _, packed = train_throughput.synthetic_rows("classification", 1000, 8, 2, 10, False, True, 512, 0)
+    assert len(packed) == 80 and all(len(row["input_ids"]) <= 512 for row in packed)
