@@ -10,21 +10,23 @@ from .modeling import EMBEDDED_MODEL
 
 DEFAULT_MODEL = "HuggingFaceH4/zephyr-7b-beta"
 
-# Speed settings of a training recipe; any flag given on the command line wins.
-# "original" is the published scripts' recipe (to reproduce their tables); the default is the faster one,
-# chosen by benchmarks/train_throughput.py on the GPU machine (see benchmarks/README.md).
+# Speed settings of a training recipe, and the learning rate that goes with its batch; any flag given on the
+# command line wins. "original" is the published scripts' recipe (to reproduce their tables); the default is the
+# faster one, chosen on the GPU machine by benchmarks/train_throughput.py (speed, memory) and by a learning check
+# at the same number of examples (results/README.md): 4x the examples per step, so 4x the learning rate.
 TRAINING_RECIPES = {
-    "original": {"batch_size": 4, "grad_accum": 2, "gradient_checkpointing": True, "optim": "paged_adamw_32bit",
-                 "group_by_length": False, "use_liger_kernel": False, "packing": False},
-    "fast": {"batch_size": 8, "grad_accum": 1, "gradient_checkpointing": True, "optim": "adamw_torch_fused",
-             "group_by_length": True, "use_liger_kernel": True, "packing": False},
+    "original": {"batch_size": 4, "grad_accum": 2, "learning_rate": 2e-4, "gradient_checkpointing": True,
+                 "optim": "paged_adamw_32bit", "group_by_length": False, "use_liger_kernel": False, "packing": False},
+    "fast": {"batch_size": 32, "grad_accum": 1, "learning_rate": 8e-4, "gradient_checkpointing": True,
+             "optim": "adamw_torch_fused", "group_by_length": True, "use_liger_kernel": True, "packing": False},
 }
 DEFAULT_RECIPE = "fast"
 
 
 def describe_recipe(name: str) -> str:
     recipe = TRAINING_RECIPES[name]
-    words = [f"batch {recipe['batch_size']} x accumulation {recipe['grad_accum']}", recipe["optim"]]
+    words = [f"batch {recipe['batch_size']} x accumulation {recipe['grad_accum']}",
+             f"learning rate {recipe['learning_rate']:g}", recipe["optim"]]
     words += [flag for flag in ("gradient_checkpointing", "group_by_length", "use_liger_kernel", "packing")
               if recipe[flag]]
     return ", ".join(words)
@@ -115,9 +117,9 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="default: %(default)s")
     train.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    train.add_argument("--learning_rate", type=float, default=2e-4, help="default: %(default)s")
+    train.add_argument("--learning_rate", type=float, default=None, help="(default: the recipe's)")
     train.add_argument("--recipe", choices=list(TRAINING_RECIPES), default=DEFAULT_RECIPE,
-                       help="speed settings below that are not given: " + "; ".join(
+                       help="the speed settings and learning rate below that are not given: " + "; ".join(
                            f"{name}: {describe_recipe(name)}" for name in TRAINING_RECIPES) + " (default: %(default)s)")
     train.add_argument("--batch_size", type=positive_int, default=None, help="per-device micro-batch (default: the recipe's)")
     train.add_argument("--grad_accum", type=positive_int, default=None,

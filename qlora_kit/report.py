@@ -105,13 +105,15 @@ def summarization_table(records: list[dict]) -> str:
     runs = [r for r in records if r["task"] == "summarization"]
     baselines = sorted((r for r in runs if r["kind"] == "baseline"), key=lambda r: r["method"])
     tuned = sorted((r for r in runs if r["kind"] == "fine-tuned"),
-                   key=lambda r: (VARIANTS.index(r["method"]), r["lora_r"] or 0, r["dropout"] or 0, r["epochs"] or 0))
+                   key=lambda r: (VARIANTS.index(r["method"]), r["lora_r"] or 0, r["dropout"] or 0, r["epochs"] or 0,
+                                 (r.get("prompt_style") or "seed") != "seed"))
     lines = ["| method | " + " | ".join(label for _, label in ROUGE_COLUMNS) + " |",
              "|---|" + "---|" * len(ROUGE_COLUMNS)]
     for run in baselines + tuned:
         name = run["method"] if run["kind"] == "baseline" else (
             f"{run['method']} r={run['lora_r']} dropout={run['dropout']} epochs={run['epochs']}"
-            + (f" steps={run['max_steps']}" if run.get("max_steps") else ""))
+            + (f" steps={run['max_steps']}" if run.get("max_steps") else "")
+            + (f", {run['prompt_style']} prompt" if run.get("prompt_style") not in (None, "seed") else ""))
         lines.append(f"| {name} | " + " | ".join(_num(run[key]) for key, _ in ROUGE_COLUMNS) + " |")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import signal
@@ -353,6 +354,8 @@ def train(task: str, args: Namespace) -> dict:
     # 4. train; SIGTERM/SIGINT save a checkpoint at the end of the current step, then stop
     stop = StopOnSignal()
     trainer.add_callback(stop)
+    # a resumed run: its trainer state counts the tokens trained before; this command's speed leaves them out
+    tokens_before, step_before = _checkpoint_progress(checkpoint)
     started = time.perf_counter()
     with stop.installed():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -365,9 +368,10 @@ def train(task: str, args: Namespace) -> dict:
         "train_loss": output.training_loss,
         "final_loss": _last_logged_loss(trainer),
         "global_steps": output.global_step,
-        "train_runtime_s": runtime,
-        "trained_tokens": trained_tokens,
-        "tokens_per_second": trained_tokens / runtime if runtime else None,
+        "train_runtime_s": runtime,  # this command's; a resumed run's earlier commands are not in it
+        "trained_tokens": trained_tokens,  # the whole run's
+        "tokens_per_second": (trained_tokens - tokens_before) / runtime if runtime else None,
+        "resumed_from_step": step_before,
         "processes": distributed.world_size(),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
         "log_history": trainer.state.log_history,
@@ -383,6 +387,14 @@ def train(task: str, args: Namespace) -> dict:
     distributed.barrier()
     metrics["run_dir"] = str(run_dir)
     return metrics
+
+
+def _checkpoint_progress(checkpoint: Path | None) -> tuple[int, int | None]:
+    """(tokens trained, optimizer step) when ``checkpoint`` was saved; (0, None) without one."""
+    if not checkpoint:
+        return 0, None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state.get("num_input_tokens_seen") or 0, state.get("global_step")
 
 
 def _last_logged_loss(trainer) -> float | None:

@@ -27,17 +27,16 @@ def test_train_benchmark_tiny(tmp_path):
     out = tmp_path / "t.json"
     _run("train_throughput.py", "--tiny", "--model_dir", tmp_path / "m", "--out", out, "--steps", 1,
          "--warmup_steps", 1, "--tasks", "summarization", "--recipes", "original, all modules",
-         "fast, all modules", "packed rows x 4, fused AdamW, Liger, all modules", "--scratch", tmp_path / "s")
+         "fast, all modules", "packed rows x 16, fused AdamW, Liger, all modules", "--scratch", tmp_path / "s")
     runs = json.loads(out.read_text())["runs"]
     fast = runs["summarization: fast, all modules"]
     assert fast["tokens_per_second"] > 0 and fast["speedup_vs_original"] > 0 and fast["group_by_length"]
     assert runs["summarization: original, all modules"]["grad_accum"] == 2
-    assert runs["summarization: packed rows x 4, fused AdamW, Liger, all modules"]["examples_per_second"] > 0
+    assert runs["summarization: packed rows x 16, fused AdamW, Liger, all modules"]["examples_per_second"] > 0
     # the peak covers the worst batch: the first step holds the task's longest examples, padded to the longest
     longest = max(total for total, _ in json.loads((ROOT / "benchmarks" / "train_lengths.json").read_text())["summarization"])
     assert fast["largest_batch_rows_x_width"] == [fast["batch_size"], longest]
-    # recipes with the same examples per step are timed on the same examples
-    assert fast["timed_tokens"] == runs["summarization: original, all modules"]["timed_tokens"]
+    assert fast["batch_size"] == 32 and fast["learning_rate"] == 8e-4
 
 
 def test_train_benchmark_rows_follow_the_real_lengths():

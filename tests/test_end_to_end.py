@@ -15,7 +15,7 @@ def trained_classifier(tmp_path_factory, tiny_model, data_dir):
     work = tmp_path_factory.mktemp("cls")
     result = run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model,
                         "--train_file", data_dir / "news_train.jsonl", "--max_steps", 3, "--epochs", 1,
-                        "--train_sample_fraction", 0.5, "--experiment_dir", "run", cwd=work)
+                        "--batch_size", 8, "--train_sample_fraction", 0.5, "--experiment_dir", "run", cwd=work)
     assert "run folder: run" in result.stdout
     return work / "run"
 
@@ -28,7 +28,7 @@ def test_training_writes_a_complete_run_folder(trained_classifier):
     assert config["lora_target_modules"] == ["q_proj", "v_proj"]
     assert config["end_token"] == "</s>"
     metrics = json.loads((trained_classifier / "train_metrics.json").read_text())
-    # 3 steps x 4 examples x 2 accumulation = the 24 sampled examples once: every token counted, no padding
+    # 3 steps x 8 examples = the 24 sampled examples once: every token counted, no padding
     assert metrics["global_steps"] == 3 and metrics["trained_tokens"] == config["data"]["tokens"]
     assert (trained_classifier / "adapter" / "adapter_model.safetensors").is_file()
 

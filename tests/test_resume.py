@@ -44,6 +44,12 @@ def test_resume_gives_the_same_adapter(tiny_model, data_dir, tmp_path, variant):
     first = json.loads((tmp_path / "whole" / "train_metrics.json").read_text())
     again = json.loads((tmp_path / "cut" / "train_metrics.json").read_text())
     assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-6)
+    # the resumed command's speed counts only the tokens it trained itself (steps 5 and 6)
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert again["resumed_from_step"] == 4 and first["resumed_from_step"] is None
+    assert again["trained_tokens"] == first["trained_tokens"] > state["num_input_tokens_seen"] > 0
+    assert again["tokens_per_second"] * again["train_runtime_s"] == pytest.approx(
+        again["trained_tokens"] - state["num_input_tokens_seen"])
     finished = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume", *variant, check=False)
     assert finished.returncode == 2 and "nothing to resume" in finished.stderr
 

@@ -63,11 +63,11 @@ def test_failed_run_is_logged_and_the_sweep_goes_on(tiny_model, data_dir, tmp_pa
             / "metrics.json").is_file()
 
 
-def _run_folder(root: Path, name, task, settings, rows_used, metrics):
+def _run_folder(root: Path, name, task, settings, rows_used, metrics, prompt_style="seed"):
     folder = root / name
     (folder / "metrics").mkdir(parents=True)
     (folder / "run_config.json").write_text(json.dumps({
-        "task": task, "prompt_style": "seed", "data": {"rows": {"used": rows_used}},
+        "task": task, "prompt_style": prompt_style, "data": {"rows": {"used": rows_used}},
         "settings": {"pretrained_ckpt": "m", "epochs": 1, "lora_r": 8, "dropout": 0.1, **settings}}))
     (folder / "train_metrics.json").write_text(json.dumps({"train_loss": 1.0}))
     if metrics:
@@ -88,6 +88,8 @@ def test_report_tables_and_plots(tmp_path):
     _run_folder(exp, "d", "classification", {"train_sample_fraction": 0.05}, 50, None)  # trained, not evaluated
     _run_folder(exp, "s", "summarization", {"lora_r": 64}, 10, {"rouge1": 40.0, "rouge2": 20.0, "rougeL": 30.0,
                                                                 "rougeLsum": 31.0})
+    _run_folder(exp / "chat", "s", "summarization", {"lora_r": 64}, 10, {"rouge1": 41.0, "rouge2": 21.0,
+                                                                         "rougeL": 31.0, "rougeLsum": 32.0}, "chat")
     (base / "zs").mkdir(parents=True)
     (base / "zs" / "metrics.json").write_text(json.dumps({
         "rouge1": 10.0, "rouge2": 2.5, "rougeL": 8.0, "rougeLsum": 9.0,
@@ -104,11 +106,12 @@ def test_report_tables_and_plots(tmp_path):
         "|---|---|---|---|---|",
         "| zero-shot (seed) | 10.00 | 2.50 | 8.00 | 9.00 |",
         "| QLoRA r=64 dropout=0.1 epochs=1 | 40.00 | 20.00 | 30.00 | 31.00 |",
+        "| QLoRA r=64 dropout=0.1 epochs=1, chat prompt | 41.00 | 21.00 | 31.00 | 32.00 |",
     ]) in text
     for png in ("accuracy_vs_samples.png", "rouge_by_method.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_lines = (tmp_path / "out" / "runs.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 7 and csv_lines[0].startswith("kind,method,run,task,")
+    assert len(csv_lines) == 1 + 8 and csv_lines[0].startswith("kind,method,run,task,")
 
 
 def test_interrupted_runs_resume_and_finished_ones_only_evaluate(tmp_path):
