@@ -1,6 +1,6 @@
 """Fine-tune a causal LM with QLoRA to summarize SAMSum dialogues.
 
-Usage (Zephyr-7B-beta on one 24 GB GPU, the original recipe):
+Usage (Zephyr-7B-beta on one 24 GB GPU, the default `fast` recipe; --recipe original for the published one):
     python zephyr_summarization.py --lora_r 64 --epochs 1
 
 Offline, on local files and the small embedded model:

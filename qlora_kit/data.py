@@ -169,21 +169,23 @@ def has_header_block(text: str) -> bool:
 
 
 def strip_newsgroup_message(text: str) -> str:
-    """Remove headers, quoted replies and the signature footer, as scikit-learn's 20 Newsgroups loader does.
+    """Remove headers, the signature footer and quoted replies, as scikit-learn's 20 Newsgroups loader does.
 
-    Only a message that starts with a real header block is changed: already-clean text passes unchanged.
+    In its order: header block, then footer, then quote lines (the footer is found before quotes are removed;
+    the other order keeps ~250 more messages non-empty than the benchmark split has: 11,290 / 7,507 train / test
+    instead of 11,014 / 7,317). Only a message that starts with a real header block is changed: already-clean
+    text passes unchanged.
     """
     if not has_header_block(text):
         return text
     _, _, body = text.partition("\n\n")
-    body = "\n".join(line for line in body.split("\n") if not _QUOTE_LINE.search(line))
     lines = body.strip().split("\n")
     for line_number in range(len(lines) - 1, -1, -1):
         if lines[line_number].strip().strip("-") == "":
             break
     if line_number > 0:  # a separator line: what follows it is the signature
         body = "\n".join(lines[:line_number])
-    return body
+    return "\n".join(line for line in body.split("\n") if not _QUOTE_LINE.search(line))
 
 
 def _as_text(value) -> str | None:

@@ -86,6 +86,13 @@ def test_strip_removes_header_quotes_and_footer():
     assert data.strip_newsgroup_message(MESSAGE) == "My actual point about orbits.\nSecond line.\n"
 
 
+def test_strip_finds_the_footer_before_removing_quotes_as_scikit_learn_does():
+    # scikit-learn strips the footer first: the last blank line starts the "signature", even when what follows
+    # is text and a quote; the quote lines go after. The benchmark split (11,014 / 7,317) is made this way.
+    message = "From: a@b.c\nSubject: x\n\nIn article <1@x> b@y writes:\n> q1\n\nMy point\n> q2"
+    assert data.strip_newsgroup_message(message) == ""
+
+
 def test_clean_text_without_header_passes_unchanged():
     text = "Just a message.\n> not a quote here\n--\nnot a signature"
     assert data.strip_newsgroup_message(text) == text
