@@ -159,3 +159,36 @@ def test_validation_split_is_disjoint_fixed_and_stratified():
     assert len(held) == 10 and len(train) == 40
     with pytest.raises(UsageError, match="--validation_fraction"):
         data.split_off_validation(rows, 1.0, seed=1, task="classification")
+
+
+def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
+    """scripts/rescore_newsgroups_split.py maps predictions made with the old stripping to the raw rows."""
+    import gzip
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    header = "From: a@b.c\nSubject: x\n\n"
+    raw = [
+        {"text": header + "Plain text about space.", "label": "sci.space"},  # same both ways
+        {"text": header + "In article <1@x> b@y writes:\n> q1\n\nMy point\n> q2", "label": "rec.autos"},  # empty now
+        {"text": header + "> only a quote", "label": "sci.space"},  # empty both ways
+        {"text": header + "Cars.\n\nMore.\n\nIn article <2@x> c@z writes:\n> q", "label": "rec.autos"},  # kept, changed
+    ]
+    with gzip.open(tmp_path / "test.jsonl.gz", "wt") as out:
+        out.writelines(json.dumps(row) + "\n" for row in raw)
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    old_rows = [(0, "sci.space", "sci.space"), (1, "rec.autos", "sci.space"), (3, "rec.autos", "rec.autos")]
+    (metrics / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": i, "reference": ref, "parsed": parsed}) + "\n" for i, (_, ref, parsed) in enumerate(old_rows)))
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "rescore_newsgroups_split.py"), str(metrics),
+                             str(tmp_path / "test.jsonl.gz"), "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "r.json").read_text())
+    assert scores["rows_before_fix"] == 3 and scores["benchmark_split_rows"] == 2
+    assert scores["rows_with_the_same_prompt"] == 1
+    # the wrong answer was on the row the benchmark split drops: both kept rows are right
+    assert scores["benchmark_split"] == {"accuracy": 1.0, "macro_f1": 1.0, "invalid_rate": 0.0, "n": 2}
