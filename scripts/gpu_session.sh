@@ -194,24 +194,33 @@ PY
     --train_sample_fraction 0.05 --max_steps 20 --batch_size 4 --experiment_dir "$d/fsdp" "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -15
 }
 
-# Issue 7: the full training sets with all-module LoRA: 20 Newsgroups with the learning rate chosen by lr_scan;
-# SAMSum in both prompt styles, the style chosen by validation ROUGE. Longer than one 10-minute command: with
-# STOP_AFTER every run checkpoints and stops in time; run the stage again and the sweeps resume them.
+# Issue 7: the full training sets with all-module LoRA: 20 Newsgroups with the learning rate chosen by lr_scan,
+# scored with greedy decoding (the sweep) and with constrained decoding (every answer a label); SAMSum for each
+# prompt style in SAMSUM_STYLES and epoch count in SAMSUM_EPOCHS, each scored on validation (to choose) and test.
+# Longer than one 10-minute command: with STOP_AFTER every run checkpoints and stops in time; run the stage again
+# and the sweeps resume them.
 full_data() {
   local common=(--pretrained_ckpt "$MODEL" --batch_size 16 --no-gradient_checkpointing --learning_rate "$LR"
                 --max_batch_tokens 300000 --save_steps 100 "${EXTRA_TRAIN[@]}" "${EXTRA_EVAL[@]}")
-  env FRACTIONS=1.0 EPOCHS=3 EXPERIMENTS="$R/full" FULL_TUNE=1 GPUS=${GPU_A:-0} ./sample_ablate.sh "${common[@]}" \
-    --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz" &
-  local style
-  for style in seed chat; do
-    (env RANKS=64 DROPOUTS=0.1 EPOCHS_LIST=1 EXPERIMENTS="$R/full/samsum-$style" FULL_TUNE=1 GPUS=${GPU_B:-0} \
-       ./run_lora.sh "${common[@]}" --prompt_style $style --train_file "$SAMSUM/train.jsonl.gz" \
-       --test_file "$SAMSUM/test.jsonl.gz"
-     run=$R/full/samsum-$style/summarization_epochs-1_rank-64_dropout-0.1_full
-     if [ -f "$run/metrics/metrics.json" ] && [ ! -f "$run/metrics_validation/metrics.json" ]; then
-       python3 zephyr_summarization_inference.py --experiment_dir "$run" --split validation \
-         --validation_file "$SAMSUM/validation.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
-     fi) &
+  (env FRACTIONS=1.0 EPOCHS=3 EXPERIMENTS="$R/full" FULL_TUNE=1 GPUS=${GPU_A:-0} ./sample_ablate.sh "${common[@]}" \
+     --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz"
+   run=$R/full/classification_sampleFraction-1.0_epochs-3_rank-8_dropout-0.1_full
+   if [ -f "$run/metrics/metrics.json" ] && [ ! -f "$run/metrics_constrained/metrics.json" ]; then
+     python3 zephyr_classification_inference.py --experiment_dir "$run" --test_file "$NEWS/test.jsonl.gz" \
+       --decoding constrained --output_dir "$run/metrics_constrained" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
+   fi) &
+  local style epochs
+  for style in ${SAMSUM_STYLES:-seed chat}; do
+    for epochs in ${SAMSUM_EPOCHS:-1}; do
+      (env RANKS=64 DROPOUTS=0.1 EPOCHS_LIST=$epochs EXPERIMENTS="$R/full/samsum-$style" FULL_TUNE=1 \
+         GPUS=${GPU_B:-0} ./run_lora.sh "${common[@]}" --prompt_style $style --train_file "$SAMSUM/train.jsonl.gz" \
+         --test_file "$SAMSUM/test.jsonl.gz"
+       run=$R/full/samsum-$style/summarization_epochs-${epochs}_rank-64_dropout-0.1_full
+       if [ -f "$run/metrics/metrics.json" ] && [ ! -f "$run/metrics_validation/metrics.json" ]; then
+         python3 zephyr_summarization_inference.py --experiment_dir "$run" --split validation \
+           --validation_file "$SAMSUM/validation.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
+       fi) &
+    done
   done
   wait
 }
