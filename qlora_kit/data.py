@@ -178,13 +178,19 @@ def strip_newsgroup_message(text: str) -> str:
     """
     if not has_header_block(text):
         return text
-    _, _, body = text.partition("\n\n")
+    return strip_quote_lines(strip_footer(text.partition("\n\n")[2]))
+
+
+def strip_footer(body: str) -> str:
+    """Cut at the last blank or dashes-only line (scikit-learn's signature rule); unchanged if there is none."""
     lines = body.strip().split("\n")
     for line_number in range(len(lines) - 1, -1, -1):
         if lines[line_number].strip().strip("-") == "":
             break
-    if line_number > 0:  # a separator line: what follows it is the signature
-        body = "\n".join(lines[:line_number])
+    return "\n".join(lines[:line_number]) if line_number > 0 else body
+
+
+def strip_quote_lines(body: str) -> str:
     return "\n".join(line for line in body.split("\n") if not _QUOTE_LINE.search(line))
 
 

@@ -25,12 +25,7 @@ def strip_quotes_before_footer(text: str) -> str:
     """The loader's stripping before the fix (quote lines first, then the footer)."""
     if not data_lib.has_header_block(text):
         return text
-    body = "\n".join(line for line in text.partition("\n\n")[2].split("\n") if not data_lib._QUOTE_LINE.search(line))
-    lines = body.strip().split("\n")
-    for line_number in range(len(lines) - 1, -1, -1):
-        if lines[line_number].strip().strip("-") == "":
-            break
-    return "\n".join(lines[:line_number]) if line_number > 0 else body
+    return data_lib.strip_footer(data_lib.strip_quote_lines(text.partition("\n\n")[2]))
 
 
 def main(args) -> None:
