@@ -80,9 +80,14 @@ def _example(total: int, answer: int, vocab: int, rng: random.Random) -> dict:
     return {"input_ids": ids, "labels": [-100] * (total - answer) + ids[total - answer:]}
 
 
-def synthetic_rows(task: str, vocab: int, rows_per_step: int, warmup_steps: int, steps: int, grouped: bool,
+def task_lengths(task: str) -> list[tuple[int, int]]:
+    """(prompt + answer, answer) token counts of every training example of the task."""
+    return [tuple(pair) for pair in json.loads(LENGTHS.read_text())[task]]
+
+
+def synthetic_rows(lengths: list, vocab: int, rows_per_step: int, warmup_steps: int, steps: int, grouped: bool,
                    packing: bool, max_seq_length: int, seed: int):
-    """Training rows with the real (prompt + answer) lengths of the task, random ids, loss on the answer, in
+    """Training rows with the real lengths ``lengths`` (``task_lengths``), random ids, loss on the answer, in
     the order they are trained (the benchmark feeds them sequentially): (warm-up rows, timed rows).
 
     The first step takes the task's longest examples, so the peak memory covers the worst batch a real epoch
@@ -92,7 +97,6 @@ def synthetic_rows(task: str, vocab: int, rows_per_step: int, warmup_steps: int,
     """
     from qlora_kit.packing import packed_rows
 
-    lengths = [tuple(pair) for pair in json.loads(LENGTHS.read_text())[task]]
     rng = random.Random(seed)
     warm = sorted(lengths)[-rows_per_step:] + [lengths[rng.randrange(len(lengths))]
                                                for _ in range(rows_per_step * (warmup_steps - 1))]
@@ -145,15 +149,16 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     targets, batch, accumulation, packing = recipe["targets"], recipe["batch_size"], recipe["grad_accum"], recipe["packing"]
     model = modeling.load_model(str(model_dir), load_in_4bit=True)
     tokenizer = modeling.load_tokenizer(str(model_dir))
-    warm, timed = synthetic_rows(task, model.config.vocab_size, batch * accumulation, args.warmup_steps, args.steps,
+    lengths = task_lengths(task)
+    warm, timed = synthetic_rows(lengths, model.config.vocab_size, batch * accumulation, args.warmup_steps, args.steps,
                                  recipe["group_by_length"], packing, args.max_seq_length, args.seed)
     timed_tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
     timed_examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
-    lengths = json.loads(LENGTHS.read_text())[task]
     epoch_tokens, epoch_examples = sum(total for total, _ in lengths), len(lengths)
 
     speed = {key: recipe[key] for key in TRAINING_RECIPES["original"]}  # the speed settings every recipe has
-    settings = Namespace(epochs=1, max_steps=args.warmup_steps + args.steps, logging_steps=1000, save_steps=10**6, report_to="none", seed=args.seed, neftune=None,
+    settings = Namespace(epochs=1, max_steps=args.warmup_steps + args.steps, logging_steps=1000, save_steps=10**6,
+                         report_to="none", seed=args.seed, neftune=None,
                          max_seq_length=args.max_seq_length, completion_only_loss=True, **speed)
     sft_args = training.sft_config(settings, Path(args.scratch))
     sft_args.save_strategy = "no"

@@ -212,14 +212,13 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     return trainer
 
 
-def check_checkpoint(checkpoint: Path) -> None:
-    """A clear error for a checkpoint that cannot be resumed from (cut short by a full disk, say)."""
-    import json
-
+def check_checkpoint(checkpoint: Path) -> dict:
+    """The checkpoint's trainer state; a clear error for a checkpoint that cannot be resumed from (cut short by
+    a full disk, say)."""
     from safetensors import safe_open
 
     try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
         with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as weights:
             list(weights.keys())
         if not (checkpoint / "optimizer.pt").is_file():
@@ -227,6 +226,7 @@ def check_checkpoint(checkpoint: Path) -> None:
     except Exception as error:  # json, safetensors and the file system each raise their own types
         raise UsageError(f"{checkpoint}: damaged checkpoint ({type(error).__name__}: {error}); delete it to resume "
                          "from an earlier one, or pass --overwrite to start again")
+    return state
 
 
 class StopOnSignal(TrainerCallback):
@@ -299,8 +299,9 @@ def train(task: str, args: Namespace) -> dict:
     distributed.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = results.latest_checkpoint(run_dir) if args.resume else None
+    resumed_state = {}
     if checkpoint:
-        check_checkpoint(checkpoint)
+        resumed_state = check_checkpoint(checkpoint)
         log.info("resuming from %s", checkpoint)
     elif args.resume:
         log.warning("%s has no checkpoint yet: training from the beginning", run_dir)
@@ -354,8 +355,6 @@ def train(task: str, args: Namespace) -> dict:
     # 4. train; SIGTERM/SIGINT save a checkpoint at the end of the current step, then stop
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    # a resumed run: its trainer state counts the tokens trained before; this command's speed leaves them out
-    tokens_before, step_before = _checkpoint_progress(checkpoint)
     started = time.perf_counter()
     with stop.installed():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -370,8 +369,10 @@ def train(task: str, args: Namespace) -> dict:
         "global_steps": output.global_step,
         "train_runtime_s": runtime,  # this command's; a resumed run's earlier commands are not in it
         "trained_tokens": trained_tokens,  # the whole run's
-        "tokens_per_second": (trained_tokens - tokens_before) / runtime if runtime else None,
-        "resumed_from_step": step_before,
+        # a resumed run's trainer state counts the tokens of earlier commands: this command's speed leaves them out
+        "tokens_per_second": (trained_tokens - (resumed_state.get("num_input_tokens_seen") or 0)) / runtime
+        if runtime else None,
+        "resumed_from_step": resumed_state.get("global_step"),
         "processes": distributed.world_size(),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
         "log_history": trainer.state.log_history,
@@ -387,14 +388,6 @@ def train(task: str, args: Namespace) -> dict:
     distributed.barrier()
     metrics["run_dir"] = str(run_dir)
     return metrics
-
-
-def _checkpoint_progress(checkpoint: Path | None) -> tuple[int, int | None]:
-    """(tokens trained, optimizer step) when ``checkpoint`` was saved; (0, None) without one."""
-    if not checkpoint:
-        return 0, None
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return state.get("num_input_tokens_seen") or 0, state.get("global_step")
 
 
 def _last_logged_loss(trainer) -> float | None:

@@ -10,7 +10,6 @@ Usage: python scripts/rescore_newsgroups_split.py RUN_METRICS_DIR RAW_TEST_FILE 
 """
 
 import argparse
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -29,19 +28,15 @@ def strip_quotes_before_footer(text: str) -> str:
 
 
 def main(args) -> None:
-    opener = gzip.open if args.raw_test_file.endswith(".gz") else open
-    with opener(args.raw_test_file, "rt", encoding="utf-8") as lines:
-        raw = [json.loads(line) for line in lines]
+    raw = data_lib.read_records(args.raw_test_file)
     texts = [row["text"].replace("\r\n", "\n").replace("\r", "\n") for row in raw]
     old = [strip_quotes_before_footer(text) for text in texts]
     new = [data_lib.strip_newsgroup_message(text) for text in texts]
     old_kept = [i for i, text in enumerate(old) if text.strip()]
     new_kept = [i for i, text in enumerate(new) if text.strip()]
     folder = Path(args.metrics_dir)
-    opener = gzip.open if (folder / "predictions.jsonl.gz").is_file() else open
-    path = folder / "predictions.jsonl.gz" if opener is gzip.open else folder / "predictions.jsonl"
-    with opener(path, "rt", encoding="utf-8") as lines:
-        predictions = {record["id"]: record for record in map(json.loads, lines)}
+    path = folder / "predictions.jsonl.gz" if (folder / "predictions.jsonl.gz").is_file() else folder / "predictions.jsonl"
+    predictions = {record["id"]: record for record in data_lib.read_records(path)}
     if len(predictions) != len(old_kept):
         raise SystemExit(f"{path}: {len(predictions)} predictions, but the old stripping keeps {len(old_kept)} rows")
     by_raw = {raw_index: predictions[i] for i, raw_index in enumerate(old_kept)}

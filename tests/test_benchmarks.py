@@ -44,13 +44,14 @@ def test_train_benchmark_rows_follow_the_real_lengths():
     import train_throughput
 
     lengths = [total for total, _ in json.loads(train_throughput.LENGTHS.read_text())["classification"]]
-    warm, grouped = train_throughput.synthetic_rows("classification", 1000, 8, 2, 10, True, False, 512, 0)
-    _, shuffled = train_throughput.synthetic_rows("classification", 1000, 8, 2, 10, False, False, 512, 0)
+    real = train_throughput.task_lengths("classification")
+    warm, grouped = train_throughput.synthetic_rows(real, 1000, 8, 2, 10, True, False, 512, 0)
+    _, shuffled = train_throughput.synthetic_rows(real, 1000, 8, 2, 10, False, False, 512, 0)
     sizes = [len(row["input_ids"]) for row in grouped]
     assert len(warm) == 16 and len(grouped) == 80
     assert [len(row["input_ids"]) for row in warm[:8]] == sorted(lengths)[-8:]
     assert sizes == sorted(sizes, reverse=True)  # length-grouped: each batch holds similar lengths
     assert sorted(len(row["input_ids"]) for row in shuffled) == sorted(sizes)  # same examples, other order
     assert abs(sum(sizes) / len(sizes) - sum(lengths) / len(lengths)) < 0.1 * sum(lengths) / len(lengths)
-    _, packed = train_throughput.synthetic_rows("classification", 1000, 8, 2, 10, False, True, 512, 0)
+    _, packed = train_throughput.synthetic_rows(real, 1000, 8, 2, 10, False, True, 512, 0)
     assert len(packed) == 80 and all(len(row["input_ids"]) <= 512 for row in packed)
