@@ -26,13 +26,14 @@ def main(args):
 
     run_dir = Path(args.experiment_dir)
     config = results.load_run_config(run_dir)
+    adapter = results.adapter_dir(run_dir)
     label_names = config["label_names"]
     eval_args = Namespace(split="test", test_file=args.test_file, validation_file=None, dataset="", limit=args.limit)
     rows = evaluation.load_eval_rows("classification", eval_args, label_names)
-    tokenizer = modeling.load_tokenizer(str(run_dir / results.ADAPTER_DIR), padding_side="left")
+    tokenizer = modeling.load_tokenizer(str(adapter), padding_side="left")
     fmt = PromptFormat("classification", "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     prompts = [fmt.prompt_ids(row["input"], config["settings"]["max_seq_length"]) for row in rows]
-    model = evaluation._load_finetuned(config, run_dir, merge_adapter=False, use_flash_attention=False)
+    model = evaluation._load_finetuned(config, adapter, merge_adapter=False, use_flash_attention=False)
     stop = sorted({tokenizer.convert_tokens_to_ids(config["end_token"]), tokenizer.eos_token_id})
 
     def run(batch_size):

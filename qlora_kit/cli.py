@@ -60,6 +60,11 @@ def fraction(text: str) -> float:
     return value
 
 
+def save_interval(text: str) -> int | str:
+    """A checkpoint interval: a positive number of optimizer steps, or "epoch"."""
+    return text if text == "epoch" else positive_int(text)
+
+
 def dropout_rate(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -156,8 +161,12 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from the newest checkpoint in its folder")
-    run.add_argument("--save_steps", type=positive_int, default=200,
-                     help="save a checkpoint every N optimizer steps, and on SIGTERM/SIGINT (default: %(default)s)")
+    run.add_argument("--save_steps", type=save_interval, default=200,
+                     help="save a checkpoint every N optimizer steps, or at the end of every epoch with 'epoch'; "
+                          "also on SIGTERM/SIGINT (default: %(default)s)")
+    run.add_argument("--keep_checkpoints", type=positive_int, default=2,
+                     help="keep only the newest N checkpoints; raise it to evaluate earlier ones with the "
+                          "inference scripts' --checkpoint (default: %(default)s)")
 
     if task == "classification":
         train.add_argument("--train_sample_fraction", type=fraction, default=1.0,

@@ -6,13 +6,16 @@ import argparse
 
 import prompts
 
-from .cli import TASK_DEFAULTS, add_data_args, add_generation_args, add_model_args
+from .cli import TASK_DEFAULTS, add_data_args, add_generation_args, add_model_args, positive_int
 from .errors import run_main, setup_logging
 
 
 def build_finetuned_parser(task: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment_dir", required=True, help="the training run folder to evaluate")
+    parser.add_argument("--checkpoint", type=positive_int, default=None, metavar="STEP",
+                        help="evaluate the adapter of the run's checkpoint at this optimizer step (kept with "
+                             "--keep_checkpoints) instead of its final one; results go to metrics[_SPLIT]_step-STEP")
     parser.add_argument("--merge_adapter", action="store_true",
                         help="load the base in bf16 and merge the LoRA weights: faster generation, more memory")
     parser.add_argument("--use_flash_attention", action="store_true", help="use flash_attention_2 (needs flash-attn)")

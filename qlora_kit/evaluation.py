@@ -53,7 +53,7 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     distributed.barrier()
 
 
-def _load_finetuned(config: dict, run_dir: Path, merge_adapter: bool, use_flash_attention: bool):
+def _load_finetuned(config: dict, adapter: Path, merge_adapter: bool, use_flash_attention: bool):
     from peft import PeftModel
 
     source = config["model_source"]
@@ -62,7 +62,7 @@ def _load_finetuned(config: dict, run_dir: Path, merge_adapter: bool, use_flash_
     load_in_4bit = config["load_in_4bit"] and not merge_adapter
     model = modeling.load_model(source, load_in_4bit=load_in_4bit, use_flash_attention=use_flash_attention,
                                 for_training=False)
-    model = PeftModel.from_pretrained(model, run_dir / results.ADAPTER_DIR)
+    model = PeftModel.from_pretrained(model, adapter)
     if merge_adapter:
         model = model.merge_and_unload()  # plain bf16 weights: no 4-bit dequantization per step
     model.eval()
@@ -193,8 +193,12 @@ def evaluate_run(task: str, args: Namespace) -> dict:
     config = results.load_run_config(run_dir)
     if config.get("task") != task:
         raise UsageError(f"--experiment_dir {run_dir} is a {config.get('task')} run, not a {task} run")
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir / ("metrics" if args.split == "test"
-                                                                       else f"metrics_{args.split}")
+    checkpoint = getattr(args, "checkpoint", None)
+    adapter = results.adapter_dir(run_dir, checkpoint)
+    default_name = "metrics" if args.split == "test" else f"metrics_{args.split}"
+    if checkpoint is not None:
+        default_name += f"_step-{checkpoint}"
+    out_dir = Path(args.output_dir) if args.output_dir else run_dir / default_name
     label_names = config["label_names"]
     fraction = config.get("data", {}).get("validation_fraction")
     if args.split == "validation" and not args.validation_file and fraction:
@@ -203,14 +207,16 @@ def evaluate_run(task: str, args: Namespace) -> dict:
         rows = load_eval_rows(task, args, label_names)
     check_output_dir(out_dir, args.overwrite)
 
-    tokenizer = modeling.load_tokenizer(str(run_dir / results.ADAPTER_DIR), padding_side="left")
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else run_dir / results.ADAPTER_DIR
+    tokenizer = modeling.load_tokenizer(str(tokenizer_dir), padding_side="left")
     end_token = config.get("end_token") or end_of_turn_token(tokenizer)
     fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
-    model = _load_finetuned(config, run_dir, args.merge_adapter, args.use_flash_attention)
+    model = _load_finetuned(config, adapter, args.merge_adapter, args.use_flash_attention)
     metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
                                       label_names, partial_path=out_dir / results.PARTIAL_PREDICTIONS)
-    metrics["config"] = {"experiment_dir": str(run_dir), "split": args.split, "limit": args.limit,
+    metrics["config"] = {"experiment_dir": str(run_dir), "checkpoint": checkpoint, "adapter": str(adapter),
+                         "split": args.split, "limit": args.limit,
                          "merge_adapter": args.merge_adapter, "max_new_tokens": args.max_new_tokens,
                          "max_prompt_tokens": max_prompt_tokens, "decoding": getattr(args, "decoding", "greedy"),
                          "prompt_style": config["prompt_style"], "versions": modeling.library_versions()}

@@ -196,3 +196,28 @@ def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
     plot_accuracy(records, out / "accuracy_vs_samples.png")
     plot_rouge(records, out / "rouge_by_method.png")
     return text
+
+
+def checkpoint_scores(run_dir: Path, split: str = "validation") -> list[dict]:
+    """Every evaluated checkpoint of a run on ``split`` (folders metrics_SPLIT_step-N written by the inference
+    scripts' --checkpoint), with the epoch it was saved at (from its trainer state, when still there)."""
+    scores = []
+    for folder in sorted(Path(run_dir).glob(f"metrics_{split}_step-*")):
+        step = folder.name.rsplit("-", 1)[-1]
+        metrics = _read(folder / "metrics.json")
+        if not step.isdigit() or not metrics:
+            continue
+        state = _read(Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json") or {}
+        scores.append({"run": str(run_dir), "step": int(step), "epoch": state.get("epoch"),
+                       **_metrics(metrics)})
+    return sorted(scores, key=lambda score: score["step"])
+
+
+def choose_checkpoint(scores: list[dict], metrics: list[str]) -> dict:
+    """The best score by the sum of ``metrics`` (higher is better); ties go to fewer invalid answers, then to the
+    earlier checkpoint (less training for the same result)."""
+    usable = [score for score in scores if all(score.get(name) is not None for name in metrics)]
+    if not usable:
+        raise ValueError(f"no evaluated checkpoint has {', '.join(metrics)}")
+    return min(usable, key=lambda score: (-sum(score[name] for name in metrics), score.get("invalid_rate") or 0,
+                                          score["step"], score["run"]))

@@ -99,20 +99,35 @@ def check_run_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
 
 def latest_checkpoint(path: Path) -> Path | None:
     """The newest complete trainer checkpoint in a run folder (one with its trainer state saved)."""
-    candidates = []
-    for folder in (path / "checkpoints").glob("checkpoint-*"):
-        suffix = folder.name.split("-")[-1]
-        if suffix.isdigit() and (folder / "trainer_state.json").is_file():
-            candidates.append((int(suffix), folder))
-    return max(candidates)[1] if candidates else None
+    steps = checkpoint_steps(path)
+    return Path(path) / "checkpoints" / f"checkpoint-{steps[-1]}" if steps else None
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The optimizer steps of a run folder's complete checkpoints, oldest first."""
+    return sorted(int(folder.name.split("-")[-1]) for folder in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
+                  if folder.name.split("-")[-1].isdigit() and (folder / "trainer_state.json").is_file())
+
+
+def adapter_dir(run_dir: Path, checkpoint: int | None = None) -> Path:
+    """The folder of a run's final adapter, or of the adapter saved at optimizer step ``checkpoint``."""
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+            raise UsageError(f"--experiment_dir {run_dir}: no trained adapter (the run did not finish; "
+                             "--checkpoint STEP evaluates one of its checkpoints)")
+        return run_dir / ADAPTER_DIR
+    steps = checkpoint_steps(run_dir)
+    if checkpoint not in steps:
+        have = ", ".join(map(str, steps)) or "none"
+        raise UsageError(f"--checkpoint {checkpoint}: {run_dir / 'checkpoints'} has no complete checkpoint-"
+                         f"{checkpoint} (checkpoints there: {have})")
+    return run_dir / "checkpoints" / f"checkpoint-{checkpoint}"
 
 
 def load_run_config(run_dir: Path) -> dict:
-    """The config of a finished training run; a clear error for anything else."""
+    """The config of a training run; a clear error for a folder that is not one."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"--experiment_dir {run_dir}: no such folder")
-    config = read_json(run_dir / RUN_CONFIG, "run_config.json (not a training run folder)")
-    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
-        raise UsageError(f"--experiment_dir {run_dir}: no trained adapter (the run did not finish)")
-    return config
+    return read_json(run_dir / RUN_CONFIG, "run_config.json (not a training run folder)")

@@ -144,9 +144,9 @@ def sft_config(args: Namespace, run_dir: Path):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=args.logging_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=2,
+        **({"save_strategy": "epoch"} if args.save_steps == "epoch"
+           else {"save_strategy": "steps", "save_steps": args.save_steps}),
+        save_total_limit=args.keep_checkpoints,
         report_to=[] if args.report_to == "none" else [args.report_to],
         seed=args.seed,
         data_seed=args.seed,

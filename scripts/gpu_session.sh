@@ -19,6 +19,8 @@ KR_SAVE=${KR_SAVE:-20}  # kill_resume: checkpoint every KR_SAVE steps, killed af
 read -r -a EXTRA_TRAIN <<< "${EXTRA_TRAIN:-}"
 read -r -a EXTRA_EVAL <<< "${EXTRA_EVAL:-}"
 export PYTHONUNBUFFERED=1
+# several runs share one GPU: freed blocks are reused across sizes instead of each size holding its own
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 mkdir -p "$R/logs"
 
 quiet() { grep --line-buffered -v "it/s]\|s/it]\|ex/s]\|examples/s]"; }
@@ -223,6 +225,93 @@ full_data() {
     done
   done
   wait
+}
+
+# Issue 7, second round: candidate recipes trained with a checkpoint at the end of every epoch, each epoch scored
+# on the validation split (20 Newsgroups: 10% of its training set held out, stratified; SAMSum: its own), the
+# best by validation then scored on the test set. With STOP_AFTER the runs checkpoint and stop; run the stage
+# again to resume them. TARGETS_TRAIN=0 skips training (only scores what was saved); TARGETS_FINAL=1 chooses among
+# the checkpoints scored so far even if runs are unfinished.
+TARGET_EPOCHS=${TARGET_EPOCHS:-3}
+targets() {
+  local d=$R/targets
+  local news=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --full_tune --batch_size 32
+              --learning_rate 2e-3)
+  local sam=(--train_file "$SAMSUM/train.jsonl.gz" --validation_file "$SAMSUM/validation.jsonl.gz" --prompt_style chat
+             --full_tune --batch_size 32 --learning_rate 2e-3 --no-gradient_checkpointing)
+  local news_eval=(--decoding constrained --max_batch_tokens 150000)
+  local sam_eval=(--validation_file "$SAMSUM/validation.jsonl.gz" --max_batch_tokens 150000)
+  mkdir -p "$d"
+  target_candidate news-len512 zephyr_classification "${news[@]}" --no-gradient_checkpointing -- "${news_eval[@]}" &
+  target_candidate news-len1024 zephyr_classification "${news[@]}" --max_seq_length 1024 -- "${news_eval[@]}" &
+  target_candidate news-len1024-bf16 zephyr_classification "${news[@]}" --max_seq_length 1024 --no-load_in_4bit \
+    -- "${news_eval[@]}" &
+  target_candidate samsum-4bit zephyr_summarization "${sam[@]}" -- "${sam_eval[@]}" &
+  target_candidate samsum-bf16 zephyr_summarization "${sam[@]}" --no-load_in_4bit -- "${sam_eval[@]}" &
+  wait
+  target_test zephyr_classification "accuracy" "--test_file $NEWS/test.jsonl.gz --max_batch_tokens 150000" \
+    "--decoding constrained" "--decoding greedy" "$d"/news-*/
+  target_test zephyr_summarization "rouge1 rouge2" "--test_file $SAMSUM/test.jsonl.gz --max_batch_tokens 150000" \
+    "" "$d"/samsum-*/
+}
+
+# target_candidate NAME SCRIPT TRAIN_FLAGS... -- EVAL_FLAGS...: train (or resume) $R/targets/NAME, then score every
+# checkpoint saved at the end of an epoch on the validation split. Log: $R/logs/targets_NAME.log.
+target_candidate() {
+  local name=$1 script=$2 run=$R/targets/$1 train=() eval=() step
+  shift 2
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do train+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  eval=("$@")
+  {
+    if [ ! -f "$run/train_metrics.json" ] && [ "${TARGETS_TRAIN:-1}" = 1 ]; then
+      local resume=()
+      [ -f "$run/run_config.json" ] && resume=(--resume)
+      python3 "$script.py" --pretrained_ckpt "$MODEL" --experiment_dir "$run" --epochs "$TARGET_EPOCHS" \
+        --save_steps epoch --keep_checkpoints 8 "${resume[@]}" "${train[@]}" "${EXTRA_TRAIN[@]}"
+    fi
+    for step in $(python3 - "$run" <<'PY'
+import json, sys
+from pathlib import Path
+for state in sorted(Path(sys.argv[1]).glob("checkpoints/checkpoint-*/trainer_state.json")):
+    epoch = json.loads(state.read_text()).get("epoch") or 0
+    if epoch >= 1 and abs(epoch - round(epoch)) < 1e-6:  # saved at the end of an epoch, not on a signal
+        print(state.parent.name.split("-")[-1])
+PY
+    ); do
+      [ -f "$run/metrics_validation_step-$step/metrics.json" ] ||
+        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --split validation \
+          "${eval[@]}" "${EXTRA_EVAL[@]}"
+    done
+  } > "$R/logs/targets_$name.log" 2>&1
+  echo "$name: $(tail -1 "$R/logs/targets_$name.log")"
+}
+
+# target_test SCRIPT "METRICS" "EVAL_FLAGS" "DECODING" ["DECODING2"] RUN...: once every run has finished (or
+# TARGETS_FINAL=1), choose the best checkpoint on validation and score it on the test set, once per decoding.
+target_test() {
+  local script=$1 metrics=$2 flags=$3 decodings=("$4") runs=() run chosen step
+  shift 4
+  if [ $# -gt 0 ] && [ ! -d "$1" ]; then decodings+=("$1"); shift; fi
+  runs=("$@")
+  for run in "${runs[@]}"; do
+    if [ ! -f "$run/train_metrics.json" ] && [ "${TARGETS_FINAL:-0}" != 1 ]; then
+      echo "$run unfinished: no choice yet"; return 0
+    fi
+  done
+  local task=${script#zephyr_}
+  # shellcheck disable=SC2086
+  chosen=$(python3 scripts/choose_checkpoint.py "${runs[@]}" --metrics $metrics --out "$R/targets/chosen_$task.json" |
+           tee /dev/stderr | tail -1) || return 0
+  run=${chosen% *} step=${chosen##* }
+  local decoding out
+  for decoding in "${decodings[@]}"; do
+    out=$run/metrics_step-$step${decoding:+_${decoding##* }}
+    [ -f "$out/metrics.json" ] && continue
+    # shellcheck disable=SC2086
+    python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --output_dir "$out" \
+      $flags $decoding "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -14
+  done
 }
 
 # With STOP_AFTER=N: after N seconds, every training or evaluation process gets one SIGTERM (a training run

@@ -171,3 +171,41 @@ def test_gguf_converted_once_when_runs_start_together(tmp_path):
     folders = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(folders) == 1 and (Path(folders.pop()) / "config.json").is_file()
     assert not list((tmp_path / "cache" / "gguf").glob("*.tmp*"))
+
+
+def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, data_dir, tmp_path):
+    """--save_steps epoch keeps one checkpoint per epoch; --checkpoint scores one; choose_checkpoint picks."""
+    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
+               data_dir / "news_train.jsonl", "--epochs", 3, "--batch_size", 8, "--validation_fraction", 0.25,
+               "--save_steps", "epoch", "--keep_checkpoints", 3, "--learning_rate", 1e-2, "--experiment_dir", "run",
+               cwd=tmp_path)
+    run = tmp_path / "run"
+    # 36 training rows after holding out 12: 5 steps of 8 per epoch, a checkpoint at the end of each
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15",
+                                                                           "checkpoint-5"]
+    for step in (5, 10, 15):
+        run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--checkpoint", step,
+                   "--split", "validation", "--max_new_tokens", 6, cwd=tmp_path)
+        metrics = json.loads((run / f"metrics_validation_step-{step}" / "metrics.json").read_text())
+        assert metrics["n"] == 12 and metrics["config"]["checkpoint"] == step
+        assert metrics["config"]["adapter"].endswith(f"checkpoint-{step}")
+    # the last epoch's checkpoint is the final adapter: same answers
+    run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--split", "validation",
+               "--max_new_tokens", 6, cwd=tmp_path)
+    outputs = {path: [json.loads(line)["output"] for line in (run / path / "predictions.jsonl").open()]
+               for path in ("metrics_validation", "metrics_validation_step-15")}
+    assert outputs["metrics_validation"] == outputs["metrics_validation_step-15"]
+
+    result = run_script("scripts/choose_checkpoint.py", "run", "--metrics", "accuracy", "--out", "chosen.json",
+                        cwd=tmp_path)
+    chosen = json.loads((tmp_path / "chosen.json").read_text())
+    scores = {c["step"]: c["accuracy"] for c in chosen["candidates"]}
+    assert set(scores) == {5, 10, 15} and [c["epoch"] for c in chosen["candidates"]] == [1.0, 2.0, 3.0]
+    best = chosen["chosen"]["step"]
+    assert scores[best] == max(scores.values()) and best == min(s for s in scores if scores[s] == scores[best])
+    assert result.stdout.strip().splitlines()[-1] == f"run {best}"
+
+    missing = run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--checkpoint", 7,
+                         "--split", "validation", cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "checkpoint-7" in missing.stderr and "5, 10, 15" in missing.stderr
+    assert "Traceback" not in missing.stderr

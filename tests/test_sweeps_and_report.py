@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -129,3 +131,19 @@ def test_interrupted_runs_resume_and_finished_ones_only_evaluate(tmp_path):
     calls, finished = commands(run, tmp_path, tmp_path / "b", [])
     assert len(calls) == 1 and "zephyr_classification_inference.py" in calls[0][1]
     assert finished == tmp_path / "r" / "metrics" / "metrics.json"
+
+
+def test_choose_checkpoint_by_summed_metrics_then_fewer_invalid_then_earlier():
+    from qlora_kit.report import choose_checkpoint
+
+    scores = [{"run": "a", "step": 10, "accuracy": 0.70, "invalid_rate": 0.01},
+              {"run": "a", "step": 20, "accuracy": 0.72, "invalid_rate": 0.02},
+              {"run": "b", "step": 10, "accuracy": 0.72, "invalid_rate": 0.0},
+              {"run": "b", "step": 30, "accuracy": 0.72, "invalid_rate": 0.0},
+              {"run": "c", "step": 5, "accuracy": None, "invalid_rate": None}]
+    assert choose_checkpoint(scores, ["accuracy"]) == scores[2]
+    rouge = [{"run": "s", "step": 1, "rouge1": 44.0, "rouge2": 19.0}, {"run": "s", "step": 2, "rouge1": 43.5,
+                                                                       "rouge2": 20.0}]
+    assert choose_checkpoint(rouge, ["rouge1", "rouge2"])["step"] == 2
+    with pytest.raises(ValueError, match="rouge1"):
+        choose_checkpoint([scores[4]], ["rouge1"])
