@@ -46,6 +46,9 @@ def collect(experiments: Path, baselines: Path | None) -> list[dict]:
         record.update({key: train.get(key) for key in ("train_loss", "train_runtime_s", "tokens_per_second",
                                                        "peak_gpu_memory_gb")})
         record.update(_metrics(_read(run_dir / "metrics" / "metrics.json")))
+        # a run scored only at its checkpoints (--checkpoint) is in Table 3, not as an empty row of Tables 1-2
+        record["checkpoint_only"] = record["n"] is None and bool(
+            _step_folders(run_dir, "metrics") or _step_folders(run_dir, "metrics_validation"))
         records.append(record)
     for metrics_path in sorted(Path(baselines).rglob("metrics.json")) if baselines and Path(baselines).is_dir() else []:
         metrics = _read(metrics_path)
@@ -78,7 +81,8 @@ def classification_table(records: list[dict]) -> str:
     Runs that land in the same cell (same samples, epochs and method, other settings differing) are all
     shown, separated by " / ", never one silently in place of another.
     """
-    runs = [r for r in records if r["task"] == "classification" and r["kind"] == "fine-tuned"]
+    runs = [r for r in records if r["task"] == "classification" and r["kind"] == "fine-tuned"
+            and not r.get("checkpoint_only")]
     cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in sorted(runs, key=lambda r: r["run"]):
         cells[(run["train_sample_fraction"], run["train_samples"], run["epochs"])][run["method"]].append(run)
@@ -102,7 +106,7 @@ def classification_table(records: list[dict]) -> str:
 
 def summarization_table(records: list[dict]) -> str:
     """Table 2: zero-shot, few-shot and each QLoRA run, ROUGE-1/2/L/Lsum."""
-    runs = [r for r in records if r["task"] == "summarization"]
+    runs = [r for r in records if r["task"] == "summarization" and not r.get("checkpoint_only")]
     baselines = sorted((r for r in runs if r["kind"] == "baseline"), key=lambda r: r["method"])
     tuned = sorted((r for r in runs if r["kind"] == "fine-tuned"),
                    key=lambda r: (VARIANTS.index(r["method"]), r["lora_r"] or 0, r["dropout"] or 0, r["epochs"] or 0,
@@ -190,7 +194,8 @@ def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
         "## Table 2: SAMSum ROUGE",
         summarization_table(records),
         "![accuracy against training samples](accuracy_vs_samples.png)\n\n![ROUGE by method](rouge_by_method.png)",
-    ]) + "\n"
+    ] + ([f"## Table 3: checkpoints scored on validation and test\n\n{CHECKPOINT_NOTE}\n\n{checkpoints}"]
+         if (checkpoints := checkpoint_table(experiments)) else [])) + "\n"
     (out / "report.md").write_text(text, encoding="utf-8")
     write_csv(records, out / "runs.csv")
     plot_accuracy(records, out / "accuracy_vs_samples.png")
@@ -198,19 +203,82 @@ def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
     return text
 
 
+def _epoch_of_step(run_dir: Path, step: int) -> float | None:
+    """The epoch a checkpoint was saved at: from its trainer state, else from the run's rows and batch size
+    (checkpoints are not kept with committed results)."""
+    state = _read(Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json")
+    if state and state.get("epoch") is not None:
+        return state["epoch"]
+    config = _read(Path(run_dir) / "run_config.json") or {}
+    used, batch = config.get("data", {}).get("rows", {}).get("used"), config.get("effective_batch_size")
+    if not used or not batch or config.get("settings", {}).get("packing"):
+        return None
+    return round(step / math.ceil(used / batch), 2)
+
+
+def _step_folders(run_dir: Path, prefix: str) -> list[tuple[int, str, Path]]:
+    """(step, suffix, folder) of every PREFIX_step-N[_SUFFIX] folder of a run that holds a metrics.json."""
+    found = []
+    for folder in Path(run_dir).glob(f"{prefix}_step-*"):
+        step, _, suffix = folder.name[len(prefix) + len("_step-"):].partition("_")
+        if step.isdigit() and (folder / "metrics.json").is_file():
+            found.append((int(step), suffix, folder))
+    return sorted(found)
+
+
 def checkpoint_scores(run_dir: Path, split: str = "validation") -> list[dict]:
     """Every evaluated checkpoint of a run on ``split`` (folders metrics_SPLIT_step-N written by the inference
-    scripts' --checkpoint), with the epoch it was saved at (from its trainer state, when still there)."""
-    scores = []
-    for folder in sorted(Path(run_dir).glob(f"metrics_{split}_step-*")):
-        step = folder.name.rsplit("-", 1)[-1]
-        metrics = _read(folder / "metrics.json")
-        if not step.isdigit() or not metrics:
-            continue
-        state = _read(Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json") or {}
-        scores.append({"run": str(run_dir), "step": int(step), "epoch": state.get("epoch"),
-                       **_metrics(metrics)})
-    return sorted(scores, key=lambda score: score["step"])
+    scripts' --checkpoint), with the epoch it was saved at."""
+    return [{"run": str(run_dir), "step": step, "epoch": _epoch_of_step(run_dir, step),
+             **_metrics(_read(folder / "metrics.json"))}
+            for step, suffix, folder in _step_folders(run_dir, f"metrics_{split}") if not suffix]
+
+
+def _score_text(metrics: dict, task: str) -> str:
+    if task == "classification":
+        invalid = metrics.get("invalid")
+        return f"{_pct(metrics.get('accuracy'))} ({_pct(metrics.get('macro_f1'))})" + (
+            f", {invalid} invalid" if invalid else "")
+    return " / ".join(_num(metrics.get(key)) for key, _ in ROUGE_COLUMNS[:3])
+
+
+def _run_settings(config: dict) -> str:
+    settings = config.get("settings", {})
+    words = [f"{config.get('data', {}).get('rows', {}).get('used')} rows",
+             f"len {settings.get('max_seq_length')}", "4-bit" if config.get("load_in_4bit") else "16-bit",
+             f"r={settings.get('lora_r')}", f"batch {config.get('effective_batch_size')}",
+             f"lr {settings.get('learning_rate'):g}" if settings.get("learning_rate") else None]
+    return ", ".join(word for word in words if word)
+
+
+CHECKPOINT_NOTE = ("Validation: SAMSum's own split; for 20 Newsgroups the part of the training set the run held "
+                   "out (`--validation_fraction`). 20 Newsgroups: accuracy (macro-F1) %; SAMSum: ROUGE-1 / ROUGE-2 / "
+                   "ROUGE-L. Test entries name their decoding when it was not the default.")
+
+
+def checkpoint_table(experiments: Path) -> str:
+    """Table 3: every checkpoint scored on validation (the choice) and on test, one row per run and step.
+
+    20 Newsgroups: accuracy (macro-F1) %; SAMSum: ROUGE-1 / ROUGE-2 / ROUGE-L. A test column holds one entry
+    per decoding it was scored with."""
+    lines = ["| run | settings | step | epoch | validation | test |", "|---|---|---|---|---|---|"]
+    for config_path in sorted(Path(experiments).rglob("run_config.json")) if Path(experiments).is_dir() else []:
+        run_dir, config = config_path.parent, _read(config_path) or {}
+        task = config.get("task")
+        validation = {step: folder for step, suffix, folder in _step_folders(run_dir, "metrics_validation")
+                      if not suffix}
+        test = defaultdict(list)
+        for step, suffix, folder in _step_folders(run_dir, "metrics"):
+            test[step].append((suffix, folder))
+        for step in sorted(set(validation) | set(test)):
+            valid_text = _score_text(_read(validation[step] / "metrics.json"), task) if step in validation else MISSING
+            test_text = "; ".join(f"{_score_text(_read(folder / 'metrics.json'), task)}" + (f" ({suffix})" if suffix
+                                                                                               else "")
+                                  for suffix, folder in test.get(step, [])) or MISSING
+            epoch = _epoch_of_step(run_dir, step)
+            lines.append(f"| {run_dir.name} | {_run_settings(config)} | {step} | "
+                         f"{MISSING if epoch is None else f'{epoch:g}'} | {valid_text} | {test_text} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def choose_checkpoint(scores: list[dict], metrics: list[str]) -> dict:

@@ -147,3 +147,30 @@ def test_choose_checkpoint_by_summed_metrics_then_fewer_invalid_then_earlier():
     assert choose_checkpoint(rouge, ["rouge1", "rouge2"])["step"] == 2
     with pytest.raises(ValueError, match="rouge1"):
         choose_checkpoint([scores[4]], ["rouge1"])
+
+
+def test_report_table_of_checkpoints(tmp_path):
+    from qlora_kit.report import checkpoint_scores, make_report
+
+    exp = tmp_path / "exp"
+    _run_folder(exp, "ckpt", "classification", {"train_sample_fraction": 1.0, "max_seq_length": 1024,
+                                                 "learning_rate": 2e-3}, 40, None)
+    config = json.loads((exp / "ckpt" / "run_config.json").read_text())
+    config.update(effective_batch_size=8, load_in_4bit=False)
+    (exp / "ckpt" / "run_config.json").write_text(json.dumps(config))
+    for name, accuracy in (("metrics_validation_step-5", 0.7), ("metrics_validation_step-10", 0.75),
+                           ("metrics_step-10_constrained", 0.69)):
+        (exp / "ckpt" / name).mkdir()
+        (exp / "ckpt" / name / "metrics.json").write_text(json.dumps({"n": 4, "accuracy": accuracy,
+                                                                      "macro_f1": 0.5, "invalid": 0}))
+    # 40 rows in batches of 8: 5 steps an epoch (the checkpoints themselves are not kept with results)
+    assert [(s["step"], s["epoch"], s["accuracy"]) for s in checkpoint_scores(exp / "ckpt")] == [(5, 1.0, 0.7),
+                                                                                               (10, 2.0, 0.75)]
+    text = make_report(exp, None, tmp_path / "out")
+    assert "\n".join([
+        "| run | settings | step | epoch | validation | test |",
+        "|---|---|---|---|---|---|",
+        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002 | 5 | 1 | 70.0 (50.0) | — |",
+        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002 | 10 | 2 | 75.0 (50.0) | 69.0 (50.0) (constrained) |",
+    ]) in text
+    assert "| 40 | 1.0 |" not in text  # not an empty row of Table 1
