@@ -143,7 +143,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     from transformers import TrainerCallback
 
     from qlora_kit import modeling, training
-    from qlora_kit.cli import TRAINING_RECIPES
+    from qlora_kit.cli import TRAINING_RECIPES, training_defaults
     from qlora_kit.packing import PackedCollator
 
     targets, batch, accumulation, packing = recipe["targets"], recipe["batch_size"], recipe["grad_accum"], recipe["packing"]
@@ -157,9 +157,10 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     epoch_tokens, epoch_examples = sum(total for total, _ in lengths), len(lengths)
 
     speed = {key: recipe[key] for key in TRAINING_RECIPES["original"]}  # the speed settings every recipe has
-    settings = Namespace(epochs=1, max_steps=args.warmup_steps + args.steps, logging_steps=1000, save_steps=10**6,
-                         report_to="none", seed=args.seed, neftune=None,
-                         max_seq_length=args.max_seq_length, completion_only_loss=True, **speed)
+    # every training flag at its default (so new flags need no change here), then the benchmark's own settings
+    settings = Namespace(**{**training_defaults("classification"), "epochs": 1, "logging_steps": 1000,
+                            "max_steps": args.warmup_steps + args.steps, "save_steps": 10**6, "seed": args.seed,
+                            "max_seq_length": args.max_seq_length, **speed})
     sft_args = training.sft_config(settings, Path(args.scratch))
     sft_args.save_strategy = "no"
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",

@@ -123,6 +123,10 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     train.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="default: %(default)s")
     train.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     train.add_argument("--learning_rate", type=float, default=None, help="(default: the recipe's)")
+    train.add_argument("--lr_scheduler", choices=("constant_with_warmup", "cosine", "linear"),
+                       default="constant_with_warmup",
+                       help="learning-rate schedule after the 3%% warm-up: constant (the original's), or decaying to "
+                            "0 by the last step (default: %(default)s)")
     train.add_argument("--recipe", choices=list(TRAINING_RECIPES), default=DEFAULT_RECIPE,
                        help="the speed settings and learning rate below that are not given: " + "; ".join(
                            f"{name}: {describe_recipe(name)}" for name in TRAINING_RECIPES) + " (default: %(default)s)")
@@ -184,6 +188,8 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
 def training_defaults(task: str, recipe: str = DEFAULT_RECIPE) -> dict:
     """The default of every training setting, straight from the flags' definitions and the recipe's values."""
     parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    add_data_args(parser, task, training=True)
     add_training_args(parser, task)
     return vars(apply_recipe(parser.parse_args(["--recipe", recipe])))
 

@@ -27,7 +27,8 @@ _NAMED_IF_CHANGED = {
     "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs", "grad_accum": "ga", "max_seq_length": "len",
     "seed": "seed", "max_steps": "steps", "prompt_style": "style", "completion_only_loss": "completion-only",
     "validation_fraction": "val", "packing": "packed", "optim": "optim", "group_by_length": "grouped",
-    "use_liger_kernel": "liger", "gradient_checkpointing": "ckpt",
+    "use_liger_kernel": "liger", "gradient_checkpointing": "ckpt", "lr_scheduler": "sched",
+    "load_in_4bit": "4bit",
 }
 
 
@@ -138,7 +139,7 @@ def sft_config(args: Namespace, run_dir: Path):
                              "fused_linear_cross_entropy": False} if liger else None,
         **_sampling_settings(args.group_by_length and not args.packing),
         learning_rate=args.learning_rate,
-        lr_scheduler_type="constant_with_warmup",  # the original's "constant" silently ignored its warmup
+        lr_scheduler_type=args.lr_scheduler,  # default constant_with_warmup: the original's "constant" ignored its warmup
         warmup_steps=0.03,  # a float below 1 is a ratio of the total steps
         max_grad_norm=0.3,
         bf16=dtype == torch.bfloat16,

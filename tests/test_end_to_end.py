@@ -93,6 +93,7 @@ def test_default_run_folder_names_the_settings(tiny_model, data_dir, tmp_path):
     (folder,) = (tmp_path / "experiments").iterdir()
     assert folder.name.startswith("summarization_") and "rank-2" in folder.name and "dropout-0.2" in folder.name
     assert "steps-1" in folder.name
+    assert "val-" not in folder.name and "4bit" not in folder.name  # flags left at their defaults are not named
 
 
 @pytest.mark.parametrize("prompt_type, style", [("zero-shot", "seed"), ("few-shot", "chat")])
@@ -177,9 +178,12 @@ def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, 
     """--save_steps epoch keeps one checkpoint per epoch; --checkpoint scores one; choose_checkpoint picks."""
     run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
                data_dir / "news_train.jsonl", "--epochs", 3, "--batch_size", 8, "--validation_fraction", 0.25,
-               "--save_steps", "epoch", "--keep_checkpoints", 3, "--learning_rate", 1e-2, "--experiment_dir", "run",
-               cwd=tmp_path)
+               "--save_steps", "epoch", "--keep_checkpoints", 3, "--learning_rate", 1e-2, "--lr_scheduler", "linear",
+               "--logging_steps", 5, "--experiment_dir", "run", cwd=tmp_path)
     run = tmp_path / "run"
+    history = json.loads((run / "train_metrics.json").read_text())["log_history"]
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    assert len(rates) == 3 and rates[0] > rates[1] > rates[2]  # decays linearly to 0 at step 15
     # 36 training rows after holding out 12: 5 steps of 8 per epoch, a checkpoint at the end of each
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15",
                                                                            "checkpoint-5"]
