@@ -250,9 +250,9 @@ targets() {
   target_candidate samsum-bf16 zephyr_summarization "${sam[@]}" --no-load_in_4bit -- "${sam_eval[@]}" &
   wait
   target_test zephyr_classification "accuracy" "--test_file $NEWS/test.jsonl.gz --max_batch_tokens 150000" \
-    "--decoding constrained" "--decoding greedy" "$d"/news-*/
+    constrained,greedy "$d"/news-*/
   target_test zephyr_summarization "rouge1 rouge2" "--test_file $SAMSUM/test.jsonl.gz --max_batch_tokens 150000" \
-    "" "$d"/samsum-*/
+    - "$d"/samsum-*/
 }
 
 # Issue 7, third round (what the second round pointed to): 20 Newsgroups with the validated settings (1,024
@@ -276,7 +276,7 @@ round3() {
       --decoding constrained --max_batch_tokens 150000 "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -12
   fi
   target_test zephyr_summarization "rouge1 rouge2" "--test_file $SAMSUM/test.jsonl.gz --max_batch_tokens 150000" \
-    "" "$R"/round3/samsum-*/
+    - "$R"/round3/samsum-*/
 }
 
 # target_candidate NAME SCRIPT TRAIN_FLAGS... [-- EVAL_FLAGS...]: train (or resume) $R/$TARGETS_DIR/NAME (default
@@ -313,31 +313,29 @@ PY
   echo "$name: $(tail -1 "$R/logs/${TARGETS_DIR:-targets}_$name.log")"
 }
 
-# target_test SCRIPT "METRICS" "EVAL_FLAGS" "DECODING" ["DECODING2"] RUN...: once every run has finished (or
-# TARGETS_FINAL=1), choose the best checkpoint on validation and score it on the test set, once per decoding.
+# target_test SCRIPT "METRICS" "EVAL_FLAGS" DECODINGS RUN...: once every run has finished (or TARGETS_FINAL=1),
+# choose the best checkpoint on validation and score it on the test set, once per decoding in DECODINGS
+# (comma-separated, e.g. constrained,greedy; "-" for the script's only one). Results: RUN/metrics_step-N[_DECODING].
 target_test() {
-  local script=$1 metrics=$2 flags=$3 decodings=("$4") runs=() run chosen step
+  local script=$1 metrics=$2 flags=$3 decodings=$4 run chosen step decoding out
   shift 4
-  if [ $# -gt 0 ] && [ ! -d "$1" ]; then decodings+=("$1"); shift; fi
-  runs=("$@")
-  for run in "${runs[@]}"; do
+  for run in "$@"; do
     if [ ! -f "$run/train_metrics.json" ] && [ "${TARGETS_FINAL:-0}" != 1 ]; then
       echo "$run unfinished: no choice yet"; return 0
     fi
   done
-  local task=${script#zephyr_}
   # shellcheck disable=SC2086
-  chosen=$(python3 scripts/choose_checkpoint.py "${runs[@]}" --metrics $metrics \
-             --out "$R/${TARGETS_DIR:-targets}/chosen_$task.json" |
-           tee /dev/stderr | tail -1) || return 0
+  chosen=$(python3 scripts/choose_checkpoint.py "$@" --metrics $metrics \
+             --out "$R/${TARGETS_DIR:-targets}/chosen_${script#zephyr_}.json" | tee /dev/stderr | tail -1) || return 0
   run=${chosen% *} step=${chosen##* }
-  local decoding out
-  for decoding in "${decodings[@]}"; do
-    out=$run/metrics_step-$step${decoding:+_${decoding##* }}
+  for decoding in ${decodings//,/ }; do
+    out=$run/metrics_step-$step
+    local choice=()
+    [ "$decoding" = - ] || { out+=_$decoding; choice=(--decoding "$decoding"); }
     [ -f "$out/metrics.json" ] && continue
     # shellcheck disable=SC2086
     python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --output_dir "$out" \
-      $flags $decoding "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -14
+      $flags "${choice[@]}" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -14
   done
 }
 
