@@ -174,3 +174,31 @@ def test_report_table_of_checkpoints(tmp_path):
         "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002 | 10 | 2 | 75.0 (50.0) | 69.0 (50.0) (constrained) |",
     ]) in text
     assert "| 40 | 1.0 |" not in text  # not an empty row of Table 1
+
+
+def test_gpu_session_targets_stage_end_to_end(tiny_model, data_dir, tmp_path):
+    """The stage behind results/smollm2/runs/targets, on the tiny model and fixture data: every epoch scored
+    on validation, one checkpoint per task chosen and only that one scored on test."""
+    import gzip
+
+    data = tmp_path / "data"
+    for task, files in (("newsgroups", {"train": "news_train", "test": "news_test"}),
+                        ("samsum", {"train": "dialogues_train", "validation": "dialogues_test",
+                                    "test": "dialogues_test"})):
+        (data / task).mkdir(parents=True)
+        for split, name in files.items():
+            with gzip.open(data / task / f"{split}.jsonl.gz", "wt") as out:
+                out.write((data_dir / f"{name}.jsonl").read_text())
+    env = dict(os.environ, DATA_DIR=str(data), MODEL_GGUF=str(tiny_model), R=str(tmp_path / "r"), TARGET_EPOCHS="2",
+               EXTRA_EVAL="--max_new_tokens 4", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "targets"], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    targets = tmp_path / "r" / "targets"
+    for task, decodings in (("classification", ["_constrained", "_greedy"]), ("summarization", [""])):
+        chosen = json.loads((targets / f"chosen_{task}.json").read_text())
+        assert len(chosen["candidates"]) == (6 if task == "classification" else 4)  # runs x 2 epochs
+        run, step = Path(chosen["chosen"]["run"]), chosen["chosen"]["step"]
+        assert all((run / f"metrics_step-{step}{suffix}" / "metrics.json").is_file() for suffix in decodings)
+    # only the chosen checkpoint of each task was scored on test
+    assert len(list(targets.glob("*/metrics_step-*"))) == 3
