@@ -161,12 +161,29 @@ def sft_config(args: Namespace, run_dir: Path):
     )
 
 
-def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator=None):
+def logits_where_scored(labels) -> dict:
+    """Model inputs that compute the vocabulary logits only at the sequence positions whose next token is scored.
+
+    With the loss on the answer only, most positions of a batch are prompt: their logits (batch x length x
+    vocabulary, upcast to fp32 for the loss) cost memory and time and are thrown away. ``logits_to_keep`` (the
+    positions, one list for the whole batch) makes the model project only those, and ``shift_labels`` gives the
+    loss the labels of exactly those positions, so the loss is the same sum over the same tokens.
+    """
+    import torch
+
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # the token each position predicts
+    positions = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
+    return {"logits_to_keep": positions, "shift_labels": shifted[:, positions]}
+
+
+def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator=None,
+                 scored_positions_only: bool = True):
     """An SFTTrainer; one that also trains a LoRA adapter on lm_head when the config targets it.
 
     trl computes its loss from ``lm_head.weight`` directly (a fused head) and so refuses an
     adapter there. With one, the loss comes from the model's own logits instead, as in
-    ``transformers.Trainer``: slower, but it trains what the user asked for.
+    ``transformers.Trainer``, computed only where a token is scored (``logits_where_scored``;
+    ``scored_positions_only=False`` computes them everywhere, for the benchmark's comparison).
     """
     from peft import get_peft_model
     from transformers import Trainer, set_seed
@@ -190,6 +207,8 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     class SFTTrainerWithHeadAdapter(ResumingTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
+            if scored_positions_only and not return_outputs and "labels" in inputs:  # training: the loss alone
+                inputs = {**inputs, **logits_where_scored(inputs["labels"])}
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     # The LoRA matrices are initialised from the global RNG: seed it as the trainer would before wrapping,

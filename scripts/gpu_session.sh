@@ -40,6 +40,17 @@ bench_train() {
               "original, q,v" "fast, q,v" --out "$R/bench_train/train_throughput_summarization.json"
 }
 
+# All-module LoRA computes the vocabulary logits only where the answer is scored: against every position, side
+# by side, on the 7B-shaped model (after build_z7) and on SmolLM2 (vocabulary 49,152 over a 576-wide model).
+bench_logits() {
+  local recipes=("fast, all modules" "fast, all modules, logits at every position") smollm2
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --steps 8 --recipes "${recipes[@]}" \
+    --out "$R/bench_logits/train_throughput_logits_zephyr7b_shape.json"
+  smollm2=$(python3 -c "from qlora_kit import modeling; print(modeling.resolve_model_source('$MODEL'))" | tail -1)
+  python3 benchmarks/train_throughput.py --model_dir "$smollm2" --steps 8 --recipes "${recipes[@]}" \
+    --out "$R/bench_logits/train_throughput_logits_smollm2.json"
+}
+
 # Issue 3: the original one-at-a-time way against the engine, the whole test set on the 4-bit model.
 bench_gen() {
   python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 4 --stride_4bit 1 \
