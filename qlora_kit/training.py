@@ -176,6 +176,19 @@ def logits_where_scored(labels) -> dict:
     return {"logits_to_keep": positions, "shift_labels": shifted[:, positions]}
 
 
+def accepts_scored_positions(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` and its loss takes ``shift_labels`` (every causal LM of
+    recent transformers; a model that does not gets the logits of every position, as before)."""
+    import inspect
+
+    try:
+        loss = model.loss_function
+    except Exception:  # a model class without transformers' loss mapping
+        return False
+    return ("logits_to_keep" in inspect.signature(model.forward).parameters
+            and "shift_labels" in inspect.signature(loss).parameters)
+
+
 def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator=None,
                  scored_positions_only: bool = True):
     """An SFTTrainer; one that also trains a LoRA adapter on lm_head when the config targets it.
@@ -203,6 +216,8 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     if "lm_head" not in (peft_config.target_modules or []):
         return ResumingTrainer(model=model, args=sft_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                processing_class=tokenizer, peft_config=peft_config, data_collator=data_collator)
+
+    scored_positions_only = scored_positions_only and accepts_scored_positions(model)
 
     class SFTTrainerWithHeadAdapter(ResumingTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qlora_kit.training import logits_where_scored
+from qlora_kit.training import accepts_scored_positions, logits_where_scored
 
 
 @pytest.fixture(scope="module", params=["mistral", "llama"])
@@ -40,6 +40,7 @@ def _batch(vocab: int):
 def test_scored_positions_give_the_full_loss_and_gradients(adapted_model, num_items_in_batch):
     batch = _batch(adapted_model.config.vocab_size)
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    assert accepts_scored_positions(adapted_model.get_base_model())
     trainable = [p for p in adapted_model.parameters() if p.requires_grad]
     full = adapted_model(**batch, **extra).loss
     full_grads = torch.autograd.grad(full, trainable)
@@ -52,3 +53,13 @@ def test_scored_positions_give_the_full_loss_and_gradients(adapted_model, num_it
     torch.testing.assert_close(output.loss, full)
     for part, whole in zip(part_grads, full_grads):
         torch.testing.assert_close(part, whole)
+
+
+def test_a_model_without_logits_to_keep_is_not_given_it():
+    class Old(torch.nn.Module):
+        loss_function = staticmethod(lambda logits, labels, vocab_size, **kwargs: None)
+
+        def forward(self, input_ids, labels=None):
+            return None
+
+    assert not accepts_scored_positions(Old())
