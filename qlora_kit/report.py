@@ -203,13 +203,13 @@ def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
     return text
 
 
-def _epoch_of_step(run_dir: Path, step: int) -> float | None:
+def _epoch_of_step(run_dir: Path, step: int, config: dict | None = None) -> float | None:
     """The epoch a checkpoint was saved at: from its trainer state, else from the run's rows and batch size
-    (checkpoints are not kept with committed results)."""
+    (checkpoints are not kept with committed results); ``config``: the run's, if already read."""
     state = _read(Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json")
     if state and state.get("epoch") is not None:
         return state["epoch"]
-    config = _read(Path(run_dir) / "run_config.json") or {}
+    config = config if config is not None else _read(Path(run_dir) / "run_config.json") or {}
     used, batch = config.get("data", {}).get("rows", {}).get("used"), config.get("effective_batch_size")
     if not used or not batch or config.get("settings", {}).get("packing"):
         return None
@@ -275,7 +275,7 @@ def checkpoint_table(experiments: Path) -> str:
             test_text = "; ".join(f"{_score_text(_read(folder / 'metrics.json'), task)}" + (f" ({suffix})" if suffix
                                                                                                else "")
                                   for suffix, folder in test.get(step, [])) or MISSING
-            epoch = _epoch_of_step(run_dir, step)
+            epoch = _epoch_of_step(run_dir, step, config)
             lines.append(f"| {run_dir.name} | {_run_settings(config)} | {step} | "
                          f"{MISSING if epoch is None else f'{epoch:g}'} | {valid_text} | {test_text} |")
     return "\n".join(lines) if len(lines) > 2 else ""

@@ -109,6 +109,17 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
                   if folder.name.split("-")[-1].isdigit() and (folder / "trainer_state.json").is_file())
 
 
+def epoch_end_steps(run_dir: Path) -> list[int]:
+    """The steps of the complete checkpoints saved at the end of an epoch (not on a signal mid-epoch)."""
+    steps = []
+    for step in checkpoint_steps(run_dir):
+        state = read_json(Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", "trainer state")
+        epoch = state.get("epoch") or 0
+        if epoch >= 1 and abs(epoch - round(epoch)) < 1e-6:
+            steps.append(step)
+    return steps
+
+
 def adapter_dir(run_dir: Path, checkpoint: int | None = None) -> Path:
     """The folder of a run's final adapter, or of the adapter saved at optimizer step ``checkpoint``."""
     run_dir = Path(run_dir)

@@ -11,7 +11,6 @@ The last line printed is "RUN STEP", for shell scripts.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
