@@ -111,13 +111,26 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 def epoch_end_steps(run_dir: Path) -> list[int]:
     """The steps of the complete checkpoints saved at the end of an epoch (not on a signal mid-epoch)."""
-    steps = []
+    return list(_epoch_end_checkpoints(run_dir).values())
+
+
+def epoch_end_step(run_dir: Path, epoch: int) -> int:
+    """The step of the checkpoint a run saved at the end of epoch ``epoch`` (1-based)."""
+    found = _epoch_end_checkpoints(run_dir)
+    if epoch not in found:
+        have = ", ".join(f"epoch {e} (step {s})" for e, s in found.items()) or "none"
+        raise UsageError(f"{run_dir}: no checkpoint saved at the end of epoch {epoch} (epoch checkpoints: {have})")
+    return found[epoch]
+
+
+def _epoch_end_checkpoints(run_dir: Path) -> dict[int, int]:
+    found = {}
     for step in checkpoint_steps(run_dir):
         state = read_json(Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", "trainer state")
         epoch = state.get("epoch") or 0
         if epoch >= 1 and abs(epoch - round(epoch)) < 1e-6:
-            steps.append(step)
-    return steps
+            found[round(epoch)] = step
+    return found
 
 
 def adapter_dir(run_dir: Path, checkpoint: int | None = None) -> Path:

@@ -187,9 +187,12 @@ def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, 
     # 36 training rows after holding out 12: 5 steps of 8 per epoch, a checkpoint at the end of each
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15",
                                                                            "checkpoint-5"]
-    from qlora_kit.results import epoch_end_steps
+    from qlora_kit.errors import UsageError
+    from qlora_kit.results import epoch_end_step, epoch_end_steps
 
-    assert epoch_end_steps(run) == [5, 10, 15]
+    assert epoch_end_steps(run) == [5, 10, 15] and epoch_end_step(run, 2) == 10
+    with pytest.raises(UsageError, match="no checkpoint saved at the end of epoch 4"):
+        epoch_end_step(run, 4)
     for step in (5, 10, 15):
         run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--checkpoint", step,
                    "--split", "validation", "--max_new_tokens", 6, cwd=tmp_path)
