@@ -43,8 +43,8 @@ RECIPES = {
     "fast, q,v": _recipe("qv", "fast"),
     "fast, all modules": _recipe("all", "fast"),
     "fast without Liger, all modules": _recipe("all", "fast", use_liger_kernel=False),
-    # before logits were computed only where the answer is scored (qlora_kit.training.logits_where_scored)
-    "fast, all modules, logits at every position": _recipe("all", "fast", scored_positions_only=False),
+    # --logits_where_scored: vocabulary logits only where the answer is scored (qlora_kit.training.logits_where_scored)
+    "fast, all modules, logits where scored": _recipe("all", "fast", scored_positions_only=True),
     # the default before batch 32: the original's 8 examples a step in one micro-batch
     "batch 8 (previous default), all modules": _recipe("all", "fast", batch_size=8, learning_rate=2e-4),
     # more examples a step than the default: faster, but learned less per example (results/README.md)
@@ -170,7 +170,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     collator = PackedCollator(tokenizer.pad_token_id) if packing else None
     trainer = training.make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(warm + timed), None,
                                     data_collator=collator,
-                                    scored_positions_only=recipe.get("scored_positions_only", True))
+                                    scored_positions_only=recipe.get("scored_positions_only", False))
     # the rows' own order (see synthetic_rows): the worst batch first, then the timed steps
     trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)
     trainer.data_collator = largest = LargestBatch(trainer.data_collator)

@@ -155,6 +155,10 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     train.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                        help="pack several examples into each row, kept apart by a block-diagonal attention mask "
                             "(SDPA) (default: the recipe's)")
+    train.add_argument("--logits_where_scored", action=argparse.BooleanOptionalAction, default=False,
+                       help="with --full_tune: compute the vocabulary logits only at the positions whose next token "
+                            "is scored; less memory, but slower on the H200 (0.4-0.7x tokens/s, benchmarks/README.md) "
+                            "(default: off, every position)")
     train.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     train.add_argument("--report_to", default="none", help="none, tensorboard or wandb (default: %(default)s)")
     train.add_argument("--logging_steps", type=positive_int, default=10, help="default: %(default)s")

@@ -28,7 +28,7 @@ _NAMED_IF_CHANGED = {
     "seed": "seed", "max_steps": "steps", "prompt_style": "style", "completion_only_loss": "completion-only",
     "validation_fraction": "val", "packing": "packed", "optim": "optim", "group_by_length": "grouped",
     "use_liger_kernel": "liger", "gradient_checkpointing": "ckpt", "lr_scheduler": "sched",
-    "load_in_4bit": "4bit",
+    "load_in_4bit": "4bit", "logits_where_scored": "scored-logits",
 }
 
 
@@ -190,13 +190,13 @@ def accepts_scored_positions(model) -> bool:
 
 
 def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator=None,
-                 scored_positions_only: bool = True):
+                 scored_positions_only: bool = False):
     """An SFTTrainer; one that also trains a LoRA adapter on lm_head when the config targets it.
 
     trl computes its loss from ``lm_head.weight`` directly (a fused head) and so refuses an
     adapter there. With one, the loss comes from the model's own logits instead, as in
-    ``transformers.Trainer``, computed only where a token is scored (``logits_where_scored``;
-    ``scored_positions_only=False`` computes them everywhere, for the benchmark's comparison).
+    ``transformers.Trainer``; with ``scored_positions_only`` (``--logits_where_scored``) only where a token is
+    scored (``logits_where_scored``): less memory, but slower on the GPU (benchmarks/README.md).
     """
     from peft import get_peft_model
     from transformers import Trainer, set_seed
@@ -383,7 +383,8 @@ def train(task: str, args: Namespace) -> dict:
     else:
         train_rows, eval_rows = examples, eval_examples
     trainer = make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(train_rows),
-                           Dataset.from_list(eval_rows) if eval_rows else None, data_collator=collator)
+                           Dataset.from_list(eval_rows) if eval_rows else None, data_collator=collator,
+                           scored_positions_only=args.logits_where_scored)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 

@@ -40,10 +40,11 @@ bench_train() {
               "original, q,v" "fast, q,v" --out "$R/bench_train/train_throughput_summarization.json"
 }
 
-# All-module LoRA computes the vocabulary logits only where the answer is scored: against every position, side
-# by side, on the 7B-shaped model (after build_z7) and on SmolLM2 (vocabulary 49,152 over a 576-wide model).
+# All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is
+# scored (--logits_where_scored), side by side, on the 7B-shaped model (after build_z7) and on SmolLM2
+# (vocabulary 49,152 over a 576-wide model).
 bench_logits() {
-  local recipes=("fast, all modules" "fast, all modules, logits at every position") smollm2
+  local recipes=("fast, all modules" "fast, all modules, logits where scored") smollm2
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --steps 8 --recipes "${recipes[@]}" \
     --out "$R/bench_logits/train_throughput_logits_zephyr7b_shape.json"
   smollm2=$(python3 -c "from qlora_kit import modeling; print(modeling.resolve_model_source('$MODEL'))" | tail -1)

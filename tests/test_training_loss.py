@@ -63,3 +63,37 @@ def test_a_model_without_logits_to_keep_is_not_given_it():
             return None
 
     assert not accepts_scored_positions(Old())
+
+
+@pytest.mark.parametrize("scored", [False, True], ids=["every position (default)", "--logits_where_scored"])
+def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, scored):
+    """make_trainer's scored_positions_only (the flag --logits_where_scored) decides whether the model gets
+    logits_to_keep; the loss is the same either way."""
+    from argparse import Namespace
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit import cli, modeling, training
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    settings = Namespace(**{**cli.training_defaults("classification"), "max_steps": 1, "full_tune": True})
+    assert settings.logits_where_scored is False  # the default
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                             target_modules=modeling.lora_target_modules(True))
+    rows = Dataset.from_list([{"prompt": "### Sentence: a ### Class:", "completion": " sci.space"}] * 2)
+    trainer = training.make_trainer(model, training.sft_config(settings, tmp_path), peft_config, tokenizer, rows,
+                                    None, scored_positions_only=scored)
+    seen = []
+    trainer.model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("logits_to_keep")), with_kwargs=True)
+    batch = _batch(model.config.vocab_size)
+    trainer.model.eval()  # no dropout: the two losses must match
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        reference = trainer.model(**batch).loss
+    assert (seen[0] is not None) == scored
+    torch.testing.assert_close(loss, reference)
