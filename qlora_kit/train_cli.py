@@ -11,7 +11,7 @@ from .errors import run_main, setup_logging
 
 def build_parser(task: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
+    add_model_args(parser, training=True)
     add_data_args(parser, task, training=True)
     add_training_args(parser, task)
     return parser

@@ -300,7 +300,7 @@ def train(task: str, args: Namespace) -> dict:
 
     from .cli import apply_recipe
 
-    apply_recipe(args)
+    apply_recipe(args, task)
     distributed.init()
     if args.packing and args.use_flash_attention:
         raise UsageError("--packing uses a 4-D attention mask, which flash_attention_2 does not take; use SDPA")
