@@ -1,4 +1,4 @@
-"""Zero-shot and few-shot baselines of the base model (no training), for both tasks.
+r"""Zero-shot and few-shot baselines of the base model (no training), for both tasks.
 
 Usage:
     python zephyr_baseline_inference.py --task_type classification --prompt_type zero-shot

@@ -247,7 +247,8 @@ def _run_settings(config: dict) -> str:
     words = [f"{config.get('data', {}).get('rows', {}).get('used')} rows",
              f"len {settings.get('max_seq_length')}", "4-bit" if config.get("load_in_4bit") else "16-bit",
              f"r={settings.get('lora_r')}", f"batch {config.get('effective_batch_size')}",
-             f"lr {settings.get('learning_rate'):g}" if settings.get("learning_rate") else None]
+             f"lr {settings.get('learning_rate'):g}" if settings.get("learning_rate") else None,
+             settings.get("lr_scheduler") if settings.get("lr_scheduler") not in (None, "constant_with_warmup") else None]
     return ", ".join(word for word in words if word)
 
 

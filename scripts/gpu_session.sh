@@ -353,13 +353,21 @@ run_main(lambda: print(epoch_end_step('$twin', round(chosen['epoch']))))") || re
 }
 
 # target_choice SCRIPT "METRICS" RUN...: prints "RUN STEP", the best checkpoint on validation (its list in
-# $R/$TARGETS_DIR/chosen_TASK.json); fails while a run is unfinished (unless TARGETS_FINAL=1).
+# $R/$TARGETS_DIR/chosen_TASK.json); fails while a run is unfinished or has an epoch checkpoint not scored on
+# validation yet (unless TARGETS_FINAL=1).
 target_choice() {
   local script=$1 metrics=$2 run
   shift 2
+  local unscored
   for run in "$@"; do
-    if [ ! -f "$run/train_metrics.json" ] && [ "${TARGETS_FINAL:-0}" != 1 ]; then
+    [ "${TARGETS_FINAL:-0}" = 1 ] && continue
+    if [ ! -f "$run/train_metrics.json" ]; then
       echo "$run unfinished: no choice yet" >&2; return 1
+    fi
+    unscored=$(python3 -c "from pathlib import Path; from qlora_kit.results import epoch_end_steps; r = Path('$run')
+print(*[s for s in epoch_end_steps(r) if not (r / f'metrics_validation_step-{s}' / 'metrics.json').is_file()])")
+    if [ -n "$unscored" ]; then
+      echo "$run: checkpoints $unscored not scored on validation yet: no choice yet" >&2; return 1
     fi
   done
   # shellcheck disable=SC2086

@@ -19,6 +19,7 @@ def test_the_default_recipe_keeps_the_original_settings_beyond_speed():
         assert (args["epochs"], args["lr_scheduler"], args["load_in_4bit"], args["full_tune"]) == (
             epochs, "constant_with_warmup", True, False)
         assert (args["max_seq_length"], args["prompt_style"], args["batch_size"]) == (512, "seed", 32)
+        assert args["logits_where_scored"] is False
 
 
 def test_small_model_recipe_is_the_third_round_winner_per_task():
@@ -29,6 +30,7 @@ def test_small_model_recipe_is_the_third_round_winner_per_task():
             16, 1, 1e-3, "cosine")
         assert (args["epochs"], args["load_in_4bit"], args["full_tune"], args["gradient_checkpointing"]) == (
             3, False, True, False)
+        assert args["logits_where_scored"] is True  # as the measured runs computed them
     assert (news["max_seq_length"], news["prompt_style"], news["lora_r"]) == (1024, "seed", 8)
     assert (samsum["max_seq_length"], samsum["prompt_style"], samsum["lora_r"]) == (512, "chat", 64)
 
@@ -37,6 +39,7 @@ def test_small_model_recipe_is_the_third_round_winner_per_task():
     (["--load_in_4bit"], True, "load_in_4bit"), (["--no-full_tune"], False, "full_tune"),
     (["--epochs", "1"], 1, "epochs"), (["--lr_scheduler", "linear"], "linear", "lr_scheduler"),
     (["--max_seq_length", "256"], 256, "max_seq_length"), (["--prompt_style", "seed"], "seed", "prompt_style"),
+    (["--no-logits_where_scored"], False, "logits_where_scored"),
 ])
 def test_a_given_flag_wins_over_the_recipe(flag, value, key):
     assert _resolved("summarization", "--recipe", "small-model", *flag)[key] == value

@@ -154,7 +154,7 @@ def test_report_table_of_checkpoints(tmp_path):
 
     exp = tmp_path / "exp"
     _run_folder(exp, "ckpt", "classification", {"train_sample_fraction": 1.0, "max_seq_length": 1024,
-                                                 "learning_rate": 2e-3}, 40, None)
+                                                 "learning_rate": 2e-3, "lr_scheduler": "cosine"}, 40, None)
     config = json.loads((exp / "ckpt" / "run_config.json").read_text())
     config.update(effective_batch_size=8, load_in_4bit=False)
     (exp / "ckpt" / "run_config.json").write_text(json.dumps(config))
@@ -170,8 +170,9 @@ def test_report_table_of_checkpoints(tmp_path):
     assert "\n".join([
         "| run | settings | step | epoch | validation | test |",
         "|---|---|---|---|---|---|",
-        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002 | 5 | 1 | 70.0 (50.0) | — |",
-        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002 | 10 | 2 | 75.0 (50.0) | 69.0 (50.0) (constrained) |",
+        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002, cosine | 5 | 1 | 70.0 (50.0) | — |",
+        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002, cosine | 10 | 2 | 75.0 (50.0) | 69.0 (50.0) "
+        "(constrained) |",
     ]) in text
     assert "| 40 | 1.0 |" not in text  # not an empty row of Table 1
 
