@@ -64,7 +64,7 @@ def _load_finetuned(config: dict, adapter: Path, merge_adapter: bool, use_flash_
                                 for_training=False)
     model = PeftModel.from_pretrained(model, adapter)
     if merge_adapter:
-        model = model.merge_and_unload()  # plain bf16 weights: no 4-bit dequantization per step
+        model = modeling.merge_adapter(model)  # plain bf16 weights: no 4-bit dequantization per step
     model.eval()
     return model
 

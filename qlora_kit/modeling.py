@@ -205,3 +205,24 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def merge_adapter(peft_model):
+    """The adapter merged into the base weights (plain weights, no LoRA matmuls per step).
+
+    A model whose lm_head shares its weight with the input embeddings (SmolLM2, unlike Mistral) and whose
+    adapter covers lm_head (``--full_tune``) would have the merge written into the embeddings too, changing
+    every input: lm_head gets its own copy of the weight first.
+    """
+    import torch
+
+    base = peft_model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    head_layer = getattr(head, "base_layer", None)  # set only when a LoRA layer wraps lm_head
+    if head_layer is not None and embeddings is not None and head_layer.weight is embeddings.weight:
+        head_layer.weight = torch.nn.Parameter(head_layer.weight.detach().clone(), requires_grad=False)
+        base.config.tie_word_embeddings = False
+        if hasattr(base.config, "get_text_config"):
+            base.config.get_text_config().tie_word_embeddings = False
+    return peft_model.merge_and_unload()
+

@@ -97,3 +97,4 @@ def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, s
         reference = trainer.model(**batch).loss
     assert (seen[0] is not None) == scored
     torch.testing.assert_close(loss, reference)
+
