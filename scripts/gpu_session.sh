@@ -298,7 +298,7 @@ round3() {
 
 # target_candidate NAME SCRIPT TRAIN_FLAGS... [-- EVAL_FLAGS...]: train (or resume) $R/$TARGETS_DIR/NAME (default
 # folder: targets), then, given evaluation flags, score every checkpoint saved at the end of an epoch on the
-# validation split. Log: $R/logs/${TARGETS_DIR}_NAME.log.
+# validation split. Log (appended to): $R/logs/${TARGETS_DIR}_NAME.log.
 target_candidate() {
   local name=$1 script=$2 run=$R/${TARGETS_DIR:-targets}/$1 train=() eval=() step
   shift 2
@@ -319,7 +319,7 @@ target_candidate() {
         python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --split validation \
           "${eval[@]}" "${EXTRA_EVAL[@]}"
     done
-  } > "$R/logs/${TARGETS_DIR:-targets}_$name.log" 2>&1
+  } >> "$R/logs/${TARGETS_DIR:-targets}_$name.log" 2>&1  # appended: a resumed run keeps its earlier commands' log
   echo "$name: $(tail -1 "$R/logs/${TARGETS_DIR:-targets}_$name.log")"
 }
 
@@ -417,7 +417,7 @@ fi
 for stage in "$@"; do
   echo "=== $stage (GPU ${CUDA_VISIBLE_DEVICES:-all}) $(date +%T)"
   started=$SECONDS
-  "$stage" 2>&1 | tee "$R/logs/$stage.log" | quiet
+  "$stage" 2>&1 | tee -a "$R/logs/$stage.log" | quiet
   echo "=== $stage done in $((SECONDS - started)) s"
   pack
 done
