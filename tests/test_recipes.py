@@ -63,3 +63,20 @@ def test_small_model_recipe_trains_end_to_end(tiny_model, data_dir, tmp_path):
     assert config["load_in_4bit"] is False and config["prompt_style"] == "chat"
     assert config["settings"]["lr_scheduler"] == "cosine" and config["settings"]["batch_size"] == 16
     assert "lm_head" in config["lora_target_modules"]
+
+
+@pytest.mark.parametrize("task, run", [("classification", "news-full-cosine"), ("summarization", "samsum-cosine")])
+def test_small_model_recipe_is_what_the_winning_runs_used(task, run):
+    """The preset must not drift from the committed runs that met issue 7's targets (results/smollm2/runs/round3):
+    every setting that shapes training is the same, and those runs computed logits only where scored."""
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).resolve().parent.parent / "results" / "smollm2" / "runs" / "round3" / run
+                         / "run_config.json").read_text())["settings"]
+    preset = _resolved(task, "--recipe", "small-model")
+    shaping = ["load_in_4bit", "lora_r", "lora_alpha", "dropout", "full_tune", "epochs", "learning_rate",
+               "lr_scheduler", "batch_size", "grad_accum", "optim", "group_by_length", "use_liger_kernel",
+               "max_seq_length", "neftune", "prompt_style", "completion_only_loss", "gradient_checkpointing",
+               "packing", "seed"]
+    assert {key: preset[key] for key in shaping} == {key: config[key] for key in shaping}
+    assert "logits_where_scored" not in config and preset["logits_where_scored"]  # then the only path
