@@ -221,8 +221,7 @@ def merge_adapter(peft_model):
     head_layer = getattr(head, "base_layer", None)  # set only when a LoRA layer wraps lm_head
     if head_layer is not None and embeddings is not None and head_layer.weight is embeddings.weight:
         head_layer.weight = torch.nn.Parameter(head_layer.weight.detach().clone(), requires_grad=False)
-        base.config.tie_word_embeddings = False
-        if hasattr(base.config, "get_text_config"):
-            base.config.get_text_config().tie_word_embeddings = False
+        for config in (base.config, base.config.get_text_config()):  # the same object for a text-only model
+            config.tie_word_embeddings = False
     return peft_model.merge_and_unload()
 
