@@ -6,7 +6,8 @@ Two prompt styles:
   few-shot baselines use the longer instruction prompts.
 - ``chat``: the same instruction rendered through the tokenizer's chat template as one
   user turn (Zephyr's ``<|user|>``/``<|assistant|>`` format, ChatML for SmolLM2). The
-  rendering itself lives in ``qlora_kit.formatting``; the words live here.
+  rendering itself lives in ``qlora_kit.formatting``; the words live here, and which
+  template a task uses for what is part of its definition in ``qlora_kit.tasks``.
 """
 
 PROMPT_STYLES = ("seed", "chat")
@@ -67,28 +68,3 @@ Summary:
 # One few-shot example, repeated ``--shots`` times inside {few_shot_samples}.
 FEW_SHOT_CLASSIFIER_SAMPLE = "Sentence: {sentence} \n Class: {label} \n\n"
 FEW_SHOT_SUMMARIZATION_SAMPLE = "Dialogue: {dialogue} \n Summary: {summary} \n\n"
-
-# Which template each (task, purpose) uses. ``finetune`` templates take the answer as the
-# completion; ``zero-shot``/``few-shot`` templates end where the model starts answering.
-TEMPLATES = {
-    ("classification", "finetune", "seed"): INFERENCE_CLASSIFIER_PROMPT,
-    ("classification", "finetune", "chat"): CHAT_CLASSIFIER_INSTRUCTION,
-    ("classification", "zero-shot", "seed"): ZERO_SHOT_CLASSIFIER_PROMPT,
-    ("classification", "few-shot", "seed"): FEW_SHOT_CLASSIFIER_PROMPT,
-    ("summarization", "finetune", "seed"): INFERENCE_SUMMARIZATION_PROMPT,
-    ("summarization", "finetune", "chat"): CHAT_SUMMARIZATION_INSTRUCTION,
-    ("summarization", "zero-shot", "seed"): ZERO_SHOT_SUMMARIZATION_PROMPT,
-    ("summarization", "few-shot", "seed"): FEW_SHOT_SUMMARIZATION_PROMPT,
-}
-# Chat-style baselines send the same instruction as the seed style, as one user turn.
-for (_task, _purpose, _style), _template in list(TEMPLATES.items()):
-    if _purpose != "finetune":
-        TEMPLATES[(_task, _purpose, "chat")] = _template
-
-FEW_SHOT_SAMPLES = {
-    "classification": FEW_SHOT_CLASSIFIER_SAMPLE,
-    "summarization": FEW_SHOT_SUMMARIZATION_SAMPLE,
-}
-
-# The field each template calls the input; the answer is what follows the prompt.
-INPUT_FIELD = {"classification": "sentence", "summarization": "dialogue"}

@@ -1,14 +1,15 @@
 r"""Fine-tune a causal LM with QLoRA to classify 20 Newsgroups messages by generating the group name.
 
-Usage (Zephyr-7B-beta on one 24 GB GPU, the default `fast` recipe; --recipe original for the published one):
+Usage (Zephyr-7B-beta on one 24 GB GPU, the default recipe `fast`; --recipe original for the published one;
+--print_config shows every setting and where it came from):
     python zephyr_classification.py --train_sample_fraction 0.1
 
 Offline, on local files and the small embedded model:
     python zephyr_classification.py --pretrained_ckpt embedded:smollm2-135m-instruct \
         --train_file data/sample/newsgroups_train.jsonl --max_steps 20
 
-The recipe that met issue 7's targets with the small model (results/README.md; choose the epoch on validation
-with scripts/choose_checkpoint.py):
+For a small model, the recipe chosen on validation for SmolLM2-135M (docs/results.md; choose the epoch on
+validation with scripts/choose_checkpoint.py):
     python zephyr_classification.py --recipe small-model --pretrained_ckpt embedded:smollm2-135m-instruct \
         --train_file .../newsgroups/train.jsonl.gz --save_steps epoch --keep_checkpoints 3
 

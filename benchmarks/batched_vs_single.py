@@ -13,23 +13,23 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def main(args):
     import torch
 
-    from qlora_kit import evaluation, modeling, results
+    from qlora_kit import evaluation, modeling
     from qlora_kit.formatting import PromptFormat
     from qlora_kit.generation import generate
     from qlora_kit.metrics import parse_label
+    from qlora_kit.run_folder import RunFolder
+    from qlora_kit.tasks import get_task
 
     run_dir = Path(args.experiment_dir)
-    config = results.load_run_config(run_dir)
-    adapter = results.adapter_dir(run_dir)
+    config = RunFolder(run_dir).config()
+    adapter = RunFolder(run_dir).adapter()
     label_names = config["label_names"]
     eval_args = Namespace(split="test", test_file=args.test_file, validation_file=None, dataset="", limit=args.limit)
-    rows = evaluation.load_eval_rows("classification", eval_args, label_names)
+    rows = evaluation.load_eval_rows(get_task("classification"), eval_args, label_names)
     tokenizer = modeling.load_tokenizer(str(adapter), padding_side="left")
     fmt = PromptFormat("classification", "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     prompts = [fmt.prompt_ids(row["input"], config["settings"]["max_seq_length"]) for row in rows]

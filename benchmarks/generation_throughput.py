@@ -22,18 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 def main(args):
     import json
     import random
 
     import torch
+    import zephyr_shaped
     from peft import LoraConfig, get_peft_model
 
-    import zephyr_shaped
     from qlora_kit import modeling
     from qlora_kit.generation import generate
 

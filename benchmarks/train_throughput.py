@@ -16,25 +16,28 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
 LENGTHS = HERE / "train_lengths.json"
 
-# name -> LoRA targets ("qv": q_proj,v_proj; "all": every linear layer and lm_head) and the speed settings
-# (the same names as the training scripts' flags; qlora_kit.cli.TRAINING_RECIPES holds the named recipes).
-def _recipe(targets, base, **changes):
-    from qlora_kit.cli import TRAINING_RECIPES
+# The speed settings a benchmark recipe takes from a recipe file (recipes/NAME.yaml, resolved as the training
+# scripts do) and may change.
+SPEED_SETTINGS = ("batch_size", "grad_accum", "learning_rate", "gradient_checkpointing", "optim", "group_by_length",
+                  "use_liger_kernel", "packing")
 
-    return {"targets": targets, **TRAINING_RECIPES[base], **changes}
+
+# name -> LoRA targets ("qv": q_proj,v_proj; "all": every linear layer and lm_head) and the speed settings.
+def _recipe(targets, base, **changes):
+    from qlora_kit import settings
+
+    resolved = settings.resolve("classification", {"recipe": base})[0]
+    return {"targets": targets, **{key: getattr(resolved, key) for key in SPEED_SETTINGS}, **changes}
 
 
 RECIPES = {
@@ -57,13 +60,14 @@ def write_lengths(data_dir: Path, tokenizer_name: str, max_seq_length: int) -> N
     from qlora_kit import data as data_lib
     from qlora_kit import modeling
     from qlora_kit.formatting import PromptFormat, build_training_examples, end_of_turn_token
+    from qlora_kit.tasks import get_task
 
     tokenizer = modeling.load_tokenizer(modeling.resolve_model_source(tokenizer_name))
     result = {"tokenizer": tokenizer_name, "max_seq_length": max_seq_length}
     for task, file in (("classification", data_dir / "newsgroups" / "train.jsonl.gz"),
                        ("summarization", data_dir / "samsum" / "train.jsonl.gz")):
-        rows, source = data_lib.load_clean_rows(task, file=str(file), dataset="", split="train")
-        labels = data_lib.canonical_labels(rows, source) if task == "classification" else []
+        rows, source = get_task(task).load_rows(file=str(file), dataset="", split="train")
+        labels = data_lib.canonical_labels(rows, source) if get_task(task).labelled else []
         fmt = PromptFormat(task, "finetune", "seed", tokenizer, label_names=labels)
         examples = build_training_examples(rows, fmt, max_seq_length, end_of_turn_token(tokenizer), True)
         result[task] = [[len(e["input_ids"]), sum(label != -100 for label in e["labels"])] for e in examples]
@@ -145,7 +149,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     from transformers import TrainerCallback
 
     from qlora_kit import modeling, training
-    from qlora_kit.cli import TRAINING_RECIPES, training_defaults
+    from qlora_kit import settings as settings_lib
     from qlora_kit.packing import PackedCollator
 
     targets, batch, accumulation, packing = recipe["targets"], recipe["batch_size"], recipe["grad_accum"], recipe["packing"]
@@ -158,11 +162,11 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     timed_examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
     epoch_tokens, epoch_examples = sum(total for total, _ in lengths), len(lengths)
 
-    speed = {key: recipe[key] for key in TRAINING_RECIPES["original"]}  # the speed settings every recipe has
-    # every training flag at its default (so new flags need no change here), then the benchmark's own settings
-    settings = Namespace(**{**training_defaults("classification"), "epochs": 1, "logging_steps": 1000,
-                            "max_steps": args.warmup_steps + args.steps, "save_steps": 10**6, "seed": args.seed,
-                            "max_seq_length": args.max_seq_length, **speed})
+    speed = {key: recipe[key] for key in SPEED_SETTINGS}
+    # every training setting at its default (so new settings need no change here), then the benchmark's own
+    settings = dataclasses.replace(settings_lib.resolve("classification")[0], epochs=1, logging_steps=1000,
+                                   max_steps=args.warmup_steps + args.steps, save_steps=10**6, seed=args.seed,
+                                   max_seq_length=args.max_seq_length, **speed)
     sft_args = training.sft_config(settings, Path(args.scratch))
     sft_args.save_strategy = "no"
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
@@ -172,7 +176,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
                                     data_collator=collator,
                                     scored_positions_only=recipe.get("scored_positions_only", False))
     # the rows' own order (see synthetic_rows): the worst batch first, then the timed steps
-    trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)
+    trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)  # noqa: F821
     trainer.data_collator = largest = LargestBatch(trainer.data_collator)
 
     class Clock(TrainerCallback):

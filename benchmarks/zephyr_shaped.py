@@ -60,14 +60,11 @@ def build(folder: Path, tiny: bool = False) -> Path:
 
 def real_prompt_lengths(task: str, data_file: str, tokenizer_source: str, max_tokens: int, limit: int | None = None):
     """Token counts of the task's real fine-tuning prompts (cleaned data, seed format, shortened to max_tokens)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from qlora_kit import data as data_lib
     from qlora_kit.formatting import PromptFormat
     from qlora_kit.modeling import load_tokenizer
+    from qlora_kit.tasks import get_task
 
-    rows, source = data_lib.load_clean_rows(task, file=data_file, dataset="", split="test")
+    rows, source = get_task(task).load_rows(file=data_file, dataset="", split="test")
     rows = rows[:limit]
     tokenizer = load_tokenizer(tokenizer_source)
     fmt = PromptFormat(task, "finetune", "seed", tokenizer)

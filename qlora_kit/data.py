@@ -16,7 +16,6 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
@@ -24,21 +23,6 @@ from .errors import UsageError
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".parquet")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    input_column: str
-    target_column: str
-    default_dataset: str
-
-
-TASKS = {
-    "classification": TaskSpec("classification", "text", "label", "rungalileo/20_Newsgroups_Fixed"),
-    # The old `samsum` id is a loading script that datasets 4+ refuses; this copy is plain data.
-    "summarization": TaskSpec("summarization", "dialogue", "summary", "knkarthick/samsum"),
-}
 
 
 # --------------------------------------------------------------------------- reading files
@@ -131,8 +115,8 @@ def _load_hub_split(dataset: str, split: str) -> list[dict]:
         )
 
 
-def load_rows(task: TaskSpec, *, file: str | None, dataset: str, split: str) -> tuple[list[dict], str]:
-    """Rows of one split as ``{"input", "target"}`` dicts, and a description of the source."""
+def load_rows(task, *, file: str | None, dataset: str, split: str) -> tuple[list[dict], str]:
+    """Rows of one split as ``{"input", "target"}`` dicts (from ``task``'s columns), and a description of the source."""
     if file:
         records, source = read_records(file), str(file)
     else:
@@ -239,15 +223,6 @@ def clean_summarization(rows: list[dict], source: str) -> list[dict]:
     return _drop_empty(cleaned, source)
 
 
-CLEANERS = {"classification": clean_classification, "summarization": clean_summarization}
-
-
-def load_clean_rows(task: str, *, file: str | None, dataset: str, split: str) -> tuple[list[dict], str]:
-    """One split of a task, read (local file or Hub) and cleaned; and a description of its source."""
-    rows, source = load_rows(TASKS[task], file=file, dataset=dataset, split=split)
-    return CLEANERS[task](rows, source), source
-
-
 def canonical_labels(rows: list[dict], source: str) -> list[str]:
     """Merge labels that differ only in case (the most frequent spelling wins); return the sorted label set."""
     spellings: dict[str, Counter] = defaultdict(Counter)
@@ -291,31 +266,3 @@ def stratified_sample(rows: list[dict], fraction: float, seed: int) -> list[dict
         chosen.extend(rng.sample(indices, count))
     chosen.sort()  # keep the file's order; the trainer shuffles
     return [rows[index] for index in chosen]
-
-
-def split_off_validation(rows: list[dict], fraction: float, seed: int, task: str) -> tuple[list[dict], list[dict]]:
-    """Hold out a fixed-seed ``fraction`` of the training rows (stratified by label for classification)."""
-    if not 0 < fraction < 1:
-        raise UsageError(f"--validation_fraction must be in (0, 1), got {fraction}")
-    if task == "classification":
-        held_out = stratified_sample(rows, fraction, seed)
-    else:
-        held_out = sorted(random.Random(seed).sample(range(len(rows)), max(1, round(fraction * len(rows)))))
-        held_out = [rows[index] for index in held_out]
-    held_ids = {id(row) for row in held_out}
-    return [row for row in rows if id(row) not in held_ids], held_out
-
-
-def few_shot_examples(rows: list[dict], task: str, shots: int) -> list[dict]:
-    """Deterministic few-shot examples: the first ``shots`` rows of each class, or the first ``shots`` dialogues."""
-    if shots < 1:
-        raise UsageError(f"--shots must be at least 1, got {shots}")
-    if task == "summarization":
-        return rows[:shots]
-    taken: dict[str, int] = Counter()
-    examples = []
-    for row in rows:
-        if taken[row["target"]] < shots:
-            taken[row["target"]] += 1
-            examples.append(row)
-    return examples

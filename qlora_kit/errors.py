@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_USAGE = 2
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -6,50 +6,58 @@ import json
 import logging
 import time
 from argparse import Namespace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import data as data_lib
 from . import distributed, modeling, results
+from .data import canonical_labels, map_to_known_labels
 from .errors import UsageError
 from .formatting import PromptFormat, answer_ids, end_of_turn_token
 from .generation import default_max_batch_tokens, generate
-from .metrics import classification_metrics, parse_label, rouge_scores
+from .run_folder import (
+    METRICS,
+    PREDICTIONS,
+    RunFolder,
+    partial_predictions_file,
+    partial_predictions_glob,
+    remove_partial_predictions,
+)
+from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
 BASELINE_CONTEXT = 2048
 
 
-def load_eval_rows(task: str, args: Namespace, label_names: list[str]) -> list[dict]:
+def load_eval_rows(task: Task, args: Namespace, label_names: list[str]) -> list[dict]:
     file = args.test_file if args.split == "test" else args.validation_file
-    rows, source = data_lib.load_clean_rows(task, file=file, dataset=args.dataset, split=args.split)
-    if task == "classification":
-        data_lib.map_to_known_labels(rows, label_names, source)
+    rows, source = task.load_rows(file=file, dataset=args.dataset, split=args.split)
+    if task.labelled:
+        map_to_known_labels(rows, label_names, source)
     if args.limit:
         rows = rows[:args.limit]
     log.info("%s: %d evaluation rows", source, len(rows))
     return rows
 
 
-def held_out_rows(task: str, config: dict, limit: int | None) -> list[dict]:
+def held_out_rows(task: Task, config: dict, limit: int | None) -> list[dict]:
     """The validation rows a run held out of its training data (--validation_fraction), rebuilt the same way."""
     data = config["data"]
-    rows, source = data_lib.load_clean_rows(task, file=data.get("train_file"), dataset=data.get("dataset") or "",
-                                            split="train")
-    if task == "classification":
-        data_lib.canonical_labels(rows, source)
-    _, held_out = data_lib.split_off_validation(rows, data["validation_fraction"], config["settings"]["seed"], task)
+    rows, source = task.load_rows(file=data.get("train_file"), dataset=data.get("dataset") or "", split="train")
+    if task.labelled:
+        canonical_labels(rows, source)
+    _, held_out = task.split_off_validation(rows, data["validation_fraction"], config["settings"]["seed"])
     log.info("%s: %d validation rows held out of the training data", source, len(held_out))
     return held_out[:limit] if limit else held_out
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to replace a finished evaluation unless --overwrite; an interrupted one is continued."""
-    if (out_dir / results.METRICS).exists() and not overwrite:
-        raise UsageError(f"{out_dir / results.METRICS} exists; pass --overwrite to replace it")
+    if (out_dir / METRICS).exists() and not overwrite:
+        raise UsageError(f"{out_dir / METRICS} exists; pass --overwrite to replace it")
     results.check_writable_dir(out_dir, "--output_dir")
     if overwrite and distributed.is_main():
-        results.remove_partial_predictions(out_dir)
+        remove_partial_predictions(out_dir)
     distributed.barrier()
 
 
@@ -69,15 +77,13 @@ def _load_finetuned(config: dict, adapter: Path, merge_adapter: bool, use_flash_
     return model
 
 
-def _record(index: int, row: dict, prompt: str, text: str | None, task: str, label_names: list[str],
+def _record(index: int, row: dict, prompt: str, text: str | None, task: Task, label_names: list[str],
             error: str | None = None) -> dict:
     record = {"id": index, "prompt": prompt, "output": text, "reference": row["target"]}
     if error is not None:
         record["error"] = error
-    elif task == "classification":
-        record["parsed"] = parse_label(text, label_names)
     else:
-        record["parsed"] = text.strip()
+        record["parsed"] = task.parse_answer(text, label_names)
     return record
 
 
@@ -101,46 +107,65 @@ def _resume_partial(path: Path, prompts: list[str]) -> dict[int, dict]:
     return done
 
 
-def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace,
-                   max_prompt_tokens: int, end_token: str, label_names: list[str],
-                   partial_path: Path | None = None) -> tuple[dict, list[dict]]:
-    """Generate for every row, score, and return (metrics, prediction records in row order).
+@dataclass
+class GenerationJob:
+    """What one evaluation generates: the task, its prompts (ids and text), and how to decode and record."""
 
-    With several processes every process plans the same batches (same prompts, same token budget) and
-    runs its share of them, so each prediction comes from exactly the batch one process would have run;
-    the records are gathered in order. Each finished batch is appended to ``partial_path`` (one file
-    per process); a re-run after a crash, with any number of processes, generates only what is missing.
-    """
-    rank, world = distributed.rank(), distributed.world_size()
-    all_partials = sorted(partial_path.parent.glob(f"{partial_path.stem}*{partial_path.suffix}")) \
-        if partial_path is not None else []
-    if partial_path is not None and world > 1:
-        partial_path = partial_path.with_name(f"{partial_path.stem}.rank{rank}{partial_path.suffix}")
+    task: Task
+    rows: list[dict]
+    prompt_ids: list[list[int]]
+    prompt_texts: list[str]
+    label_names: list[str]
+    stop_ids: list[int]
+    label_sequences: list[list[int]] | None  # constrained decoding: the token ids of every label
+    records: dict = field(default_factory=dict)  # index -> prediction record
+
+
+def plan_job(task: Task, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace, max_prompt_tokens: int,
+             end_token: str, label_names: list[str]) -> GenerationJob:
+    """Stage 1: every prompt's token ids, the stop tokens and, for constrained decoding, the label sequences."""
     prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
-    prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
-    done = {}
-    for path in all_partials:  # every process reads every process's file: all agree on what is left
-        done.update(_resume_partial(path, prompt_texts))
-    distributed.barrier()  # nobody appends before everybody has read
-    todo = [i for i in range(len(rows)) if i not in done]
-    max_batch_tokens = getattr(args, "max_batch_tokens", None)
-    if max_batch_tokens is None and world > 1:  # one budget for all, or the plans would differ
-        budgets = [b for b in distributed.gather(default_max_batch_tokens(model)) if b is not None]
-        max_batch_tokens = min(budgets) if budgets else None
-    stop_ids = sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id})
-    constrained = task == "classification" and getattr(args, "decoding", "greedy") == "constrained"
-    label_sequences = [answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None
+    constrained = task.labelled and getattr(args, "decoding", "greedy") == "constrained"
+    return GenerationJob(
+        task=task, rows=rows, prompt_ids=prompt_ids, prompt_texts=[tokenizer.decode(ids) for ids in prompt_ids],
+        label_names=label_names,
+        stop_ids=sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id}),
+        label_sequences=[answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None)
 
+
+def resume_job(job: GenerationJob, partial_dir: Path | None) -> dict[int, dict]:
+    """Stage 2: the predictions an interrupted evaluation saved; every process reads every process's file, so
+    all agree on what is left."""
+    done = {}
+    for path in sorted(Path(partial_dir).glob(partial_predictions_glob())) if partial_dir is not None else []:
+        done.update(_resume_partial(path, job.prompt_texts))
+    distributed.barrier()  # nobody appends before everybody has read
+    return done
+
+
+def shared_batch_budget(model, max_batch_tokens: int | None) -> int | None:
+    """Stage 3: one token budget per batch for every process (the smallest one's), or the plans would differ."""
+    if max_batch_tokens is None and distributed.world_size() > 1:
+        budgets = [b for b in distributed.gather(default_max_batch_tokens(model)) if b is not None]
+        return min(budgets) if budgets else None
+    return max_batch_tokens
+
+
+def generate_missing(model, tokenizer, job: GenerationJob, todo: list[int], args: Namespace,
+                     max_batch_tokens: int | None, partial_path: Path | None) -> tuple[dict, dict]:
+    """Stage 4: generate the prompts in ``todo`` (this process's share of the batches), appending each finished
+    batch to ``partial_path``; returns this process's records (failures included) and its timing."""
+    rank, world = distributed.rank(), distributed.world_size()
+    records = {}
     if partial_path:
         partial_path.parent.mkdir(parents=True, exist_ok=True)
     partial = open(partial_path, "a", encoding="utf-8") if partial_path else None
-    records = dict(done) if rank == 0 else {}  # the resumed records travel once, with the main process
 
     def record_batch(batch_positions, answers):
         for position, answer in zip(batch_positions, answers):
             index = todo[position]
-            records[index] = _record(index, rows[index], prompt_texts[index],
-                                     tokenizer.decode(answer, skip_special_tokens=True), task, label_names)
+            records[index] = _record(index, job.rows[index], job.prompt_texts[index],
+                                     tokenizer.decode(answer, skip_special_tokens=True), job.task, job.label_names)
             if partial is not None:
                 partial.write(json.dumps(records[index], ensure_ascii=False) + "\n")
         if partial is not None:
@@ -148,19 +173,46 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
 
     started = time.perf_counter()
     try:
-        generated = generate(model, tokenizer, [prompt_ids[i] for i in todo], max_new_tokens=args.max_new_tokens,
-                             stop_ids=stop_ids, batch_size=args.batch_size, max_batch_tokens=max_batch_tokens,
-                             label_sequences=label_sequences, on_batch=record_batch, shard=(rank, world))
+        generated = generate(model, tokenizer, [job.prompt_ids[i] for i in todo], max_new_tokens=args.max_new_tokens,
+                             stop_ids=job.stop_ids, batch_size=args.batch_size, max_batch_tokens=max_batch_tokens,
+                             label_sequences=job.label_sequences, on_batch=record_batch, shard=(rank, world))
     finally:
         if partial is not None:
             partial.close()
     seconds = time.perf_counter() - started
     for position, error in generated.failures.items():  # the rest were recorded batch by batch
         index = todo[position]
-        records[index] = _record(index, rows[index], prompt_texts[index], None, task, label_names, error=error)
+        records[index] = _record(index, job.rows[index], job.prompt_texts[index], None, job.task, job.label_names,
+                                 error=error)
     ran = sum(output is not None for output in generated.outputs) + len(generated.failures)
-    gathered = distributed.gather({"records": list(records.values()), "seconds": seconds, "new": ran,
-                                   "resumed": len(done) if rank == 0 else 0, "batch": generated.final_batch_size})
+    return records, {"seconds": seconds, "new": ran, "batch": generated.final_batch_size}
+
+
+def run_generation(task, model, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace,
+                   max_prompt_tokens: int, end_token: str, label_names: list[str],
+                   out_dir: Path | None = None) -> tuple[dict, list[dict]]:
+    """Generate for every row, score, and return (metrics, prediction records in row order).
+
+    With several processes every process plans the same batches (same prompts, same token budget) and
+    runs its share of them, so each prediction comes from exactly the batch one process would have run;
+    the records are gathered in order. Each finished batch is appended to a partial predictions file in
+    ``out_dir`` (one per process); a re-run after a crash, with any number of processes, generates only
+    what is missing.
+    """
+    task = get_task(task)
+    rank, world = distributed.rank(), distributed.world_size()
+    job = plan_job(task, tokenizer, fmt, rows, args, max_prompt_tokens, end_token, label_names)
+    done = resume_job(job, out_dir)
+    todo = [i for i in range(len(rows)) if i not in done]
+    max_batch_tokens = shared_batch_budget(model, getattr(args, "max_batch_tokens", None))
+    partial_path = partial_predictions_file(out_dir, rank, world) if out_dir is not None else None
+    records, timing = generate_missing(model, tokenizer, job, todo, args, max_batch_tokens, partial_path)
+    if rank == 0:
+        records.update(done)  # the resumed records travel once, with the main process
+
+    # Stage 5: gather every process's records in order, and score them.
+    gathered = distributed.gather({"records": list(records.values()), **timing,
+                                   "resumed": len(done) if rank == 0 else 0})
     all_records = sorted((r for part in gathered for r in part["records"]), key=lambda record: record["id"])
     metrics = score(task, all_records, label_names)
     seconds = max(part["seconds"] for part in gathered)
@@ -176,29 +228,24 @@ def run_generation(task: str, model, tokenizer, fmt: PromptFormat, rows: list[di
     return metrics, all_records
 
 
-def score(task: str, records: list[dict], label_names: list[str]) -> dict:
+def score(task, records: list[dict], label_names: list[str]) -> dict:
     """Metrics over the records that ran (a failed example is counted, never scored as empty)."""
     scored = [record for record in records if "error" not in record]
-    references = [record["reference"] for record in scored]
-    predictions = [record["parsed"] for record in scored]
-    if task == "classification":
-        return classification_metrics(references, predictions, label_names)
-    return rouge_scores(references, predictions)
+    return get_task(task).score([record["reference"] for record in scored], [record["parsed"] for record in scored],
+                                label_names)
 
 
-def evaluate_run(task: str, args: Namespace) -> dict:
+def evaluate_run(task, args: Namespace) -> dict:
     """Evaluate a fine-tuned run folder on its task's test (or validation) split."""
+    task = get_task(task)
     distributed.init()
-    run_dir = Path(args.experiment_dir)
-    config = results.load_run_config(run_dir)
-    if config.get("task") != task:
-        raise UsageError(f"--experiment_dir {run_dir} is a {config.get('task')} run, not a {task} run")
+    run = RunFolder(args.experiment_dir)
+    config = run.config()
+    if config.get("task") != task.name:
+        raise UsageError(f"--experiment_dir {run.path} is a {config.get('task')} run, not a {task.name} run")
     checkpoint = getattr(args, "checkpoint", None)
-    adapter = results.adapter_dir(run_dir, checkpoint)
-    default_name = "metrics" if args.split == "test" else f"metrics_{args.split}"
-    if checkpoint is not None:
-        default_name += f"_step-{checkpoint}"
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir / default_name
+    adapter = run.adapter(checkpoint)
+    out_dir = Path(args.output_dir) if args.output_dir else run.evaluation(args.split, checkpoint).folder
     label_names = config["label_names"]
     fraction = config.get("data", {}).get("validation_fraction")
     if args.split == "validation" and not args.validation_file and fraction:
@@ -207,15 +254,15 @@ def evaluate_run(task: str, args: Namespace) -> dict:
         rows = load_eval_rows(task, args, label_names)
     check_output_dir(out_dir, args.overwrite)
 
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else run_dir / results.ADAPTER_DIR
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else run.adapter_dir
     tokenizer = modeling.load_tokenizer(str(tokenizer_dir), padding_side="left")
     end_token = config.get("end_token") or end_of_turn_token(tokenizer)
     fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
     model = _load_finetuned(config, adapter, args.merge_adapter, args.use_flash_attention)
     metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
-                                      label_names, partial_path=out_dir / results.PARTIAL_PREDICTIONS)
-    metrics["config"] = {"experiment_dir": str(run_dir), "checkpoint": checkpoint, "adapter": str(adapter),
+                                      label_names, out_dir=out_dir)
+    metrics["config"] = {"experiment_dir": str(run.path), "checkpoint": checkpoint, "adapter": str(adapter),
                          "split": args.split, "limit": args.limit,
                          "merge_adapter": args.merge_adapter, "max_new_tokens": args.max_new_tokens,
                          "max_prompt_tokens": max_prompt_tokens, "decoding": getattr(args, "decoding", "greedy"),
@@ -224,20 +271,25 @@ def evaluate_run(task: str, args: Namespace) -> dict:
     return metrics
 
 
+def baseline_dir(args: Namespace) -> Path:
+    """baseline_results/<model>/<task>/<prompt type>[-<style>]: where a baseline's results go by default."""
+    style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
+    return (Path("baseline_results") / modeling.model_slug(args.pretrained_ckpt) / args.task_type
+            / f"{args.prompt_type}{style_suffix}")
+
+
 def evaluate_baseline(args: Namespace) -> dict:
     """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
     distributed.init()
-    task = args.task_type
-    style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
-    out_dir = Path(args.output_dir) if args.output_dir else (
-        Path("baseline_results") / modeling.model_slug(args.pretrained_ckpt) / task / f"{args.prompt_type}{style_suffix}")
+    task = get_task(args.task_type)
+    out_dir = Path(args.output_dir) if args.output_dir else baseline_dir(args)
     check_output_dir(out_dir, args.overwrite)
 
     train_rows, label_names = [], []
-    if task == "classification" or args.prompt_type == "few-shot":
-        train_rows, source = data_lib.load_clean_rows(task, file=args.train_file, dataset=args.dataset, split="train")
-        if task == "classification":
-            label_names = data_lib.canonical_labels(train_rows, source)
+    if task.labelled or args.prompt_type == "few-shot":
+        train_rows, source = task.load_rows(file=args.train_file, dataset=args.dataset, split="train")
+        if task.labelled:
+            label_names = canonical_labels(train_rows, source)
     rows = load_eval_rows(task, args, label_names)
 
     source_path = modeling.resolve_model_source(args.pretrained_ckpt)
@@ -246,13 +298,13 @@ def evaluate_baseline(args: Namespace) -> dict:
     fmt = PromptFormat(task, args.prompt_type, args.prompt_style, tokenizer, label_names=label_names)
     max_prompt_tokens = args.max_prompt_tokens or BASELINE_CONTEXT - args.max_new_tokens
     if args.prompt_type == "few-shot":
-        fmt.set_few_shot(data_lib.few_shot_examples(train_rows, task, args.shots), max_prompt_tokens)
+        fmt.set_few_shot(task.few_shot_examples(train_rows, args.shots), max_prompt_tokens)
     model = modeling.load_model(source_path, load_in_4bit=args.load_in_4bit,
                                 use_flash_attention=args.use_flash_attention, for_training=False)
     model.eval()
     metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
-                                      label_names, partial_path=out_dir / results.PARTIAL_PREDICTIONS)
-    metrics["config"] = {"pretrained_ckpt": args.pretrained_ckpt, "task": task, "prompt_type": args.prompt_type,
+                                      label_names, out_dir=out_dir)
+    metrics["config"] = {"pretrained_ckpt": args.pretrained_ckpt, "task": task.name, "prompt_type": args.prompt_type,
                          "prompt_style": args.prompt_style, "shots": args.shots, "split": args.split,
                          "limit": args.limit, "max_new_tokens": args.max_new_tokens,
                          "max_prompt_tokens": max_prompt_tokens, "load_in_4bit": args.load_in_4bit,
@@ -265,18 +317,15 @@ def _save(out_dir: Path, metrics: dict, records: list[dict]) -> None:
     metrics["output_dir"] = str(out_dir)
     distributed.barrier()
     if distributed.is_main():  # one process writes the results
-        results.write_jsonl_atomic(out_dir / results.PREDICTIONS, records)
-        results.write_json_atomic(out_dir / results.METRICS, metrics)  # last: its presence marks a finished evaluation
-        results.remove_partial_predictions(out_dir)
+        results.write_jsonl_atomic(out_dir / PREDICTIONS, records)
+        results.write_json_atomic(out_dir / METRICS, metrics)  # last: its presence marks a finished evaluation
+        remove_partial_predictions(out_dir)
     distributed.barrier()
 
 
-def summary_table(metrics: dict) -> str:
-    """A compact table of the headline numbers."""
-    if "accuracy" in metrics:
-        keys = ["n", "accuracy", "macro_f1", "micro_f1", "invalid_rate", "failed", "examples_per_second"]
-    else:
-        keys = ["n", "rouge1", "rouge2", "rougeL", "rougeLsum", "failed", "examples_per_second"]
+def summary_table(metrics: dict, task) -> str:
+    """A compact table of the task's headline numbers."""
+    keys = list(get_task(task).summary_metrics) + ["failed", "examples_per_second"]
     lines = ["| metric | value |", "|---|---|"]
     for key in keys:
         value = metrics.get(key)

@@ -15,9 +15,6 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
-PURPOSES = ("finetune", "zero-shot", "few-shot")
-
-
 def end_of_turn_token(tokenizer) -> str:
     """The token that ends an assistant turn in the chat template (``</s>`` for Zephyr, ``<|im_end|>`` for ChatML).
 
@@ -51,7 +48,7 @@ def encode(tokenizer, text: str) -> list[int]:
 class PromptFormat:
     """How one task's examples become prompts for one purpose (fine-tuning or a baseline) and style."""
 
-    task: str
+    task: object  # a tasks.Task, or its name
     purpose: str
     style: str
     tokenizer: object
@@ -63,12 +60,15 @@ class PromptFormat:
             raise UsageError(f"--prompt_style must be one of {', '.join(prompts.PROMPT_STYLES)}, got '{self.style}'")
         if self.style == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise UsageError("--prompt_style chat needs a tokenizer with a chat template; this model has none (use seed)")
-        self.template = prompts.TEMPLATES[(self.task, self.purpose, self.style)]
+        from .tasks import get_task
+
+        self.task = get_task(self.task)
+        self.template = self.task.template(self.purpose, self.style)
         self.few_shot_text = ""
 
     def render(self, text: str) -> str:
         body = self.template.format(
-            **{prompts.INPUT_FIELD[self.task]: text},
+            **{self.task.input_field: text},
             newsgroup_classes=", ".join(self.label_names),
             few_shot_samples=self.few_shot_text,
         )
@@ -89,12 +89,10 @@ class PromptFormat:
         """Fill the few-shot block, each example's text shortened so that the examples use at most half the budget."""
         if self.purpose != "few-shot":
             return
-        sample = prompts.FEW_SHOT_SAMPLES[self.task]
         per_example = max(8, (max_prompt_tokens // 2) // max(len(examples), 1) - 16)
-        field_name = prompts.INPUT_FIELD[self.task]
-        answer_name = "label" if self.task == "classification" else "summary"
         self.few_shot_text = "".join(
-            sample.format(**{field_name: self.shorten(row["input"], per_example), answer_name: row["target"]})
+            self.task.few_shot_sample.format(**{self.task.input_field: self.shorten(row["input"], per_example),
+                                                self.task.answer_field: row["target"]})
             for row in examples
         )
 
@@ -106,7 +104,7 @@ class PromptFormat:
         overhead = len(encode(self.tokenizer, self.render("")))
         if overhead >= max_tokens:
             raise UsageError(
-                f"the {self.task} prompt without any input text needs {overhead} tokens, more than the "
+                f"the {self.task.name} prompt without any input text needs {overhead} tokens, more than the "
                 f"{max_tokens} available; raise --max_seq_length (or --max_prompt_tokens)"
             )
         keep = max_tokens - overhead

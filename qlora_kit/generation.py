@@ -37,13 +37,9 @@ def default_batch_size() -> int:
     return 1024 if torch.cuda.is_available() else 8
 
 
-def _text_config(model):
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
 def kv_cache_bytes_per_token(model) -> int:
     """Bytes of key/value cache one token takes in this model (all layers)."""
-    config = _text_config(model)
+    config = model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     parameter = next(model.parameters())
@@ -57,7 +53,7 @@ def prefill_bytes_per_token(model) -> int:
     With the KV cache this matches what was measured on a Zephyr-7B-shaped model when the whole batch was
     prefilled at once: about 242 KB per token beyond the weights (benchmarks/README.md).
     """
-    config = _text_config(model)
+    config = model.config.get_text_config()
     intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
     return 2 * (4 * config.hidden_size + 3 * intermediate)
 

@@ -8,6 +8,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from .run_folder import METRICS, RUN_CONFIG, RunFolder
+
 VARIANTS = ["QLoRA", "+ NEFTune", "+ all modules", "+ NEFTune + all modules"]
 MISSING = "—"
 ROUGE_COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum")]
@@ -25,32 +27,37 @@ def variant(settings: dict) -> str:
     return VARIANTS[(2 if full else 0) + (1 if neftune else 0)]
 
 
+def run_folders(experiments: Path) -> list[RunFolder]:
+    """Every training run folder under ``experiments`` (a folder with a run_config.json), in path order."""
+    if not Path(experiments).is_dir():
+        return []
+    return [RunFolder(path.parent) for path in sorted(Path(experiments).rglob(RUN_CONFIG))]
+
+
 def collect(experiments: Path, baselines: Path | None) -> list[dict]:
     """One record per fine-tuned run and per baseline evaluation found under the folders."""
     records = []
-    for config_path in sorted(Path(experiments).rglob("run_config.json")) if Path(experiments).is_dir() else []:
-        config = _read(config_path)
+    for run in run_folders(experiments):
+        config = _read(run.config_file)
         if not config or "settings" not in config:
             continue
-        run_dir = config_path.parent
         settings = config["settings"]
         record = {
-            "kind": "fine-tuned", "run": str(run_dir), "task": config["task"], "method": variant(settings),
+            "kind": "fine-tuned", "run": str(run.path), "task": config["task"], "method": variant(settings),
             "model": settings.get("pretrained_ckpt"), "prompt_style": config.get("prompt_style"),
             "train_sample_fraction": settings.get("train_sample_fraction", 1.0),
             "train_samples": config.get("data", {}).get("rows", {}).get("used"),
             **{key: settings.get(key) for key in ("epochs", "lora_r", "dropout", "neftune", "full_tune",
                                                   "max_steps", "learning_rate", "batch_size", "grad_accum")},
         }
-        train = _read(run_dir / "train_metrics.json") or {}
+        train = run.train_metrics() or {}
         record.update({key: train.get(key) for key in ("train_loss", "train_runtime_s", "tokens_per_second",
                                                        "peak_gpu_memory_gb")})
-        record.update(_metrics(_read(run_dir / "metrics" / "metrics.json")))
+        record.update(_metrics(run.evaluation().metrics()))
         # a run scored only at its checkpoints (--checkpoint) is in Table 3, not as an empty row of Tables 1-2
-        record["checkpoint_only"] = record["n"] is None and bool(
-            _step_folders(run_dir, "metrics") or _step_folders(run_dir, "metrics_validation"))
+        record["checkpoint_only"] = record["n"] is None and any(e.step is not None for e in run.evaluations())
         records.append(record)
-    for metrics_path in sorted(Path(baselines).rglob("metrics.json")) if baselines and Path(baselines).is_dir() else []:
+    for metrics_path in sorted(Path(baselines).rglob(METRICS)) if baselines and Path(baselines).is_dir() else []:
         metrics = _read(metrics_path)
         config = (metrics or {}).get("config", {})
         if "prompt_type" not in config:
@@ -203,35 +210,25 @@ def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
     return text
 
 
-def _epoch_of_step(run_dir: Path, step: int, config: dict | None = None) -> float | None:
+def _epoch_of_step(run: RunFolder, step: int, config: dict | None = None) -> float | None:
     """The epoch a checkpoint was saved at: from its trainer state, else from the run's rows and batch size
     (checkpoints are not kept with committed results); ``config``: the run's, if already read."""
-    state = _read(Path(run_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json")
+    state = run.checkpoint_state(step)
     if state and state.get("epoch") is not None:
         return state["epoch"]
-    config = config if config is not None else _read(Path(run_dir) / "run_config.json") or {}
+    config = config if config is not None else _read(run.config_file) or {}
     used, batch = config.get("data", {}).get("rows", {}).get("used"), config.get("effective_batch_size")
     if not used or not batch or config.get("settings", {}).get("packing"):
         return None
     return round(step / math.ceil(used / batch), 2)
 
 
-def _step_folders(run_dir: Path, prefix: str) -> list[tuple[int, str, Path]]:
-    """(step, suffix, folder) of every PREFIX_step-N[_SUFFIX] folder of a run that holds a metrics.json."""
-    found = []
-    for folder in Path(run_dir).glob(f"{prefix}_step-*"):
-        step, _, suffix = folder.name[len(prefix) + len("_step-"):].partition("_")
-        if step.isdigit() and (folder / "metrics.json").is_file():
-            found.append((int(step), suffix, folder))
-    return sorted(found)
-
-
 def checkpoint_scores(run_dir: Path, split: str = "validation") -> list[dict]:
-    """Every evaluated checkpoint of a run on ``split`` (folders metrics_SPLIT_step-N written by the inference
-    scripts' --checkpoint), with the epoch it was saved at."""
-    return [{"run": str(run_dir), "step": step, "epoch": _epoch_of_step(run_dir, step),
-             **_metrics(_read(folder / "metrics.json"))}
-            for step, suffix, folder in _step_folders(run_dir, f"metrics_{split}") if not suffix]
+    """Every evaluated checkpoint of a run on ``split`` (written by the inference scripts' --checkpoint), with
+    the epoch it was saved at."""
+    run = RunFolder(run_dir)
+    return [{"run": str(run.path), "step": e.step, "epoch": _epoch_of_step(run, e.step), **_metrics(e.metrics())}
+            for e in run.scored_checkpoints(split)]
 
 
 def _score_text(metrics: dict, task: str) -> str:
@@ -263,21 +260,20 @@ def checkpoint_table(experiments: Path) -> str:
     20 Newsgroups: accuracy (macro-F1) %; SAMSum: ROUGE-1 / ROUGE-2 / ROUGE-L. A test column holds one entry
     per decoding it was scored with."""
     lines = ["| run | settings | step | epoch | validation | test |", "|---|---|---|---|---|---|"]
-    for config_path in sorted(Path(experiments).rglob("run_config.json")) if Path(experiments).is_dir() else []:
-        run_dir, config = config_path.parent, _read(config_path) or {}
+    for run in run_folders(experiments):
+        config = _read(run.config_file) or {}
         task = config.get("task")
-        validation = {step: folder for step, suffix, folder in _step_folders(run_dir, "metrics_validation")
-                      if not suffix}
+        validation = {e.step: e for e in run.scored_checkpoints("validation")}
         test = defaultdict(list)
-        for step, suffix, folder in _step_folders(run_dir, "metrics"):
-            test[step].append((suffix, folder))
+        for evaluation in run.evaluations():
+            if evaluation.split == "test" and evaluation.step is not None:
+                test[evaluation.step].append(evaluation)
         for step in sorted(set(validation) | set(test)):
-            valid_text = _score_text(_read(validation[step] / "metrics.json"), task) if step in validation else MISSING
-            test_text = "; ".join(f"{_score_text(_read(folder / 'metrics.json'), task)}" + (f" ({suffix})" if suffix
-                                                                                               else "")
-                                  for suffix, folder in test.get(step, [])) or MISSING
-            epoch = _epoch_of_step(run_dir, step, config)
-            lines.append(f"| {run_dir.name} | {_run_settings(config)} | {step} | "
+            valid_text = _score_text(validation[step].metrics(), task) if step in validation else MISSING
+            test_text = "; ".join(_score_text(e.metrics(), task) + (f" ({e.suffix})" if e.suffix else "")
+                                  for e in test.get(step, [])) or MISSING
+            epoch = _epoch_of_step(run, step, config)
+            lines.append(f"| {run.path.name} | {_run_settings(config)} | {step} | "
                          f"{MISSING if epoch is None else f'{epoch:g}'} | {valid_text} | {test_text} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

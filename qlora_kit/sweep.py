@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .run_folder import METRICS, RunFolder
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -103,18 +105,17 @@ def commands(run: PlannedRun, experiments: Path, baselines: Path, extra: list[st
         out = baselines / run.name
         call = python + [str(ROOT / run.eval_script), *run.args, "--output_dir", str(out),
                          *route(run.eval_script, extra, run.args)]
-        return [call], out / "metrics.json"
-    run_dir = experiments / run.name
+        return [call], out / METRICS
+    folder = RunFolder(experiments / run.name)
     calls = []
-    if not (run_dir / "train_metrics.json").is_file():
+    if not folder.finished:
         # An interrupted run continues from its newest checkpoint; a folder with no run in it starts again.
-        restart = (["--resume"] if (run_dir / "run_config.json").is_file() else ["--overwrite"]) \
-            if run_dir.exists() else []
-        calls.append(python + [str(ROOT / run.train_script), *run.args, "--experiment_dir", str(run_dir),
+        restart = (["--resume"] if folder.config_file.is_file() else ["--overwrite"]) if folder.path.exists() else []
+        calls.append(python + [str(ROOT / run.train_script), *run.args, "--experiment_dir", str(folder.path),
                                *restart, *route(run.train_script, extra)])
-    calls.append(python + [str(ROOT / run.eval_script), "--experiment_dir", str(run_dir), "--overwrite",
+    calls.append(python + [str(ROOT / run.eval_script), "--experiment_dir", str(folder.path), "--overwrite",
                            *route(run.eval_script, _without(extra, TRAINING_MEANING))])
-    return calls, run_dir / "metrics" / "metrics.json"
+    return calls, folder.evaluation().metrics_file
 
 
 def _gpu_slots(gpus: str | None) -> list[str | None]:
@@ -138,7 +139,7 @@ def execute(runs: list[PlannedRun], *, experiments: Path, baselines: Path, logs:
             continue
         pending.append((run, calls))
     if dry_run:
-        for run, calls in pending:
+        for _, calls in pending:
             for call in calls:
                 print("python " + shlex.join([str(Path(call[1]).relative_to(ROOT)), *call[2:]]))
         return 0

@@ -1,27 +1,33 @@
-"""The shared body of the two training scripts: parse, train, print."""
+"""The shared body of the two training scripts: parse, resolve the settings, train, print."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from .cli import add_data_args, add_model_args, add_training_args
+from . import settings as settings_lib
+from .cli import add_training_args, given_settings
 from .errors import run_main, setup_logging
+from .tasks import get_task
 
 
-def build_parser(task: str, description: str) -> argparse.ArgumentParser:
+def build_parser(task, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser, training=True)
-    add_data_args(parser, task, training=True)
     add_training_args(parser, task)
     return parser
 
 
-def main(task: str, args: argparse.Namespace) -> dict:
+def main(task, args: argparse.Namespace) -> dict | None:
+    """Train ``task`` with the flags in ``args`` (or print the resolved settings with --print_config)."""
+    task = get_task(task)
+    settings, sources = settings_lib.resolve(task, given_settings(args))
+    if getattr(args, "print_config", False):
+        print(settings_lib.describe(settings, sources, task))
+        return None
     from . import distributed
-    from .training import train
+    from .training import train  # imports torch, transformers and trl: after the settings are known to be good
 
-    metrics = train(task, args)
+    metrics = train(task, settings)
     if not distributed.is_main():
         return metrics
     summary = {key: metrics[key] for key in ("train_loss", "final_loss", "global_steps", "train_runtime_s",
@@ -33,7 +39,6 @@ def main(task: str, args: argparse.Namespace) -> dict:
     return metrics
 
 
-def entry_point(task: str, description: str) -> None:
-    args = build_parser(task, description).parse_args()
+def entry_point(task, description: str) -> None:
     setup_logging()
-    run_main(lambda: main(task, args))
+    run_main(lambda: main(task, build_parser(task, description).parse_args()))

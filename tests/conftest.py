@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LABELS = ["comp.graphics", "rec.autos", "sci.space", "talk.politics.guns"]
 TOPIC_WORDS = {
@@ -81,7 +79,7 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: int =
     """Run a top-level script as a subprocess, the way a user does."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import newsgroup_rows, run_script, write_jsonl
 
 
@@ -40,7 +39,7 @@ def bad_files(tmp_path):
     (["--dropout", "1.2"], ["--dropout"]),
     (["--lora_r", "0"], ["--lora_r"]),
     (["--optim", "nonsense"], ["--optim", "unknown optimizer 'nonsense'", "paged_adamw_32bit"]),
-    (["--recipe", "turbo"], ["--recipe", "invalid choice"]),
+    (["--recipe", "turbo"], ["--recipe turbo: no such recipe", "fast, original, small-model"]),
     (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
 ])
 def test_training_input_errors(bad_files, data_dir, args, needles):

@@ -5,8 +5,9 @@ import pytest
 
 from qlora_kit import data
 from qlora_kit.errors import UsageError
+from qlora_kit.tasks import TASKS
 
-SPEC = data.TASKS["classification"]
+SPEC = TASKS["classification"]
 ROWS = [{"text": "Héllo wörld\r\nsecond line", "label": "sci.space"}, {"text": "engine", "label": "rec.autos"}]
 
 
@@ -143,52 +144,19 @@ def test_stratified_sample_is_fixed_and_keeps_proportions():
 
 def test_few_shot_examples_are_deterministic():
     rows = [{"input": str(i), "target": "ab"[i % 2]} for i in range(10)]
-    assert [r["input"] for r in data.few_shot_examples(rows, "classification", 1)] == ["0", "1"]
-    assert [r["input"] for r in data.few_shot_examples(rows, "classification", 2)] == ["0", "1", "2", "3"]
-    assert [r["input"] for r in data.few_shot_examples(rows, "summarization", 2)] == ["0", "1"]
+    assert [r["input"] for r in TASKS["classification"].few_shot_examples(rows, 1)] == ["0", "1"]
+    assert [r["input"] for r in TASKS["classification"].few_shot_examples(rows, 2)] == ["0", "1", "2", "3"]
+    assert [r["input"] for r in TASKS["summarization"].few_shot_examples(rows, 2)] == ["0", "1"]
 
 
 def test_validation_split_is_disjoint_fixed_and_stratified():
     rows = [{"input": str(i), "target": "a" if i % 4 else "b"} for i in range(400)]
-    train, held = data.split_off_validation(rows, 0.1, seed=42, task="classification")
+    train, held = TASKS["classification"].split_off_validation(rows, 0.1, seed=42)
     assert len(held) == 40 and len(train) == 360 and sum(r["target"] == "b" for r in held) == 10
     assert not {r["input"] for r in train} & {r["input"] for r in held}
-    assert held == data.split_off_validation(rows, 0.1, seed=42, task="classification")[1]
+    assert held == TASKS["classification"].split_off_validation(rows, 0.1, seed=42)[1]
     dialogues = [{"input": str(i), "target": "s"} for i in range(50)]
-    train, held = data.split_off_validation(dialogues, 0.2, seed=1, task="summarization")
+    train, held = TASKS["summarization"].split_off_validation(dialogues, 0.2, seed=1)
     assert len(held) == 10 and len(train) == 40
     with pytest.raises(UsageError, match="--validation_fraction"):
-        data.split_off_validation(rows, 1.0, seed=1, task="classification")
-
-
-def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
-    """scripts/rescore_newsgroups_split.py maps predictions made with the old stripping to the raw rows."""
-    import gzip
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    header = "From: a@b.c\nSubject: x\n\n"
-    raw = [
-        {"text": header + "Plain text about space.", "label": "sci.space"},  # same both ways
-        {"text": header + "In article <1@x> b@y writes:\n> q1\n\nMy point\n> q2", "label": "rec.autos"},  # empty now
-        {"text": header + "> only a quote", "label": "sci.space"},  # empty both ways
-        {"text": header + "Cars.\n\nMore.\n\nIn article <2@x> c@z writes:\n> q", "label": "rec.autos"},  # kept, changed
-    ]
-    with gzip.open(tmp_path / "test.jsonl.gz", "wt") as out:
-        out.writelines(json.dumps(row) + "\n" for row in raw)
-    metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    old_rows = [(0, "sci.space", "sci.space"), (1, "rec.autos", "sci.space"), (3, "rec.autos", "rec.autos")]
-    (metrics / "predictions.jsonl").write_text("".join(
-        json.dumps({"id": i, "reference": ref, "parsed": parsed}) + "\n" for i, (_, ref, parsed) in enumerate(old_rows)))
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "rescore_newsgroups_split.py"), str(metrics),
-                             str(tmp_path / "test.jsonl.gz"), "--out", str(tmp_path / "r.json")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    scores = json.loads((tmp_path / "r.json").read_text())
-    assert scores["rows_before_fix"] == 3 and scores["benchmark_split_rows"] == 2
-    assert scores["rows_with_the_same_prompt"] == 1
-    # the wrong answer was on the row the benchmark split drops: both kept rows are right
-    assert scores["benchmark_split"] == {"accuracy": 1.0, "macro_f1": 1.0, "invalid_rate": 0.0, "n": 2}
+        TASKS["classification"].split_off_validation(rows, 1.0, seed=1)

@@ -16,7 +16,7 @@ def _free_port() -> int:
 
 
 def torchrun(script, *args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), str(ROOT / script), *map(str, args)]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

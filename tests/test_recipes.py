@@ -1,16 +1,19 @@
 """--recipe fills every setting the user did not give; a flag given always wins."""
 
 import json
+import re
 
 import pytest
-
 from conftest import run_script
-from qlora_kit import cli
+
+from qlora_kit import settings
+from qlora_kit.cli import given_settings
+from qlora_kit.errors import UsageError
 from qlora_kit.train_cli import build_parser
 
 
 def _resolved(task, *argv):
-    return vars(cli.apply_recipe(build_parser(task, "").parse_args(list(argv)), task))
+    return settings.resolve(task, given_settings(build_parser(task, "").parse_args(list(argv))))[0].to_dict()
 
 
 def test_the_default_recipe_keeps_the_original_settings_beyond_speed():
@@ -22,7 +25,7 @@ def test_the_default_recipe_keeps_the_original_settings_beyond_speed():
         assert args["logits_where_scored"] is False
 
 
-def test_small_model_recipe_is_the_third_round_winner_per_task():
+def test_small_model_recipe_sets_its_settings_per_task():
     news = _resolved("classification", "--recipe", "small-model")
     samsum = _resolved("summarization", "--recipe", "small-model")
     for args in (news, samsum):
@@ -45,10 +48,68 @@ def test_a_given_flag_wins_over_the_recipe(flag, value, key):
     assert _resolved("summarization", "--recipe", "small-model", *flag)[key] == value
 
 
-def test_help_names_what_small_model_sets():
-    text = cli.describe_recipe("small-model")
-    assert "lr_scheduler cosine" in text and "load_in_4bit False" in text
-    assert "classification: max_seq_length 1024" in text and "summarization: prompt_style chat" in text
+def test_help_states_each_recipes_value_from_the_recipe_files():
+    def help_text(task):  # one line, words that argparse broke at a hyphen joined again
+        return re.sub(r"-\s+", "-", " ".join(build_parser(task, "").format_help().split()))
+
+    news, samsum = help_text("classification"), help_text("summarization")
+    assert "--lr_scheduler" in news and "(default: constant_with_warmup, or the recipe's: small-model: cosine)" in news
+    assert "(default: 4, or the recipe's: fast: 32; small-model: 16)" in news  # batch size
+    assert "(default: 512, or the recipe's: small-model: 1024)" in news  # its classification section
+    assert "(default: 512)" in samsum and "(default: seed, or the recipe's: small-model: chat)" in samsum
+
+
+def test_a_recipe_file_and_flags_resolve_with_the_stated_precedence(tmp_path):
+    """default < task < recipe file < the recipe's task section < flag, each value with where it came from."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("# my recipe\nbatch_size: 8\nlearning_rate: 3e-4\nlora_r: 4\nepochs: 2\n"
+                      "classification:\n  lora_r: 6\n  max_seq_length: 256\n")
+    resolved, sources = settings.resolve("classification", {"recipe": str(recipe), "epochs": 7})
+    assert (resolved.grad_accum, sources["grad_accum"]) == (2, "default")
+    assert (resolved.dataset, sources["dataset"]) == ("rungalileo/20_Newsgroups_Fixed", "task classification")
+    assert (resolved.batch_size, resolved.learning_rate) == (8, 3e-4)  # 3e-4 is text to YAML: converted
+    assert sources["batch_size"] == f"recipe {recipe}"
+    assert (resolved.lora_r, resolved.max_seq_length) == (6, 256)  # the task section wins over the shared key
+    assert sources["lora_r"] == f"recipe {recipe}, classification section"
+    assert (resolved.epochs, sources["epochs"]) == (7, "flag")
+    summarization, _ = settings.resolve("summarization", {"recipe": str(recipe)})
+    assert (summarization.lora_r, summarization.max_seq_length) == (4, 512)
+
+
+def test_print_config_prints_every_setting_and_its_source(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("batch_size: 8\n")
+    result = run_script("zephyr_classification.py", "--recipe", recipe, "--lora_r", 3, "--print_config", cwd=tmp_path)
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if not line.startswith("#")}
+    assert lines["batch_size"][1:] == ["8", "recipe", str(recipe)]
+    assert lines["lora_r"][1:] == ["3", "flag"] and lines["seed"][1:] == ["42", "default"]
+    assert lines["epochs"][1:] == ["5", "task", "classification"]
+    assert set(lines) == set(settings.FIELDS)
+    assert not (tmp_path / "experiments").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("content, message", [
+    ("batch_sise: 8\n", "unknown setting 'batch_sise'"),
+    ("classification:\n  lr: 1\n", "unknown setting 'classification.lr'"),
+    ("experiment_dir: x\n", "unknown setting 'experiment_dir'"),
+    ("batch_size: many\n", "'batch_size' must be an int"),
+    ("packing: 1\n", "'packing' must be true or false"),
+    ("lr_scheduler: exponential\n", "'lr_scheduler' must be one of"),
+    ("- a list\n", "a recipe is a mapping"),
+])
+def test_a_bad_recipe_file_is_one_line_naming_file_and_key(tmp_path, content, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(content)
+    with pytest.raises(UsageError, match=message) as error:
+        settings.resolve("classification", {"recipe": str(recipe)})
+    assert str(recipe) in str(error.value) and "\n" not in str(error.value)
+    result = run_script("zephyr_classification.py", "--recipe", recipe, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}")
+
+
+def test_an_unknown_recipe_name_lists_the_recipes(tmp_path):
+    result = run_script("zephyr_summarization.py", "--recipe", "fastest", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "fast, original, small-model" in result.stderr
 
 
 def test_small_model_recipe_trains_end_to_end(tiny_model, data_dir, tmp_path):
@@ -67,7 +128,7 @@ def test_small_model_recipe_trains_end_to_end(tiny_model, data_dir, tmp_path):
 
 @pytest.mark.parametrize("task, run", [("classification", "news-full-cosine"), ("summarization", "samsum-cosine")])
 def test_small_model_recipe_is_what_the_winning_runs_used(task, run):
-    """The preset must not drift from the committed runs that met issue 7's targets (results/smollm2/runs/round3):
+    """The preset must not drift from the committed runs it was chosen by (results/smollm2/runs/round3):
     every setting that shapes training is the same, and those runs computed logits only where scored."""
     from pathlib import Path
 

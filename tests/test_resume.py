@@ -10,9 +10,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_script
+from safetensors.torch import load_file
 
 
 def _train(tiny_model, data_dir, cwd, *extra, check=True):
@@ -74,7 +73,7 @@ def test_damaged_checkpoint_gets_a_clear_message(tiny_model, data_dir, tmp_path)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, data_dir, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "zephyr_classification.py"), "--pretrained_ckpt", str(tiny_model),
          "--train_file", str(data_dir / "news_train.jsonl"), "--max_steps", "5000", "--save_steps", "1000",

@@ -69,18 +69,19 @@ def test_a_model_without_logits_to_keep_is_not_given_it():
 def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, scored):
     """make_trainer's scored_positions_only (the flag --logits_where_scored) decides whether the model gets
     logits_to_keep; the loss is the same either way."""
-    from argparse import Namespace
+    import dataclasses
 
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit import cli, modeling, training
+    from qlora_kit import modeling, training
+    from qlora_kit import settings as settings_lib
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    settings = Namespace(**{**cli.training_defaults("classification"), "max_steps": 1, "full_tune": True})
+    settings = dataclasses.replace(settings_lib.resolve("classification")[0], max_steps=1, full_tune=True)
     assert settings.logits_where_scored is False  # the default
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                              target_modules=modeling.lora_target_modules(True))

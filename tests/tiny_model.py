@@ -50,3 +50,46 @@ def build_tiny_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _config(arch: str, vocab: int, bos: int, eos: int):
+    """A tiny random config of one architecture (hidden size 64, 2 layers)."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=bos,
+                  eos_token_id=eos, max_position_embeddings=1024, tie_word_embeddings=False)
+    if arch == "falcon":  # Falcon-7B's layout: multi-query attention, parallel attention and MLP
+        return transformers.FalconConfig(**{k: v for k, v in common.items() if k != "max_position_embeddings"},
+                                         multi_query=True, parallel_attn=True, bias=False)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(**common, intermediate_size=128)
+    if arch == "t5":
+        return transformers.T5Config(vocab_size=vocab, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                                     eos_token_id=eos, decoder_start_token_id=0)
+    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                    "qwen2": transformers.Qwen2Config, "phi": transformers.PhiConfig,
+                    "gemma": transformers.GemmaConfig}[arch]
+    extra = {"num_key_value_heads": 2} if arch != "phi" else {}
+    if arch == "gemma":
+        extra["head_dim"] = 16
+    return config_class(**common, intermediate_size=128, **extra)
+
+
+def build_tiny_architecture(folder: Path, corpus: list[str], arch: str, *, chat_template: bool = True,
+                            eos: str = "</s>", seed: int = 0) -> Path:
+    """A tiny random model of ``arch`` with a BPE tokenizer. ``chat_template=False`` and another ``eos`` give a
+    base model as Falcon-7B or RedPajama ship it: no chat template, no pad token, its own end-of-text token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    tokenizer = build_tokenizer(corpus + [eos])
+    if eos != "</s>":
+        tokenizer.add_special_tokens({"eos_token": eos})
+    if not chat_template:
+        tokenizer.chat_template = None
+    torch.manual_seed(seed)
+    config = _config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model_class = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
+    model_class.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -6,7 +6,7 @@
 - Dialogues: SAMSum's license does not allow shipping it, so the project writes its own short
   chat dialogues with one-sentence summaries, from templates, with a fixed seed.
 
-Usage: python scripts/make_sample_data.py ../shared/data data/sample
+Usage: python reproduce/make_sample_data.py ../shared/data data/sample
 """
 
 import gzip

@@ -6,7 +6,7 @@ more test messages. This maps each prediction of an old run (7,507 test rows) to
 scores the rows the benchmark split keeps: all of them, and only those whose stripped text (so whose
 prompt) is the same both ways. No model runs; the numbers are the old predictions, re-counted.
 
-Usage: python scripts/rescore_newsgroups_split.py RUN_METRICS_DIR RAW_TEST_FILE [--out FILE]
+Usage: python reproduce/rescore_newsgroups_split.py RUN_METRICS_DIR RAW_TEST_FILE [--out FILE]
 """
 
 import argparse

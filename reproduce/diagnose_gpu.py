@@ -1,6 +1,6 @@
 """Print what the GPU machine offers and time the basic steps, to find where training time goes.
 
-Usage: python scripts/diagnose_gpu.py [MODEL]   (default: the embedded SmolLM2-135M-Instruct)
+Usage: python reproduce/diagnose_gpu.py [MODEL]   (default: the embedded SmolLM2-135M-Instruct)
 """
 
 import subprocess
@@ -41,7 +41,7 @@ def main():
                 model.gradient_checkpointing_disable()
             model.train()
 
-            def step():
+            def step(model=model):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
@@ -49,8 +49,8 @@ def main():
             print(f"4bit={four_bit} checkpointing={checkpointing}: fwd+bwd batch 4x512 {timed(step) * 1000:.1f} ms")
         model.eval()
         with torch.inference_mode():
-            print(f"4bit={four_bit}: forward 4x512 {timed(lambda: model(input_ids=ids)) * 1000:.1f} ms, "
-                  f"one token for 64 rows {timed(lambda: model(input_ids=ids[:1, :1].repeat(64, 1))) * 1000:.2f} ms")
+            print(f"4bit={four_bit}: forward 4x512 {timed(lambda m=model: m(input_ids=ids)) * 1000:.1f} ms, one token "
+                  f"for 64 rows {timed(lambda m=model: m(input_ids=ids[:1, :1].repeat(64, 1))) * 1000:.2f} ms")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             with torch.inference_mode():

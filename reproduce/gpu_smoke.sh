@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick end-to-end check on a GPU machine: small real runs of both tasks on the embedded model.
-# Usage: MODEL=path/to/model.gguf DATA_DIR=path/to/data OUT=results-folder bash scripts/gpu_smoke.sh
+# Usage: MODEL=path/to/model.gguf DATA_DIR=path/to/data OUT=results-folder bash reproduce/gpu_smoke.sh
 set -uo pipefail
 MODEL=${MODEL:-embedded:smollm2-135m-instruct}
 RUNS=${RUNS:-/tmp/runs}

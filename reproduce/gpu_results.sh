@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real runs on the GPU machine with the embedded SmolLM2-135M-Instruct and the real data:
 # one fine-tuned adapter per task evaluated on the full test sets, and the zero/few-shot baselines.
-# Usage: DATA_DIR=... MODEL=... RESULTS=results/smollm2 bash scripts/gpu_results.sh
+# Usage: DATA_DIR=... MODEL=... RESULTS=results/smollm2 bash reproduce/gpu_results.sh
 set -uo pipefail
 MODEL=${MODEL:-embedded:smollm2-135m-instruct}
 RESULTS=${RESULTS:-results/smollm2}

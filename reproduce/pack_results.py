@@ -5,7 +5,7 @@ tokens of examples) is stored with each prompt replaced by the first 16 hex digi
 (`prompt_sha256_16`); the command in
 the run's config rebuilds the prompts, and the hash checks them. A note beside it says so.
 
-Usage: python scripts/pack_results.py SRC DEST [--max_mb 8]
+Usage: python reproduce/pack_results.py SRC DEST [--max_mb 8]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's measurement stages, each a function, run in the order given:
-#   CUDA_VISIBLE_DEVICES=0 R=/tmp/work bash scripts/gpu_session.sh bench_train baselines
+#   CUDA_VISIBLE_DEVICES=0 R=/tmp/work bash reproduce/gpu_session.sh bench_train baselines
 # Needs MODEL_GGUF and DATA_DIR (source .device/bin/setup.sh there). Every stage writes under $R/<stage>/
 # and its log to $R/logs/<stage>.log; after each stage $R is packed into $PACK (a .tgz), so what finished
 # comes back even if a later stage is cut off. The commands here are the ones behind benchmarks/results/
@@ -314,7 +314,7 @@ target_candidate() {
     fi
     # with no evaluation flags there is nothing to score on validation
     for step in $([ ${#eval[@]} -gt 0 ] &&
-                  python3 -c "from qlora_kit.results import epoch_end_steps; print(*epoch_end_steps('$run'))"); do
+                  python3 -c "from qlora_kit.run_folder import RunFolder; print(*RunFolder('$run').epoch_end_steps())"); do
       [ -f "$run/metrics_validation_step-$step/metrics.json" ] ||
         python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --split validation \
           "${eval[@]}" "${EXTRA_EVAL[@]}"
@@ -345,9 +345,9 @@ target_twin_test() {
   step=$(python3 -c "
 import json
 from qlora_kit.errors import run_main
-from qlora_kit.results import epoch_end_step
+from qlora_kit.run_folder import RunFolder
 chosen = json.load(open('$R/${TARGETS_DIR:-targets}/chosen_${script#zephyr_}.json'))['chosen']
-run_main(lambda: print(epoch_end_step('$twin', round(chosen['epoch']))))") || return 0
+run_main(lambda: print(RunFolder('$twin').epoch_end_step(round(chosen['epoch']))))") || return 0
   echo "scored on test: $twin at step $step (epoch of the choice)"
   test_checkpoint "$script" "$flags" "$decodings" "$twin" "$step"
 }
@@ -364,8 +364,8 @@ target_choice() {
     if [ ! -f "$run/train_metrics.json" ]; then
       echo "$run unfinished: no choice yet" >&2; return 1
     fi
-    unscored=$(python3 -c "from pathlib import Path; from qlora_kit.results import epoch_end_steps; r = Path('$run')
-print(*[s for s in epoch_end_steps(r) if not (r / f'metrics_validation_step-{s}' / 'metrics.json').is_file()])")
+    unscored=$(python3 -c "from qlora_kit.run_folder import RunFolder; r = RunFolder('$run')
+print(*[s for s in r.epoch_end_steps() if not r.evaluation('validation', s).metrics_file.is_file()])")
     if [ -n "$unscored" ]; then
       echo "$run: checkpoints $unscored not scored on validation yet: no choice yet" >&2; return 1
     fi

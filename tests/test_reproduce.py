@@ -1,0 +1,93 @@
+"""The lab in reproduce/ (what made the committed results on the GPU machine), run on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def _gpu_session(stage, tiny_model, data_dir, tmp_path):
+    """Run one stage of reproduce/gpu_session.sh on the tiny model, with the fixture data laid out as on the GPU."""
+    import gzip
+
+    data = tmp_path / "data"
+    for task, files in (("newsgroups", {"train": "news_train", "test": "news_test"}),
+                        ("samsum", {"train": "dialogues_train", "validation": "dialogues_test",
+                                    "test": "dialogues_test"})):
+        (data / task).mkdir(parents=True)
+        for split, name in files.items():
+            with gzip.open(data / task / f"{split}.jsonl.gz", "wt") as out:
+                out.write((data_dir / f"{name}.jsonl").read_text())
+    env = dict(os.environ, DATA_DIR=str(data), MODEL_GGUF=str(tiny_model), R=str(tmp_path / "r"), TARGET_EPOCHS="2",
+               EXTRA_EVAL="--max_new_tokens 4", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(ROOT / "reproduce" / "gpu_session.sh"), stage], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path / "r" / stage
+
+
+def test_gpu_session_targets_stage_end_to_end(tiny_model, data_dir, tmp_path):
+    """The stage behind results/smollm2/runs/targets, on the tiny model and fixture data: every epoch scored
+    on validation, one checkpoint per task chosen and only that one scored on test."""
+    targets = _gpu_session("targets", tiny_model, data_dir, tmp_path)
+    for task, decodings in (("classification", ["_constrained", "_greedy"]), ("summarization", [""])):
+        chosen = json.loads((targets / f"chosen_{task}.json").read_text())
+        assert len(chosen["candidates"]) == (6 if task == "classification" else 4)  # runs x 2 epochs
+        run, step = Path(chosen["chosen"]["run"]), chosen["chosen"]["step"]
+        assert all((run / f"metrics_step-{step}{suffix}" / "metrics.json").is_file() for suffix in decodings)
+    # only the chosen checkpoint of each task was scored on test
+    assert len(list(targets.glob("*/metrics_step-*"))) == 3
+
+
+def test_gpu_session_round3_scores_the_full_data_twin_of_the_choice(tiny_model, data_dir, tmp_path):
+    """round3 chooses the 20 Newsgroups schedule and epoch on the held-out runs and scores, on test, the run
+    trained on all the data with that schedule at that epoch (and nothing else)."""
+    rounds = _gpu_session("round3", tiny_model, data_dir, tmp_path)
+    chosen = json.loads((rounds / "chosen_classification.json").read_text())
+    assert {Path(c["run"]).name for c in chosen["candidates"]} == {"news-heldout-constant_with_warmup",
+                                                                   "news-heldout-cosine"}
+    schedule = Path(chosen["chosen"]["run"]).name.removeprefix("news-heldout-")
+    twin = rounds / f"news-full-{schedule}"
+    state = json.loads(next(twin.glob("checkpoints/*/trainer_state.json")).read_text())
+    steps_per_epoch = round(state["global_step"] / state["epoch"])
+    step = steps_per_epoch * round(chosen["chosen"]["epoch"])
+    assert json.loads((twin / "run_config.json").read_text())["settings"]["lr_scheduler"] == schedule
+    scored = sorted(str(p.relative_to(rounds)) for p in rounds.glob("news-*/metrics_step-*"))
+    assert scored == [f"news-full-{schedule}/metrics_step-{step}_{d}" for d in ("constrained", "greedy")]
+    assert len(list(rounds.glob("samsum-*/metrics_step-*"))) == 1
+
+
+def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
+    """reproduce/rescore_newsgroups_split.py maps predictions made with the old stripping to the raw rows."""
+    import gzip
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    header = "From: a@b.c\nSubject: x\n\n"
+    raw = [
+        {"text": header + "Plain text about space.", "label": "sci.space"},  # same both ways
+        {"text": header + "In article <1@x> b@y writes:\n> q1\n\nMy point\n> q2", "label": "rec.autos"},  # empty now
+        {"text": header + "> only a quote", "label": "sci.space"},  # empty both ways
+        {"text": header + "Cars.\n\nMore.\n\nIn article <2@x> c@z writes:\n> q", "label": "rec.autos"},  # kept, changed
+    ]
+    with gzip.open(tmp_path / "test.jsonl.gz", "wt") as out:
+        out.writelines(json.dumps(row) + "\n" for row in raw)
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    old_rows = [(0, "sci.space", "sci.space"), (1, "rec.autos", "sci.space"), (3, "rec.autos", "rec.autos")]
+    (metrics / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": i, "reference": ref, "parsed": parsed}) + "\n" for i, (_, ref, parsed) in enumerate(old_rows)))
+    result = subprocess.run([sys.executable, str(ROOT / "reproduce" / "rescore_newsgroups_split.py"), str(metrics),
+                             str(tmp_path / "test.jsonl.gz"), "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "r.json").read_text())
+    assert scores["rows_before_fix"] == 3 and scores["benchmark_split_rows"] == 2
+    assert scores["rows_with_the_same_prompt"] == 1
+    # the wrong answer was on the row the benchmark split drops: both kept rows are right
+    assert scores["benchmark_split"] == {"accuracy": 1.0, "macro_f1": 1.0, "invalid_rate": 0.0, "n": 2}
