@@ -38,23 +38,39 @@ def main(args):
 
     def run(batch_size):
         started = time.perf_counter()
-        out = generate(model, tokenizer, prompts, max_new_tokens=20, stop_ids=stop, batch_size=batch_size,
-                       max_batch_tokens=None if batch_size > 1 else 10**9)
+        out = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=20,
+            stop_ids=stop,
+            batch_size=batch_size,
+            max_batch_tokens=None if batch_size > 1 else 10**9,
+        )
         seconds = time.perf_counter() - started
-        return [parse_label(tokenizer.decode(ids, skip_special_tokens=True), label_names) for ids in out.outputs], \
-            [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.outputs], seconds
+        return (
+            [parse_label(tokenizer.decode(ids, skip_special_tokens=True), label_names) for ids in out.outputs],
+            [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.outputs],
+            seconds,
+        )
 
     batched, batched_text, batched_seconds = run(args.batch_size)
     single, single_text, single_seconds = run(1)
     same_label = sum(a == b for a, b in zip(batched, single))
     same_text = sum(a == b for a, b in zip(batched_text, single_text))
     result = {
-        "command": " ".join(sys.argv), "run": str(run_dir), "examples": len(rows),
+        "command": " ".join(sys.argv),
+        "run": str(run_dir),
+        "examples": len(rows),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": modeling.library_versions(), "batch_size": args.batch_size,
-        "same_parsed_label": same_label, "same_parsed_label_rate": same_label / len(rows),
-        "same_output_text": same_text, "same_output_text_rate": same_text / len(rows),
-        "batched_seconds": batched_seconds, "one_at_a_time_seconds": single_seconds,
+        "versions": modeling.library_versions(),
+        "batch_size": args.batch_size,
+        "same_parsed_label": same_label,
+        "same_parsed_label_rate": same_label / len(rows),
+        "same_output_text": same_text,
+        "same_output_text_rate": same_text / len(rows),
+        "batched_seconds": batched_seconds,
+        "one_at_a_time_seconds": single_seconds,
     }
     print(json.dumps(result, indent=2))
     if args.out:

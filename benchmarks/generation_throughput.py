@@ -35,12 +35,20 @@ def main(args):
     from qlora_kit.generation import generate
 
     if args.write_lengths:
-        lengths, _, _ = zephyr_shaped.real_prompt_lengths("classification", args.test_file,
-                                                          modeling.resolve_model_source(args.tokenizer),
-                                                          args.max_prompt_tokens)
-        Path(args.lengths).write_text(json.dumps({"source": args.test_file, "tokenizer": args.tokenizer,
-                                                  "max_prompt_tokens": args.max_prompt_tokens,
-                                                  "lengths": lengths}) + "\n")
+        lengths, _, _ = zephyr_shaped.real_prompt_lengths(
+            "classification", args.test_file, modeling.resolve_model_source(args.tokenizer), args.max_prompt_tokens
+        )
+        Path(args.lengths).write_text(
+            json.dumps(
+                {
+                    "source": args.test_file,
+                    "tokenizer": args.tokenizer,
+                    "max_prompt_tokens": args.max_prompt_tokens,
+                    "lengths": lengths,
+                }
+            )
+            + "\n"
+        )
         print(f"wrote {len(lengths)} prompt lengths to {args.lengths}")
         return
     folder = zephyr_shaped.build(Path(args.model_dir), tiny=args.tiny)
@@ -52,9 +60,16 @@ def main(args):
     class Tok:  # the engine needs only the pad id
         pad_token_id = 2
 
-    results = {"command": " ".join(sys.argv), "settings": vars(args), "model": "Zephyr-7B-beta config, random weights", "new_tokens":
-               args.new_tokens, "examples": len(prompts), "mean_prompt_tokens": sum(lengths) / len(lengths),
-               **zephyr_shaped.environment(), "runs": {}}
+    results = {
+        "command": " ".join(sys.argv),
+        "settings": vars(args),
+        "model": "Zephyr-7B-beta config, random weights",
+        "new_tokens": args.new_tokens,
+        "examples": len(prompts),
+        "mean_prompt_tokens": sum(lengths) / len(lengths),
+        **zephyr_shaped.environment(),
+        "runs": {},
+    }
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     no_stop = [-1]  # no token stops generation: every example produces new_tokens tokens
 
@@ -70,13 +85,20 @@ def main(args):
 
     def record(name, seconds, count, extra=None):
         per = seconds / count
-        results["runs"][name] = {"examples": count, "seconds": seconds, "seconds_per_example": per,
-                                 "examples_per_second": 1 / per, "peak_gpu_memory_gb": peak_gb(), **(extra or {})}
+        results["runs"][name] = {
+            "examples": count,
+            "seconds": seconds,
+            "seconds_per_example": per,
+            "examples_per_second": 1 / per,
+            "peak_gpu_memory_gb": peak_gb(),
+            **(extra or {}),
+        }
         base = results["runs"].get("original_one_at_a_time_4bit")
         if base:
             results["runs"][name]["speedup_vs_original"] = base["seconds_per_example"] / per
-        print(f"{name}: {count} examples in {seconds:.1f}s = {per * 1000:.1f} ms/example, peak {peak_gb()} GB",
-              flush=True)
+        print(
+            f"{name}: {count} examples in {seconds:.1f}s = {per * 1000:.1f} ms/example, peak {peak_gb()} GB", flush=True
+        )
         zephyr_shaped.write_result(Path(args.out), results)  # after every run: a cut-off benchmark keeps its numbers
 
     # 1. the original way and the engine on the 4-bit model with its adapter
@@ -84,20 +106,38 @@ def main(args):
     reset_peak()
     started = time.perf_counter()
     with torch.inference_mode():
-        for ids in prompts[::len(prompts) // args.original_examples][:args.original_examples]:
-            model.generate(input_ids=torch.tensor([ids], device=device), do_sample=True, temperature=1e-3,
-                           top_p=0.95, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                           pad_token_id=2)
+        for ids in prompts[:: len(prompts) // args.original_examples][: args.original_examples]:
+            model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                do_sample=True,
+                temperature=1e-3,
+                top_p=0.95,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=2,
+            )
     record("original_one_at_a_time_4bit", time.perf_counter() - started, args.original_examples)
     for batch_size in args.batch_sizes_4bit:
         reset_peak()
         started = time.perf_counter()
-        subset = prompts[::args.stride_4bit]  # evenly spread over the test set
-        out = generate(model, Tok, subset, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size,
-                       max_batch_tokens=args.max_batch_tokens_4bit, prefill_tokens=args.prefill_tokens)
+        subset = prompts[:: args.stride_4bit]  # evenly spread over the test set
+        out = generate(
+            model,
+            Tok,
+            subset,
+            max_new_tokens=args.new_tokens,
+            stop_ids=no_stop,
+            batch_size=batch_size,
+            max_batch_tokens=args.max_batch_tokens_4bit,
+            prefill_tokens=args.prefill_tokens,
+        )
         assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
-        record(f"engine_4bit_batch{batch_size}", time.perf_counter() - started, len(subset),
-               {"final_batch_size": out.final_batch_size})
+        record(
+            f"engine_4bit_batch{batch_size}",
+            time.perf_counter() - started,
+            len(subset),
+            {"final_batch_size": out.final_batch_size},
+        )
     del model
     if cuda:
         torch.cuda.empty_cache()
@@ -108,18 +148,32 @@ def main(args):
     for batch_size in args.batch_sizes_merged:
         reset_peak()
         started = time.perf_counter()
-        subset = prompts[::args.stride_merged]
-        out = generate(model, Tok, subset, max_new_tokens=args.new_tokens, stop_ids=no_stop, batch_size=batch_size,
-                       max_batch_tokens=args.max_batch_tokens_merged, prefill_tokens=args.prefill_tokens)
+        subset = prompts[:: args.stride_merged]
+        out = generate(
+            model,
+            Tok,
+            subset,
+            max_new_tokens=args.new_tokens,
+            stop_ids=no_stop,
+            batch_size=batch_size,
+            max_batch_tokens=args.max_batch_tokens_merged,
+            prefill_tokens=args.prefill_tokens,
+        )
         assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
-        record(f"engine_merged_bf16_batch{batch_size}", time.perf_counter() - started, len(subset),
-               {"final_batch_size": out.final_batch_size})
+        record(
+            f"engine_merged_bf16_batch{batch_size}",
+            time.perf_counter() - started,
+            len(subset),
+            {"final_batch_size": out.final_batch_size},
+        )
 
     results["runs"]["original_one_at_a_time_4bit"]["speedup_vs_original"] = 1.0
     print("\n| way | ms/example | examples/s | speed-up | peak GPU GB |\n|---|---|---|---|---|")
     for name, run in results["runs"].items():
-        print(f"| {name} | {run['seconds_per_example'] * 1000:.1f} | {run['examples_per_second']:.1f} | "
-              f"{run['speedup_vs_original']:.1f}x | {run['peak_gpu_memory_gb']} |")
+        print(
+            f"| {name} | {run['seconds_per_example'] * 1000:.1f} | {run['examples_per_second']:.1f} | "
+            f"{run['speedup_vs_original']:.1f}x | {run['peak_gpu_memory_gb']} |"
+        )
     zephyr_shaped.write_result(Path(args.out), results)
 
 
@@ -127,7 +181,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test_file", help="20 Newsgroups test file (for --write_lengths)")
     parser.add_argument("--write_lengths", action="store_true", help="only compute the real prompts' token lengths")
-    parser.add_argument("--lengths", default=str(Path(__file__).resolve().parent / "newsgroups_test_prompt_lengths.json"))
+    parser.add_argument(
+        "--lengths", default=str(Path(__file__).resolve().parent / "newsgroups_test_prompt_lengths.json")
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture (CPU check)")
     parser.add_argument("--model_dir", default="/tmp/zephyr-7b-shaped")
     parser.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct")

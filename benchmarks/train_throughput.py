@@ -28,8 +28,16 @@ LENGTHS = HERE / "train_lengths.json"
 
 # The speed settings a benchmark recipe takes from a recipe file (recipes/NAME.yaml, resolved as the training
 # scripts do) and may change.
-SPEED_SETTINGS = ("batch_size", "grad_accum", "learning_rate", "gradient_checkpointing", "optim", "group_by_length",
-                  "use_liger_kernel", "packing")
+SPEED_SETTINGS = (
+    "batch_size",
+    "grad_accum",
+    "learning_rate",
+    "gradient_checkpointing",
+    "optim",
+    "group_by_length",
+    "use_liger_kernel",
+    "packing",
+)
 
 
 # name -> LoRA targets ("qv": q_proj,v_proj; "all": every linear layer and lm_head) and the speed settings.
@@ -51,8 +59,9 @@ RECIPES = {
     # the default before batch 32: the original's 8 examples a step in one micro-batch
     "batch 8 (previous default), all modules": _recipe("all", "fast", batch_size=8, learning_rate=2e-4),
     # more examples a step than the default: faster, but learned less per example (results/README.md)
-    "packed rows x 16, fused AdamW, Liger, all modules": _recipe("all", "fast", batch_size=16, packing=True,
-                                                                 group_by_length=False),
+    "packed rows x 16, fused AdamW, Liger, all modules": _recipe(
+        "all", "fast", batch_size=16, packing=True, group_by_length=False
+    ),
 }
 
 
@@ -64,8 +73,10 @@ def write_lengths(data_dir: Path, tokenizer_name: str, max_seq_length: int) -> N
 
     tokenizer = modeling.load_tokenizer(modeling.resolve_model_source(tokenizer_name))
     result = {"tokenizer": tokenizer_name, "max_seq_length": max_seq_length}
-    for task, file in (("classification", data_dir / "newsgroups" / "train.jsonl.gz"),
-                       ("summarization", data_dir / "samsum" / "train.jsonl.gz")):
+    for task, file in (
+        ("classification", data_dir / "newsgroups" / "train.jsonl.gz"),
+        ("summarization", data_dir / "samsum" / "train.jsonl.gz"),
+    ):
         rows, source = get_task(task).load_rows(file=str(file), dataset="", split="train")
         labels = data_lib.canonical_labels(rows, source) if get_task(task).labelled else []
         fmt = PromptFormat(task, "finetune", "seed", tokenizer, label_names=labels)
@@ -83,7 +94,7 @@ def stratified(lengths: list, count: int) -> list:
 
 def _example(total: int, answer: int, vocab: int, rng: random.Random) -> dict:
     ids = [rng.randrange(3, vocab) for _ in range(total)]
-    return {"input_ids": ids, "labels": [-100] * (total - answer) + ids[total - answer:]}
+    return {"input_ids": ids, "labels": [-100] * (total - answer) + ids[total - answer :]}
 
 
 def task_lengths(task: str) -> list[tuple[int, int]]:
@@ -91,8 +102,17 @@ def task_lengths(task: str) -> list[tuple[int, int]]:
     return [tuple(pair) for pair in json.loads(LENGTHS.read_text())[task]]
 
 
-def synthetic_rows(lengths: list, vocab: int, rows_per_step: int, warmup_steps: int, steps: int, grouped: bool,
-                   packing: bool, max_seq_length: int, seed: int):
+def synthetic_rows(
+    lengths: list,
+    vocab: int,
+    rows_per_step: int,
+    warmup_steps: int,
+    steps: int,
+    grouped: bool,
+    packing: bool,
+    max_seq_length: int,
+    seed: int,
+):
     """Training rows with the real lengths ``lengths`` (``task_lengths``), random ids, loss on the answer, in
     the order they are trained (the benchmark feeds them sequentially): (warm-up rows, timed rows).
 
@@ -104,8 +124,9 @@ def synthetic_rows(lengths: list, vocab: int, rows_per_step: int, warmup_steps: 
     from qlora_kit.packing import packed_rows
 
     rng = random.Random(seed)
-    warm = sorted(lengths)[-rows_per_step:] + [lengths[rng.randrange(len(lengths))]
-                                               for _ in range(rows_per_step * (warmup_steps - 1))]
+    warm = sorted(lengths)[-rows_per_step:] + [
+        lengths[rng.randrange(len(lengths))] for _ in range(rows_per_step * (warmup_steps - 1))
+    ]
     warm = [_example(total, answer, vocab, rng) for total, answer in warm]
     needed = rows_per_step * steps
     if not packing:
@@ -124,7 +145,7 @@ def synthetic_rows(lengths: list, vocab: int, rows_per_step: int, warmup_steps: 
         count = int(count * 1.1) + 1
     rng.shuffle(timed)
     warm_rows = packed_rows(warm, max_seq_length)
-    return (warm_rows * warmup_steps)[:rows_per_step * warmup_steps], timed[:needed]
+    return (warm_rows * warmup_steps)[: rows_per_step * warmup_steps], timed[:needed]
 
 
 class LargestBatch:
@@ -152,29 +173,62 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     from qlora_kit import settings as settings_lib
     from qlora_kit.packing import PackedCollator
 
-    targets, batch, accumulation, packing = recipe["targets"], recipe["batch_size"], recipe["grad_accum"], recipe["packing"]
+    targets, batch, accumulation, packing = (
+        recipe["targets"],
+        recipe["batch_size"],
+        recipe["grad_accum"],
+        recipe["packing"],
+    )
     model = modeling.load_model(str(model_dir), load_in_4bit=True)
     tokenizer = modeling.load_tokenizer(str(model_dir))
     lengths = task_lengths(task)
-    warm, timed = synthetic_rows(lengths, model.config.vocab_size, batch * accumulation, args.warmup_steps, args.steps,
-                                 recipe["group_by_length"], packing, args.max_seq_length, args.seed)
+    warm, timed = synthetic_rows(
+        lengths,
+        model.config.vocab_size,
+        batch * accumulation,
+        args.warmup_steps,
+        args.steps,
+        recipe["group_by_length"],
+        packing,
+        args.max_seq_length,
+        args.seed,
+    )
     timed_tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
     timed_examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
     epoch_tokens, epoch_examples = sum(total for total, _ in lengths), len(lengths)
 
     speed = {key: recipe[key] for key in SPEED_SETTINGS}
     # every training setting at its default (so new settings need no change here), then the benchmark's own
-    settings = dataclasses.replace(settings_lib.resolve("classification")[0], epochs=1, logging_steps=1000,
-                                   max_steps=args.warmup_steps + args.steps, save_steps=10**6, seed=args.seed,
-                                   max_seq_length=args.max_seq_length, **speed)
+    settings = dataclasses.replace(
+        settings_lib.resolve("classification")[0],
+        epochs=1,
+        logging_steps=1000,
+        max_steps=args.warmup_steps + args.steps,
+        save_steps=10**6,
+        seed=args.seed,
+        max_seq_length=args.max_seq_length,
+        **speed,
+    )
     sft_args = training.sft_config(settings, Path(args.scratch))
     sft_args.save_strategy = "no"
-    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
-                             target_modules=modeling.lora_target_modules(targets == "all"))
+    peft_config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        task_type="CAUSAL_LM",
+        target_modules=modeling.lora_target_modules(targets == "all"),
+    )
     collator = PackedCollator(tokenizer.pad_token_id) if packing else None
-    trainer = training.make_trainer(model, sft_args, peft_config, tokenizer, Dataset.from_list(warm + timed), None,
-                                    data_collator=collator,
-                                    scored_positions_only=recipe.get("scored_positions_only", False))
+    trainer = training.make_trainer(
+        model,
+        sft_args,
+        peft_config,
+        tokenizer,
+        Dataset.from_list(warm + timed),
+        None,
+        data_collator=collator,
+        scored_positions_only=recipe.get("scored_positions_only", False),
+    )
     # the rows' own order (see synthetic_rows): the worst batch first, then the timed steps
     trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)  # noqa: F821
     trainer.data_collator = largest = LargestBatch(trainer.data_collator)
@@ -197,15 +251,23 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock.start_time
     on_gpu = torch.cuda.is_available()
-    result = {**recipe, "optim": sft_args.optim, "use_liger_kernel": sft_args.use_liger_kernel,
-              "timed_steps": args.steps, "seconds": seconds, "timed_tokens": timed_tokens,
-              "timed_examples": timed_examples,
-              "tokens_per_second": timed_tokens / seconds, "examples_per_second": timed_examples / seconds,
-              "seconds_per_epoch": epoch_tokens / (timed_tokens / seconds), "epoch_examples": epoch_examples,
-              # over every step, warm-up included, whose first batch holds the task's longest examples
-              "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
-              "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
-              "largest_batch_rows_x_width": list(largest.shape)}
+    result = {
+        **recipe,
+        "optim": sft_args.optim,
+        "use_liger_kernel": sft_args.use_liger_kernel,
+        "timed_steps": args.steps,
+        "seconds": seconds,
+        "timed_tokens": timed_tokens,
+        "timed_examples": timed_examples,
+        "tokens_per_second": timed_tokens / seconds,
+        "examples_per_second": timed_examples / seconds,
+        "seconds_per_epoch": epoch_tokens / (timed_tokens / seconds),
+        "epoch_examples": epoch_examples,
+        # over every step, warm-up included, whose first batch holds the task's longest examples
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
+        "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
+        "largest_batch_rows_x_width": list(largest.shape),
+    }
     del trainer, model
     if on_gpu:
         torch.cuda.empty_cache()
@@ -229,9 +291,12 @@ def main(args):
             base = results["runs"].get(f"{task}: {original}")
             if base:
                 run["speedup_vs_original"] = run["tokens_per_second"] / base["tokens_per_second"]
-            print(f"{key}: {run['tokens_per_second']:.0f} tokens/s, {run['examples_per_second']:.2f} examples/s, "
-                  f"peak {run['peak_gpu_memory_gb']} GB (largest batch {run['largest_batch_rows_x_width']}), "
-                  f"{run['seconds_per_epoch']:.0f} s/epoch", flush=True)
+            print(
+                f"{key}: {run['tokens_per_second']:.0f} tokens/s, {run['examples_per_second']:.2f} examples/s, "
+                f"peak {run['peak_gpu_memory_gb']} GB (largest batch {run['largest_batch_rows_x_width']}), "
+                f"{run['seconds_per_epoch']:.0f} s/epoch",
+                flush=True,
+            )
             zephyr_shaped.write_result(Path(args.out), results)
 
 

@@ -62,12 +62,24 @@ def module_names(text: str) -> list[str]:
 
 # How each training flag's value is read; a setting not named here is read as its type (str, float, int).
 FLAG_TYPES = {
-    "lora_r": positive_int, "lora_alpha": positive_int, "epochs": positive_int, "max_steps": positive_int,
-    "batch_size": positive_int, "grad_accum": positive_int, "max_seq_length": positive_int,
-    "logging_steps": positive_int, "keep_checkpoints": positive_int, "dropout": dropout_rate,
-    "train_sample_fraction": fraction, "neftune": non_negative_float, "optim": optimizer_name,
-    "save_steps": save_interval, "lora_target_modules": module_names, "seed": int,
-    "learning_rate": float, "validation_fraction": float,
+    "lora_r": positive_int,
+    "lora_alpha": positive_int,
+    "epochs": positive_int,
+    "max_steps": positive_int,
+    "batch_size": positive_int,
+    "grad_accum": positive_int,
+    "max_seq_length": positive_int,
+    "logging_steps": positive_int,
+    "keep_checkpoints": positive_int,
+    "dropout": dropout_rate,
+    "train_sample_fraction": fraction,
+    "neftune": non_negative_float,
+    "optim": optimizer_name,
+    "save_steps": save_interval,
+    "lora_target_modules": module_names,
+    "seed": int,
+    "learning_rate": float,
+    "validation_fraction": float,
 }
 GROUP_ORDER = ("model", "data", "LoRA", "training", "run folder")
 
@@ -106,11 +118,13 @@ def add_training_args(parser: argparse.ArgumentParser, task) -> None:
                 if key in meta:
                     kwargs[key] = meta[key]
         if name == "recipe":
-            kwargs["help"] = (f"{meta['help']}: {', '.join(settings_lib.recipe_names())} "
-                              f"(default: {settings_lib.DEFAULT_RECIPE})")
+            kwargs["help"] = (
+                f"{meta['help']}: {', '.join(settings_lib.recipe_names())} (default: {settings_lib.DEFAULT_RECIPE})"
+            )
         groups[meta["group"]].add_argument(f"--{name}", **kwargs)
-    parser.add_argument("--print_config", action="store_true",
-                        help="print every resolved setting and where it came from, then exit")
+    parser.add_argument(
+        "--print_config", action="store_true", help="print every resolved setting and where it came from, then exit"
+    )
 
 
 def given_settings(args: argparse.Namespace) -> dict:
@@ -120,12 +134,22 @@ def given_settings(args: argparse.Namespace) -> dict:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--pretrained_ckpt", default=settings_lib.DEFAULT_MODEL,
-                       help=settings_lib.FIELDS["pretrained_ckpt"].metadata["help"] + " (default: %(default)s)")
-    group.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=True,
-                       help="quantize the base model to 4-bit NF4 with double quantization (default: on)")
-    group.add_argument("--use_flash_attention", action="store_true",
-                       help="use flash_attention_2 (needs the flash-attn package); SDPA otherwise")
+    group.add_argument(
+        "--pretrained_ckpt",
+        default=settings_lib.DEFAULT_MODEL,
+        help=settings_lib.FIELDS["pretrained_ckpt"].metadata["help"] + " (default: %(default)s)",
+    )
+    group.add_argument(
+        "--load_in_4bit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize the base model to 4-bit NF4 with double quantization (default: on)",
+    )
+    group.add_argument(
+        "--use_flash_attention",
+        action="store_true",
+        help="use flash_attention_2 (needs the flash-attn package); SDPA otherwise",
+    )
 
 
 def add_data_args(parser: argparse.ArgumentParser, task) -> None:
@@ -144,26 +168,49 @@ def add_generation_args(parser: argparse.ArgumentParser, task, *, baseline: bool
     group = parser.add_argument_group("evaluation")
     group.add_argument("--split", choices=("test", "validation"), default="test", help="default: %(default)s")
     group.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
-    group.add_argument("--batch_size", type=positive_int, default=None,
-                       help="generation batch size (default: automatic, halved on out-of-memory)")
-    group.add_argument("--max_batch_tokens", type=positive_int, default=None,
-                       help="at most this many padded tokens per batch (default: what half the free GPU memory "
-                            "holds as KV cache, after room for one prefill group's activations)")
-    group.add_argument("--max_new_tokens", type=positive_int,
-                       default=task.baseline_max_new_tokens if baseline else task.max_new_tokens,
-                       help="default: %(default)s")
-    group.add_argument("--max_prompt_tokens", type=positive_int, default=None,
-                       help="shorten the input text so the prompt fits (default: the training --max_seq_length, "
-                            "or 2048 for baselines)")
+    group.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=None,
+        help="generation batch size (default: automatic, halved on out-of-memory)",
+    )
+    group.add_argument(
+        "--max_batch_tokens",
+        type=positive_int,
+        default=None,
+        help="at most this many padded tokens per batch (default: what half the free GPU memory "
+        "holds as KV cache, after room for one prefill group's activations)",
+    )
+    group.add_argument(
+        "--max_new_tokens",
+        type=positive_int,
+        default=task.baseline_max_new_tokens if baseline else task.max_new_tokens,
+        help="default: %(default)s",
+    )
+    group.add_argument(
+        "--max_prompt_tokens",
+        type=positive_int,
+        default=None,
+        help="shorten the input text so the prompt fits (default: the training --max_seq_length, "
+        "or 2048 for baselines)",
+    )
     group.add_argument("--output_dir", default=None, help="where metrics.json and predictions.jsonl go")
     group.add_argument("--overwrite", action="store_true", help="replace existing evaluation results")
     if task.labelled:
-        group.add_argument("--decoding", choices=("greedy", "constrained"), default="greedy",
-                           help="greedy: generate and parse; constrained: the answer is always one of the labels "
-                                "(default: %(default)s)")
+        group.add_argument(
+            "--decoding",
+            choices=("greedy", "constrained"),
+            default="greedy",
+            help="greedy: generate and parse; constrained: the answer is always one of the labels "
+            "(default: %(default)s)",
+        )
 
 
 def add_prompt_style_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt_style", choices=prompts.PROMPT_STYLES, default="seed",
-                        help="seed: the original instruction prompt as plain text; chat: the same prompt as a "
-                             "user turn of the chat template (default: %(default)s)")
+    parser.add_argument(
+        "--prompt_style",
+        choices=prompts.PROMPT_STYLES,
+        default="seed",
+        help="seed: the original instruction prompt as plain text; chat: the same prompt as a "
+        "user turn of the chat template (default: %(default)s)",
+    )

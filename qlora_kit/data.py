@@ -31,9 +31,7 @@ def _file_suffix(path: Path) -> str:
     for suffix in SUPPORTED_SUFFIXES:
         if name.endswith(suffix):
             return suffix
-    raise UsageError(
-        f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
-    )
+    raise UsageError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
 def _read_jsonl(path: Path, opener) -> list[dict]:
@@ -216,10 +214,12 @@ def clean_summarization(rows: list[dict], source: str) -> list[dict]:
     cleaned = []
     for row in rows:
         dialogue, summary = _as_text(row["input"]), _as_text(row["target"])
-        cleaned.append({
-            "input": dialogue.replace("\r\n", "\n").strip() if dialogue is not None else None,
-            "target": summary.replace("\r\n", "\n").strip() if summary is not None else None,
-        })
+        cleaned.append(
+            {
+                "input": dialogue.replace("\r\n", "\n").strip() if dialogue is not None else None,
+                "target": summary.replace("\r\n", "\n").strip() if summary is not None else None,
+            }
+        )
     return _drop_empty(cleaned, source)
 
 

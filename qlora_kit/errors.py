@@ -38,8 +38,11 @@ def run_main(main: Callable[[], object]) -> None:
         if error.errno not in _STORAGE_ERRORS:
             raise
         where = f": {error.filename}" if error.filename else ""
-        print(f"error: {error.strerror or error}{where}; results already written are intact "
-              "(free space or fix permissions, then run again; training continues with --resume)", file=sys.stderr)
+        print(
+            f"error: {error.strerror or error}{where}; results already written are intact "
+            "(free space or fix permissions, then run again; training continues with --resume)",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

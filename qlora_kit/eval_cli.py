@@ -12,11 +12,19 @@ from .tasks import TASKS, get_task
 def build_finetuned_parser(task, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment_dir", required=True, help="the training run folder to evaluate")
-    parser.add_argument("--checkpoint", type=positive_int, default=None, metavar="STEP",
-                        help="evaluate the adapter of the run's checkpoint at this optimizer step (kept with "
-                             "--keep_checkpoints) instead of its final one; results go to metrics[_SPLIT]_step-STEP")
-    parser.add_argument("--merge_adapter", action="store_true",
-                        help="load the base in bf16 and merge the LoRA weights: faster generation, more memory")
+    parser.add_argument(
+        "--checkpoint",
+        type=positive_int,
+        default=None,
+        metavar="STEP",
+        help="evaluate the adapter of the run's checkpoint at this optimizer step (kept with "
+        "--keep_checkpoints) instead of its final one; results go to metrics[_SPLIT]_step-STEP",
+    )
+    parser.add_argument(
+        "--merge_adapter",
+        action="store_true",
+        help="load the base in bf16 and merge the LoRA weights: faster generation, more memory",
+    )
     parser.add_argument("--use_flash_attention", action="store_true", help="use flash_attention_2 (needs flash-attn)")
     add_data_args(parser, task)
     add_generation_args(parser, task, baseline=False)
@@ -28,9 +36,12 @@ def build_baseline_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--task_type", choices=tuple(TASKS), required=True)
     parser.add_argument("--prompt_type", choices=("zero-shot", "few-shot"), required=True)
     add_prompt_style_arg(parser)
-    parser.add_argument("--shots", type=int, default=None,
-                        help="few-shot examples: per label for classification (default 1), dialogues for "
-                             "summarization (default 2)")
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="few-shot examples: per label for classification (default 1), dialogues for summarization (default 2)",
+    )
     add_model_args(parser)
     return parser
 

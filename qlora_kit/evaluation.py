@@ -35,7 +35,7 @@ def load_eval_rows(task: Task, args: Namespace, label_names: list[str]) -> list[
     if task.labelled:
         map_to_known_labels(rows, label_names, source)
     if args.limit:
-        rows = rows[:args.limit]
+        rows = rows[: args.limit]
     log.info("%s: %d evaluation rows", source, len(rows))
     return rows
 
@@ -68,8 +68,9 @@ def _load_finetuned(config: dict, adapter: Path, merge_adapter: bool, use_flash_
     if not Path(source).exists():  # a Hub id, or a run folder copied from another machine: resolve again
         source = modeling.resolve_model_source(config["pretrained_ckpt"])
     load_in_4bit = config["load_in_4bit"] and not merge_adapter
-    model = modeling.load_model(source, load_in_4bit=load_in_4bit, use_flash_attention=use_flash_attention,
-                                for_training=False)
+    model = modeling.load_model(
+        source, load_in_4bit=load_in_4bit, use_flash_attention=use_flash_attention, for_training=False
+    )
     model = PeftModel.from_pretrained(model, adapter)
     if merge_adapter:
         model = modeling.merge_adapter(model)  # plain bf16 weights: no 4-bit dequantization per step
@@ -77,8 +78,9 @@ def _load_finetuned(config: dict, adapter: Path, merge_adapter: bool, use_flash_
     return model
 
 
-def _record(index: int, row: dict, prompt: str, text: str | None, task: Task, label_names: list[str],
-            error: str | None = None) -> dict:
+def _record(
+    index: int, row: dict, prompt: str, text: str | None, task: Task, label_names: list[str], error: str | None = None
+) -> dict:
     record = {"id": index, "prompt": prompt, "output": text, "reference": row["target"]}
     if error is not None:
         record["error"] = error
@@ -99,8 +101,12 @@ def _resume_partial(path: Path, prompts: list[str]) -> dict[int, dict]:
             except json.JSONDecodeError:
                 break  # a line cut off by the crash: everything after it is redone
             index = record.get("id")
-            if isinstance(index, int) and index < len(prompts) and record.get("prompt") == prompts[index] \
-                    and "error" not in record:
+            if (
+                isinstance(index, int)
+                and index < len(prompts)
+                and record.get("prompt") == prompts[index]
+                and "error" not in record
+            ):
                 done[index] = record
     if done:
         log.info("continuing an interrupted evaluation: %d of %d examples already done", len(done), len(prompts))
@@ -121,16 +127,28 @@ class GenerationJob:
     records: dict = field(default_factory=dict)  # index -> prediction record
 
 
-def plan_job(task: Task, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace, max_prompt_tokens: int,
-             end_token: str, label_names: list[str]) -> GenerationJob:
+def plan_job(
+    task: Task,
+    tokenizer,
+    fmt: PromptFormat,
+    rows: list[dict],
+    args: Namespace,
+    max_prompt_tokens: int,
+    end_token: str,
+    label_names: list[str],
+) -> GenerationJob:
     """Stage 1: every prompt's token ids, the stop tokens and, for constrained decoding, the label sequences."""
     prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
     constrained = task.labelled and getattr(args, "decoding", "greedy") == "constrained"
     return GenerationJob(
-        task=task, rows=rows, prompt_ids=prompt_ids, prompt_texts=[tokenizer.decode(ids) for ids in prompt_ids],
+        task=task,
+        rows=rows,
+        prompt_ids=prompt_ids,
+        prompt_texts=[tokenizer.decode(ids) for ids in prompt_ids],
         label_names=label_names,
         stop_ids=sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id}),
-        label_sequences=[answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None)
+        label_sequences=[answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None,
+    )
 
 
 def resume_job(job: GenerationJob, partial_dir: Path | None) -> dict[int, dict]:
@@ -151,8 +169,15 @@ def shared_batch_budget(model, max_batch_tokens: int | None) -> int | None:
     return max_batch_tokens
 
 
-def generate_missing(model, tokenizer, job: GenerationJob, todo: list[int], args: Namespace,
-                     max_batch_tokens: int | None, partial_path: Path | None) -> tuple[dict, dict]:
+def generate_missing(
+    model,
+    tokenizer,
+    job: GenerationJob,
+    todo: list[int],
+    args: Namespace,
+    max_batch_tokens: int | None,
+    partial_path: Path | None,
+) -> tuple[dict, dict]:
     """Stage 4: generate the prompts in ``todo`` (this process's share of the batches), appending each finished
     batch to ``partial_path``; returns this process's records (failures included) and its timing."""
     rank, world = distributed.rank(), distributed.world_size()
@@ -164,8 +189,14 @@ def generate_missing(model, tokenizer, job: GenerationJob, todo: list[int], args
     def record_batch(batch_positions, answers):
         for position, answer in zip(batch_positions, answers):
             index = todo[position]
-            records[index] = _record(index, job.rows[index], job.prompt_texts[index],
-                                     tokenizer.decode(answer, skip_special_tokens=True), job.task, job.label_names)
+            records[index] = _record(
+                index,
+                job.rows[index],
+                job.prompt_texts[index],
+                tokenizer.decode(answer, skip_special_tokens=True),
+                job.task,
+                job.label_names,
+            )
             if partial is not None:
                 partial.write(json.dumps(records[index], ensure_ascii=False) + "\n")
         if partial is not None:
@@ -173,24 +204,43 @@ def generate_missing(model, tokenizer, job: GenerationJob, todo: list[int], args
 
     started = time.perf_counter()
     try:
-        generated = generate(model, tokenizer, [job.prompt_ids[i] for i in todo], max_new_tokens=args.max_new_tokens,
-                             stop_ids=job.stop_ids, batch_size=args.batch_size, max_batch_tokens=max_batch_tokens,
-                             label_sequences=job.label_sequences, on_batch=record_batch, shard=(rank, world))
+        generated = generate(
+            model,
+            tokenizer,
+            [job.prompt_ids[i] for i in todo],
+            max_new_tokens=args.max_new_tokens,
+            stop_ids=job.stop_ids,
+            batch_size=args.batch_size,
+            max_batch_tokens=max_batch_tokens,
+            label_sequences=job.label_sequences,
+            on_batch=record_batch,
+            shard=(rank, world),
+        )
     finally:
         if partial is not None:
             partial.close()
     seconds = time.perf_counter() - started
     for position, error in generated.failures.items():  # the rest were recorded batch by batch
         index = todo[position]
-        records[index] = _record(index, job.rows[index], job.prompt_texts[index], None, job.task, job.label_names,
-                                 error=error)
+        records[index] = _record(
+            index, job.rows[index], job.prompt_texts[index], None, job.task, job.label_names, error=error
+        )
     ran = sum(output is not None for output in generated.outputs) + len(generated.failures)
     return records, {"seconds": seconds, "new": ran, "batch": generated.final_batch_size}
 
 
-def run_generation(task, model, tokenizer, fmt: PromptFormat, rows: list[dict], args: Namespace,
-                   max_prompt_tokens: int, end_token: str, label_names: list[str],
-                   out_dir: Path | None = None) -> tuple[dict, list[dict]]:
+def run_generation(
+    task,
+    model,
+    tokenizer,
+    fmt: PromptFormat,
+    rows: list[dict],
+    args: Namespace,
+    max_prompt_tokens: int,
+    end_token: str,
+    label_names: list[str],
+    out_dir: Path | None = None,
+) -> tuple[dict, list[dict]]:
     """Generate for every row, score, and return (metrics, prediction records in row order).
 
     With several processes every process plans the same batches (same prompts, same token budget) and
@@ -211,28 +261,32 @@ def run_generation(task, model, tokenizer, fmt: PromptFormat, rows: list[dict], 
         records.update(done)  # the resumed records travel once, with the main process
 
     # Stage 5: gather every process's records in order, and score them.
-    gathered = distributed.gather({"records": list(records.values()), **timing,
-                                   "resumed": len(done) if rank == 0 else 0})
+    gathered = distributed.gather(
+        {"records": list(records.values()), **timing, "resumed": len(done) if rank == 0 else 0}
+    )
     all_records = sorted((r for part in gathered for r in part["records"]), key=lambda record: record["id"])
     metrics = score(task, all_records, label_names)
     seconds = max(part["seconds"] for part in gathered)
     new = sum(part["new"] for part in gathered)
-    metrics.update({
-        "failed": sum("error" in record for record in all_records),
-        "resumed_examples": sum(part["resumed"] for part in gathered),
-        "processes": world,
-        "generation_seconds": seconds,
-        "examples_per_second": new / seconds if seconds and new else None,
-        "final_batch_size": min(part["batch"] for part in gathered),
-    })
+    metrics.update(
+        {
+            "failed": sum("error" in record for record in all_records),
+            "resumed_examples": sum(part["resumed"] for part in gathered),
+            "processes": world,
+            "generation_seconds": seconds,
+            "examples_per_second": new / seconds if seconds and new else None,
+            "final_batch_size": min(part["batch"] for part in gathered),
+        }
+    )
     return metrics, all_records
 
 
 def score(task, records: list[dict], label_names: list[str]) -> dict:
     """Metrics over the records that ran (a failed example is counted, never scored as empty)."""
     scored = [record for record in records if "error" not in record]
-    return get_task(task).score([record["reference"] for record in scored], [record["parsed"] for record in scored],
-                                label_names)
+    return get_task(task).score(
+        [record["reference"] for record in scored], [record["parsed"] for record in scored], label_names
+    )
 
 
 def evaluate_run(task, args: Namespace) -> dict:
@@ -260,13 +314,22 @@ def evaluate_run(task, args: Namespace) -> dict:
     fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
     model = _load_finetuned(config, adapter, args.merge_adapter, args.use_flash_attention)
-    metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
-                                      label_names, out_dir=out_dir)
-    metrics["config"] = {"experiment_dir": str(run.path), "checkpoint": checkpoint, "adapter": str(adapter),
-                         "split": args.split, "limit": args.limit,
-                         "merge_adapter": args.merge_adapter, "max_new_tokens": args.max_new_tokens,
-                         "max_prompt_tokens": max_prompt_tokens, "decoding": getattr(args, "decoding", "greedy"),
-                         "prompt_style": config["prompt_style"], "versions": modeling.library_versions()}
+    metrics, records = run_generation(
+        task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token, label_names, out_dir=out_dir
+    )
+    metrics["config"] = {
+        "experiment_dir": str(run.path),
+        "checkpoint": checkpoint,
+        "adapter": str(adapter),
+        "split": args.split,
+        "limit": args.limit,
+        "merge_adapter": args.merge_adapter,
+        "max_new_tokens": args.max_new_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
+        "decoding": getattr(args, "decoding", "greedy"),
+        "prompt_style": config["prompt_style"],
+        "versions": modeling.library_versions(),
+    }
     _save(out_dir, metrics, records)
     return metrics
 
@@ -274,8 +337,12 @@ def evaluate_run(task, args: Namespace) -> dict:
 def baseline_dir(args: Namespace) -> Path:
     """baseline_results/<model>/<task>/<prompt type>[-<style>]: where a baseline's results go by default."""
     style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
-    return (Path("baseline_results") / modeling.model_slug(args.pretrained_ckpt) / args.task_type
-            / f"{args.prompt_type}{style_suffix}")
+    return (
+        Path("baseline_results")
+        / modeling.model_slug(args.pretrained_ckpt)
+        / args.task_type
+        / f"{args.prompt_type}{style_suffix}"
+    )
 
 
 def evaluate_baseline(args: Namespace) -> dict:
@@ -299,16 +366,27 @@ def evaluate_baseline(args: Namespace) -> dict:
     max_prompt_tokens = args.max_prompt_tokens or BASELINE_CONTEXT - args.max_new_tokens
     if args.prompt_type == "few-shot":
         fmt.set_few_shot(task.few_shot_examples(train_rows, args.shots), max_prompt_tokens)
-    model = modeling.load_model(source_path, load_in_4bit=args.load_in_4bit,
-                                use_flash_attention=args.use_flash_attention, for_training=False)
+    model = modeling.load_model(
+        source_path, load_in_4bit=args.load_in_4bit, use_flash_attention=args.use_flash_attention, for_training=False
+    )
     model.eval()
-    metrics, records = run_generation(task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token,
-                                      label_names, out_dir=out_dir)
-    metrics["config"] = {"pretrained_ckpt": args.pretrained_ckpt, "task": task.name, "prompt_type": args.prompt_type,
-                         "prompt_style": args.prompt_style, "shots": args.shots, "split": args.split,
-                         "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-                         "max_prompt_tokens": max_prompt_tokens, "load_in_4bit": args.load_in_4bit,
-                         "decoding": getattr(args, "decoding", "greedy"), "versions": modeling.library_versions()}
+    metrics, records = run_generation(
+        task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token, label_names, out_dir=out_dir
+    )
+    metrics["config"] = {
+        "pretrained_ckpt": args.pretrained_ckpt,
+        "task": task.name,
+        "prompt_type": args.prompt_type,
+        "prompt_style": args.prompt_style,
+        "shots": args.shots,
+        "split": args.split,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
+        "load_in_4bit": args.load_in_4bit,
+        "decoding": getattr(args, "decoding", "greedy"),
+        "versions": modeling.library_versions(),
+    }
     _save(out_dir, metrics, records)
     return metrics
 

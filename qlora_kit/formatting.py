@@ -15,6 +15,7 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
+
 def end_of_turn_token(tokenizer) -> str:
     """The token that ends an assistant turn in the chat template (``</s>`` for Zephyr, ``<|im_end|>`` for ChatML).
 
@@ -30,8 +31,11 @@ def end_of_turn_token(tokenizer) -> str:
             rendered = ""
         after = rendered.split(marker, 1)[1].lstrip() if marker in rendered else ""
         # Match by string against the special tokens, longest first (never by re-tokenizing).
-        specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
-                          key=len, reverse=True)
+        specials = sorted(
+            set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
+            key=len,
+            reverse=True,
+        )
         for token in specials:
             if token and after.startswith(token):
                 return token
@@ -59,7 +63,9 @@ class PromptFormat:
         if self.style not in prompts.PROMPT_STYLES:
             raise UsageError(f"--prompt_style must be one of {', '.join(prompts.PROMPT_STYLES)}, got '{self.style}'")
         if self.style == "chat" and not getattr(self.tokenizer, "chat_template", None):
-            raise UsageError("--prompt_style chat needs a tokenizer with a chat template; this model has none (use seed)")
+            raise UsageError(
+                "--prompt_style chat needs a tokenizer with a chat template; this model has none (use seed)"
+            )
         from .tasks import get_task
 
         self.task = get_task(self.task)
@@ -83,7 +89,7 @@ class PromptFormat:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= max_tokens:
             return text
-        return self.tokenizer.decode(ids[:max(max_tokens, 0)])
+        return self.tokenizer.decode(ids[: max(max_tokens, 0)])
 
     def set_few_shot(self, examples: list[dict], max_prompt_tokens: int) -> None:
         """Fill the few-shot block, each example's text shortened so that the examples use at most half the budget."""
@@ -91,8 +97,12 @@ class PromptFormat:
             return
         per_example = max(8, (max_prompt_tokens // 2) // max(len(examples), 1) - 16)
         self.few_shot_text = "".join(
-            self.task.few_shot_sample.format(**{self.task.input_field: self.shorten(row["input"], per_example),
-                                                self.task.answer_field: row["target"]})
+            self.task.few_shot_sample.format(
+                **{
+                    self.task.input_field: self.shorten(row["input"], per_example),
+                    self.task.answer_field: row["target"],
+                }
+            )
             for row in examples
         )
 
@@ -120,8 +130,9 @@ def answer_ids(tokenizer, answer: str, end_token: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(end_token)]
 
 
-def build_training_examples(rows, fmt: PromptFormat, max_seq_length: int, end_token: str,
-                            completion_only_loss: bool) -> list[dict]:
+def build_training_examples(
+    rows, fmt: PromptFormat, max_seq_length: int, end_token: str, completion_only_loss: bool
+) -> list[dict]:
     """``input_ids``/``labels`` for each row; the prompt is shortened so that the answer and EOS fit whole.
 
     Rows whose answer alone does not fit are skipped and counted; if none fit, that is an error.
@@ -140,8 +151,12 @@ def build_training_examples(rows, fmt: PromptFormat, max_seq_length: int, end_to
         labels = ([-100] * len(prompt) if completion_only_loss else list(prompt)) + completion
         examples.append({"input_ids": prompt + completion, "labels": labels})
     if skipped:
-        log.warning("skipped %d of %d training rows whose answer does not fit in --max_seq_length %d",
-                    skipped, len(rows), max_seq_length)
+        log.warning(
+            "skipped %d of %d training rows whose answer does not fit in --max_seq_length %d",
+            skipped,
+            len(rows),
+            max_seq_length,
+        )
     if not examples:
         raise UsageError(f"--max_seq_length {max_seq_length} is too small to hold any training answer with its prompt")
     return examples

@@ -103,8 +103,13 @@ def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int
     caches, last_logits = [], []
     for start in range(0, input_ids.shape[0], rows_per_group):
         rows = slice(start, start + rows_per_group)
-        out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows],
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=input_ids[rows],
+            attention_mask=attention_mask[rows],
+            position_ids=position_ids[rows],
+            use_cache=True,
+            logits_to_keep=1,
+        )
         caches.append(out.past_key_values)
         last_logits.append(out.logits[:, -1].float())
         del out
@@ -119,8 +124,15 @@ def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int
     return DynamicCache(joined), torch.cat(last_logits)
 
 
-def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                    trie: LabelTrie | None, prefill_tokens: int = 16384):
+def _generate_batch(
+    model,
+    tokenizer,
+    batch: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    trie: LabelTrie | None,
+    prefill_tokens: int = 16384,
+):
     """Greedy answers for one left-padded batch: prefill in row groups, then decode all rows together."""
     import torch
 
@@ -130,8 +142,8 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: in
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     stops = torch.tensor(stop_ids, device=device)
@@ -154,8 +166,13 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], max_new_tokens: in
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             position_ids = position_ids[:, -1:] + 1
-            out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=next_token[:, None],
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache, logits = out.past_key_values, out.logits[:, -1].float()
             del out
         generated = torch.stack(tokens, dim=1).tolist()
@@ -176,8 +193,9 @@ def _restrict_to_labels(logits, trie: LabelTrie, answers: list[list[int]], pad_i
     return logits + mask
 
 
-def plan_batches(lengths: list[int], *, max_new_tokens: int, batch_size: int,
-                 max_batch_tokens: int | None) -> list[list[int]]:
+def plan_batches(
+    lengths: list[int], *, max_new_tokens: int, batch_size: int, max_batch_tokens: int | None
+) -> list[list[int]]:
     """Batches of prompt indices, longest prompts first: each at most ``batch_size`` prompts and at most
     ``max_batch_tokens`` padded tokens (prompt + new tokens). Deterministic: every process that plans the
     same prompts gets the same batches."""
@@ -187,15 +205,26 @@ def plan_batches(lengths: list[int], *, max_new_tokens: int, batch_size: int,
         count = batch_size
         if max_batch_tokens:  # the first prompt of a batch is its longest
             count = max(1, min(count, max_batch_tokens // (lengths[order[start]] + max_new_tokens)))
-        batches.append(order[start:start + count])
+        batches.append(order[start : start + count])
         start += count
     return batches
 
 
-def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
-             batch_size: int | None = None, max_batch_tokens: int | None = None,
-             label_sequences: list[list[int]] | None = None, progress: bool = True, on_batch=None,
-             prefill_tokens: int = PREFILL_TOKENS, shard: tuple[int, int] = (0, 1)) -> GenerationResult:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
+    label_sequences: list[list[int]] | None = None,
+    progress: bool = True,
+    on_batch=None,
+    prefill_tokens: int = PREFILL_TOKENS,
+    shard: tuple[int, int] = (0, 1),
+) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order.
 
     A batch holds at most ``batch_size`` prompts and at most ``max_batch_tokens`` padded tokens
@@ -216,8 +245,12 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         max_batch_tokens = default_max_batch_tokens(model)
     trie = LabelTrie(label_sequences) if label_sequences else None
     rank, processes = shard
-    plan = plan_batches([len(p) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        max_batch_tokens=max_batch_tokens)
+    plan = plan_batches(
+        [len(p) for p in prompts],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )
     queue = collections.deque(plan[rank::processes])
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
@@ -228,8 +261,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             queue.appendleft(indices[rows_that_fit:])
             indices = indices[:rows_that_fit]
         try:
-            answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie,
-                                      prefill_tokens)
+            answers = _generate_batch(
+                model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie, prefill_tokens
+            )
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
             if not _is_out_of_memory(error):
                 raise

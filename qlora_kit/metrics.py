@@ -33,8 +33,11 @@ def parse_label(generated: str, label_names: list[str]) -> str | None:
     cut_off = [name for key, name in by_name.items() if key.startswith(answer)]
     if len(cut_off) == 1:
         return cut_off[0]
-    named_first = [name for key, name in by_name.items()
-                   if answer.startswith(key) and not _continues_word(answer[len(key):len(key) + 1])]
+    named_first = [
+        name
+        for key, name in by_name.items()
+        if answer.startswith(key) and not _continues_word(answer[len(key) : len(key) + 1])
+    ]
     if len(named_first) == 1:
         return named_first[0]
     return None
@@ -62,8 +65,9 @@ def classification_metrics(references: list[str], predictions: list[str | None],
     present = [label for label in label_names if per_class[label]["support"] > 0]
     micro_precision = correct / valid if valid else 0.0
     micro_recall = correct / total if total else 0.0
-    micro_f1 = (2 * micro_precision * micro_recall / (micro_precision + micro_recall)
-                if micro_precision + micro_recall else 0.0)
+    micro_f1 = (
+        2 * micro_precision * micro_recall / (micro_precision + micro_recall) if micro_precision + micro_recall else 0.0
+    )
     confusion: dict[str, dict[str, int]] = {label: {} for label in label_names}
     for (ref, pred), count in Counter(zip(references, predictions)).items():
         confusion.setdefault(ref, {})[pred if pred is not None else INVALID] = count

@@ -112,9 +112,11 @@ def load_tokenizer(source: str, padding_side: str = "right"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:
-        raise UsageError(f"cannot load the tokenizer of '{source}' ({type(error).__name__}: {_first_line(error)}); "
-                         "offline, give --pretrained_ckpt a local model folder or .gguf file "
-                         f"(or {EMBEDDED_MODEL})")
+        raise UsageError(
+            f"cannot load the tokenizer of '{source}' ({type(error).__name__}: {_first_line(error)}); "
+            "offline, give --pretrained_ckpt a local model folder or .gguf file "
+            f"(or {EMBEDDED_MODEL})"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: labels and attention masks never rely on the pad id
     tokenizer.padding_side = padding_side
@@ -166,8 +168,9 @@ def load_model(source: str, *, load_in_4bit: bool, use_flash_attention: bool = F
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype()
-    kwargs = dict(dtype=dtype, attn_implementation=attention_implementation(use_flash_attention),
-                  device_map=device_map())
+    kwargs = dict(
+        dtype=dtype, attn_implementation=attention_implementation(use_flash_attention), device_map=device_map()
+    )
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -224,4 +227,3 @@ def merge_adapter(peft_model):
         for config in (base.config, base.config.get_text_config()):  # the same object for a text-only model
             config.tie_word_embeddings = False
     return peft_model.merge_and_unload()
-

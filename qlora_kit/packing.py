@@ -64,11 +64,15 @@ class PackedCollator:
             labels[b, :length] = torch.tensor(row["labels"])
             start = 0
             for number, size in enumerate(row["seq_lengths"]):
-                position_ids[b, start:start + size] = torch.arange(size)
-                segment[b, start:start + size] = number
+                position_ids[b, start : start + size] = torch.arange(size)
+                segment[b, start : start + size] = number
                 start += size
         causal = torch.tril(torch.ones((width, width), dtype=torch.bool))
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
         mask = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding sees itself only
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": mask[:, None, :, :]}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": mask[:, None, :, :],
+        }

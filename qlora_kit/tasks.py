@@ -165,4 +165,3 @@ def get_task(name: str | Task) -> Task:
     if name not in TASKS:
         raise UsageError(f"unknown task '{name}'; one of: {', '.join(TASKS)}")
     return TASKS[name]
-

@@ -30,8 +30,18 @@ def main(task, args: argparse.Namespace) -> dict | None:
     metrics = train(task, settings)
     if not distributed.is_main():
         return metrics
-    summary = {key: metrics[key] for key in ("train_loss", "final_loss", "global_steps", "train_runtime_s",
-                                             "trained_tokens", "tokens_per_second", "peak_gpu_memory_gb")}
+    summary = {
+        key: metrics[key]
+        for key in (
+            "train_loss",
+            "final_loss",
+            "global_steps",
+            "train_runtime_s",
+            "trained_tokens",
+            "tokens_per_second",
+            "peak_gpu_memory_gb",
+        )
+    }
     if "eval_loss" in metrics:
         summary["eval_loss"] = metrics["eval_loss"]
     print(json.dumps(summary, indent=2))

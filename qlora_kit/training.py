@@ -29,11 +29,24 @@ log = logging.getLogger(__name__)
 
 # Settings that name a run folder (by these short names) when they differ from their defaults.
 _NAMED_IF_CHANGED = {
-    "lora_alpha": "alpha", "learning_rate": "lr", "batch_size": "bs", "grad_accum": "ga", "max_seq_length": "len",
-    "seed": "seed", "max_steps": "steps", "prompt_style": "style", "completion_only_loss": "completion-only",
-    "validation_fraction": "val", "packing": "packed", "optim": "optim", "group_by_length": "grouped",
-    "use_liger_kernel": "liger", "gradient_checkpointing": "ckpt", "lr_scheduler": "sched",
-    "load_in_4bit": "4bit", "logits_where_scored": "scored-logits",
+    "lora_alpha": "alpha",
+    "learning_rate": "lr",
+    "batch_size": "bs",
+    "grad_accum": "ga",
+    "max_seq_length": "len",
+    "seed": "seed",
+    "max_steps": "steps",
+    "prompt_style": "style",
+    "completion_only_loss": "completion-only",
+    "validation_fraction": "val",
+    "packing": "packed",
+    "optim": "optim",
+    "group_by_length": "grouped",
+    "use_liger_kernel": "liger",
+    "gradient_checkpointing": "ckpt",
+    "lr_scheduler": "sched",
+    "load_in_4bit": "4bit",
+    "logits_where_scored": "scored-logits",
 }
 
 
@@ -71,8 +84,9 @@ def load_training_data(task: Task, settings: TrainingSettings) -> dict:
         raise UsageError(f"{source}: needs at least two distinct labels, found {len(label_names)}")
     validation, held_out = None, 0
     if settings.validation_file:
-        validation, val_source = task.load_rows(file=settings.validation_file, dataset=settings.dataset,
-                                                split="validation")
+        validation, val_source = task.load_rows(
+            file=settings.validation_file, dataset=settings.dataset, split="validation"
+        )
         if task.labelled:
             map_to_known_labels(validation, label_names, val_source)
     elif settings.validation_fraction:
@@ -80,11 +94,22 @@ def load_training_data(task: Task, settings: TrainingSettings) -> dict:
         held_out = len(validation)
     fraction = settings.train_sample_fraction
     rows = task.sample(rows, fraction, settings.seed)
-    log.info("training rows: %d read, %d after cleaning, %d held out for validation, %d used (fraction %s)",
-             read, cleaned, held_out, len(rows), fraction)
-    return {"rows": rows, "validation": validation, "label_names": label_names,
-            "counts": {"read": read, "after_cleaning": cleaned, "held_out": held_out, "used": len(rows)},
-            "source": source, "validation_source": settings.validation_file}
+    log.info(
+        "training rows: %d read, %d after cleaning, %d held out for validation, %d used (fraction %s)",
+        read,
+        cleaned,
+        held_out,
+        len(rows),
+        fraction,
+    )
+    return {
+        "rows": rows,
+        "validation": validation,
+        "label_names": label_names,
+        "counts": {"read": read, "after_cleaning": cleaned, "held_out": held_out, "used": len(rows)},
+        "source": source,
+        "validation_source": settings.validation_file,
+    }
 
 
 def _optimizer(name: str, on_gpu: bool) -> str:
@@ -142,8 +167,15 @@ def sft_config(args: TrainingSettings, run_dir: Path):
         use_liger_kernel=liger,
         # rope, rms_norm, swiglu; never the fused linear cross-entropy (trl has its own fused head, and an
         # adapter on lm_head needs the real logits)
-        liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
-                             "fused_linear_cross_entropy": False} if liger else None,
+        liger_kernel_config={
+            "rope": True,
+            "rms_norm": True,
+            "swiglu": True,
+            "cross_entropy": False,
+            "fused_linear_cross_entropy": False,
+        }
+        if liger
+        else None,
         **_sampling_settings(args.group_by_length and not args.packing),
         learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler,  # default constant_with_warmup: the original's "constant" ignored its warmup
@@ -152,8 +184,11 @@ def sft_config(args: TrainingSettings, run_dir: Path):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=args.logging_steps,
-        **({"save_strategy": "epoch"} if args.save_steps == "epoch"
-           else {"save_strategy": "steps", "save_steps": args.save_steps}),
+        **(
+            {"save_strategy": "epoch"}
+            if args.save_steps == "epoch"
+            else {"save_strategy": "steps", "save_steps": args.save_steps}
+        ),
         save_total_limit=args.keep_checkpoints,
         report_to=[] if args.report_to == "none" else [args.report_to],
         seed=args.seed,
@@ -192,8 +227,10 @@ def accepts_scored_positions(model) -> bool:
         loss = model.loss_function
     except Exception:  # a model class without transformers' loss mapping
         return False
-    return ("logits_to_keep" in inspect.signature(model.forward).parameters
-            and "shift_labels" in inspect.signature(loss).parameters)
+    return (
+        "logits_to_keep" in inspect.signature(model.forward).parameters
+        and "shift_labels" in inspect.signature(loss).parameters
+    )
 
 
 class ResumingTrainer(SFTTrainer):
@@ -225,15 +262,30 @@ class HeadAdapterTrainer(ResumingTrainer):
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
-def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator=None,
-                 scored_positions_only: bool = False):
+def make_trainer(
+    model,
+    sft_args,
+    peft_config,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    data_collator=None,
+    scored_positions_only: bool = False,
+):
     """An SFTTrainer, or a ``HeadAdapterTrainer`` when the LoRA config targets lm_head."""
     from peft import get_peft_model
     from transformers import set_seed
 
     if "lm_head" not in (peft_config.target_modules or []):
-        return ResumingTrainer(model=model, args=sft_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                               processing_class=tokenizer, peft_config=peft_config, data_collator=data_collator)
+        return ResumingTrainer(
+            model=model,
+            args=sft_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            data_collator=data_collator,
+        )
 
     # The LoRA matrices are initialised from the global RNG: seed it as the trainer would before wrapping,
     # or two runs with the same --seed start from different adapters.
@@ -248,9 +300,14 @@ def make_trainer(model, sft_args, peft_config, tokenizer, train_dataset, eval_da
     # trl's constructor refuses an adapted lm_head because of its fused loss, which this subclass replaces.
     peft_model.get_output_embeddings = lambda: None
     try:
-        trainer = HeadAdapterTrainer(model=peft_model, args=sft_args, train_dataset=train_dataset,
-                                     eval_dataset=eval_dataset, processing_class=tokenizer,
-                                     data_collator=data_collator)
+        trainer = HeadAdapterTrainer(
+            model=peft_model,
+            args=sft_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=data_collator,
+        )
     finally:
         del peft_model.get_output_embeddings
     trainer.scored_positions_only = scored_positions_only and accepts_scored_positions(model)
@@ -269,8 +326,10 @@ def check_checkpoint(checkpoint: Path) -> dict:
         if not (checkpoint / "optimizer.pt").is_file():
             raise FileNotFoundError("optimizer.pt is missing")
     except Exception as error:  # json, safetensors and the file system each raise their own types
-        raise UsageError(f"{checkpoint}: damaged checkpoint ({type(error).__name__}: {error}); delete it to resume "
-                         "from an earlier one, or pass --overwrite to start again")
+        raise UsageError(
+            f"{checkpoint}: damaged checkpoint ({type(error).__name__}: {error}); delete it to resume "
+            "from an earlier one, or pass --overwrite to start again"
+        )
     return state
 
 
@@ -328,10 +387,15 @@ def prepare_examples(task: Task, settings: TrainingSettings) -> Prepared:
 
     examples = build(training_data["rows"])
     eval_examples = build(training_data["validation"]) if training_data["validation"] else None
-    log.info("%d training examples, %d tokens (end of answer: %r)", len(examples),
-             sum(len(e["input_ids"]) for e in examples), end_token)
-    return Prepared(tokenizer, source, end_token, training_data["label_names"], training_data["counts"], examples,
-                    eval_examples)
+    log.info(
+        "%d training examples, %d tokens (end of answer: %r)",
+        len(examples),
+        sum(len(e["input_ids"]) for e in examples),
+        end_token,
+    )
+    return Prepared(
+        tokenizer, source, end_token, training_data["label_names"], training_data["counts"], examples, eval_examples
+    )
 
 
 def start_run_folder(run: RunFolder, settings: TrainingSettings) -> tuple[Path | None, dict]:
@@ -363,9 +427,14 @@ def run_config(task: Task, settings: TrainingSettings, prepared: Prepared, targe
         "end_token": prepared.end_token,
         "label_names": prepared.label_names,
         "lora_target_modules": targets,
-        "data": {"dataset": None if settings.train_file else settings.dataset, "train_file": settings.train_file,
-                 "validation_file": settings.validation_file, "validation_fraction": settings.validation_fraction,
-                 "rows": prepared.counts, "tokens": sum(len(example["input_ids"]) for example in prepared.examples)},
+        "data": {
+            "dataset": None if settings.train_file else settings.dataset,
+            "train_file": settings.train_file,
+            "validation_file": settings.validation_file,
+            "validation_fraction": settings.validation_fraction,
+            "rows": prepared.counts,
+            "tokens": sum(len(example["input_ids"]) for example in prepared.examples),
+        },
         "settings": settings.to_dict(),
         "processes": distributed.world_size(),
         "effective_batch_size": settings.batch_size * settings.grad_accum * distributed.world_size(),
@@ -378,13 +447,23 @@ def build_trainer(settings: TrainingSettings, prepared: Prepared, run: RunFolder
     from datasets import Dataset
     from peft import LoraConfig
 
-    model = modeling.load_model(prepared.model_source, load_in_4bit=settings.load_in_4bit,
-                                use_flash_attention=settings.use_flash_attention)
+    model = modeling.load_model(
+        prepared.model_source, load_in_4bit=settings.load_in_4bit, use_flash_attention=settings.use_flash_attention
+    )
     if prepared.end_token != prepared.tokenizer.eos_token:
-        log.info("answers end with %r (the chat template's end of turn), not %r", prepared.end_token,
-                 prepared.tokenizer.eos_token)
-    peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.dropout,
-                             bias="none", task_type="CAUSAL_LM", target_modules=targets)
+        log.info(
+            "answers end with %r (the chat template's end of turn), not %r",
+            prepared.end_token,
+            prepared.tokenizer.eos_token,
+        )
+    peft_config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=targets,
+    )
     sft_args = sft_config(settings, run.path)
     sft_args.eos_token = prepared.end_token
     collator = None
@@ -392,13 +471,24 @@ def build_trainer(settings: TrainingSettings, prepared: Prepared, run: RunFolder
     if settings.packing:
         train_rows = packed_rows(prepared.examples, settings.max_seq_length)
         eval_rows = packed_rows(prepared.eval_examples, settings.max_seq_length) if prepared.eval_examples else None
-        log.info("packing: %d examples in %d rows of at most %d tokens", len(prepared.examples), len(train_rows),
-                 settings.max_seq_length)
+        log.info(
+            "packing: %d examples in %d rows of at most %d tokens",
+            len(prepared.examples),
+            len(train_rows),
+            settings.max_seq_length,
+        )
         collator = PackedCollator(prepared.tokenizer.pad_token_id)
         sft_args.include_num_input_tokens_seen = "all"  # the 4-D mask is not a token count; rows are nearly full
-    return make_trainer(model, sft_args, peft_config, prepared.tokenizer, Dataset.from_list(train_rows),
-                        Dataset.from_list(eval_rows) if eval_rows else None, data_collator=collator,
-                        scored_positions_only=settings.logits_where_scored)
+    return make_trainer(
+        model,
+        sft_args,
+        peft_config,
+        prepared.tokenizer,
+        Dataset.from_list(train_rows),
+        Dataset.from_list(eval_rows) if eval_rows else None,
+        data_collator=collator,
+        scored_positions_only=settings.logits_where_scored,
+    )
 
 
 def fit(trainer, checkpoint: Path | None, resumed_state: dict, run: RunFolder) -> dict:
@@ -414,8 +504,11 @@ def fit(trainer, checkpoint: Path | None, resumed_state: dict, run: RunFolder) -
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
     if stop.signal_number is not None:
-        raise Interrupted(f"{signal.Signals(stop.signal_number).name} at step {trainer.state.global_step}; checkpoint "
-                          f"saved in {run.checkpoints_dir}; continue with --resume", stop.signal_number)
+        raise Interrupted(
+            f"{signal.Signals(stop.signal_number).name} at step {trainer.state.global_step}; checkpoint "
+            f"saved in {run.checkpoints_dir}; continue with --resume",
+            stop.signal_number,
+        )
     trained_tokens = trainer.state.num_input_tokens_seen
     metrics = {
         "train_loss": output.training_loss,
@@ -425,7 +518,8 @@ def fit(trainer, checkpoint: Path | None, resumed_state: dict, run: RunFolder) -
         "trained_tokens": trained_tokens,  # the whole run's
         # a resumed run's trainer state counts the tokens of earlier commands: this command's speed leaves them out
         "tokens_per_second": (trained_tokens - (resumed_state.get("num_input_tokens_seen") or 0)) / runtime
-        if runtime else None,
+        if runtime
+        else None,
         "resumed_from_step": resumed_state.get("global_step"),
         "processes": distributed.world_size(),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
@@ -457,9 +551,13 @@ def train(task, settings: TrainingSettings) -> dict:
     distributed.barrier()  # every process has checked before the main one writes anything
 
     prepared = prepare_examples(task, settings)
-    log.info("effective batch %d = %d per device x %d accumulation x %d processes",
-             settings.batch_size * settings.grad_accum * distributed.world_size(), settings.batch_size,
-             settings.grad_accum, distributed.world_size())
+    log.info(
+        "effective batch %d = %d per device x %d accumulation x %d processes",
+        settings.batch_size * settings.grad_accum * distributed.world_size(),
+        settings.batch_size,
+        settings.grad_accum,
+        distributed.world_size(),
+    )
     checkpoint, resumed_state = start_run_folder(run, settings)  # everything above was checked first
     targets = settings.lora_target_modules or modeling.lora_target_modules(settings.full_tune)
     if distributed.is_main():

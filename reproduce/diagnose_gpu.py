@@ -49,10 +49,13 @@ def main():
             print(f"4bit={four_bit} checkpointing={checkpointing}: fwd+bwd batch 4x512 {timed(step) * 1000:.1f} ms")
         model.eval()
         with torch.inference_mode():
-            print(f"4bit={four_bit}: forward 4x512 {timed(lambda m=model: m(input_ids=ids)) * 1000:.1f} ms, one token "
-                  f"for 64 rows {timed(lambda m=model: m(input_ids=ids[:1, :1].repeat(64, 1))) * 1000:.2f} ms")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            print(
+                f"4bit={four_bit}: forward 4x512 {timed(lambda m=model: m(input_ids=ids)) * 1000:.1f} ms, one token "
+                f"for 64 rows {timed(lambda m=model: m(input_ids=ids[:1, :1].repeat(64, 1))) * 1000:.2f} ms"
+            )
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
             with torch.inference_mode():
                 model(input_ids=ids[:1, :1].repeat(64, 1))
             torch.cuda.synchronize()

@@ -18,13 +18,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qlora_kit.data import strip_newsgroup_message  # noqa: E402
 
-NAMES = ["Anna", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas", "Kemal", "Lena",
-         "Mia", "Noah", "Olga", "Pedro"]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Carla",
+    "Dev",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Kemal",
+    "Lena",
+    "Mia",
+    "Noah",
+    "Olga",
+    "Pedro",
+]
 PLANS = [
-    ("the cinema", "watch the new film"), ("the gym", "work out"), ("the market", "buy vegetables"),
-    ("the library", "return some books"), ("the beach", "swim"), ("the office", "finish the report"),
-    ("the station", "pick up Grandma"), ("the park", "walk the dog"), ("the pizzeria", "have dinner"),
-    ("the vet", "take the cat for a check-up"), ("the concert", "see the band"), ("the garage", "get the car fixed"),
+    ("the cinema", "watch the new film"),
+    ("the gym", "work out"),
+    ("the market", "buy vegetables"),
+    ("the library", "return some books"),
+    ("the beach", "swim"),
+    ("the office", "finish the report"),
+    ("the station", "pick up Grandma"),
+    ("the park", "walk the dog"),
+    ("the pizzeria", "have dinner"),
+    ("the vet", "take the cat for a check-up"),
+    ("the concert", "see the band"),
+    ("the garage", "get the car fixed"),
 ]
 TIMES = ["7 am", "9 am", "noon", "2 pm", "4 pm", "6 pm", "7:30 pm", "9 pm"]
 DAYS = ["today", "tomorrow", "on Saturday", "on Sunday", "on Friday"]
@@ -35,17 +59,32 @@ def make_dialogue(rng: random.Random) -> dict:
     (place, purpose), time, day = rng.choice(PLANS), rng.choice(TIMES), rng.choice(DAYS)
     kind = rng.randrange(3)
     if kind == 0:
-        lines = [f"{a}: Are you free {day}?", f"{b}: I think so, why?", f"{a}: I want to go to {place} to {purpose}.",
-                 f"{b}: Sounds good. What time?", f"{a}: {time}?", f"{b}: Perfect, see you there!"]
+        lines = [
+            f"{a}: Are you free {day}?",
+            f"{b}: I think so, why?",
+            f"{a}: I want to go to {place} to {purpose}.",
+            f"{b}: Sounds good. What time?",
+            f"{a}: {time}?",
+            f"{b}: Perfect, see you there!",
+        ]
         summary = f"{a} and {b} will go to {place} {day} at {time} to {purpose}."
     elif kind == 1:
-        lines = [f"{a}: I can't make it to {place} {day} :(", f"{b}: Oh no, what happened?",
-                 f"{a}: I'm sick, I have a fever.", f"{b}: Get well soon! I'll {purpose} on my own then.",
-                 f"{a}: Thanks, sorry!"]
+        lines = [
+            f"{a}: I can't make it to {place} {day} :(",
+            f"{b}: Oh no, what happened?",
+            f"{a}: I'm sick, I have a fever.",
+            f"{b}: Get well soon! I'll {purpose} on my own then.",
+            f"{a}: Thanks, sorry!",
+        ]
         summary = f"{a} is sick and can't go to {place} {day}, so {b} will {purpose} alone."
     else:
-        lines = [f"{a}: Can you go to {place} for me {day}?", f"{b}: What for?", f"{a}: To {purpose}. I'm stuck at work.",
-                 f"{b}: OK, I'll go at {time}.", f"{a}: You're the best!"]
+        lines = [
+            f"{a}: Can you go to {place} for me {day}?",
+            f"{b}: What for?",
+            f"{a}: To {purpose}. I'm stuck at work.",
+            f"{b}: OK, I'll go at {time}.",
+            f"{a}: You're the best!",
+        ]
         summary = f"{b} will go to {place} {day} at {time} to {purpose} for {a}."
     return {"dialogue": "\n".join(lines), "summary": summary}
 

@@ -27,12 +27,17 @@ def pack_predictions(path: Path, target: Path, max_bytes: int) -> None:
             record = json.loads(line)
             prompt = record.pop("prompt", None)
             if prompt is not None:
-                record = {"id": record.get("id"), "prompt_sha256_16": hashlib.sha256(prompt.encode()).hexdigest()[:16],
-                          **{k: v for k, v in record.items() if k != "id"}}
+                record = {
+                    "id": record.get("id"),
+                    "prompt_sha256_16": hashlib.sha256(prompt.encode()).hexdigest()[:16],
+                    **{k: v for k, v in record.items() if k != "id"},
+                }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     note = packed.with_name(packed.name.replace(".jsonl.gz", ".PROMPTS_HASHED.txt"))
-    note.write_text(f"{path.name}: over {max_bytes / 1e6:.0f} MB compressed with its prompts; each prompt is stored "
-                    "as the first 16 hex digits of its SHA-256 (prompt_sha256_16). Re-run the command in the run's config to rebuild them.\n")
+    note.write_text(
+        f"{path.name}: over {max_bytes / 1e6:.0f} MB compressed with its prompts; each prompt is stored "
+        "as the first 16 hex digits of its SHA-256 (prompt_sha256_16). Re-run the command in the run's config to rebuild them.\n"
+    )
 
 
 def main() -> None:

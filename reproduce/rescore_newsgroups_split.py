@@ -35,7 +35,9 @@ def main(args) -> None:
     old_kept = [i for i, text in enumerate(old) if text.strip()]
     new_kept = [i for i, text in enumerate(new) if text.strip()]
     folder = Path(args.metrics_dir)
-    path = folder / "predictions.jsonl.gz" if (folder / "predictions.jsonl.gz").is_file() else folder / "predictions.jsonl"
+    path = (
+        folder / "predictions.jsonl.gz" if (folder / "predictions.jsonl.gz").is_file() else folder / "predictions.jsonl"
+    )
     predictions = {record["id"]: record for record in data_lib.read_records(path)}
     if len(predictions) != len(old_kept):
         raise SystemExit(f"{path}: {len(predictions)} predictions, but the old stripping keeps {len(old_kept)} rows")
@@ -48,14 +50,21 @@ def main(args) -> None:
         raise SystemExit(f"{len(missing)} rows of the benchmark split have no prediction")
     labels = sorted({row["label"].strip() for row in raw})
     same = [i for i in new_kept if old[i] == new[i]]
-    result = {"source": str(path), "rows_before_fix": len(old_kept), "benchmark_split_rows": len(new_kept),
-              "rows_with_the_same_prompt": len(same)}
+    result = {
+        "source": str(path),
+        "rows_before_fix": len(old_kept),
+        "benchmark_split_rows": len(new_kept),
+        "rows_with_the_same_prompt": len(same),
+    }
     for name, rows in (("benchmark_split", new_kept), ("same_prompt_only", same)):
-        scores = classification_metrics([by_raw[i]["reference"] for i in rows], [by_raw[i]["parsed"] for i in rows],
-                                        labels)
+        scores = classification_metrics(
+            [by_raw[i]["reference"] for i in rows], [by_raw[i]["parsed"] for i in rows], labels
+        )
         result[name] = {key: scores[key] for key in ("accuracy", "macro_f1", "invalid_rate")} | {"n": len(rows)}
-        print(f"{name}: n={len(rows)} accuracy {100 * scores['accuracy']:.2f}% macro-F1 "
-              f"{100 * scores['macro_f1']:.2f} invalid {scores['invalid_rate']:.4%}")
+        print(
+            f"{name}: n={len(rows)} accuracy {100 * scores['accuracy']:.2f}% macro-F1 "
+            f"{100 * scores['macro_f1']:.2f} invalid {scores['invalid_rate']:.4%}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -38,16 +38,21 @@ def main(args) -> None:
         invalid = f"  invalid {score['invalid_rate']:.4f}" if score.get("invalid_rate") is not None else ""
         print(f"{mark} {score['run']}  step {score['step']}  epoch {score['epoch']}  {values}{invalid}")
     if args.out:
-        write_json_atomic(Path(args.out), {"split": args.split, "metrics": args.metrics, "chosen": best,
-                                           "candidates": scores})
+        write_json_atomic(
+            Path(args.out), {"split": args.split, "metrics": args.metrics, "chosen": best, "candidates": scores}
+        )
     print(f"{best['run']} {best['step']}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders")
-    parser.add_argument("--metrics", nargs="+", required=True,
-                        help="metrics.json keys to add up, higher is better (accuracy, macro_f1, rouge1, rouge2, ...)")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        required=True,
+        help="metrics.json keys to add up, higher is better (accuracy, macro_f1, rouge1, rouge2, ...)",
+    )
     parser.add_argument("--split", default="validation", help="default: %(default)s")
     parser.add_argument("--out", help="also write the candidates and the choice to this JSON file")
     run_main(lambda: main(parser.parse_args()))

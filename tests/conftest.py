@@ -24,8 +24,10 @@ def newsgroup_rows(count: int, seed: int) -> list[dict]:
         label = LABELS[index % len(LABELS)]
         words = TOPIC_WORDS[label].split()
         body = " ".join(rng.choice(words) for _ in range(rng.randint(8, 30)))
-        text = (f"From: user{index}@example.com\r\nSubject: question {index}\r\nLines: 3\r\n\r\n"
-                f"{body}\r\n> quoted reply line\r\n-- \r\nsignature line")
+        text = (
+            f"From: user{index}@example.com\r\nSubject: question {index}\r\nLines: 3\r\n\r\n"
+            f"{body}\r\n> quoted reply line\r\n-- \r\nsignature line"
+        )
         rows.append({"text": text, "label": label})
     return rows
 
@@ -39,7 +41,9 @@ def dialogue_rows(count: int, seed: int) -> list[dict]:
         a, b = rng.sample(names, 2)
         place = rng.choice(places)
         dialogue = f"{a}: are you going to {place} today?\r\n{b}: yes, at {index % 12 + 1} pm\r\n{a}: great, see you"
-        rows.append({"id": str(index), "dialogue": dialogue, "summary": f"{b} is going to {place} at {index % 12 + 1} pm."})
+        rows.append(
+            {"id": str(index), "dialogue": dialogue, "summary": f"{b} is going to {place} at {index % 12 + 1} pm."}
+        )
     return rows
 
 
@@ -62,8 +66,9 @@ def data_dir(tmp_path_factory) -> Path:
 def tiny_model(tmp_path_factory, data_dir) -> Path:
     from tiny_model import build_tiny_model
 
-    corpus = [row["text"] for row in newsgroup_rows(48, 1)] + [row["dialogue"] + row["summary"]
-                                                                for row in dialogue_rows(24, 3)]
+    corpus = [row["text"] for row in newsgroup_rows(48, 1)] + [
+        row["dialogue"] + row["summary"] for row in dialogue_rows(24, 3)
+    ]
     corpus += LABELS + ["### Sentence: ### Class: ### Dialogue: ### Summary: Classify the sentence Summarize"]
     return build_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), corpus)
 
@@ -80,16 +85,35 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: int =
     import subprocess
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 
 @pytest.fixture(scope="session")
 def trained_run_for_resume(tmp_path_factory, tiny_model, data_dir) -> Path:
     work = tmp_path_factory.mktemp("trained")
-    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "news_train.jsonl", "--max_steps", 2, "--no-load_in_4bit", "--experiment_dir", "run", cwd=work)
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        2,
+        "--no-load_in_4bit",
+        "--experiment_dir",
+        "run",
+        cwd=work,
+    )
     return work / "run"

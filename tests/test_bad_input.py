@@ -26,22 +26,25 @@ def bad_files(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--train_file", "missing.jsonl"], ["missing.jsonl: no such file"]),
-    (["--train_file", "notes.txt"], ["notes.txt: unsupported file type"]),
-    (["--train_file", "malformed.jsonl"], ["malformed.jsonl:2: malformed JSON"]),
-    (["--train_file", "latin1.jsonl"], ["latin1.jsonl:1: not valid UTF-8"]),
-    (["--train_file", "wrong_columns.jsonl"], ["missing column 'text'", "found: body, topic"]),
-    (["--train_file", "empty_after_cleaning.jsonl"], ["no usable rows left after cleaning"]),
-    (["--train_file", "one_label.jsonl"], ["at least two distinct labels"]),
-    (["--train_sample_fraction", "1.5"], ["--train_sample_fraction", "(0, 1]"]),
-    (["--train_sample_fraction", "0"], ["--train_sample_fraction"]),
-    (["--dropout", "1.2"], ["--dropout"]),
-    (["--lora_r", "0"], ["--lora_r"]),
-    (["--optim", "nonsense"], ["--optim", "unknown optimizer 'nonsense'", "paged_adamw_32bit"]),
-    (["--recipe", "turbo"], ["--recipe turbo: no such recipe", "fast, original, small-model"]),
-    (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--train_file", "missing.jsonl"], ["missing.jsonl: no such file"]),
+        (["--train_file", "notes.txt"], ["notes.txt: unsupported file type"]),
+        (["--train_file", "malformed.jsonl"], ["malformed.jsonl:2: malformed JSON"]),
+        (["--train_file", "latin1.jsonl"], ["latin1.jsonl:1: not valid UTF-8"]),
+        (["--train_file", "wrong_columns.jsonl"], ["missing column 'text'", "found: body, topic"]),
+        (["--train_file", "empty_after_cleaning.jsonl"], ["no usable rows left after cleaning"]),
+        (["--train_file", "one_label.jsonl"], ["at least two distinct labels"]),
+        (["--train_sample_fraction", "1.5"], ["--train_sample_fraction", "(0, 1]"]),
+        (["--train_sample_fraction", "0"], ["--train_sample_fraction"]),
+        (["--dropout", "1.2"], ["--dropout"]),
+        (["--lora_r", "0"], ["--lora_r"]),
+        (["--optim", "nonsense"], ["--optim", "unknown optimizer 'nonsense'", "paged_adamw_32bit"]),
+        (["--recipe", "turbo"], ["--recipe turbo: no such recipe", "fast, original, small-model"]),
+        (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
+    ],
+)
 def test_training_input_errors(bad_files, data_dir, args, needles):
     base = ["--pretrained_ckpt", "/nonexistent/model", "--train_file", data_dir / "news_train.jsonl"]
     result = run_script("zephyr_classification.py", *base, *args, cwd=bad_files, check=False)
@@ -50,17 +53,40 @@ def test_training_input_errors(bad_files, data_dir, args, needles):
 
 
 def test_unknown_model_path(data_dir, tmp_path):
-    result = run_script("zephyr_classification.py", "--pretrained_ckpt", "/nonexistent/model", "--train_file",
-                        data_dir / "news_train.jsonl", cwd=tmp_path, check=False)
+    result = run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        "/nonexistent/model",
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        cwd=tmp_path,
+        check=False,
+    )
     _fails(result, "--pretrained_ckpt /nonexistent/model")
-    result = run_script("zephyr_classification.py", "--pretrained_ckpt", tmp_path, "--train_file",
-                        data_dir / "news_train.jsonl", cwd=tmp_path, check=False)
+    result = run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tmp_path,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        cwd=tmp_path,
+        check=False,
+    )
     _fails(result, "no config.json")
 
 
 def test_max_seq_length_too_small(tiny_model, data_dir, tmp_path):
-    result = run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
-                        data_dir / "dialogues_train.jsonl", "--max_seq_length", 6, cwd=tmp_path, check=False)
+    result = run_script(
+        "zephyr_summarization.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "dialogues_train.jsonl",
+        "--max_seq_length",
+        6,
+        cwd=tmp_path,
+        check=False,
+    )
     _fails(result, "--max_seq_length 6 is too small")
     assert not (tmp_path / "experiments").exists()
 
@@ -69,8 +95,17 @@ def test_existing_run_folder_is_not_touched(tiny_model, data_dir, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "train_metrics.json").write_text("{}")
-    result = run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-                        data_dir / "news_train.jsonl", "--experiment_dir", run_dir, cwd=tmp_path, check=False)
+    result = run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--experiment_dir",
+        run_dir,
+        cwd=tmp_path,
+        check=False,
+    )
     _fails(result, "already holds a finished run", "--overwrite")
     assert [p.name for p in run_dir.iterdir()] == ["train_metrics.json"]
 
@@ -86,16 +121,33 @@ def test_unsupported_gguf_architecture(data_dir, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    result = run_script("zephyr_classification.py", "--pretrained_ckpt", path, "--train_file",
-                        data_dir / "news_train.jsonl", cwd=tmp_path, check=False)
+    result = run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        path,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        cwd=tmp_path,
+        check=False,
+    )
     _fails(result, "odd.gguf: cannot load this GGUF file")
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model, data_dir):
     work = tmp_path_factory.mktemp("finished")
-    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "news_train.jsonl", "--max_steps", 1, "--experiment_dir", "run", cwd=work)
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        1,
+        "--experiment_dir",
+        "run",
+        cwd=work,
+    )
     return work / "run"
 
 
@@ -105,18 +157,36 @@ def test_inference_input_errors(finished_run, data_dir, tmp_path):
 
     _fails(infer("zephyr_classification_inference.py", "--experiment_dir", tmp_path), "run_config.json")
     _fails(infer("zephyr_classification_inference.py", "--experiment_dir", tmp_path / "nope"), "no such folder")
-    _fails(infer("zephyr_summarization_inference.py", "--experiment_dir", finished_run),
-           "is a classification run, not a summarization run")
+    _fails(
+        infer("zephyr_summarization_inference.py", "--experiment_dir", finished_run),
+        "is a classification run, not a summarization run",
+    )
     _fails(infer("zephyr_classification_inference.py", "--experiment_dir", finished_run, "--limit", "0"), "--limit")
-    _fails(infer("zephyr_classification_inference.py", "--experiment_dir", finished_run, "--split", "dev"),
-           "--split")
+    _fails(infer("zephyr_classification_inference.py", "--experiment_dir", finished_run, "--split", "dev"), "--split")
     write_jsonl(tmp_path / "cols.jsonl", [{"dialogue": "x", "summary": "y"}])
-    _fails(infer("zephyr_classification_inference.py", "--experiment_dir", finished_run, "--test_file",
-                 tmp_path / "cols.jsonl"), "missing column 'text'")
+    _fails(
+        infer(
+            "zephyr_classification_inference.py",
+            "--experiment_dir",
+            finished_run,
+            "--test_file",
+            tmp_path / "cols.jsonl",
+        ),
+        "missing column 'text'",
+    )
     rows = newsgroup_rows(3, 9) + [{"text": "a message", "label": "misc.forsale"}]
     write_jsonl(tmp_path / "new_label.jsonl", rows)
-    _fails(infer("zephyr_classification_inference.py", "--experiment_dir", finished_run, "--test_file",
-                 tmp_path / "new_label.jsonl"), "'misc.forsale' (1 rows)", "not among the 4 training labels")
+    _fails(
+        infer(
+            "zephyr_classification_inference.py",
+            "--experiment_dir",
+            finished_run,
+            "--test_file",
+            tmp_path / "new_label.jsonl",
+        ),
+        "'misc.forsale' (1 rows)",
+        "not among the 4 training labels",
+    )
     assert not (finished_run / "metrics").exists()
 
 
@@ -132,7 +202,15 @@ def test_unfinished_run_is_refused(finished_run, tmp_path):
 
 def test_output_dir_that_is_a_file(finished_run, data_dir, tmp_path):
     (tmp_path / "taken").write_text("not a folder")
-    result = run_script("zephyr_classification_inference.py", "--experiment_dir", finished_run, "--test_file",
-                        data_dir / "news_test.jsonl", "--output_dir", tmp_path / "taken" / "out", cwd=tmp_path,
-                        check=False)
+    result = run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        finished_run,
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--output_dir",
+        tmp_path / "taken" / "out",
+        cwd=tmp_path,
+        check=False,
+    )
     _fails(result, "--output_dir", "is a file, not a folder")

@@ -8,16 +8,37 @@ from conftest import ROOT
 
 
 def _run(script, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
 def test_generation_benchmark_tiny(tmp_path):
     out = tmp_path / "g.json"
-    _run("generation_throughput.py", "--tiny", "--model_dir", tmp_path / "m", "--out", out, "--original_examples", 2,
-         "--stride_4bit", 500, "--stride_merged", 500, "--batch_sizes_4bit", 8, "--batch_sizes_merged", 8)
+    _run(
+        "generation_throughput.py",
+        "--tiny",
+        "--model_dir",
+        tmp_path / "m",
+        "--out",
+        out,
+        "--original_examples",
+        2,
+        "--stride_4bit",
+        500,
+        "--stride_merged",
+        500,
+        "--batch_sizes_4bit",
+        8,
+        "--batch_sizes_merged",
+        8,
+    )
     runs = json.loads(out.read_text())["runs"]
     assert set(runs) == {"original_one_at_a_time_4bit", "engine_4bit_batch8", "engine_merged_bf16_batch8"}
     assert runs["engine_4bit_batch8"]["examples"] == 16 and runs["engine_4bit_batch8"]["speedup_vs_original"] > 0
@@ -25,16 +46,35 @@ def test_generation_benchmark_tiny(tmp_path):
 
 def test_train_benchmark_tiny(tmp_path):
     out = tmp_path / "t.json"
-    _run("train_throughput.py", "--tiny", "--model_dir", tmp_path / "m", "--out", out, "--steps", 1,
-         "--warmup_steps", 1, "--tasks", "summarization", "--recipes", "original, all modules",
-         "fast, all modules", "packed rows x 16, fused AdamW, Liger, all modules", "--scratch", tmp_path / "s")
+    _run(
+        "train_throughput.py",
+        "--tiny",
+        "--model_dir",
+        tmp_path / "m",
+        "--out",
+        out,
+        "--steps",
+        1,
+        "--warmup_steps",
+        1,
+        "--tasks",
+        "summarization",
+        "--recipes",
+        "original, all modules",
+        "fast, all modules",
+        "packed rows x 16, fused AdamW, Liger, all modules",
+        "--scratch",
+        tmp_path / "s",
+    )
     runs = json.loads(out.read_text())["runs"]
     fast = runs["summarization: fast, all modules"]
     assert fast["tokens_per_second"] > 0 and fast["speedup_vs_original"] > 0 and fast["group_by_length"]
     assert runs["summarization: original, all modules"]["grad_accum"] == 2
     assert runs["summarization: packed rows x 16, fused AdamW, Liger, all modules"]["examples_per_second"] > 0
     # the peak covers the worst batch: the first step holds the task's longest examples, padded to the longest
-    longest = max(total for total, _ in json.loads((ROOT / "benchmarks" / "train_lengths.json").read_text())["summarization"])
+    longest = max(
+        total for total, _ in json.loads((ROOT / "benchmarks" / "train_lengths.json").read_text())["summarization"]
+    )
     assert fast["largest_batch_rows_x_width"] == [fast["batch_size"], longest]
     assert fast["batch_size"] == 32 and fast["learning_rate"] == 8e-4
 

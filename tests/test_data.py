@@ -19,6 +19,7 @@ def _write(path, rows, kind):
             handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     elif kind == "csv":
         import csv
+
         with open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=["text", "label"])
             writer.writeheader()
@@ -26,6 +27,7 @@ def _write(path, rows, kind):
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
@@ -44,11 +46,14 @@ def test_blank_lines_in_jsonl_are_skipped(tmp_path):
     assert len(data.read_records(path)) == 2
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"text": "a", "label": "b"}\n{"text": "a", "lab\n', "t.jsonl:2: malformed JSON"),
-    (b'{"text": "a", "label": "b"}\n["a list"]\n', "t.jsonl:2: expected a JSON object"),
-    (b'{"text": "caf\xe9", "label": "b"}\n', "t.jsonl:1: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "a", "label": "b"}\n{"text": "a", "lab\n', "t.jsonl:2: malformed JSON"),
+        (b'{"text": "a", "label": "b"}\n["a list"]\n', "t.jsonl:2: expected a JSON object"),
+        (b'{"text": "caf\xe9", "label": "b"}\n', "t.jsonl:1: not valid UTF-8"),
+    ],
+)
 def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "t.jsonl"
     path.write_bytes(content)
@@ -79,8 +84,10 @@ def test_truncated_gzip_and_bad_parquet(tmp_path):
         data.read_records(tmp_path / "bad.parquet")
 
 
-MESSAGE = ("From: a@b.c (A)\nSubject: Re: orbits\nOrganization: Org\nLines: 7\n\n"
-           "In article <1@x> b@y writes:\n> quoted text\nMy actual point about orbits.\nSecond line.\n\n-- \nA, signature")
+MESSAGE = (
+    "From: a@b.c (A)\nSubject: Re: orbits\nOrganization: Org\nLines: 7\n\n"
+    "In article <1@x> b@y writes:\n> quoted text\nMy actual point about orbits.\nSecond line.\n\n-- \nA, signature"
+)
 
 
 def test_strip_removes_header_quotes_and_footer():
@@ -100,10 +107,13 @@ def test_clean_text_without_header_passes_unchanged():
 
 
 def test_clean_classification_drops_empty_and_normalises(caplog):
-    rows = [{"input": MESSAGE.replace("\n", "\r\n"), "target": " sci.space "},
-            {"input": "From: x\nSubject: y\n\n> only a quote", "target": "sci.space"},
-            {"input": None, "target": "rec.autos"}, {"input": "ok", "target": None},
-            {"input": float("nan"), "target": "a"}]
+    rows = [
+        {"input": MESSAGE.replace("\n", "\r\n"), "target": " sci.space "},
+        {"input": "From: x\nSubject: y\n\n> only a quote", "target": "sci.space"},
+        {"input": None, "target": "rec.autos"},
+        {"input": "ok", "target": None},
+        {"input": float("nan"), "target": "a"},
+    ]
     cleaned = data.clean_classification(rows, "src")
     assert cleaned == [{"input": "My actual point about orbits.\nSecond line.\n", "target": "sci.space"}]
     assert "dropped 3 of 5 rows with empty or missing input" in caplog.text

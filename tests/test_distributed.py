@@ -17,27 +17,68 @@ def _free_port() -> int:
 
 def torchrun(script, *args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(ROOT / script), *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / script),
+        *map(str, args),
+    ]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
 
 def test_two_processes_train_and_evaluate_like_one(tiny_model, data_dir, tmp_path):
-    torchrun("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-             data_dir / "news_train.jsonl", "--max_steps", 2, "--batch_size", 2, "--grad_accum", 2,
-             "--no-load_in_4bit", "--experiment_dir", "run", cwd=tmp_path)
+    torchrun(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        2,
+        "--batch_size",
+        2,
+        "--grad_accum",
+        2,
+        "--no-load_in_4bit",
+        "--experiment_dir",
+        "run",
+        cwd=tmp_path,
+    )
     config = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert config["processes"] == 2 and config["effective_batch_size"] == 8
     metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
     assert metrics["global_steps"] == 2 and metrics["processes"] == 2 and metrics["trained_tokens"] > 0
 
-    result = torchrun("zephyr_classification_inference.py", "--experiment_dir", "run", "--test_file",
-                      data_dir / "news_test.jsonl", "--output_dir", "two", cwd=tmp_path)
+    result = torchrun(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "run",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--output_dir",
+        "two",
+        cwd=tmp_path,
+    )
     assert result.stdout.count("| accuracy |") == 1  # only the main process prints
-    run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--test_file",
-               data_dir / "news_test.jsonl", "--output_dir", "one", cwd=tmp_path)
+    run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "run",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--output_dir",
+        "one",
+        cwd=tmp_path,
+    )
     two = [json.loads(line) for line in (tmp_path / "two" / "predictions.jsonl").open()]
     one = [json.loads(line) for line in (tmp_path / "one" / "predictions.jsonl").open()]
     assert [r["id"] for r in two] == list(range(12))
@@ -45,5 +86,7 @@ def test_two_processes_train_and_evaluate_like_one(tiny_model, data_dir, tmp_pat
     metrics_two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     metrics_one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert metrics_two["processes"] == 2
-    assert {k: metrics_two[k] for k in ("n", "accuracy", "macro_f1")} == {k: metrics_one[k] for k in ("n", "accuracy", "macro_f1")}
+    assert {k: metrics_two[k] for k in ("n", "accuracy", "macro_f1")} == {
+        k: metrics_one[k] for k in ("n", "accuracy", "macro_f1")
+    }
     assert not list((tmp_path / "two").glob("predictions.partial*"))

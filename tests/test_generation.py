@@ -23,9 +23,14 @@ def _prompts(tokenizer, count=11):
 
 
 def _one_at_a_time(model, prompt, max_new_tokens, stop_ids):
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                         pad_token_id=stop_ids[0])[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=stop_ids[0],
+    )[0, len(prompt) :].tolist()
     cut = next((i for i, t in enumerate(out) if t in stop_ids), len(out))
     return out[:cut]
 
@@ -34,8 +39,9 @@ def test_batched_equals_one_at_a_time(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = _prompts(tokenizer)
     stop = [tokenizer.eos_token_id]
-    batched = generation.generate(model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, batch_size=4,
-                                  progress=False)
+    batched = generation.generate(
+        model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, batch_size=4, progress=False
+    )
     assert not batched.failures
     for prompt, answer in zip(prompts, batched.outputs):
         assert answer == _one_at_a_time(model, prompt, 8, stop)
@@ -54,13 +60,15 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(model_and_tokenizer, m
         return real(model, tokenizer, batch, *args)
 
     monkeypatch.setattr(generation, "_generate_batch", flaky)
-    result = generation.generate(model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id],
-                                 batch_size=8, progress=False)
+    result = generation.generate(
+        model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id], batch_size=8, progress=False
+    )
     assert calls[:3] == [8, 4, 2] and result.final_batch_size == 2
     assert all(output is not None for output in result.outputs) and not result.failures
     monkeypatch.setattr(generation, "_generate_batch", real)
-    expected = generation.generate(model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id],
-                                   batch_size=3, progress=False)
+    expected = generation.generate(
+        model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id], batch_size=3, progress=False
+    )
     assert result.outputs == expected.outputs
 
 
@@ -76,8 +84,9 @@ def test_example_that_never_fits_is_reported_not_emptied(model_and_tokenizer, mo
         return real(model, tokenizer, batch, *args)
 
     monkeypatch.setattr(generation, "_generate_batch", fails_on_longest)
-    result = generation.generate(model, tokenizer, prompts, max_new_tokens=3, stop_ids=[tokenizer.eos_token_id],
-                                 batch_size=2, progress=False)
+    result = generation.generate(
+        model, tokenizer, prompts, max_new_tokens=3, stop_ids=[tokenizer.eos_token_id], batch_size=2, progress=False
+    )
     assert result.outputs[longest] is None and longest in result.failures
     assert sum(output is not None for output in result.outputs) == 2
 
@@ -97,9 +106,16 @@ def test_constrained_decoding_only_yields_labels(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     labels = ["comp.graphics", "rec.autos", "sci.space"]
     sequences = [answer_ids(tokenizer, label, "</s>") for label in labels]
-    result = generation.generate(model, tokenizer, _prompts(tokenizer, 6), max_new_tokens=20,
-                                 stop_ids=[tokenizer.eos_token_id], batch_size=4, label_sequences=sequences,
-                                 progress=False)
+    result = generation.generate(
+        model,
+        tokenizer,
+        _prompts(tokenizer, 6),
+        max_new_tokens=20,
+        stop_ids=[tokenizer.eos_token_id],
+        batch_size=4,
+        label_sequences=sequences,
+        progress=False,
+    )
     decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.outputs]
     assert set(decoded) <= set(labels) and len(decoded) == 6
 
@@ -107,14 +123,25 @@ def test_constrained_decoding_only_yields_labels(model_and_tokenizer):
 def _eval_args(run, data_dir, out):
     from argparse import Namespace
 
-    return Namespace(experiment_dir=str(run), split="test", test_file=str(data_dir / "news_test.jsonl"),
-                     validation_file=None, dataset="", limit=None, batch_size=3, max_new_tokens=6,
-                     max_prompt_tokens=None, output_dir=str(out), overwrite=False, merge_adapter=False,
-                     use_flash_attention=False, decoding="greedy")
+    return Namespace(
+        experiment_dir=str(run),
+        split="test",
+        test_file=str(data_dir / "news_test.jsonl"),
+        validation_file=None,
+        dataset="",
+        limit=None,
+        batch_size=3,
+        max_new_tokens=6,
+        max_prompt_tokens=None,
+        output_dir=str(out),
+        overwrite=False,
+        merge_adapter=False,
+        use_flash_attention=False,
+        decoding="greedy",
+    )
 
 
-def test_interrupted_evaluation_continues_with_the_same_result(trained_run_for_resume, data_dir, tmp_path,
-                                                              monkeypatch):
+def test_interrupted_evaluation_continues_with_the_same_result(trained_run_for_resume, data_dir, tmp_path, monkeypatch):
     """A crash after some batches keeps them; the re-run generates only the rest and scores the same."""
     from qlora_kit import evaluation
 
@@ -141,7 +168,9 @@ def test_interrupted_evaluation_continues_with_the_same_result(trained_run_for_r
     assert resumed["resumed_examples"] == 6 and not partial.exists()
     for key in ("accuracy", "macro_f1", "invalid", "n"):
         assert resumed[key] == whole[key]
-    assert (tmp_path / "resumed" / "predictions.jsonl").read_text() == (tmp_path / "whole" / "predictions.jsonl").read_text()
+    assert (tmp_path / "resumed" / "predictions.jsonl").read_text() == (
+        tmp_path / "whole" / "predictions.jsonl"
+    ).read_text()
 
 
 def test_token_budget_makes_batches_by_length(model_and_tokenizer, monkeypatch):
@@ -155,13 +184,24 @@ def test_token_budget_makes_batches_by_length(model_and_tokenizer, monkeypatch):
         return real(model, tokenizer, batch, *args)
 
     monkeypatch.setattr(generation, "_generate_batch", spy)
-    result = generation.generate(model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id],
-                                 batch_size=5, max_batch_tokens=50, progress=False)
+    result = generation.generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=4,
+        stop_ids=[tokenizer.eos_token_id],
+        batch_size=5,
+        max_batch_tokens=50,
+        progress=False,
+    )
     assert sizes == [[41], [11, 11, 11], [11, 11, 11]]  # 45 tokens alone; then 3 x 15 fit in 50
     monkeypatch.setattr(generation, "_generate_batch", real)
-    assert result.outputs == generation.generate(model, tokenizer, prompts, max_new_tokens=4,
-                                                 stop_ids=[tokenizer.eos_token_id], batch_size=1,
-                                                 progress=False).outputs
+    assert (
+        result.outputs
+        == generation.generate(
+            model, tokenizer, prompts, max_new_tokens=4, stop_ids=[tokenizer.eos_token_id], batch_size=1, progress=False
+        ).outputs
+    )
 
 
 def test_kv_cache_size_of_a_mistral_layout(model_and_tokenizer):
@@ -175,8 +215,9 @@ def test_generation_memory_per_token_for_zephyr_7b_shape():
 
     from transformers import MistralConfig
 
-    config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8)
+    config = MistralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    )
     parameter = torch.zeros(1, dtype=torch.bfloat16)
     model = SimpleNamespace(config=config, parameters=lambda: iter([parameter]))
     assert generation.kv_cache_bytes_per_token(model) == 131072  # 128 KiB
@@ -195,11 +236,27 @@ def test_prefill_in_row_groups_gives_the_same_answers(model_and_tokenizer, monke
         forwards.append(kwargs["input_ids"].shape)
         return real_forward(*args, **kwargs)
 
-    whole = generation.generate(model, tokenizer, prompts, max_new_tokens=6, stop_ids=[tokenizer.eos_token_id],
-                                batch_size=7, prefill_tokens=10_000, progress=False)
+    whole = generation.generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=6,
+        stop_ids=[tokenizer.eos_token_id],
+        batch_size=7,
+        prefill_tokens=10_000,
+        progress=False,
+    )
     monkeypatch.setattr(model, "forward", counting_forward)
-    grouped = generation.generate(model, tokenizer, prompts, max_new_tokens=6, stop_ids=[tokenizer.eos_token_id],
-                                  batch_size=7, prefill_tokens=70, progress=False)  # 31-token rows: 2 per group
+    grouped = generation.generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=6,
+        stop_ids=[tokenizer.eos_token_id],
+        batch_size=7,
+        prefill_tokens=70,
+        progress=False,
+    )  # 31-token rows: 2 per group
     assert [shape[0] for shape in forwards[:4]] == [2, 2, 2, 1]  # four prefill groups, then decode steps of 7
     assert all(shape == (7, 1) for shape in forwards[4:]) and len(forwards) > 4
     assert grouped.outputs == whole.outputs
@@ -218,8 +275,9 @@ def test_processes_share_one_batch_plan(model_and_tokenizer, monkeypatch):
         return real(model, tokenizer, batch, *args)
 
     monkeypatch.setattr(generation, "_generate_batch", spy)
-    kwargs = dict(max_new_tokens=4, stop_ids=[tokenizer.eos_token_id], batch_size=3, max_batch_tokens=60,
-                  progress=False)
+    kwargs = dict(
+        max_new_tokens=4, stop_ids=[tokenizer.eos_token_id], batch_size=3, max_batch_tokens=60, progress=False
+    )
     one = generation.generate(model, tokenizer, prompts, **kwargs)
     single_batches, batches[:] = list(batches), []
     parts = [generation.generate(model, tokenizer, prompts, shard=(rank, 2), **kwargs) for rank in (0, 1)]

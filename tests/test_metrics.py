@@ -5,18 +5,21 @@ from qlora_kit.metrics import INVALID, classification_metrics, parse_label, roug
 LABELS = ["comp.graphics", "comp.sys.mac.hardware", "comp.sys.ibm.pc.hardware", "sci.space", "sci.med"]
 
 
-@pytest.mark.parametrize("generated, expected", [
-    ("sci.space", "sci.space"),
-    ("  Sci.Space \nmore text", "sci.space"),
-    (" sci.space.", "sci.space"),
-    ("comp.graph", "comp.graphics"),          # cut off: a prefix of exactly one label
-    ("comp.sys", None),                       # a prefix of two labels: ambiguous
-    ("sci.space is the answer", "sci.space"), # the label, then other words
-    ("sci.spaceship", None),                  # a longer word is not the label
-    ("", None),
-    ("\n\n", None),
-    ("talk.politics", None),
-])
+@pytest.mark.parametrize(
+    "generated, expected",
+    [
+        ("sci.space", "sci.space"),
+        ("  Sci.Space \nmore text", "sci.space"),
+        (" sci.space.", "sci.space"),
+        ("comp.graph", "comp.graphics"),  # cut off: a prefix of exactly one label
+        ("comp.sys", None),  # a prefix of two labels: ambiguous
+        ("sci.space is the answer", "sci.space"),  # the label, then other words
+        ("sci.spaceship", None),  # a longer word is not the label
+        ("", None),
+        ("\n\n", None),
+        ("talk.politics", None),
+    ],
+)
 def test_parse_label(generated, expected):
     assert parse_label(generated, LABELS) == expected
 
@@ -49,8 +52,10 @@ def test_rouge_matches_rouge_score_package():
     refs = ["Anna is going to the park at 5 pm.", "Ben bought milk.\nHe will be late."]
     preds = ["Anna goes to the park at five.", "Ben buys milk and is late."]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    expected = {k: 100 * sum(scorer.score(r, p)[k].fmeasure for r, p in zip(refs, preds)) / 2
-                for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    expected = {
+        k: 100 * sum(scorer.score(r, p)[k].fmeasure for r, p in zip(refs, preds)) / 2
+        for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    }
     got = rouge_scores(refs, preds)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value)

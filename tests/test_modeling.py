@@ -14,11 +14,21 @@ def test_merging_an_lm_head_adapter_keeps_the_input_embeddings(tied):
     from qlora_kit.modeling import merge_adapter
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+        )
+    )
     embeddings = model.get_input_embeddings().weight.detach().clone()
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["q_proj", "v_proj", "lm_head"])).eval()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "lm_head"])
+    ).eval()
     input_ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = peft_model(input_ids=input_ids).logits

@@ -24,15 +24,16 @@ def test_packed_examples_do_not_see_each_other(tiny_model):
     rows = packed_rows(examples, 16)
     batch = PackedCollator(pad_token_id=0)(rows)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=batch["attention_mask"]).logits
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         assert not torch.isnan(packed).any()
         for b, row in enumerate(rows):
             start = 0
             for size in row["seq_lengths"]:
                 alone = next(e for e in examples if len(e["input_ids"]) == size)
                 reference = model(input_ids=torch.tensor([alone["input_ids"]])).logits[0]
-                torch.testing.assert_close(packed[b, start:start + size], reference, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(packed[b, start : start + size], reference, atol=1e-5, rtol=1e-4)
                 start += size
 
 

@@ -10,18 +10,32 @@ FLAGS = (ROOT / "docs" / "flags.md").read_text()
 
 
 def _flags(parser):
-    return {option for action in parser._actions for option in action.option_strings
-            if option.startswith("--") and option != "--help"}
+    return {
+        option
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
 
 
 def test_every_flag_is_in_the_flag_reference():
-    parsers = [train_cli.build_parser("classification", ""), train_cli.build_parser("summarization", ""),
-               eval_cli.build_finetuned_parser("classification", ""), eval_cli.build_finetuned_parser("summarization", "")]
+    parsers = [
+        train_cli.build_parser("classification", ""),
+        train_cli.build_parser("summarization", ""),
+        eval_cli.build_finetuned_parser("classification", ""),
+        eval_cli.build_finetuned_parser("summarization", ""),
+    ]
     baseline = eval_cli.build_baseline_parser("")
     eval_cli.parse_baseline_args(baseline, ["--task_type", "classification", "--prompt_type", "zero-shot"])
     parsers.append(baseline)
-    missing = sorted({flag for parser in parsers for flag in _flags(parser) if f"`{flag}`" not in FLAGS
-                      and f"`{flag} " not in FLAGS and f"{flag}`" not in FLAGS})
+    missing = sorted(
+        {
+            flag
+            for parser in parsers
+            for flag in _flags(parser)
+            if f"`{flag}`" not in FLAGS and f"`{flag} " not in FLAGS and f"{flag}`" not in FLAGS
+        }
+    )
     assert not missing, f"flags missing from docs/flags.md: {missing}"
 
 

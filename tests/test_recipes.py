@@ -20,7 +20,11 @@ def test_the_default_recipe_keeps_the_original_settings_beyond_speed():
     for task, epochs in (("classification", 5), ("summarization", 1)):
         args = _resolved(task)
         assert (args["epochs"], args["lr_scheduler"], args["load_in_4bit"], args["full_tune"]) == (
-            epochs, "constant_with_warmup", True, False)
+            epochs,
+            "constant_with_warmup",
+            True,
+            False,
+        )
         assert (args["max_seq_length"], args["prompt_style"], args["batch_size"]) == (512, "seed", 32)
         assert args["logits_where_scored"] is False
 
@@ -30,20 +34,34 @@ def test_small_model_recipe_sets_its_settings_per_task():
     samsum = _resolved("summarization", "--recipe", "small-model")
     for args in (news, samsum):
         assert (args["batch_size"], args["grad_accum"], args["learning_rate"], args["lr_scheduler"]) == (
-            16, 1, 1e-3, "cosine")
+            16,
+            1,
+            1e-3,
+            "cosine",
+        )
         assert (args["epochs"], args["load_in_4bit"], args["full_tune"], args["gradient_checkpointing"]) == (
-            3, False, True, False)
+            3,
+            False,
+            True,
+            False,
+        )
         assert args["logits_where_scored"] is True  # as the measured runs computed them
     assert (news["max_seq_length"], news["prompt_style"], news["lora_r"]) == (1024, "seed", 8)
     assert (samsum["max_seq_length"], samsum["prompt_style"], samsum["lora_r"]) == (512, "chat", 64)
 
 
-@pytest.mark.parametrize("flag, value, key", [
-    (["--load_in_4bit"], True, "load_in_4bit"), (["--no-full_tune"], False, "full_tune"),
-    (["--epochs", "1"], 1, "epochs"), (["--lr_scheduler", "linear"], "linear", "lr_scheduler"),
-    (["--max_seq_length", "256"], 256, "max_seq_length"), (["--prompt_style", "seed"], "seed", "prompt_style"),
-    (["--no-logits_where_scored"], False, "logits_where_scored"),
-])
+@pytest.mark.parametrize(
+    "flag, value, key",
+    [
+        (["--load_in_4bit"], True, "load_in_4bit"),
+        (["--no-full_tune"], False, "full_tune"),
+        (["--epochs", "1"], 1, "epochs"),
+        (["--lr_scheduler", "linear"], "linear", "lr_scheduler"),
+        (["--max_seq_length", "256"], 256, "max_seq_length"),
+        (["--prompt_style", "seed"], "seed", "prompt_style"),
+        (["--no-logits_where_scored"], False, "logits_where_scored"),
+    ],
+)
 def test_a_given_flag_wins_over_the_recipe(flag, value, key):
     assert _resolved("summarization", "--recipe", "small-model", *flag)[key] == value
 
@@ -62,8 +80,10 @@ def test_help_states_each_recipes_value_from_the_recipe_files():
 def test_a_recipe_file_and_flags_resolve_with_the_stated_precedence(tmp_path):
     """default < task < recipe file < the recipe's task section < flag, each value with where it came from."""
     recipe = tmp_path / "mine.yaml"
-    recipe.write_text("# my recipe\nbatch_size: 8\nlearning_rate: 3e-4\nlora_r: 4\nepochs: 2\n"
-                      "classification:\n  lora_r: 6\n  max_seq_length: 256\n")
+    recipe.write_text(
+        "# my recipe\nbatch_size: 8\nlearning_rate: 3e-4\nlora_r: 4\nepochs: 2\n"
+        "classification:\n  lora_r: 6\n  max_seq_length: 256\n"
+    )
     resolved, sources = settings.resolve("classification", {"recipe": str(recipe), "epochs": 7})
     assert (resolved.grad_accum, sources["grad_accum"]) == (2, "default")
     assert (resolved.dataset, sources["dataset"]) == ("rungalileo/20_Newsgroups_Fixed", "task classification")
@@ -88,15 +108,18 @@ def test_print_config_prints_every_setting_and_its_source(tmp_path):
     assert not (tmp_path / "experiments").exists()  # nothing trained
 
 
-@pytest.mark.parametrize("content, message", [
-    ("batch_sise: 8\n", "unknown setting 'batch_sise'"),
-    ("classification:\n  lr: 1\n", "unknown setting 'classification.lr'"),
-    ("experiment_dir: x\n", "unknown setting 'experiment_dir'"),
-    ("batch_size: many\n", "'batch_size' must be an int"),
-    ("packing: 1\n", "'packing' must be true or false"),
-    ("lr_scheduler: exponential\n", "'lr_scheduler' must be one of"),
-    ("- a list\n", "a recipe is a mapping"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("batch_sise: 8\n", "unknown setting 'batch_sise'"),
+        ("classification:\n  lr: 1\n", "unknown setting 'classification.lr'"),
+        ("experiment_dir: x\n", "unknown setting 'experiment_dir'"),
+        ("batch_size: many\n", "'batch_size' must be an int"),
+        ("packing: 1\n", "'packing' must be true or false"),
+        ("lr_scheduler: exponential\n", "'lr_scheduler' must be one of"),
+        ("- a list\n", "a recipe is a mapping"),
+    ],
+)
 def test_a_bad_recipe_file_is_one_line_naming_file_and_key(tmp_path, content, message):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(content)
@@ -113,9 +136,20 @@ def test_an_unknown_recipe_name_lists_the_recipes(tmp_path):
 
 
 def test_small_model_recipe_trains_end_to_end(tiny_model, data_dir, tmp_path):
-    run_script("zephyr_summarization.py", "--pretrained_ckpt", tiny_model, "--train_file",
-               data_dir / "dialogues_train.jsonl", "--recipe", "small-model", "--max_steps", 1, "--lora_r", 2,
-               cwd=tmp_path)
+    run_script(
+        "zephyr_summarization.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "dialogues_train.jsonl",
+        "--recipe",
+        "small-model",
+        "--max_steps",
+        1,
+        "--lora_r",
+        2,
+        cwd=tmp_path,
+    )
     (folder,) = (tmp_path / "experiments").iterdir()
     # the recipe is named, the settings it chose are not (they are its defaults)
     assert "recipe-small-model" in folder.name and "epochs-3" in folder.name and "_full" in folder.name
@@ -132,12 +166,33 @@ def test_small_model_recipe_is_what_the_winning_runs_used(task, run):
     every setting that shapes training is the same, and those runs computed logits only where scored."""
     from pathlib import Path
 
-    config = json.loads((Path(__file__).resolve().parent.parent / "results" / "smollm2" / "runs" / "round3" / run
-                         / "run_config.json").read_text())["settings"]
+    config = json.loads(
+        (
+            Path(__file__).resolve().parent.parent / "results" / "smollm2" / "runs" / "round3" / run / "run_config.json"
+        ).read_text()
+    )["settings"]
     preset = _resolved(task, "--recipe", "small-model")
-    shaping = ["load_in_4bit", "lora_r", "lora_alpha", "dropout", "full_tune", "epochs", "learning_rate",
-               "lr_scheduler", "batch_size", "grad_accum", "optim", "group_by_length", "use_liger_kernel",
-               "max_seq_length", "neftune", "prompt_style", "completion_only_loss", "gradient_checkpointing",
-               "packing", "seed"]
+    shaping = [
+        "load_in_4bit",
+        "lora_r",
+        "lora_alpha",
+        "dropout",
+        "full_tune",
+        "epochs",
+        "learning_rate",
+        "lr_scheduler",
+        "batch_size",
+        "grad_accum",
+        "optim",
+        "group_by_length",
+        "use_liger_kernel",
+        "max_seq_length",
+        "neftune",
+        "prompt_style",
+        "completion_only_loss",
+        "gradient_checkpointing",
+        "packing",
+        "seed",
+    ]
     assert {key: preset[key] for key in shaping} == {key: config[key] for key in shaping}
     assert "logits_where_scored" not in config and preset["logits_where_scored"]  # then the only path

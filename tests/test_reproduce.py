@@ -14,17 +14,30 @@ def _gpu_session(stage, tiny_model, data_dir, tmp_path):
     import gzip
 
     data = tmp_path / "data"
-    for task, files in (("newsgroups", {"train": "news_train", "test": "news_test"}),
-                        ("samsum", {"train": "dialogues_train", "validation": "dialogues_test",
-                                    "test": "dialogues_test"})):
+    for task, files in (
+        ("newsgroups", {"train": "news_train", "test": "news_test"}),
+        ("samsum", {"train": "dialogues_train", "validation": "dialogues_test", "test": "dialogues_test"}),
+    ):
         (data / task).mkdir(parents=True)
         for split, name in files.items():
             with gzip.open(data / task / f"{split}.jsonl.gz", "wt") as out:
                 out.write((data_dir / f"{name}.jsonl").read_text())
-    env = dict(os.environ, DATA_DIR=str(data), MODEL_GGUF=str(tiny_model), R=str(tmp_path / "r"), TARGET_EPOCHS="2",
-               EXTRA_EVAL="--max_new_tokens 4", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    result = subprocess.run(["bash", str(ROOT / "reproduce" / "gpu_session.sh"), stage], env=env,
-                            capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        DATA_DIR=str(data),
+        MODEL_GGUF=str(tiny_model),
+        R=str(tmp_path / "r"),
+        TARGET_EPOCHS="2",
+        EXTRA_EVAL="--max_new_tokens 4",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    result = subprocess.run(
+        ["bash", str(ROOT / "reproduce" / "gpu_session.sh"), stage],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp_path / "r" / stage
 
@@ -47,8 +60,10 @@ def test_gpu_session_round3_scores_the_full_data_twin_of_the_choice(tiny_model, 
     trained on all the data with that schedule at that epoch (and nothing else)."""
     rounds = _gpu_session("round3", tiny_model, data_dir, tmp_path)
     chosen = json.loads((rounds / "chosen_classification.json").read_text())
-    assert {Path(c["run"]).name for c in chosen["candidates"]} == {"news-heldout-constant_with_warmup",
-                                                                   "news-heldout-cosine"}
+    assert {Path(c["run"]).name for c in chosen["candidates"]} == {
+        "news-heldout-constant_with_warmup",
+        "news-heldout-cosine",
+    }
     schedule = Path(chosen["chosen"]["run"]).name.removeprefix("news-heldout-")
     twin = rounds / f"news-full-{schedule}"
     state = json.loads(next(twin.glob("checkpoints/*/trainer_state.json")).read_text())
@@ -80,11 +95,24 @@ def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     old_rows = [(0, "sci.space", "sci.space"), (1, "rec.autos", "sci.space"), (3, "rec.autos", "rec.autos")]
-    (metrics / "predictions.jsonl").write_text("".join(
-        json.dumps({"id": i, "reference": ref, "parsed": parsed}) + "\n" for i, (_, ref, parsed) in enumerate(old_rows)))
-    result = subprocess.run([sys.executable, str(ROOT / "reproduce" / "rescore_newsgroups_split.py"), str(metrics),
-                             str(tmp_path / "test.jsonl.gz"), "--out", str(tmp_path / "r.json")],
-                            capture_output=True, text=True)
+    (metrics / "predictions.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "reference": ref, "parsed": parsed}) + "\n"
+            for i, (_, ref, parsed) in enumerate(old_rows)
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "reproduce" / "rescore_newsgroups_split.py"),
+            str(metrics),
+            str(tmp_path / "test.jsonl.gz"),
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     scores = json.loads((tmp_path / "r.json").read_text())
     assert scores["rows_before_fix"] == 3 and scores["benchmark_split_rows"] == 2

@@ -15,9 +15,26 @@ from safetensors.torch import load_file
 
 
 def _train(tiny_model, data_dir, cwd, *extra, check=True):
-    return run_script("zephyr_classification.py", "--pretrained_ckpt", tiny_model, "--train_file",
-                      data_dir / "news_train.jsonl", "--max_steps", 6, "--save_steps", 2, "--batch_size", 2,
-                      "--grad_accum", 2, "--logging_steps", 1, *extra, cwd=cwd, check=check)
+    return run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        6,
+        "--save_steps",
+        2,
+        "--batch_size",
+        2,
+        "--grad_accum",
+        2,
+        "--logging_steps",
+        1,
+        *extra,
+        cwd=cwd,
+        check=check,
+    )
 
 
 @pytest.mark.parametrize("variant", [[], ["--full_tune"]], ids=["q,v", "full_tune"])
@@ -48,7 +65,8 @@ def test_resume_gives_the_same_adapter(tiny_model, data_dir, tmp_path, variant):
     assert again["resumed_from_step"] == 4 and first["resumed_from_step"] is None
     assert again["trained_tokens"] == first["trained_tokens"] > state["num_input_tokens_seen"] > 0
     assert again["tokens_per_second"] * again["train_runtime_s"] == pytest.approx(
-        again["trained_tokens"] - state["num_input_tokens_seen"])
+        again["trained_tokens"] - state["num_input_tokens_seen"]
+    )
     finished = _train(tiny_model, data_dir, tmp_path, "--experiment_dir", "cut", "--resume", *variant, check=False)
     assert finished.returncode == 2 and "nothing to resume" in finished.stderr
 
@@ -75,10 +93,30 @@ def test_damaged_checkpoint_gets_a_clear_message(tiny_model, data_dir, tmp_path)
 def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, data_dir, tmp_path):
     env = dict(os.environ)
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "zephyr_classification.py"), "--pretrained_ckpt", str(tiny_model),
-         "--train_file", str(data_dir / "news_train.jsonl"), "--max_steps", "5000", "--save_steps", "1000",
-         "--batch_size", "2", "--grad_accum", "1", "--experiment_dir", "run"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(ROOT / "zephyr_classification.py"),
+            "--pretrained_ckpt",
+            str(tiny_model),
+            "--train_file",
+            str(data_dir / "news_train.jsonl"),
+            "--max_steps",
+            "5000",
+            "--save_steps",
+            "1000",
+            "--batch_size",
+            "2",
+            "--grad_accum",
+            "1",
+            "--experiment_dir",
+            "run",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (tmp_path / "run" / "run_config.json").exists() and time.time() < deadline:
         time.sleep(0.5)

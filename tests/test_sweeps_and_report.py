@@ -10,27 +10,54 @@ from conftest import ROOT
 
 def sweep(script, *args, env=None, cwd=None):
     environment = dict(os.environ, PYTHON=sys.executable, **(env or {}))
-    return subprocess.run(["bash", str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          env=environment, cwd=cwd, timeout=900)
+    return subprocess.run(
+        ["bash", str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd,
+        timeout=900,
+    )
 
 
 def test_dry_run_prints_the_grid(tmp_path):
-    result = sweep("sample_ablate.sh", "--dry-run", "--max_steps", 3, "--limit", 7,
-                   env={"EXPERIMENTS": str(tmp_path), "NEFTUNE": "5", "FULL_TUNE": "1"})
+    result = sweep(
+        "sample_ablate.sh",
+        "--dry-run",
+        "--max_steps",
+        3,
+        "--limit",
+        7,
+        env={"EXPERIMENTS": str(tmp_path), "NEFTUNE": "5", "FULL_TUNE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 12  # six fractions, train + evaluate each
     name = "classification_sampleFraction-0.025_epochs-5_rank-8_dropout-0.1_neftune-5_full"
-    assert lines[0] == (f"python zephyr_classification.py --train_sample_fraction 0.025 --epochs 5 --lora_r 8 "
-                        f"--dropout 0.1 --neftune 5 --full_tune --experiment_dir {tmp_path}/{name} --max_steps 3")
-    assert lines[1] == (f"python zephyr_classification_inference.py --experiment_dir {tmp_path}/{name} "
-                        f"--overwrite --limit 7")
-    assert [line.split("--train_sample_fraction ")[1].split()[0] for line in lines[::2]] == \
-        ["0.025", "0.05", "0.1", "0.25", "0.5", "1.0"]
+    assert lines[0] == (
+        f"python zephyr_classification.py --train_sample_fraction 0.025 --epochs 5 --lora_r 8 "
+        f"--dropout 0.1 --neftune 5 --full_tune --experiment_dir {tmp_path}/{name} --max_steps 3"
+    )
+    assert lines[1] == (
+        f"python zephyr_classification_inference.py --experiment_dir {tmp_path}/{name} --overwrite --limit 7"
+    )
+    assert [line.split("--train_sample_fraction ")[1].split()[0] for line in lines[::2]] == [
+        "0.025",
+        "0.05",
+        "0.1",
+        "0.25",
+        "0.5",
+        "1.0",
+    ]
     lora = sweep("run_lora.sh", "--dry-run", env={"EXPERIMENTS": str(tmp_path)})
     assert len(lora.stdout.strip().splitlines()) == 2 * 6 * 3 * 3
-    baselines = sweep("baseline_inference.sh", "--dry-run", "--decoding", "constrained",
-                      env={"BASELINES": str(tmp_path), "STYLES": "seed chat"})
+    baselines = sweep(
+        "baseline_inference.sh",
+        "--dry-run",
+        "--decoding",
+        "constrained",
+        env={"BASELINES": str(tmp_path), "STYLES": "seed chat"},
+    )
     lines = baselines.stdout.strip().splitlines()
     assert len(lines) == 8
     assert all(("--decoding constrained" in line) == ("classification" in line) for line in lines)
@@ -38,8 +65,18 @@ def test_dry_run_prints_the_grid(tmp_path):
 
 def test_real_sweep_runs_then_skips(tiny_model, data_dir, tmp_path):
     env = {"EXPERIMENTS": str(tmp_path / "exp"), "FRACTIONS": "0.5 1.0", "EPOCHS": "1"}
-    args = ["--pretrained_ckpt", tiny_model, "--train_file", data_dir / "news_train.jsonl", "--test_file",
-            data_dir / "news_test.jsonl", "--max_steps", 1, "--limit", 3]
+    args = [
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--max_steps",
+        1,
+        "--limit",
+        3,
+    ]
     first = sweep("sample_ablate.sh", *args, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     runs = sorted(p.name for p in (tmp_path / "exp").iterdir() if p.name != "logs")
@@ -54,22 +91,42 @@ def test_real_sweep_runs_then_skips(tiny_model, data_dir, tmp_path):
 
 def test_failed_run_is_logged_and_the_sweep_goes_on(tiny_model, data_dir, tmp_path):
     env = {"EXPERIMENTS": str(tmp_path / "exp"), "FRACTIONS": "0.5 2.0", "EPOCHS": "1"}
-    result = sweep("sample_ablate.sh", "--pretrained_ckpt", tiny_model, "--train_file", data_dir / "news_train.jsonl",
-                   "--test_file", data_dir / "news_test.jsonl", "--max_steps", 1, "--limit", 2, env=env)
+    result = sweep(
+        "sample_ablate.sh",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--max_steps",
+        1,
+        "--limit",
+        2,
+        env=env,
+    )
     assert result.returncode == 1
     assert "1 of 2 runs failed" in result.stdout and "sampleFraction-2.0" in result.stdout
-    log = (tmp_path / "exp" / "logs" / "classification_sampleFraction-2.0_epochs-1_rank-8_dropout-0.1.log")
+    log = tmp_path / "exp" / "logs" / "classification_sampleFraction-2.0_epochs-1_rank-8_dropout-0.1.log"
     assert "--train_sample_fraction" in log.read_text()
-    assert (tmp_path / "exp" / "classification_sampleFraction-0.5_epochs-1_rank-8_dropout-0.1" / "metrics"
-            / "metrics.json").is_file()
+    assert (
+        tmp_path / "exp" / "classification_sampleFraction-0.5_epochs-1_rank-8_dropout-0.1" / "metrics" / "metrics.json"
+    ).is_file()
 
 
 def _run_folder(root: Path, name, task, settings, rows_used, metrics, prompt_style="seed"):
     folder = root / name
     (folder / "metrics").mkdir(parents=True)
-    (folder / "run_config.json").write_text(json.dumps({
-        "task": task, "prompt_style": prompt_style, "data": {"rows": {"used": rows_used}},
-        "settings": {"pretrained_ckpt": "m", "epochs": 1, "lora_r": 8, "dropout": 0.1, **settings}}))
+    (folder / "run_config.json").write_text(
+        json.dumps(
+            {
+                "task": task,
+                "prompt_style": prompt_style,
+                "data": {"rows": {"used": rows_used}},
+                "settings": {"pretrained_ckpt": "m", "epochs": 1, "lora_r": 8, "dropout": 0.1, **settings},
+            }
+        )
+    )
     (folder / "train_metrics.json").write_text(json.dumps({"train_loss": 1.0}))
     if metrics:
         (folder / "metrics" / "metrics.json").write_text(json.dumps(metrics))
@@ -80,35 +137,84 @@ def test_report_tables_and_plots(tmp_path):
 
     exp, base = tmp_path / "exp", tmp_path / "base"
     _run_folder(exp, "a", "classification", {"train_sample_fraction": 0.1}, 100, {"accuracy": 0.5, "macro_f1": 0.25})
-    _run_folder(exp, "a2", "classification", {"train_sample_fraction": 0.1, "learning_rate": 1e-3}, 100,
-                {"accuracy": 0.55, "macro_f1": 0.2})  # same cell as "a": both shown
-    _run_folder(exp, "b", "classification", {"train_sample_fraction": 0.1, "neftune": 5.0}, 100,
-                {"accuracy": 0.6, "macro_f1": 0.5})
-    _run_folder(exp, "c", "classification", {"train_sample_fraction": 0.05, "full_tune": True}, 50,
-                {"accuracy": 0.4, "macro_f1": 0.3})
+    _run_folder(
+        exp,
+        "a2",
+        "classification",
+        {"train_sample_fraction": 0.1, "learning_rate": 1e-3},
+        100,
+        {"accuracy": 0.55, "macro_f1": 0.2},
+    )  # same cell as "a": both shown
+    _run_folder(
+        exp,
+        "b",
+        "classification",
+        {"train_sample_fraction": 0.1, "neftune": 5.0},
+        100,
+        {"accuracy": 0.6, "macro_f1": 0.5},
+    )
+    _run_folder(
+        exp,
+        "c",
+        "classification",
+        {"train_sample_fraction": 0.05, "full_tune": True},
+        50,
+        {"accuracy": 0.4, "macro_f1": 0.3},
+    )
     _run_folder(exp, "d", "classification", {"train_sample_fraction": 0.05}, 50, None)  # trained, not evaluated
-    _run_folder(exp, "s", "summarization", {"lora_r": 64}, 10, {"rouge1": 40.0, "rouge2": 20.0, "rougeL": 30.0,
-                                                                "rougeLsum": 31.0})
-    _run_folder(exp / "chat", "s", "summarization", {"lora_r": 64}, 10, {"rouge1": 41.0, "rouge2": 21.0,
-                                                                         "rougeL": 31.0, "rougeLsum": 32.0}, "chat")
+    _run_folder(
+        exp,
+        "s",
+        "summarization",
+        {"lora_r": 64},
+        10,
+        {"rouge1": 40.0, "rouge2": 20.0, "rougeL": 30.0, "rougeLsum": 31.0},
+    )
+    _run_folder(
+        exp / "chat",
+        "s",
+        "summarization",
+        {"lora_r": 64},
+        10,
+        {"rouge1": 41.0, "rouge2": 21.0, "rougeL": 31.0, "rougeLsum": 32.0},
+        "chat",
+    )
     (base / "zs").mkdir(parents=True)
-    (base / "zs" / "metrics.json").write_text(json.dumps({
-        "rouge1": 10.0, "rouge2": 2.5, "rougeL": 8.0, "rougeLsum": 9.0,
-        "config": {"task": "summarization", "prompt_type": "zero-shot", "prompt_style": "seed"}}))
+    (base / "zs" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "rouge1": 10.0,
+                "rouge2": 2.5,
+                "rougeL": 8.0,
+                "rougeLsum": 9.0,
+                "config": {"task": "summarization", "prompt_type": "zero-shot", "prompt_style": "seed"},
+            }
+        )
+    )
     text = make_report(exp, base, tmp_path / "out")
-    assert "\n".join([
-        "| training samples | fraction | epochs | QLoRA | + NEFTune | + all modules | + NEFTune + all modules |",
-        "|---|---|---|---|---|---|---|",
-        "| 50 | 0.05 | 1 | — | — | 40.0 (30.0) | — |",
-        "| 100 | 0.1 | 1 | 50.0 (25.0) / 55.0 (20.0) | 60.0 (50.0) | — | — |",
-    ]) in text
-    assert "\n".join([
-        "| method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |",
-        "|---|---|---|---|---|",
-        "| zero-shot (seed) | 10.00 | 2.50 | 8.00 | 9.00 |",
-        "| QLoRA r=64 dropout=0.1 epochs=1 | 40.00 | 20.00 | 30.00 | 31.00 |",
-        "| QLoRA r=64 dropout=0.1 epochs=1, chat prompt | 41.00 | 21.00 | 31.00 | 32.00 |",
-    ]) in text
+    assert (
+        "\n".join(
+            [
+                "| training samples | fraction | epochs | QLoRA | + NEFTune | + all modules | + NEFTune + all modules |",
+                "|---|---|---|---|---|---|---|",
+                "| 50 | 0.05 | 1 | — | — | 40.0 (30.0) | — |",
+                "| 100 | 0.1 | 1 | 50.0 (25.0) / 55.0 (20.0) | 60.0 (50.0) | — | — |",
+            ]
+        )
+        in text
+    )
+    assert (
+        "\n".join(
+            [
+                "| method | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |",
+                "|---|---|---|---|---|",
+                "| zero-shot (seed) | 10.00 | 2.50 | 8.00 | 9.00 |",
+                "| QLoRA r=64 dropout=0.1 epochs=1 | 40.00 | 20.00 | 30.00 | 31.00 |",
+                "| QLoRA r=64 dropout=0.1 epochs=1, chat prompt | 41.00 | 21.00 | 31.00 | 32.00 |",
+            ]
+        )
+        in text
+    )
     for png in ("accuracy_vs_samples.png", "rouge_by_method.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv_lines = (tmp_path / "out" / "runs.csv").read_text().splitlines()
@@ -135,14 +241,18 @@ def test_interrupted_runs_resume_and_finished_ones_only_evaluate(tmp_path):
 def test_choose_checkpoint_by_summed_metrics_then_fewer_invalid_then_earlier():
     from qlora_kit.report import choose_checkpoint
 
-    scores = [{"run": "a", "step": 10, "accuracy": 0.70, "invalid_rate": 0.01},
-              {"run": "a", "step": 20, "accuracy": 0.72, "invalid_rate": 0.02},
-              {"run": "b", "step": 10, "accuracy": 0.72, "invalid_rate": 0.0},
-              {"run": "b", "step": 30, "accuracy": 0.72, "invalid_rate": 0.0},
-              {"run": "c", "step": 5, "accuracy": None, "invalid_rate": None}]
+    scores = [
+        {"run": "a", "step": 10, "accuracy": 0.70, "invalid_rate": 0.01},
+        {"run": "a", "step": 20, "accuracy": 0.72, "invalid_rate": 0.02},
+        {"run": "b", "step": 10, "accuracy": 0.72, "invalid_rate": 0.0},
+        {"run": "b", "step": 30, "accuracy": 0.72, "invalid_rate": 0.0},
+        {"run": "c", "step": 5, "accuracy": None, "invalid_rate": None},
+    ]
     assert choose_checkpoint(scores, ["accuracy"]) == scores[2]
-    rouge = [{"run": "s", "step": 1, "rouge1": 44.0, "rouge2": 19.0}, {"run": "s", "step": 2, "rouge1": 43.5,
-                                                                       "rouge2": 20.0}]
+    rouge = [
+        {"run": "s", "step": 1, "rouge1": 44.0, "rouge2": 19.0},
+        {"run": "s", "step": 2, "rouge1": 43.5, "rouge2": 20.0},
+    ]
     assert choose_checkpoint(rouge, ["rouge1", "rouge2"])["step"] == 2
     with pytest.raises(ValueError, match="rouge1"):
         choose_checkpoint([scores[4]], ["rouge1"])
@@ -152,25 +262,42 @@ def test_report_table_of_checkpoints(tmp_path):
     from qlora_kit.report import checkpoint_scores, make_report
 
     exp = tmp_path / "exp"
-    _run_folder(exp, "ckpt", "classification", {"train_sample_fraction": 1.0, "max_seq_length": 1024,
-                                                 "learning_rate": 2e-3, "lr_scheduler": "cosine"}, 40, None)
+    _run_folder(
+        exp,
+        "ckpt",
+        "classification",
+        {"train_sample_fraction": 1.0, "max_seq_length": 1024, "learning_rate": 2e-3, "lr_scheduler": "cosine"},
+        40,
+        None,
+    )
     config = json.loads((exp / "ckpt" / "run_config.json").read_text())
     config.update(effective_batch_size=8, load_in_4bit=False)
     (exp / "ckpt" / "run_config.json").write_text(json.dumps(config))
-    for name, accuracy in (("metrics_validation_step-5", 0.7), ("metrics_validation_step-10", 0.75),
-                           ("metrics_step-10_constrained", 0.69)):
+    for name, accuracy in (
+        ("metrics_validation_step-5", 0.7),
+        ("metrics_validation_step-10", 0.75),
+        ("metrics_step-10_constrained", 0.69),
+    ):
         (exp / "ckpt" / name).mkdir()
-        (exp / "ckpt" / name / "metrics.json").write_text(json.dumps({"n": 4, "accuracy": accuracy,
-                                                                      "macro_f1": 0.5, "invalid": 0}))
+        (exp / "ckpt" / name / "metrics.json").write_text(
+            json.dumps({"n": 4, "accuracy": accuracy, "macro_f1": 0.5, "invalid": 0})
+        )
     # 40 rows in batches of 8: 5 steps an epoch (the checkpoints themselves are not kept with results)
-    assert [(s["step"], s["epoch"], s["accuracy"]) for s in checkpoint_scores(exp / "ckpt")] == [(5, 1.0, 0.7),
-                                                                                               (10, 2.0, 0.75)]
+    assert [(s["step"], s["epoch"], s["accuracy"]) for s in checkpoint_scores(exp / "ckpt")] == [
+        (5, 1.0, 0.7),
+        (10, 2.0, 0.75),
+    ]
     text = make_report(exp, None, tmp_path / "out")
-    assert "\n".join([
-        "| run | settings | step | epoch | validation | test |",
-        "|---|---|---|---|---|---|",
-        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002, cosine | 5 | 1 | 70.0 (50.0) | — |",
-        "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002, cosine | 10 | 2 | 75.0 (50.0) | 69.0 (50.0) "
-        "(constrained) |",
-    ]) in text
+    assert (
+        "\n".join(
+            [
+                "| run | settings | step | epoch | validation | test |",
+                "|---|---|---|---|---|---|",
+                "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002, cosine | 5 | 1 | 70.0 (50.0) | — |",
+                "| ckpt | 40 rows, len 1024, 16-bit, r=8, batch 8, lr 0.002, cosine | 10 | 2 | 75.0 (50.0) | 69.0 (50.0) "
+                "(constrained) |",
+            ]
+        )
+        in text
+    )
     assert "| 40 | 1.0 |" not in text  # not an empty row of Table 1

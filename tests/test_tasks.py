@@ -13,8 +13,9 @@ COLOURS = {"red": "cherry tomato blood ruby", "green": "grass leaf lime frog", "
 
 def _rows(count: int) -> list[dict]:
     names = sorted(COLOURS)
-    return [{"thing": COLOURS[names[i % 3]].split()[i % 4] + " " + str(i), "colour": names[i % 3]}
-            for i in range(count)]
+    return [
+        {"thing": COLOURS[names[i % 3]].split()[i % 4] + " " + str(i), "colour": names[i % 3]} for i in range(count)
+    ]
 
 
 def _clean(rows, source):
@@ -22,14 +23,30 @@ def _clean(rows, source):
 
 
 COLOUR_TASK = Task(
-    name="colour", description="the colour a thing usually has", input_column="thing", target_column="colour",
-    default_dataset="nobody/colours", input_field="thing", answer_field="colour",
-    templates={("finetune", "seed"): "Thing: {thing}\nColour:", ("finetune", "chat"): "What colour is {thing}?",
-               ("zero-shot", "seed"): "Name the colour of {thing} ({newsgroup_classes}):",
-               ("few-shot", "seed"): "{few_shot_samples}Thing: {thing}\nColour:"},
-    few_shot_sample="Thing: {thing}\nColour: {colour}\n", labelled=True, clean=_clean, lora_r=2, epochs=1,
-    max_new_tokens=4, baseline_max_new_tokens=4, shots=1, summary_metrics=("n", "accuracy"),
-    selection_metrics=("accuracy",))
+    name="colour",
+    description="the colour a thing usually has",
+    input_column="thing",
+    target_column="colour",
+    default_dataset="nobody/colours",
+    input_field="thing",
+    answer_field="colour",
+    templates={
+        ("finetune", "seed"): "Thing: {thing}\nColour:",
+        ("finetune", "chat"): "What colour is {thing}?",
+        ("zero-shot", "seed"): "Name the colour of {thing} ({newsgroup_classes}):",
+        ("few-shot", "seed"): "{few_shot_samples}Thing: {thing}\nColour:",
+    },
+    few_shot_sample="Thing: {thing}\nColour: {colour}\n",
+    labelled=True,
+    clean=_clean,
+    lora_r=2,
+    epochs=1,
+    max_new_tokens=4,
+    baseline_max_new_tokens=4,
+    shots=1,
+    summary_metrics=("n", "accuracy"),
+    selection_metrics=("accuracy",),
+)
 
 
 @pytest.fixture
@@ -46,9 +63,17 @@ def test_a_third_task_trains_and_evaluates_through_the_same_functions(colour_tas
 
     train_file = write_jsonl(tmp_path / "colours_train.jsonl", _rows(24))
     test_file = write_jsonl(tmp_path / "colours_test.jsonl", _rows(6))
-    resolved, sources = settings.resolve("colour", {
-        "pretrained_ckpt": str(tiny_model), "train_file": str(train_file), "max_steps": 2, "batch_size": 4,
-        "load_in_4bit": False, "experiment_dir": str(tmp_path / "run")})
+    resolved, sources = settings.resolve(
+        "colour",
+        {
+            "pretrained_ckpt": str(tiny_model),
+            "train_file": str(train_file),
+            "max_steps": 2,
+            "batch_size": 4,
+            "load_in_4bit": False,
+            "experiment_dir": str(tmp_path / "run"),
+        },
+    )
     assert resolved.lora_r == 2 and sources["lora_r"] == "task colour"  # the task's own default
     metrics = training.train("colour", resolved)
     assert metrics["global_steps"] == 2
@@ -56,13 +81,30 @@ def test_a_third_task_trains_and_evaluates_through_the_same_functions(colour_tas
     config = run.config()
     assert config["task"] == "colour" and config["label_names"] == ["blue", "green", "red"]
 
-    args = Namespace(experiment_dir=str(run.path), checkpoint=None, merge_adapter=False, use_flash_attention=False,
-                     dataset="nobody/colours", train_file=None, validation_file=None, test_file=str(test_file),
-                     split="test", limit=None, batch_size=None, max_batch_tokens=None, max_new_tokens=4,
-                     max_prompt_tokens=None, output_dir=None, overwrite=False, decoding="constrained")
+    args = Namespace(
+        experiment_dir=str(run.path),
+        checkpoint=None,
+        merge_adapter=False,
+        use_flash_attention=False,
+        dataset="nobody/colours",
+        train_file=None,
+        validation_file=None,
+        test_file=str(test_file),
+        split="test",
+        limit=None,
+        batch_size=None,
+        max_batch_tokens=None,
+        max_new_tokens=4,
+        max_prompt_tokens=None,
+        output_dir=None,
+        overwrite=False,
+        decoding="constrained",
+    )
     scores = evaluation.evaluate_run("colour", args)
     assert scores["n"] == 6 and scores["invalid"] == 0  # constrained decoding: every answer is a colour
-    predictions = [json.loads(line) for line in (run.evaluation().folder / "predictions.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line) for line in (run.evaluation().folder / "predictions.jsonl").read_text().splitlines()
+    ]
     assert {p["parsed"] for p in predictions} <= set(COLOURS)
     assert predictions[0]["prompt"].endswith("Thing: sky 0\nColour:")  # the task's own template
     assert "| accuracy |" in evaluation.summary_table(scores, "colour")

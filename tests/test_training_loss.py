@@ -16,10 +16,23 @@ def adapted_model(request, tiny_model):
     if request.param == "mistral":
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                  target_modules=["q_proj", "v_proj", "lm_head"]))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=300,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+            )
+        )
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=["q_proj", "v_proj", "lm_head"]
+        ),
+    )
     peft_model.train()
     return peft_model
 
@@ -83,14 +96,17 @@ def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, s
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     settings = dataclasses.replace(settings_lib.resolve("classification")[0], max_steps=1, full_tune=True)
     assert settings.logits_where_scored is False  # the default
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                             target_modules=modeling.lora_target_modules(True))
+    peft_config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=modeling.lora_target_modules(True)
+    )
     rows = Dataset.from_list([{"prompt": "### Sentence: a ### Class:", "completion": " sci.space"}] * 2)
-    trainer = training.make_trainer(model, training.sft_config(settings, tmp_path), peft_config, tokenizer, rows,
-                                    None, scored_positions_only=scored)
+    trainer = training.make_trainer(
+        model, training.sft_config(settings, tmp_path), peft_config, tokenizer, rows, None, scored_positions_only=scored
+    )
     seen = []
     trainer.model.get_base_model().register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get("logits_to_keep")), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs.get("logits_to_keep")), with_kwargs=True
+    )
     batch = _batch(model.config.vocab_size)
     trainer.model.eval()  # no dropout: the two losses must match
     with torch.no_grad():
@@ -98,4 +114,3 @@ def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, s
         reference = trainer.model(**batch).loss
     assert (seen[0] is not None) == scored
     torch.testing.assert_close(loss, reference)
-

@@ -21,15 +21,22 @@ def build_tokenizer(corpus: list[str]):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(corpus, trainer)
     from tokenizers.processors import TemplateProcessing
 
-    tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                  special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   additional_special_tokens=special[3:])
+    tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=special[3:],
+    )
     fast.chat_template = ZEPHYR_CHAT_TEMPLATE
     return fast
 
@@ -41,9 +48,15 @@ def build_tiny_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
     tokenizer = build_tokenizer(corpus)
     torch.manual_seed(seed)
     config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
     model = MistralForCausalLM(config)
@@ -56,27 +69,52 @@ def _config(arch: str, vocab: int, bos: int, eos: int):
     """A tiny random config of one architecture (hidden size 64, 2 layers)."""
     import transformers
 
-    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=bos,
-                  eos_token_id=eos, max_position_embeddings=1024, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     if arch == "falcon":  # Falcon-7B's layout: multi-query attention, parallel attention and MLP
-        return transformers.FalconConfig(**{k: v for k, v in common.items() if k != "max_position_embeddings"},
-                                         multi_query=True, parallel_attn=True, bias=False)
+        return transformers.FalconConfig(
+            **{k: v for k, v in common.items() if k != "max_position_embeddings"},
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+        )
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(**common, intermediate_size=128)
     if arch == "t5":
-        return transformers.T5Config(vocab_size=vocab, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
-                                     eos_token_id=eos, decoder_start_token_id=0)
-    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config, "phi": transformers.PhiConfig,
-                    "gemma": transformers.GemmaConfig}[arch]
+        return transformers.T5Config(
+            vocab_size=vocab,
+            d_model=64,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            d_kv=16,
+            eos_token_id=eos,
+            decoder_start_token_id=0,
+        )
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "phi": transformers.PhiConfig,
+        "gemma": transformers.GemmaConfig,
+    }[arch]
     extra = {"num_key_value_heads": 2} if arch != "phi" else {}
     if arch == "gemma":
         extra["head_dim"] = 16
     return config_class(**common, intermediate_size=128, **extra)
 
 
-def build_tiny_architecture(folder: Path, corpus: list[str], arch: str, *, chat_template: bool = True,
-                            eos: str = "</s>", seed: int = 0) -> Path:
+def build_tiny_architecture(
+    folder: Path, corpus: list[str], arch: str, *, chat_template: bool = True, eos: str = "</s>", seed: int = 0
+) -> Path:
     """A tiny random model of ``arch`` with a BPE tokenizer. ``chat_template=False`` and another ``eos`` give a
     base model as Falcon-7B or RedPajama ship it: no chat template, no pad token, its own end-of-text token."""
     import torch
