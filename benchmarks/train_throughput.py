@@ -40,7 +40,8 @@ SPEED_SETTINGS = (
 )
 
 
-# name -> LoRA targets ("qv": q_proj,v_proj; "all": every linear layer and lm_head) and the speed settings.
+# name -> LoRA targets ("qv": q_proj,v_proj; "all": every linear layer and lm_head; "linear": every linear layer)
+# and the speed settings.
 def _recipe(targets, base, **changes):
     from qlora_kit import settings
 
@@ -162,6 +163,16 @@ class LargestBatch:
         return batch
 
 
+def lora_target_names(model_dir: Path, targets: str) -> list[str]:
+    """The module names of a benchmark's targets: "qv" the architecture's attention default, "all" every linear
+    layer and lm_head (--full_tune), "linear" every linear layer without lm_head."""
+    from qlora_kit import modeling
+
+    layout = modeling.model_layout(str(model_dir))
+    names = modeling.lora_targets(layout, full_tune=targets != "qv")
+    return [name for name in names if name != layout.head_name] if targets == "linear" else names
+
+
 def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     import torch
     from datasets import Dataset
@@ -216,7 +227,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         lora_alpha=16,
         lora_dropout=0.1,
         task_type="CAUSAL_LM",
-        target_modules=modeling.lora_target_modules(targets == "all"),
+        target_modules=lora_target_names(model_dir, targets),
     )
     collator = PackedCollator(tokenizer.pad_token_id) if packing else None
     trainer = training.make_trainer(
@@ -280,8 +291,14 @@ def main(args):
     if args.write_lengths:
         write_lengths(Path(args.data_dir), args.tokenizer, args.max_seq_length)
         return
-    folder = zephyr_shaped.build(Path(args.model_dir), tiny=args.tiny)
-    results = {"command": " ".join(sys.argv), "settings": vars(args), **zephyr_shaped.environment(), "runs": {}}
+    folder = zephyr_shaped.build(Path(args.model_dir), tiny=args.tiny, shape=args.shape)
+    results = {
+        "command": " ".join(sys.argv),
+        "settings": vars(args),
+        "model_shape": args.shape,
+        **zephyr_shaped.environment(),
+        "runs": {},
+    }
     for task in args.tasks:
         for name in args.recipes:
             key = f"{task}: {name}"
@@ -307,6 +324,12 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--model_dir", default="/tmp/zephyr-7b-shaped")
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same architecture (CPU check)")
+    parser.add_argument(
+        "--shape",
+        choices=("zephyr-7b", "falcon-7b", "llama-2-13b"),
+        default="zephyr-7b",
+        help="the exact config whose random-weight model --model_dir holds or gets",
+    )
     parser.add_argument("--tasks", nargs="+", default=["classification", "summarization"])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="default: all")
     parser.add_argument("--warmup_steps", type=int, default=2)

@@ -1,4 +1,5 @@
-"""A model with Zephyr-7B-beta's exact config and random weights: same shapes, same cost, no download."""
+"""Models with the exact configs of Zephyr-7B-beta (and of Falcon-7B, Llama-2-13B) and random weights: same shapes,
+same cost, no download."""
 
 from __future__ import annotations
 
@@ -29,6 +30,47 @@ ZEPHYR_7B_BETA_CONFIG = {
 }
 
 
+# tiiuae/falcon-7b's config.json: multi-query attention, attention and MLP in parallel, no biases.
+FALCON_7B_CONFIG = {
+    "architectures": ["FalconForCausalLM"],
+    "model_type": "falcon",
+    "vocab_size": 65024,
+    "hidden_size": 4544,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 71,
+    "multi_query": True,
+    "parallel_attn": True,
+    "new_decoder_architecture": False,
+    "alibi": False,
+    "bias": False,
+    "layer_norm_epsilon": 1e-05,
+    "bos_token_id": 11,
+    "eos_token_id": 11,
+    "initializer_range": 0.02,
+}
+
+# meta-llama/Llama-2-13b-hf's config.json.
+LLAMA_2_13B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+}
+
+SHAPES = {"zephyr-7b": ZEPHYR_7B_BETA_CONFIG, "falcon-7b": FALCON_7B_CONFIG, "llama-2-13b": LLAMA_2_13B_CONFIG}
+
 # The same architecture, tiny: to check a benchmark's code path on a CPU in seconds.
 TINY_OVERRIDES = {
     "hidden_size": 64,
@@ -50,22 +92,24 @@ def placeholder_tokenizer():
     )
 
 
-def build(folder: Path, tiny: bool = False) -> Path:
-    """Save the random-weight model once (bf16 safetensors); reuse it when already there."""
+def build(folder: Path, tiny: bool = False, shape: str = "zephyr-7b") -> Path:
+    """Save the random-weight model of ``shape`` once (bf16 safetensors); reuse it when already there."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
     started = time.perf_counter()
-    settings = {k: v for k, v in ZEPHYR_7B_BETA_CONFIG.items() if k not in ("architectures", "model_type")}
-    config = MistralConfig(**{**settings, **(TINY_OVERRIDES if tiny else {})})
+    settings = {k: v for k, v in SHAPES[shape].items() if k not in ("architectures", "model_type")}
+    # Falcon has no intermediate size or key/value head count to set
+    tiny_settings = {k: v for k, v in TINY_OVERRIDES.items() if shape != "falcon-7b" or k in settings}
+    config = AutoConfig.for_model(SHAPES[shape]["model_type"], **{**settings, **(tiny_settings if tiny else {})})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = MistralForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     staging = folder.with_name(folder.name + ".tmp")
@@ -73,7 +117,7 @@ def build(folder: Path, tiny: bool = False) -> Path:
     placeholder_tokenizer().save_pretrained(staging)
     staging.rename(folder)
     del model
-    print(f"built the Zephyr-7B-shaped random model at {folder} in {time.perf_counter() - started:.0f}s")
+    print(f"built the {shape}-shaped random model at {folder} in {time.perf_counter() - started:.0f}s")
     return folder
 
 

@@ -8,14 +8,12 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
-
-ATTENTION_ONLY_TARGETS = ["q_proj", "v_proj"]
-ALL_MODULE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 def cache_root() -> Path:
@@ -194,8 +192,92 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
 
 
-def lora_target_modules(full_tune: bool) -> list[str]:
-    return list(ALL_MODULE_TARGETS if full_tune else ATTENTION_ONLY_TARGETS)
+# Where peft has no default for an architecture: the first of these groups whose names all exist.
+ATTENTION_NAME_GROUPS = (
+    ("q_proj", "v_proj"),
+    ("query_key_value",),
+    ("qkv_proj",),
+    ("Wqkv",),
+    ("c_attn",),
+    ("query", "value"),
+)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What LoRA can target in a model, read from its config on the meta device (no weights are loaded)."""
+
+    model_type: str
+    linear_names: tuple  # the last name component of every linear layer of the decoder (lm_head not included)
+    head_name: str | None  # the output projection's name (lm_head; embed_out for GPT-NeoX)
+
+
+def model_layout(source: str) -> ModelLayout:
+    """The model's type and linear layers, from its config alone; a one-line error for a model these causal-LM
+    scripts cannot train (a sequence-to-sequence model such as Flan-T5, an unknown architecture)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as error:  # offline Hub id, broken config.json: each library raises its own type
+        raise UsageError(f"cannot read the config of '{source}' ({type(error).__name__}: {_first_line(error)})")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UsageError(
+            f"'{source}' is a sequence-to-sequence model ({config.model_type}); these scripts "
+            "fine-tune causal (decoder-only) LMs such as Zephyr, Mistral, Llama, Falcon or Qwen"
+        )
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as error:
+        raise UsageError(
+            f"'{source}' ({config.model_type}) is not a causal LM that transformers can load ({_first_line(error)})"
+        )
+    head = model.get_output_embeddings()
+    names, head_name = set(), None
+    for name, module in model.named_modules():
+        if module is head:
+            head_name = name.split(".")[-1]
+        elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2 style layers
+            names.add(name.split(".")[-1])
+    return ModelLayout(config.model_type, tuple(sorted(names)), head_name)
+
+
+def lora_targets(layout: ModelLayout, full_tune: bool, override: list[str] | None = None) -> list[str]:
+    """The module names LoRA goes on: ``override`` (--lora_target_modules) if given; with ``full_tune`` every
+    linear layer of the decoder and the output head; else the architecture's default (peft's, or its query and
+    value projections found by name). A choice that adapts nothing in the decoder is a one-line error."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    known = set(layout.linear_names) | ({layout.head_name} if layout.head_name else set())
+    hint = (
+        f"pass --lora_target_modules with names from this model's linear layers: {', '.join(sorted(known)) or 'none'}"
+    )
+    if override:
+        unknown = [name for name in override if name not in known]
+        if unknown:
+            raise UsageError(
+                f"--lora_target_modules: {', '.join(unknown)} not in this {layout.model_type} model; "
+                f"its linear layers are: {', '.join(sorted(known))}"
+            )
+        targets = list(override)
+    elif full_tune:
+        targets = list(layout.linear_names) + ([layout.head_name] if layout.head_name else [])
+    else:
+        default = [name for name in PEFT_DEFAULTS.get(layout.model_type, []) if name in layout.linear_names]
+        if not default:
+            default = next(
+                (list(group) for group in ATTENTION_NAME_GROUPS if all(name in layout.linear_names for name in group)),
+                [],
+            )
+        targets = default
+    if not [name for name in targets if name != layout.head_name]:
+        raise UsageError(
+            f"no LoRA target in the decoder of this {layout.model_type} model "
+            f"({'only ' + ', '.join(targets) if targets else 'none found'}); {hint}"
+        )
+    return targets
 
 
 def library_versions() -> dict[str, str]:

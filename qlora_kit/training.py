@@ -272,12 +272,12 @@ def make_trainer(
     data_collator=None,
     scored_positions_only: bool = False,
 ):
-    """An SFTTrainer, or a ``HeadAdapterTrainer`` when the LoRA config targets lm_head."""
+    """An SFTTrainer, or a ``HeadAdapterTrainer`` when the LoRA config targets the output head (lm_head)."""
     from peft import get_peft_model
     from transformers import set_seed
 
-    if "lm_head" not in (peft_config.target_modules or []):
-        return ResumingTrainer(
+    if output_head_name(model) not in (peft_config.target_modules or []):
+        trainer = ResumingTrainer(
             model=model,
             args=sft_args,
             train_dataset=train_dataset,
@@ -286,6 +286,8 @@ def make_trainer(
             peft_config=peft_config,
             data_collator=data_collator,
         )
+        check_adapted(trainer.model, peft_config.target_modules)
+        return trainer
 
     # The LoRA matrices are initialised from the global RNG: seed it as the trainer would before wrapping,
     # or two runs with the same --seed start from different adapters.
@@ -311,7 +313,25 @@ def make_trainer(
     finally:
         del peft_model.get_output_embeddings
     trainer.scored_positions_only = scored_positions_only and accepts_scored_positions(model)
+    check_adapted(trainer.model, peft_config.target_modules)
     return trainer
+
+
+def output_head_name(model) -> str | None:
+    """The last name component of the model's output projection (lm_head; embed_out for GPT-NeoX)."""
+    head = model.get_output_embeddings()
+    return next((name.split(".")[-1] for name, module in model.named_modules() if module is head), None)
+
+
+def check_adapted(peft_model, targets) -> None:
+    """Every LoRA target matched at least one layer: a run never adapts fewer modules than it records."""
+    adapted = {name.split(".")[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    missing = sorted(set(targets or []) - adapted)
+    if missing:
+        raise UsageError(
+            f"LoRA targets {', '.join(missing)} matched no layer of the model; adapted: "
+            f"{', '.join(sorted(adapted)) or 'none'}"
+        )
 
 
 def check_checkpoint(checkpoint: Path) -> dict:
@@ -558,8 +578,10 @@ def train(task, settings: TrainingSettings) -> dict:
         settings.grad_accum,
         distributed.world_size(),
     )
+    layout = modeling.model_layout(prepared.model_source)
+    targets = modeling.lora_targets(layout, settings.full_tune, settings.lora_target_modules)
+    log.info("LoRA on %s (%s model)", ", ".join(targets), layout.model_type)
     checkpoint, resumed_state = start_run_folder(run, settings)  # everything above was checked first
-    targets = settings.lora_target_modules or modeling.lora_target_modules(settings.full_tune)
     if distributed.is_main():
         results.write_json_atomic(run.config_file, run_config(task, settings, prepared, targets))
     trainer = build_trainer(settings, prepared, run, targets)

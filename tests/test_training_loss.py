@@ -97,7 +97,11 @@ def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, s
     settings = dataclasses.replace(settings_lib.resolve("classification")[0], max_steps=1, full_tune=True)
     assert settings.logits_where_scored is False  # the default
     peft_config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=modeling.lora_target_modules(True)
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=modeling.lora_targets(modeling.model_layout(str(tiny_model)), full_tune=True),
     )
     rows = Dataset.from_list([{"prompt": "### Sentence: a ### Class:", "completion": " sci.space"}] * 2)
     trainer = training.make_trainer(

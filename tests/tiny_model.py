@@ -126,7 +126,9 @@ def build_tiny_architecture(
     if not chat_template:
         tokenizer.chat_template = None
     torch.manual_seed(seed)
-    config = _config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # room for tokens an architecture's tokenizer class adds when it loads (Qwen2's adds <|endoftext|>), as real
+    # models keep embedding rows beyond their tokenizer
+    config = _config(arch, len(tokenizer) + 8, tokenizer.bos_token_id, tokenizer.eos_token_id)
     model_class = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
     model_class.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
