@@ -7,6 +7,7 @@ import argparse
 import prompts
 
 from . import settings as settings_lib
+from .data import FORMATS
 from .tasks import get_task
 
 
@@ -60,6 +61,30 @@ def module_names(text: str) -> list[str]:
     return names
 
 
+def column_map(text: str) -> dict[str, str]:
+    """TASK_COLUMN=YOURS pairs, comma-separated: text=sentence,label=category."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=YOURS pairs such as text=sentence,label=category, got {text!r}"
+        )
+    return {name.strip(): yours.strip() for name, yours in pairs}
+
+
+def label_names_arg(text: str) -> list[str]:
+    """Label names for integer labels: a file of names (one a line), or comma-separated names."""
+    from pathlib import Path
+
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(f"needs at least two names (comma-separated, or a file), got {text!r}")
+    return names
+
+
 # How each training flag's value is read; a setting not named here is read as its type (str, float, int).
 FLAG_TYPES = {
     "lora_r": positive_int,
@@ -77,6 +102,8 @@ FLAG_TYPES = {
     "optim": optimizer_name,
     "save_steps": save_interval,
     "lora_target_modules": module_names,
+    "columns": column_map,
+    "label_names": label_names_arg,
     "seed": int,
     "learning_rate": float,
     "validation_fraction": float,
@@ -157,10 +184,26 @@ def add_data_args(parser: argparse.ArgumentParser, task) -> None:
     task = get_task(task)
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default=task.default_dataset, help="Hub dataset id (default: %(default)s)")
-    columns = f"columns {task.input_column},{task.target_column}; .jsonl, .jsonl.gz, .csv or .parquet"
+    columns = f"columns {task.input_column},{task.target_column}; {FORMATS}"
     group.add_argument("--train_file", help=f"local training file instead of the Hub ({columns})")
     group.add_argument("--validation_file", help=f"local validation file ({columns})")
     group.add_argument("--test_file", help=f"local test file ({columns})")
+    group.add_argument(
+        "--columns",
+        type=column_map,
+        default=None,
+        metavar="NAME=YOURS,...",
+        help="the data's own column names, e.g. text=sentence,label=category (default: those the "
+        "training run was given)",
+    )
+    if task.labelled:
+        group.add_argument(
+            "--label_names",
+            type=label_names_arg,
+            default=None,
+            metavar="NAMES",
+            help="names of integer labels 0,1,2,...: comma-separated or a file (default: the training run's)",
+        )
 
 
 def add_generation_args(parser: argparse.ArgumentParser, task, *, baseline: bool) -> None:

@@ -1,15 +1,17 @@
-"""Loading, validating and cleaning the two tasks' data, from local files or the Hub.
+"""Loading, validating and cleaning the tasks' data, from local files or the Hub.
 
-Every row becomes ``{"input": str, "target": str}``. Files may be ``.jsonl``,
-``.jsonl.gz``, ``.csv`` or ``.parquet``. Anything wrong with a file is a
-``UsageError`` naming the file (and line); rows dropped by cleaning are counted and
-logged, never dropped silently.
+Every row becomes ``{"input": str, "target": str}``. Local data may be ``.jsonl`` or ``.json`` (JSON lines or
+one array of objects), ``.csv`` or ``.tsv`` (UTF-8, with or without a byte-order mark, quoted multi-line fields),
+each also gzipped (``.gz``), ``.parquet``, or a folder written by ``datasets``' ``save_to_disk``. Anything wrong
+with a file is a ``UsageError`` naming the file (and line); rows dropped by cleaning are counted and logged,
+never dropped silently.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import logging
 import math
@@ -22,52 +24,81 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")  # each also as .gz; and .parquet
+FORMATS = ".jsonl, .json, .csv, .tsv (each also .gz), .parquet, or a datasets save_to_disk folder"
 
 
 # --------------------------------------------------------------------------- reading files
-def _file_suffix(path: Path) -> str:
+def _file_format(path: Path) -> tuple[str, bool]:
+    """(format, gzipped) from the file name."""
     name = path.name.lower()
+    gzipped = name.endswith(".gz")
+    base = name[: -len(".gz")] if gzipped else name
+    if base.endswith(".parquet") and not gzipped:
+        return ".parquet", False
     for suffix in SUPPORTED_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    raise UsageError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+        if base.endswith(suffix):
+            return suffix, gzipped
+    raise UsageError(f"{path}: unsupported file type; use {FORMATS}")
 
 
-def _read_jsonl(path: Path, opener) -> list[dict]:
-    rows = []
-    with opener(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UsageError(f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte {error.start})")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{line_number}: malformed JSON ({error.msg})")
+def _read_bytes(path: Path, gzipped: bool) -> bytes:
+    try:
+        if gzipped:
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as error:
+        if isinstance(error, PermissionError):
+            raise
+        raise UsageError(f"{path}: broken gzip file ({error})")
+
+
+def _decode(path: Path, content: bytes) -> str:
+    try:
+        return content.decode("utf-8-sig")  # a byte-order mark (spreadsheets' "CSV UTF-8") is not text
+    except UnicodeDecodeError as error:
+        line = content[: error.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not valid UTF-8 ({error.reason} at byte {error.start})")
+
+
+def _json_rows(path: Path, text: str) -> list[dict]:
+    """JSON lines, or one JSON array of objects (what ``json.dump(rows)`` writes)."""
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}:{error.lineno}: malformed JSON ({error.msg})")
+        for number, row in enumerate(rows, start=1):
             if not isinstance(row, dict):
-                raise UsageError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+                raise UsageError(f"{path}: item {number} of the array is a {type(row).__name__}, not an object")
+        return rows
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}:{line_number}: malformed JSON ({error.msg})")
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _delimited_rows(path: Path, text: str, delimiter: str) -> list[dict]:
+    kind = "TSV" if delimiter == "\t" else "CSV"
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = []
-            for row in reader:
-                if None in row:
-                    raise UsageError(f"{path}:{reader.line_num}: more fields than the header has")
-                rows.append(row)
-            return rows
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+        rows = []
+        for row in reader:
+            if None in row:
+                raise UsageError(f"{path}:{reader.line_num}: more fields than the header has")
+            rows.append(row)
+        return rows
     except csv.Error as error:
-        raise UsageError(f"{path}: malformed CSV ({error})")
+        raise UsageError(f"{path}: malformed {kind} ({error})")
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -79,23 +110,54 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UsageError(f"{path}: cannot read as parquet ({type(error).__name__}: {error})")
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Read every row of a local data file as a dict."""
+def _dataset_rows(dataset) -> list[dict]:
+    """The rows of a ``datasets.Dataset``, with ClassLabel columns as their label names (not integers)."""
+    from datasets import ClassLabel
+
+    rows = list(dataset)
+    for column, feature in dataset.features.items():
+        if isinstance(feature, ClassLabel):
+            for row in rows:
+                if row[column] is not None and row[column] >= 0:
+                    row[column] = feature.int2str(row[column])
+    return rows
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict]:
+    """A folder written by ``Dataset.save_to_disk`` (one split) or ``DatasetDict.save_to_disk`` (pick ``split``)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # not a datasets folder, or a damaged one
+        raise UsageError(f"{path}: a folder, but not one written by datasets' save_to_disk ({_first_line(error)})")
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UsageError(f"{path}: no '{split}' split in this saved dataset (splits: {', '.join(loaded)})")
+        loaded = loaded[split]
+    return _dataset_rows(loaded)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_records(path: str | Path, split: str = "train") -> list[dict]:
+    """Every row of local data as a dict (``split``: which split of a saved ``DatasetDict`` folder)."""
     path = Path(path)
-    suffix = _file_suffix(path)
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    kind, gzipped = _file_format(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
-        if suffix == ".jsonl":
-            return _read_jsonl(path, open)
-        if suffix == ".jsonl.gz":
-            try:
-                return _read_jsonl(path, gzip.open)
-            except (OSError, EOFError) as error:
-                raise UsageError(f"{path}: broken gzip file ({error})")
-        if suffix == ".csv":
-            return _read_csv(path)
-        return _read_parquet(path)
+        if kind == ".parquet":
+            return _read_parquet(path)
+        text = _decode(path, _read_bytes(path, gzipped))
+        if kind in (".jsonl", ".json"):
+            return _json_rows(path, text)
+        return _delimited_rows(path, text, "\t" if kind == ".tsv" else ",")
     except PermissionError:
         raise UsageError(f"{path}: permission denied")
 
@@ -104,7 +166,7 @@ def _load_hub_split(dataset: str, split: str) -> list[dict]:
     import datasets
 
     try:
-        return list(datasets.load_dataset(dataset, split=split))
+        return _dataset_rows(datasets.load_dataset(dataset, split=split))
     except Exception as error:  # offline, unknown id, unknown split: all end here
         raise UsageError(
             f"cannot load split '{split}' of dataset '{dataset}' from the Hub "
@@ -113,23 +175,76 @@ def _load_hub_split(dataset: str, split: str) -> list[dict]:
         )
 
 
-def load_rows(task, *, file: str | None, dataset: str, split: str) -> tuple[list[dict], str]:
-    """Rows of one split as ``{"input", "target"}`` dicts (from ``task``'s columns), and a description of the source."""
+def load_rows(
+    task, *, file: str | None, dataset: str, split: str, columns: dict | None = None
+) -> tuple[list[dict], str]:
+    """Rows of one split as ``{"input", "target"}`` dicts, and a description of the source.
+
+    ``columns`` maps the task's column names to the data's (``{"text": "sentence"}``); unmapped ones keep theirs.
+    """
+    columns = columns or {}
+    unknown = sorted(set(columns) - {task.input_column, task.target_column})
+    if unknown:
+        raise UsageError(
+            f"--columns: {', '.join(unknown)} is not a column of the {task.name} task (its columns: "
+            f"{task.input_column}, {task.target_column})"
+        )
     if file:
-        records, source = read_records(file), str(file)
+        records, source = read_records(file, split), str(file)
     else:
         records, source = _load_hub_split(dataset, split), f"{dataset}[{split}]"
     if not records:
         raise UsageError(f"{source}: no rows")
-    columns = set().union(*(record.keys() for record in records[:1000]))
-    for column in (task.input_column, task.target_column):
-        if column not in columns:
+    found = set().union(*(record.keys() for record in records[:1000]))
+    wanted = [columns.get(name, name) for name in (task.input_column, task.target_column)]
+    for column in wanted:
+        if column not in found:
             raise UsageError(
-                f"{source}: missing column '{column}' (found: {', '.join(sorted(map(str, columns))) or 'none'}); "
-                f"the {task.name} task needs '{task.input_column}' and '{task.target_column}'"
+                f"{source}: missing column '{column}' (found: {', '.join(sorted(map(str, found))) or 'none'}); "
+                f"the {task.name} task needs '{task.input_column}' and '{task.target_column}' (--columns "
+                f"{task.input_column}=YOURS,{task.target_column}=YOURS maps other names)"
             )
-    rows = [{"input": record.get(task.input_column), "target": record.get(task.target_column)} for record in records]
+    rows = [{"input": record.get(wanted[0]), "target": record.get(wanted[1])} for record in records]
     return rows, source
+
+
+def name_integer_labels(rows: list[dict], label_names: list[str] | None, source: str) -> list[dict]:
+    """Integer labels (0..n-1, as most labelled sets ship) replaced by their names from ``label_names``.
+
+    Without names, labels that are all integers are kept (as their digits) with a warning: the model would
+    learn to write numbers.
+    """
+
+    def as_index(value):
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value.strip())
+        return None
+
+    indices = [as_index(row["target"]) for row in rows if row["target"] is not None]
+    numeric = bool(indices) and all(index is not None for index in indices)
+    if not label_names:
+        if numeric:
+            log.warning(
+                "%s: every label is a number; the model will learn to write numbers (pass --label_names "
+                "a,b,c or a file of names, one a line, to train on the names)",
+                source,
+            )
+        return rows
+    if not numeric:
+        return rows  # the labels are names already
+    for row in rows:
+        index = as_index(row["target"])
+        if index is not None:
+            if not 0 <= index < len(label_names):
+                raise UsageError(f"{source}: label {index} has no name (--label_names gives {len(label_names)})")
+            row["target"] = label_names[index]
+    return rows
 
 
 # --------------------------------------------------------------------------- cleaning

@@ -29,9 +29,18 @@ log = logging.getLogger(__name__)
 BASELINE_CONTEXT = 2048
 
 
-def load_eval_rows(task: Task, args: Namespace, label_names: list[str]) -> list[dict]:
+def load_eval_rows(task: Task, args: Namespace, label_names: list[str], recorded: dict | None = None) -> list[dict]:
+    """The rows to evaluate; the data's column names and integer-label names come from the flags, else from
+    ``recorded`` (the training run's settings)."""
+    recorded = recorded or {}
     file = args.test_file if args.split == "test" else args.validation_file
-    rows, source = task.load_rows(file=file, dataset=args.dataset, split=args.split)
+    rows, source = task.load_rows(
+        file=file,
+        dataset=args.dataset,
+        split=args.split,
+        columns=getattr(args, "columns", None) or recorded.get("columns"),
+        label_names=getattr(args, "label_names", None) or recorded.get("label_names"),
+    )
     if task.labelled:
         map_to_known_labels(rows, label_names, source)
     if args.limit:
@@ -43,7 +52,14 @@ def load_eval_rows(task: Task, args: Namespace, label_names: list[str]) -> list[
 def held_out_rows(task: Task, config: dict, limit: int | None) -> list[dict]:
     """The validation rows a run held out of its training data (--validation_fraction), rebuilt the same way."""
     data = config["data"]
-    rows, source = task.load_rows(file=data.get("train_file"), dataset=data.get("dataset") or "", split="train")
+    settings = config["settings"]
+    rows, source = task.load_rows(
+        file=data.get("train_file"),
+        dataset=data.get("dataset") or "",
+        split="train",
+        columns=settings.get("columns"),
+        label_names=settings.get("label_names"),
+    )
     if task.labelled:
         canonical_labels(rows, source)
     _, held_out = task.split_off_validation(rows, data["validation_fraction"], config["settings"]["seed"])
@@ -305,7 +321,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     if args.split == "validation" and not args.validation_file and fraction:
         rows = held_out_rows(task, config, args.limit)
     else:
-        rows = load_eval_rows(task, args, label_names)
+        rows = load_eval_rows(task, args, label_names, recorded=config["settings"])
     check_output_dir(out_dir, args.overwrite)
 
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else run.adapter_dir
@@ -354,7 +370,13 @@ def evaluate_baseline(args: Namespace) -> dict:
 
     train_rows, label_names = [], []
     if task.labelled or args.prompt_type == "few-shot":
-        train_rows, source = task.load_rows(file=args.train_file, dataset=args.dataset, split="train")
+        train_rows, source = task.load_rows(
+            file=args.train_file,
+            dataset=args.dataset,
+            split="train",
+            columns=args.columns,
+            label_names=getattr(args, "label_names", None),
+        )
         if task.labelled:
             label_names = canonical_labels(train_rows, source)
     rows = load_eval_rows(task, args, label_names)

@@ -51,6 +51,22 @@ class TrainingSettings:
         "--split validation)",
         "data",
     )
+    columns: dict | None = _setting(
+        None,
+        "the data's own column names, as TASK_COLUMN=YOURS pairs, e.g. "
+        "text=sentence,label=category (the run remembers them for evaluation)",
+        "data",
+        metavar="NAME=YOURS,...",
+    )
+    label_names: list | None = _setting(
+        None,
+        "names of integer labels 0,1,2,...: comma-separated, or a file of "
+        "names one a line (a datasets folder's ClassLabel names are used without "
+        "it)",
+        "data",
+        labelled_only=True,
+        metavar="NAMES",
+    )
     train_sample_fraction: float = _setting(
         1.0, "train on this stratified fraction of the training set, 0 < f <= 1", "data", labelled_only=True
     )
@@ -136,7 +152,7 @@ NOT_IN_RECIPES = ("recipe", "experiment_dir", "overwrite", "resume")
 def _scalar_type(name: str):
     """The Python type a setting's value has (its annotation without ``| None``)."""
     annotation = FIELDS[name].type
-    for kind, word in ((bool, "bool"), (int, "int"), (float, "float"), (list, "list")):
+    for kind, word in ((bool, "bool"), (int, "int"), (float, "float"), (list, "list"), (dict, "dict")):
         if annotation.startswith(word):
             return kind
     return str
@@ -149,11 +165,15 @@ def coerce(name: str, value, where: str):
     kind = _scalar_type(name)
     if name == "save_steps" and value == "epoch":
         return value
-    if name == "lora_target_modules":
+    if kind is list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(item, str) and item.strip() for item in items):
-            raise UsageError(f"{where}: '{name}' must be a list of module names, got {value!r}")
+            raise UsageError(f"{where}: '{name}' must be a list of names, got {value!r}")
         return [item.strip() for item in items]
+    if kind is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise UsageError(f"{where}: '{name}' must map column names to column names, got {value!r}")
+        return dict(value)
     if kind is bool:
         if not isinstance(value, bool):
             raise UsageError(f"{where}: '{name}' must be true or false, got {value!r}")
@@ -268,6 +288,8 @@ def recipe_value_text(name: str, task: str) -> str:
 def _shown(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, dict):
+        return ",".join(f"{key}={item}" for key, item in value.items())
     return ",".join(value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
 
 

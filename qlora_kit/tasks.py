@@ -58,9 +58,32 @@ class Task:
             return classification_metrics(references, predictions, label_names)
         return rouge_scores(references, predictions)
 
-    def load_rows(self, *, file: str | None, dataset: str, split: str) -> tuple[list[dict], str]:
-        """One split, read (local file or Hub) and cleaned; and a description of its source."""
-        rows, source = data_lib.load_rows(self, file=file, dataset=dataset, split=split)
+    def read_rows(
+        self,
+        *,
+        file: str | None,
+        dataset: str,
+        split: str,
+        columns: dict | None = None,
+        label_names: list[str] | None = None,
+    ) -> tuple[list[dict], str]:
+        """One split as read (local file or Hub; ``columns`` mapped; integer labels named), before cleaning."""
+        rows, source = data_lib.load_rows(self, file=file, dataset=dataset, split=split, columns=columns)
+        if self.labelled:
+            rows = data_lib.name_integer_labels(rows, label_names, source)
+        return rows, source
+
+    def load_rows(
+        self,
+        *,
+        file: str | None,
+        dataset: str,
+        split: str,
+        columns: dict | None = None,
+        label_names: list[str] | None = None,
+    ) -> tuple[list[dict], str]:
+        """One split, read and cleaned; and a description of its source."""
+        rows, source = self.read_rows(file=file, dataset=dataset, split=split, columns=columns, label_names=label_names)
         return self.clean(rows, source), source
 
     def sample(self, rows: list[dict], fraction: float, seed: int) -> list[dict]:

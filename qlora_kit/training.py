@@ -73,9 +73,13 @@ def default_run_dir(task: Task, settings: TrainingSettings) -> Path:
 
 def load_training_data(task: Task, settings: TrainingSettings) -> dict:
     """Cleaned (and, for a labelled task, sampled) training rows with their label list and provenance."""
-    from .data import load_rows
-
-    rows, source = load_rows(task, file=settings.train_file, dataset=settings.dataset, split="train")
+    rows, source = task.read_rows(
+        file=settings.train_file,
+        dataset=settings.dataset,
+        split="train",
+        columns=settings.columns,
+        label_names=settings.label_names,
+    )
     read = len(rows)
     rows = task.clean(rows, source)
     cleaned = len(rows)
@@ -85,7 +89,11 @@ def load_training_data(task: Task, settings: TrainingSettings) -> dict:
     validation, held_out = None, 0
     if settings.validation_file:
         validation, val_source = task.load_rows(
-            file=settings.validation_file, dataset=settings.dataset, split="validation"
+            file=settings.validation_file,
+            dataset=settings.dataset,
+            split="validation",
+            columns=settings.columns,
+            label_names=settings.label_names,
         )
         if task.labelled:
             map_to_known_labels(validation, label_names, val_source)
