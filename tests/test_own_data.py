@@ -5,8 +5,8 @@ import gzip
 import json
 
 import pytest
-
 from conftest import newsgroup_rows, run_script, write_jsonl
+
 from qlora_kit import data
 from qlora_kit.errors import UsageError
 from qlora_kit.tasks import TASKS
