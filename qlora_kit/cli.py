@@ -149,8 +149,17 @@ def add_training_args(parser: argparse.ArgumentParser, task) -> None:
                 f"{meta['help']}: {', '.join(settings_lib.recipe_names())} (default: {settings_lib.DEFAULT_RECIPE})"
             )
         groups[meta["group"]].add_argument(f"--{name}", **kwargs)
+    add_verbose_arg(parser)
     parser.add_argument(
         "--print_config", action="store_true", help="print every resolved setting and where it came from, then exit"
+    )
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library message and progress bar (default: only what you can act on)",
     )
 
 

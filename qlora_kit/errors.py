@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import sys
 from collections.abc import Callable
 
@@ -47,14 +46,3 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # The libraries are chatty at INFO; keep their warnings.
-    for name in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)

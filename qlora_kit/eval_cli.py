@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_data_args, add_generation_args, add_model_args, add_prompt_style_arg, positive_int
-from .errors import run_main, setup_logging
+from . import console
+from .cli import add_data_args, add_generation_args, add_model_args, add_prompt_style_arg, add_verbose_arg, positive_int
+from .errors import run_main
 from .tasks import TASKS, get_task
 
 
@@ -28,6 +29,7 @@ def build_finetuned_parser(task, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--use_flash_attention", action="store_true", help="use flash_attention_2 (needs flash-attn)")
     add_data_args(parser, task)
     add_generation_args(parser, task, baseline=False)
+    add_verbose_arg(parser)
     return parser
 
 
@@ -43,6 +45,7 @@ def build_baseline_parser(description: str) -> argparse.ArgumentParser:
         help="few-shot examples: per label for classification (default 1), dialogues for summarization (default 2)",
     )
     add_model_args(parser)
+    add_verbose_arg(parser)
     return parser
 
 
@@ -93,11 +96,11 @@ def baseline_main(args: argparse.Namespace) -> dict:
 
 def finetuned_entry_point(task, description: str) -> None:
     args = build_finetuned_parser(task, description).parse_args()
-    setup_logging()
+    console.setup(args.verbose)
     run_main(lambda: finetuned_main(task, args))
 
 
 def baseline_entry_point(description: str) -> None:
     args = parse_baseline_args(build_baseline_parser(description))
-    setup_logging()
+    console.setup(args.verbose)
     run_main(lambda: baseline_main(args))

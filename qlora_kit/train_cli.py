@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import console
 from . import settings as settings_lib
 from .cli import add_training_args, given_settings
-from .errors import run_main, setup_logging
+from .errors import run_main
 from .tasks import get_task
 
 
@@ -50,5 +51,6 @@ def main(task, args: argparse.Namespace) -> dict | None:
 
 
 def entry_point(task, description: str) -> None:
-    setup_logging()
-    run_main(lambda: main(task, build_parser(task, description).parse_args()))
+    args = build_parser(task, description).parse_args()
+    console.setup(args.verbose)
+    run_main(lambda: main(task, args))

@@ -28,6 +28,12 @@ def test_every_flag_is_in_the_flag_reference():
     baseline = eval_cli.build_baseline_parser("")
     eval_cli.parse_baseline_args(baseline, ["--task_type", "classification", "--prompt_type", "zero-shot"])
     parsers.append(baseline)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_model", ROOT / "export_model.py")
+    export_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_model)
+    parsers.append(export_model.build_parser())
     missing = sorted(
         {
             flag

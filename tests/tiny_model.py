@@ -65,7 +65,7 @@ def build_tiny_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
     return folder
 
 
-def _config(arch: str, vocab: int, bos: int, eos: int):
+def _config(arch: str, vocab: int, bos: int, eos: int, tie: bool = False):
     """A tiny random config of one architecture (hidden size 64, 2 layers)."""
     import transformers
 
@@ -77,7 +77,7 @@ def _config(arch: str, vocab: int, bos: int, eos: int):
         bos_token_id=bos,
         eos_token_id=eos,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     if arch == "falcon":  # Falcon-7B's layout: multi-query attention, parallel attention and MLP
         return transformers.FalconConfig(
@@ -113,7 +113,14 @@ def _config(arch: str, vocab: int, bos: int, eos: int):
 
 
 def build_tiny_architecture(
-    folder: Path, corpus: list[str], arch: str, *, chat_template: bool = True, eos: str = "</s>", seed: int = 0
+    folder: Path,
+    corpus: list[str],
+    arch: str,
+    *,
+    chat_template: bool = True,
+    eos: str = "</s>",
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """A tiny random model of ``arch`` with a BPE tokenizer. ``chat_template=False`` and another ``eos`` give a
     base model as Falcon-7B or RedPajama ship it: no chat template, no pad token, its own end-of-text token."""
@@ -128,7 +135,7 @@ def build_tiny_architecture(
     torch.manual_seed(seed)
     # room for tokens an architecture's tokenizer class adds when it loads (Qwen2's adds <|endoftext|>), as real
     # models keep embedding rows beyond their tokenizer
-    config = _config(arch, len(tokenizer) + 8, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = _config(arch, len(tokenizer) + 8, tokenizer.bos_token_id, tokenizer.eos_token_id, tie_word_embeddings)
     model_class = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
     model_class.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
