@@ -1,7 +1,7 @@
 """Collect every run folder and baseline result into tables (markdown), a CSV and PNG plots.
 
 Usage:
-    python make_report.py [experiments] [baseline_results] [--out report]
+    python make_report.py [experiments] [baseline_results] [--out report] [--compare RUN_A RUN_B]
 """
 
 import argparse
@@ -15,7 +15,7 @@ def main(args):
 
     if not Path(args.experiments).is_dir() and not Path(args.baselines).is_dir():
         raise UsageError(f"neither {args.experiments} nor {args.baselines} is a folder of results")
-    print(make_report(Path(args.experiments), Path(args.baselines), Path(args.out)))
+    print(make_report(Path(args.experiments), Path(args.baselines), Path(args.out), compare=args.compare))
     print(f"report written to {args.out}/ (report.md, runs.csv, accuracy_vs_samples.png, rouge_by_method.png)")
 
 
@@ -24,4 +24,10 @@ if __name__ == "__main__":
     parser.add_argument("experiments", nargs="?", default="experiments")
     parser.add_argument("baselines", nargs="?", default="baseline_results")
     parser.add_argument("--out", default="report")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="add B minus A, paired over the same test items (evaluation or run folders)",
+    )
     run_main(lambda: main(parser.parse_args()))

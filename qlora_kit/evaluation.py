@@ -426,8 +426,13 @@ def _save(out_dir: Path, metrics: dict, records: list[dict]) -> None:
 def summary_table(metrics: dict, task) -> str:
     """A compact table of the task's headline numbers."""
     keys = list(get_task(task).summary_metrics) + ["failed", "examples_per_second"]
-    lines = ["| metric | value |", "|---|---|"]
+    intervals = metrics.get("ci95", {})
+    lines = ["| metric | value | 95% interval |", "|---|---|---|"]
     for key in keys:
         value = metrics.get(key)
-        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        interval = f"{intervals[key][0]:.4f} - {intervals[key][1]:.4f}" if key in intervals else ""
+        lines.append(f"| {key} | {shown} | {interval} |")
+    if intervals:
+        lines.append(f"(intervals: {metrics['bootstrap']['resamples']} bootstrap resamples of the examples)")
     return "\n".join(lines)

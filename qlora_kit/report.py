@@ -73,9 +73,13 @@ def collect(experiments: Path, baselines: Path | None) -> list[dict]:
                 for key in ("train_loss", "train_runtime_s", "tokens_per_second", "peak_gpu_memory_gb")
             }
         )
-        record.update(_metrics(run.evaluation().metrics()))
+        record.update(_metrics(run.evaluation().metrics(), run.evaluation().folder))
         # a run scored only at its checkpoints (--checkpoint) is in Table 3, not as an empty row of Tables 1-2
         record["checkpoint_only"] = record["n"] is None and any(e.step is not None for e in run.evaluations())
+        record["seed"] = settings.get("seed")
+        record["recipe_key"] = json.dumps(
+            {k: v for k, v in settings.items() if k not in NOT_THE_RECIPE}, sort_keys=True, default=str
+        )
         records.append(record)
     for metrics_path in sorted(Path(baselines).rglob(METRICS)) if baselines and Path(baselines).is_dir() else []:
         metrics = _read(metrics_path)
@@ -90,23 +94,50 @@ def collect(experiments: Path, baselines: Path | None) -> list[dict]:
                 "method": f"{config['prompt_type']} ({config.get('prompt_style', 'seed')})",
                 "model": config.get("pretrained_ckpt"),
                 "prompt_style": config.get("prompt_style"),
-                **_metrics(metrics),
+                **_metrics(metrics, metrics_path.parent),
             }
         )
     return records
 
 
-def _metrics(metrics: dict | None) -> dict:
+def _metrics(metrics: dict | None, folder: Path | None = None) -> dict:
+    """The headline metrics of an evaluation and their 95% intervals (``ci95``): from its metrics.json, or,
+    for a file written before intervals were recorded, recomputed from its predictions in ``folder``."""
     keys = ("n", "accuracy", "macro_f1", "micro_f1", "invalid_rate", "rouge1", "rouge2", "rougeL", "rougeLsum")
-    return {key: (metrics or {}).get(key) for key in keys}
+    found = {key: (metrics or {}).get(key) for key in keys}
+    found["ci95"] = (metrics or {}).get("ci95") or (_recomputed_intervals(metrics, folder) if metrics else {})
+    return found
 
 
-def _pct(value) -> str:
-    return MISSING if value is None else f"{100 * value:.1f}"
+def _recomputed_intervals(metrics: dict, folder: Path | None) -> dict:
+    from .compare import read_predictions
+    from .errors import UsageError
+    from .metrics import classification_intervals, rouge_intervals, rouge_per_example
+
+    try:
+        rows = [row for row in read_predictions(folder) if "error" not in row] if folder else []
+    except UsageError:
+        return {}
+    if not rows:
+        return {}
+    references, parsed = [row["reference"] for row in rows], [row.get("parsed") for row in rows]
+    if "accuracy" in metrics:
+        return classification_intervals(references, parsed, sorted(metrics.get("per_class", {})))
+    intervals = rouge_intervals(rouge_per_example(references, [text or "" for text in parsed]))
+    intervals.pop("rougeLsum")  # older files scored Lsum without the sentence split: not the same measure
+    return intervals
 
 
-def _num(value) -> str:
-    return MISSING if value is None else f"{value:.2f}"
+def _pct(value, interval=None) -> str:
+    if value is None:
+        return MISSING
+    return f"{100 * value:.1f}" + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+
+
+def _num(value, interval=None) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
 
 
 def classification_table(records: list[dict]) -> str:
@@ -132,7 +163,7 @@ def classification_table(records: list[dict]) -> str:
         row = []
         for method in VARIANTS:
             shown = [
-                f"{_pct(run['accuracy'])} ({_pct(run['macro_f1'])})"
+                f"{_pct(run['accuracy'], run['ci95'].get('accuracy'))} ({_pct(run['macro_f1'])})"
                 for run in cells[key].get(method, [])
                 if run["accuracy"] is not None
             ]
@@ -144,8 +175,8 @@ def classification_table(records: list[dict]) -> str:
     baselines = [r for r in records if r["task"] == "classification" and r["kind"] == "baseline"]
     for run in sorted(baselines, key=lambda r: r["method"]):
         lines.append(
-            f"| {run['method']} | - | - | {_pct(run['accuracy'])} ({_pct(run['macro_f1'])}) |"
-            + f" {MISSING} |" * (len(VARIANTS) - 1)
+            f"| {run['method']} | - | - | {_pct(run['accuracy'], run['ci95'].get('accuracy'))} "
+            f"({_pct(run['macro_f1'])}) |" + f" {MISSING} |" * (len(VARIANTS) - 1)
         )
     return "\n".join(lines)
 
@@ -178,11 +209,14 @@ def summarization_table(records: list[dict]) -> str:
                 + (f", {run['prompt_style']} prompt" if run.get("prompt_style") not in (None, "seed") else "")
             )
         )
-        lines.append(f"| {name} | " + " | ".join(_num(run[key]) for key, _ in ROUGE_COLUMNS) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(_num(run[key], run["ci95"].get(key)) for key, _ in ROUGE_COLUMNS) + " |"
+        )
     return "\n".join(lines)
 
 
 def write_csv(records: list[dict], path: Path) -> None:
+    records = [_flat(record) for record in records]
     columns = sorted(
         {key for record in records for key in record}, key=lambda k: (k not in ("kind", "task", "method", "run"), k)
     )
@@ -191,6 +225,44 @@ def write_csv(records: list[dict], path: Path) -> None:
         writer.writeheader()
         for record in records:
             writer.writerow({key: "" if record.get(key) is None else record.get(key) for key in columns})
+
+
+def _flat(record: dict) -> dict:
+    """A record with its intervals as columns (accuracy_ci95_low, accuracy_ci95_high, ...)."""
+    flat = {key: value for key, value in record.items() if key != "ci95"}
+    for key, (low, high) in (record.get("ci95") or {}).items():
+        flat[f"{key}_ci95_low"], flat[f"{key}_ci95_high"] = low, high
+    return flat
+
+
+# Settings that do not make two runs different recipes: repeats of a recipe differ only in these.
+NOT_THE_RECIPE = ("seed", "experiment_dir", "overwrite", "resume")
+
+
+def seed_table(records: list[dict]) -> str:
+    """Table 4: runs that differ only in --seed, as mean +- sd over the seeds (one row per recipe)."""
+    import statistics
+
+    groups = defaultdict(list)
+    for run in records:
+        if run["kind"] == "fine-tuned" and run.get("recipe_key") and not run.get("checkpoint_only"):
+            groups[(run["task"], run["recipe_key"])].append(run)
+    lines = ["| task | run | seeds | metric | mean +- sd | min - max |", "|---|---|---|---|---|---|"]
+    for (task, _), runs in sorted(groups.items()):
+        seeds = sorted({run["seed"] for run in runs})
+        if len(seeds) < 2:
+            continue
+        for key in ("accuracy", "macro_f1") if task == "classification" else ("rouge1", "rouge2", "rougeL"):
+            values = [run[key] for run in runs if run[key] is not None]
+            if len(values) < 2:
+                continue
+            scale = 100 if task == "classification" else 1
+            mean, sd = scale * statistics.mean(values), scale * statistics.stdev(values)
+            lines.append(
+                f"| {task} | {Path(runs[0]['run']).name} | {', '.join(map(str, seeds))} | {key} | "
+                f"{mean:.2f} +- {sd:.2f} | {scale * min(values):.2f} - {scale * max(values):.2f} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot_accuracy(records: list[dict], path: Path) -> None:
@@ -253,18 +325,27 @@ def plot_rouge(records: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
+def make_report(experiments: Path, baselines: Path | None, out: Path, compare: tuple | None = None) -> str:
+    """report.md, runs.csv and two plots from the result folders; ``compare=(A, B)`` adds their paired
+    comparison on the same test items."""
     records = collect(experiments, baselines)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = seed_table(records)
+    extra = [f"## Table 4: repeats over seeds\n\n{seeds}"] if seeds else []
+    if compare:
+        from .compare import compare as compare_runs
+        from .compare import describe
+
+        extra.append(f"## Comparison, paired over the same test items\n\n```\n{describe(compare_runs(*compare))}\n```")
     text = (
         "\n\n".join(
             [
                 "# Results report",
                 f"Made by `python make_report.py {experiments} {baselines or ''} --out {out}` from {len(records)} result folders; "
                 f"{MISSING} marks a run that has not been made.",
-                "## Table 1: 20 Newsgroups accuracy (macro-F1), %",
+                "## Table 1: 20 Newsgroups accuracy [95% bootstrap interval] (macro-F1), %",
                 classification_table(records),
-                "## Table 2: SAMSum ROUGE",
+                "## Table 2: SAMSum ROUGE [95% bootstrap interval]",
                 summarization_table(records),
                 "![accuracy against training samples](accuracy_vs_samples.png)\n\n![ROUGE by method](rouge_by_method.png)",
             ]
@@ -273,6 +354,7 @@ def make_report(experiments: Path, baselines: Path | None, out: Path) -> str:
                 if (checkpoints := checkpoint_table(experiments))
                 else []
             )
+            + extra
         )
         + "\n"
     )
@@ -306,13 +388,17 @@ def checkpoint_scores(run_dir: Path, split: str = "validation") -> list[dict]:
     ]
 
 
-def _score_text(metrics: dict, task: str) -> str:
+def _score_text(evaluation, task: str) -> str:
+    """An evaluation's headline numbers with the 95% interval of the first (accuracy; ROUGE-1)."""
+    metrics = evaluation.metrics() or {}
+    intervals = _metrics(metrics, evaluation.folder)["ci95"]
     if task == "classification":
         invalid = metrics.get("invalid")
-        return f"{_pct(metrics.get('accuracy'))} ({_pct(metrics.get('macro_f1'))})" + (
+        return f"{_pct(metrics.get('accuracy'), intervals.get('accuracy'))} ({_pct(metrics.get('macro_f1'))})" + (
             f", {invalid} invalid" if invalid else ""
         )
-    return " / ".join(_num(metrics.get(key)) for key, _ in ROUGE_COLUMNS[:3])
+    first, *rest = (key for key, _ in ROUGE_COLUMNS[:3])
+    return " / ".join([_num(metrics.get(first), intervals.get(first))] + [_num(metrics.get(key)) for key in rest])
 
 
 def _run_settings(config: dict) -> str:
@@ -330,6 +416,7 @@ def _run_settings(config: dict) -> str:
 
 
 CHECKPOINT_NOTE = (
+    "[a, b]: the 95% bootstrap interval of the first number. "
     "Validation: SAMSum's own split; for 20 Newsgroups the part of the training set the run held "
     "out (`--validation_fraction`). 20 Newsgroups: accuracy (macro-F1) %; SAMSum: ROUGE-1 / ROUGE-2 / "
     "ROUGE-L. Test entries name their decoding when it was not the default."
@@ -351,11 +438,9 @@ def checkpoint_table(experiments: Path) -> str:
             if evaluation.split == "test" and evaluation.step is not None:
                 test[evaluation.step].append(evaluation)
         for step in sorted(set(validation) | set(test)):
-            valid_text = _score_text(validation[step].metrics(), task) if step in validation else MISSING
+            valid_text = _score_text(validation[step], task) if step in validation else MISSING
             test_text = (
-                "; ".join(
-                    _score_text(e.metrics(), task) + (f" ({e.suffix})" if e.suffix else "") for e in test.get(step, [])
-                )
+                "; ".join(_score_text(e, task) + (f" ({e.suffix})" if e.suffix else "") for e in test.get(step, []))
                 or MISSING
             )
             epoch = _epoch_of_step(run, step, config)

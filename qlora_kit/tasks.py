@@ -15,7 +15,15 @@ import prompts
 
 from . import data as data_lib
 from .errors import UsageError
-from .metrics import classification_metrics, parse_label, rouge_scores
+from .metrics import (
+    BOOTSTRAP,
+    classification_intervals,
+    classification_metrics,
+    parse_label,
+    rouge_intervals,
+    rouge_means,
+    rouge_per_example,
+)
 
 # (purpose, style) of a template: fine-tuning or a baseline, in the original format or the chat template.
 PURPOSES = ("finetune", "zero-shot", "few-shot")
@@ -54,9 +62,14 @@ class Task:
         return parse_label(text, label_names) if self.labelled else text.strip()
 
     def score(self, references: list[str], predictions: list, label_names: list[str]) -> dict:
+        """The task's metrics, each with its 95% bootstrap interval (``ci95``) and how it was drawn."""
         if self.labelled:
-            return classification_metrics(references, predictions, label_names)
-        return rouge_scores(references, predictions)
+            metrics = classification_metrics(references, predictions, label_names)
+            intervals = classification_intervals(references, predictions, label_names)
+        else:
+            per_example = rouge_per_example(references, predictions)
+            metrics, intervals = rouge_means(per_example), rouge_intervals(per_example)
+        return {**metrics, "ci95": intervals, "bootstrap": BOOTSTRAP}
 
     def read_rows(
         self,

@@ -61,3 +61,50 @@ def test_rouge_matches_rouge_score_package():
         assert got[key] == pytest.approx(value)
     assert rouge_scores(["the cat sat"], ["the cat sat"])["rouge1"] == pytest.approx(100.0)
     assert 0 < got["rouge1"] < 100
+
+
+def test_rouge_lsum_scores_sentences_on_their_own_lines():
+    from qlora_kit.metrics import split_sentences
+
+    assert (
+        split_sentences("Anna is late. She'll call Ben at 5 pm! OK?") == "Anna is late.\nShe'll call Ben at 5 pm!\nOK?"
+    )
+    assert split_sentences("He paid 3.50 for it. e.g. tea") == "He paid 3.50 for it. e.g. tea"  # no capital: one
+    refs = ["Anna is late. Ben will wait for her."]
+    preds = ["Ben will wait for her. Anna is late."]
+    scores = rouge_scores(refs, preds)
+    assert scores["rougeLsum"] > scores["rougeL"]  # sentence-level LCS finds both sentences, the flat one only one
+    assert "sentences split" in scores["rougeLsum_split"]
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_n():
+    from qlora_kit.metrics import BOOTSTRAP, classification_intervals, rouge_intervals
+
+    labels = ["a", "b", "c"]
+    refs = (["a", "b", "c"] * 40)[:100]
+    preds = [r if i % 4 else ("b" if r == "a" else None) for i, r in enumerate(refs)]
+    m = classification_metrics(refs, preds, labels)
+    ci = classification_intervals(refs, preds, labels)
+    for key in ("accuracy", "macro_f1", "micro_f1", "invalid_rate"):
+        low, high = ci[key]
+        assert low <= m[key] <= high and high - low > 0
+    assert ci == classification_intervals(refs, preds, labels)  # fixed seed: the same interval every time
+    wide = classification_intervals(refs[:20], preds[:20], labels)["accuracy"]
+    assert wide[1] - wide[0] > ci["accuracy"][1] - ci["accuracy"][0]
+    assert BOOTSTRAP["resamples"] >= 1000 and BOOTSTRAP["level"] == 0.95
+    rouge = rouge_intervals({"rouge1": [10.0, 50.0] * 30})["rouge1"]
+    assert rouge[0] < 30.0 < rouge[1]
+
+
+def test_paired_difference_and_mcnemar():
+    from qlora_kit.metrics import mcnemar, paired_difference
+
+    a = [1, 0, 1, 0, 1, 1, 0, 0, 1, 0] * 10
+    b = [1, 1, 1, 0, 1, 1, 1, 0, 1, 1] * 10
+    result = paired_difference(a, b)
+    assert result["difference"] == pytest.approx(0.3) and result["ci"][0] > 0 and result["n"] == 100
+    test = mcnemar([bool(x) for x in a], [bool(x) for x in b])
+    assert (test["only_a_right"], test["only_b_right"]) == (0, 30) and test["p_value"] < 1e-6
+    assert mcnemar([True, False], [True, False])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference([1, 0], [1])

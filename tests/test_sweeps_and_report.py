@@ -301,3 +301,46 @@ def test_report_table_of_checkpoints(tmp_path):
         in text
     )
     assert "| 40 | 1.0 |" not in text  # not an empty row of Table 1
+
+
+def _fake_run(folder: Path, seed: int, right: int, n: int = 40) -> Path:
+    """A classification run folder with a test evaluation: ``right`` of ``n`` answers right."""
+    from qlora_kit import tasks
+
+    refs = ["a", "b"] * (n // 2)
+    parsed = [ref if i < right else ("b" if ref == "a" else "a") for i, ref in enumerate(refs)]
+    (folder / "metrics").mkdir(parents=True)
+    settings = {"seed": seed, "lora_r": 8, "epochs": 3, "learning_rate": 1e-3, "experiment_dir": str(folder)}
+    (folder / "run_config.json").write_text(
+        json.dumps({"task": "classification", "settings": settings, "data": {"rows": {"used": 100}}})
+    )
+    rows = [{"id": i, "reference": r, "parsed": p} for i, (r, p) in enumerate(zip(refs, parsed))]
+    (folder / "metrics" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = tasks.get_task("classification").score(refs, parsed, ["a", "b"])
+    (folder / "metrics" / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_report_shows_intervals_seed_repeats_and_a_paired_comparison(tmp_path):
+    from qlora_kit.report import make_report
+
+    runs = tmp_path / "runs"
+    for seed, right in ((1, 30), (2, 34), (3, 32)):
+        _fake_run(runs / f"news-seed{seed}", seed, right)
+    text = make_report(runs, None, tmp_path / "report", compare=(runs / "news-seed1", runs / "news-seed2"))
+    assert "| 100 | 1.0 | 3 | 75.0 [" in text  # seed 1's accuracy with its interval (another seed's cell beside it)
+    assert "| classification | news-seed1 | 1, 2, 3 | accuracy | 80.00 +- 5.00 | 75.00 - 85.00 |" in text
+    assert "B minus A: accuracy +10.00 (95% CI" in text and "McNemar: only A right 0, only B right 4" in text
+    header = (tmp_path / "report" / "runs.csv").read_text().splitlines()[0]
+    assert "accuracy_ci95_low" in header and "accuracy_ci95_high" in header
+
+
+def test_compare_script_refuses_different_examples(tmp_path):
+    _fake_run(tmp_path / "a", 1, 30)
+    _fake_run(tmp_path / "b", 1, 30, n=20)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(tmp_path / "a"), str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "not scored on the same examples" in result.stderr
