@@ -210,6 +210,20 @@ def plan_batches(
     return batches
 
 
+def share_batches(plan: list[list[int]], lengths: list[int], max_new_tokens: int, processes: int) -> list[list]:
+    """The batches of ``plan`` shared out among ``processes`` so that each gets about the same number of padded
+    tokens (a batch costs rows x (its longest prompt + new tokens)): the costliest first, each to the process
+    with the least so far (ties: the lowest rank). Deterministic; every process computes the same split."""
+    shares: list[list] = [[] for _ in range(processes)]
+    load = [0] * processes
+    cost = {id(batch): len(batch) * (max(lengths[i] for i in batch) + max_new_tokens) for batch in plan}
+    for batch in sorted(plan, key=lambda b: -cost[id(b)]):  # stable: equal costs keep the plan's order
+        target = min(range(processes), key=lambda rank: (load[rank], rank))
+        shares[target].append(batch)
+        load[target] += cost[id(batch)]
+    return shares
+
+
 def generate(
     model,
     tokenizer,
@@ -230,9 +244,9 @@ def generate(
     A batch holds at most ``batch_size`` prompts and at most ``max_batch_tokens`` padded tokens
     (prompt + new tokens): short prompts travel in large batches, long ones in small ones. Prompts are
     prefilled ``prefill_tokens`` at a time, then the whole batch decodes together.
-    ``shard=(rank, processes)``: every process plans the same batches and runs every processes-th one, so
-    each batch is exactly the one a single process would run (same padding, same numbers); the other
-    prompts' outputs stay None and are not failures.
+    ``shard=(rank, processes)``: every process plans the same batches and runs its share of them, shared by
+    padded tokens (``share_batches``), so each batch is exactly the one a single process would run (same
+    padding, same numbers); the other prompts' outputs stay None and are not failures.
     ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
     """
     import collections
@@ -251,7 +265,7 @@ def generate(
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
     )
-    queue = collections.deque(plan[rank::processes])
+    queue = collections.deque(share_batches(plan, [len(p) for p in prompts], max_new_tokens, processes)[rank])
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
     rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows

@@ -558,10 +558,23 @@ def fit(trainer, checkpoint: Path | None, resumed_state: dict, run: RunFolder) -
     return metrics
 
 
+def adapter_state_dict(trainer) -> dict | None:
+    """The full (unsharded) weights to save the adapter from, or None to let peft read them from the model.
+
+    Under FSDP every process holds a shard: gathering them is a collective that every process must enter,
+    or the main process waits forever for the others (the others must not skip it).
+    """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return trainer.accelerator.get_state_dict(trainer.model)
+    return None
+
+
 def save_run(trainer, tokenizer, run: RunFolder, metrics: dict) -> None:
-    """Stage 5: adapter and tokenizer, then the metrics file that marks the run finished (one process writes)."""
+    """Stage 5: adapter and tokenizer, then the metrics file that marks the run finished (one process writes;
+    every process takes part in gathering sharded weights)."""
+    state_dict = adapter_state_dict(trainer)
     if distributed.is_main():
-        trainer.model.save_pretrained(run.adapter_dir, save_embedding_layers=False)
+        trainer.model.save_pretrained(run.adapter_dir, state_dict=state_dict, save_embedding_layers=False)
         tokenizer.save_pretrained(run.adapter_dir)
         results.write_json_atomic(run.train_metrics_file, metrics)
     distributed.barrier()

@@ -90,3 +90,59 @@ def test_two_processes_train_and_evaluate_like_one(tiny_model, data_dir, tmp_pat
         k: metrics_one[k] for k in ("n", "accuracy", "macro_f1")
     }
     assert not list((tmp_path / "two").glob("predictions.partial*"))
+
+
+SAVE_UNDER_SHARDING = """
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from types import SimpleNamespace
+from qlora_kit import distributed
+from qlora_kit.run_folder import RunFolder
+from qlora_kit.training import save_run
+
+distributed.init()
+
+def gather_shards(model):  # as FSDP's full state dict: a collective every process must enter
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    return {"lora_A.weight": total}
+
+class Model:
+    saved = None
+    def save_pretrained(self, folder, state_dict=None, save_embedding_layers=False):
+        self.saved = gather_shards(self) if state_dict is None else state_dict
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_config.json").write_text("{}")
+
+trainer = SimpleNamespace(model=Model(), is_fsdp_enabled=True,
+                          accelerator=SimpleNamespace(get_state_dict=gather_shards))
+tokenizer = SimpleNamespace(save_pretrained=lambda folder: None)
+save_run(trainer, tokenizer, RunFolder(sys.argv[1]), {"global_steps": 1})
+if distributed.is_main():
+    assert trainer.model.saved["lora_A.weight"].item() == 2.0  # the shards of both processes
+print("saved", distributed.rank())
+"""
+
+
+def test_the_final_save_under_sharding_does_not_wait_forever(tmp_path):
+    """Under FSDP the adapter's weights are gathered from every process's shard: a collective. Entered by the
+    main process alone (as the final save once did), it waits forever; every process must enter it."""
+    (tmp_path / "save.py").write_text(SAVE_UNDER_SHARDING)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(tmp_path / "save.py"),
+        str(tmp_path / "run"),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(result.stdout.split()) == ["0", "1", "saved", "saved"]
+    assert (tmp_path / "run" / "train_metrics.json").is_file() and (tmp_path / "run" / "adapter").is_dir()

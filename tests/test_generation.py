@@ -308,3 +308,23 @@ def test_partial_files_of_other_processes_are_resumed(trained_run_for_resume, da
     assert resumed["resumed_examples"] == 6 and resumed["accuracy"] == whole["accuracy"]
     assert (tmp_path / "cut" / "predictions.jsonl").read_text() == "\n".join(lines) + "\n"
     assert not list((tmp_path / "cut").glob("*.partial*"))
+
+
+def test_batches_are_shared_by_padded_tokens_not_by_count():
+    from qlora_kit.generation import plan_batches, share_batches
+
+    lengths = [500] * 8 + [20] * 200  # a few long prompts, many short ones
+    plan = plan_batches(lengths, max_new_tokens=20, batch_size=64, max_batch_tokens=4096)
+    shares = share_batches(plan, lengths, 20, 2)
+    assert sorted(i for share in shares for batch in share for i in batch) == list(range(len(lengths)))
+    assert sorted(map(tuple, plan)) == sorted(tuple(b) for share in shares for b in share)  # the same batches
+
+    def tokens(share):
+        return sum(len(b) * (max(lengths[i] for i in b) + 20) for b in share)
+
+    assert abs(tokens(shares[0]) - tokens(shares[1])) <= max(tokens([b]) for b in plan)
+    assert share_batches(plan, lengths, 20, 2) == shares  # every process computes the same split
+    # every other batch (a split by count) would give one process both long batches
+    lengths = [1000, 10, 1000, 10]
+    shares = share_batches([[0], [1], [2], [3]], lengths, 20, 2)
+    assert shares == [[[0], [1]], [[2], [3]]] and tokens(shares[0]) == tokens(shares[1])
