@@ -58,15 +58,28 @@ def prefill_bytes_per_token(model) -> int:
     return 2 * (4 * config.hidden_size + 3 * intermediate)
 
 
+def usable_gpu_memory(free: int, total: int, reserved: int) -> int:
+    """The GPU memory an evaluation plans with: the card's, less what this process holds.
+
+    Not simply what is free: the free memory of two processes of one evaluation differs by a few hundred MB
+    (the collective library's buffers), and a different budget means different batches, padding and bf16
+    rounding than one process would have. Only when something else holds over a fifth of the card does the
+    free memory count instead.
+    """
+    ours = total - reserved
+    return free if free < 0.8 * ours else ours
+
+
 def default_max_batch_tokens(model, memory_fraction: float = 0.5, prefill_tokens: int = PREFILL_TOKENS) -> int | None:
-    """Padded tokens (prompt + answer) per batch whose KV cache fits in a share of the free GPU memory, after
-    room for one prefill group's activations; None on the CPU."""
+    """Padded tokens (prompt + answer) per batch whose KV cache fits in a share of the usable GPU memory
+    (``usable_gpu_memory``), after room for one prefill group's activations; None on the CPU."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info()
-    room = free * memory_fraction - prefill_tokens * prefill_bytes_per_token(model)
+    free, total = torch.cuda.mem_get_info()
+    usable = usable_gpu_memory(free, total, torch.cuda.memory_reserved())
+    room = usable * memory_fraction - prefill_tokens * prefill_bytes_per_token(model)
     return max(1024, int(room / kv_cache_bytes_per_token(model)))
 
 

@@ -328,3 +328,13 @@ def test_batches_are_shared_by_padded_tokens_not_by_count():
     lengths = [1000, 10, 1000, 10]
     shares = share_batches([[0], [1], [2], [3]], lengths, 20, 2)
     assert shares == [[[0], [1]], [[2], [3]]] and tokens(shares[0]) == tokens(shares[1])
+
+
+def test_the_batch_budget_is_the_same_for_every_process_of_one_evaluation():
+    from qlora_kit.generation import usable_gpu_memory
+
+    gib = 2**30
+    # two processes of one evaluation: the second's collective buffers take 0.4 GiB more; same usable memory
+    assert usable_gpu_memory(130 * gib, 141 * gib, 5 * gib) == usable_gpu_memory(129.6 * gib, 141 * gib, 5 * gib)
+    # another program holds most of the card: what is free counts
+    assert usable_gpu_memory(30 * gib, 141 * gib, 5 * gib) == 30 * gib
