@@ -178,10 +178,13 @@ def resume_job(job: GenerationJob, partial_dir: Path | None) -> dict[int, dict]:
 
 
 def shared_batch_budget(model, max_batch_tokens: int | None) -> int | None:
-    """Stage 3: one token budget per batch for every process (the smallest one's), or the plans would differ."""
-    if max_batch_tokens is None and distributed.world_size() > 1:
-        budgets = [b for b in distributed.gather(default_max_batch_tokens(model)) if b is not None]
-        return min(budgets) if budgets else None
+    """Stage 3: the padded-token budget of a batch (the flag's, else what the GPU holds), one for every process
+    (the smallest one's), or the processes' plans would differ."""
+    if max_batch_tokens is None:
+        max_batch_tokens = default_max_batch_tokens(model)
+        if distributed.world_size() > 1:
+            budgets = [b for b in distributed.gather(max_batch_tokens) if b is not None]
+            max_batch_tokens = min(budgets) if budgets else None
     return max_batch_tokens
 
 
@@ -292,6 +295,7 @@ def run_generation(
             "generation_seconds": seconds,
             "examples_per_second": new / seconds if seconds and new else None,
             "final_batch_size": min(part["batch"] for part in gathered),
+            "max_batch_tokens": max_batch_tokens,  # the padded-token budget of a batch (None: the CPU's)
         }
     )
     return metrics, all_records

@@ -58,6 +58,9 @@ def prefill_bytes_per_token(model) -> int:
     return 2 * (4 * config.hidden_size + 3 * intermediate)
 
 
+BUDGET_STEP = 8192  # tokens
+
+
 def usable_gpu_memory(free: int, total: int, reserved: int) -> int:
     """The GPU memory an evaluation plans with: the card's, less what this process holds.
 
@@ -78,9 +81,11 @@ def default_max_batch_tokens(model, memory_fraction: float = 0.5, prefill_tokens
     if not torch.cuda.is_available():
         return None
     free, total = torch.cuda.mem_get_info()
-    usable = usable_gpu_memory(free, total, torch.cuda.memory_reserved())
+    usable = usable_gpu_memory(free, total, torch.cuda.memory_allocated())
     room = usable * memory_fraction - prefill_tokens * prefill_bytes_per_token(model)
-    return max(1024, int(room / kv_cache_bytes_per_token(model)))
+    # whole multiples of 8,192 tokens: processes whose own allocations differ by a few MB (measured: 12 tokens
+    # of 541,979 apart) still get one budget
+    return max(1024, int(room / kv_cache_bytes_per_token(model)) // BUDGET_STEP * BUDGET_STEP)
 
 
 class LabelTrie:
