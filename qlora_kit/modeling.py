@@ -166,6 +166,14 @@ def load_model(source: str, *, load_in_4bit: bool, use_flash_attention: bool = F
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype()
+    if load_in_4bit and not for_training and not torch_cuda_available() and not cpu_4bit_inference_works(source):
+        log.warning(
+            "bitsandbytes' CPU kernels cannot generate with 4-bit layers whose input width is not a multiple "
+            "of %d (this model has some): evaluating on a %s copy of the base instead",
+            BNB_BLOCKSIZE,
+            dtype,
+        )
+        load_in_4bit = False
     kwargs = dict(
         dtype=dtype, attn_implementation=attention_implementation(use_flash_attention), device_map=device_map()
     )
@@ -184,6 +192,22 @@ def load_model(source: str, *, load_in_4bit: bool, use_flash_attention: bool = F
     if for_training:
         model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
     return model
+
+
+BNB_BLOCKSIZE = 64  # NF4 quantization block: bitsandbytes' CPU inference needs input widths that are multiples
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_4bit_inference_works(source: str) -> bool:
+    """Whether bitsandbytes' CPU path can generate with this model in 4-bit: every linear layer's input width a
+    multiple of its quantization block (a hidden size of 32 fails inside the library)."""
+    width = model_layout(source).narrowest_input
+    return width % BNB_BLOCKSIZE == 0
 
 
 def model_slug(name: str) -> str:
@@ -210,6 +234,7 @@ class ModelLayout:
     model_type: str
     linear_names: tuple  # the last name component of every linear layer of the decoder (lm_head not included)
     head_name: str | None  # the output projection's name (lm_head; embed_out for GPT-NeoX)
+    narrowest_input: int = 0  # the smallest input width of a linear layer of the decoder
 
 
 def model_layout(source: str) -> ModelLayout:
@@ -235,13 +260,14 @@ def model_layout(source: str) -> ModelLayout:
             f"'{source}' ({config.model_type}) is not a causal LM that transformers can load ({_first_line(error)})"
         )
     head = model.get_output_embeddings()
-    names, head_name = set(), None
+    names, head_name, widths = set(), None, []
     for name, module in model.named_modules():
         if module is head:
             head_name = name.split(".")[-1]
         elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2 style layers
             names.add(name.split(".")[-1])
-    return ModelLayout(config.model_type, tuple(sorted(names)), head_name)
+            widths.append(module.in_features if isinstance(module, torch.nn.Linear) else module.weight.shape[0])
+    return ModelLayout(config.model_type, tuple(sorted(names)), head_name, min(widths, default=0))
 
 
 def lora_targets(layout: ModelLayout, full_tune: bool, override: list[str] | None = None) -> list[str]:

@@ -202,3 +202,68 @@ def test_targets_that_adapt_nothing_in_the_decoder_stop_the_run(tiny_model, data
     )
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "experiments").exists()  # refused before the run folder is written
+
+
+def test_a_model_whose_width_is_not_a_multiple_of_64_evaluates_after_4bit_training(tmp_path, data_dir):
+    """bitsandbytes' CPU kernels fail inside the library on 4-bit layers of input width 32: evaluation and
+    baselines then run on an unquantized copy of the base, with a warning that says so."""
+    import torch
+    from tiny_model import build_tokenizer
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = build_tokenizer(_corpus())
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    MistralForCausalLM(config).save_pretrained(tmp_path / "narrow")
+    tokenizer.save_pretrained(tmp_path / "narrow")
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tmp_path / "narrow",
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--max_steps",
+        2,
+        "--batch_size",
+        4,
+        "--experiment_dir",
+        "run",
+        cwd=tmp_path,
+    )  # 4-bit, the default
+    result = run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "run",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--max_new_tokens",
+        4,
+        cwd=tmp_path,
+    )
+    assert "not a multiple of 64" in result.stderr and "| n | 12 |" in result.stdout
+    run_script(
+        "zephyr_baseline_inference.py",
+        "--task_type",
+        "summarization",
+        "--prompt_type",
+        "zero-shot",
+        "--pretrained_ckpt",
+        tmp_path / "narrow",
+        "--test_file",
+        data_dir / "dialogues_test.jsonl",
+        "--max_new_tokens",
+        4,
+        "--output_dir",
+        "baseline",
+        cwd=tmp_path,
+    )
