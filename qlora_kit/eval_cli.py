@@ -22,6 +22,11 @@ def build_finetuned_parser(task, description: str) -> argparse.ArgumentParser:
         "--keep_checkpoints) instead of its final one; results go to metrics[_SPLIT]_step-STEP",
     )
     parser.add_argument(
+        "--final_adapter",
+        action="store_true",
+        help="evaluate the final adapter even when training chose a checkpoint on validation (--select_on)",
+    )
+    parser.add_argument(
         "--merge_adapter",
         action="store_true",
         help="load the base in bf16 and merge the LoRA weights: faster generation, more memory",

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from argparse import Namespace
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed, modeling, results
@@ -140,7 +140,6 @@ class GenerationJob:
     label_names: list[str]
     stop_ids: list[int]
     label_sequences: list[list[int]] | None  # constrained decoding: the token ids of every label
-    records: dict = field(default_factory=dict)  # index -> prediction record
 
 
 def plan_job(
@@ -318,6 +317,12 @@ def evaluate_run(task, args: Namespace) -> dict:
     if config.get("task") != task.name:
         raise UsageError(f"--experiment_dir {run.path} is a {config.get('task')} run, not a {task.name} run")
     checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None and not getattr(args, "final_adapter", False) and run.chosen_step() is not None:
+        checkpoint = run.chosen_step()
+        log.info(
+            "the checkpoint chosen on validation while training: step %d (--final_adapter for the final one)",
+            checkpoint,
+        )
     adapter = run.adapter(checkpoint)
     out_dir = Path(args.output_dir) if args.output_dir else run.evaluation(args.split, checkpoint).folder
     label_names = config["label_names"]
@@ -350,7 +355,7 @@ def evaluate_run(task, args: Namespace) -> dict:
         "prompt_style": config["prompt_style"],
         "versions": modeling.library_versions(),
     }
-    _save(out_dir, metrics, records)
+    save_evaluation(out_dir, metrics, records)
     return metrics
 
 
@@ -413,11 +418,11 @@ def evaluate_baseline(args: Namespace) -> dict:
         "decoding": getattr(args, "decoding", "greedy"),
         "versions": modeling.library_versions(),
     }
-    _save(out_dir, metrics, records)
+    save_evaluation(out_dir, metrics, records)
     return metrics
 
 
-def _save(out_dir: Path, metrics: dict, records: list[dict]) -> None:
+def save_evaluation(out_dir: Path, metrics: dict, records: list[dict]) -> None:
     metrics["output_dir"] = str(out_dir)
     distributed.barrier()
     if distributed.is_main():  # one process writes the results

@@ -4,6 +4,7 @@
     RUN/train_metrics.json       loss, speed, memory; its presence marks a finished training run
     RUN/adapter/                 the final LoRA adapter and tokenizer
     RUN/checkpoints/checkpoint-N trainer checkpoints (adapter, optimizer, trainer state)
+    RUN/selection.json           with --select_on: every checkpoint's validation score and the best step
     RUN/metrics[_SPLIT][_step-N][_DECODING]/   one evaluation: metrics.json, predictions.jsonl
 
 An evaluation folder (of a run or of a baseline) holds ``metrics.json`` (written last: it marks a finished
@@ -20,6 +21,7 @@ from .errors import UsageError
 from .results import check_writable_dir, read_json
 
 RUN_CONFIG = "run_config.json"
+SELECTION = "selection.json"  # the checkpoint chosen on validation while training (--select_on)
 TRAIN_METRICS = "train_metrics.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
@@ -81,6 +83,7 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     config_file = property(lambda self: self.path / RUN_CONFIG)
+    selection_file = property(lambda self: self.path / SELECTION)
     train_metrics_file = property(lambda self: self.path / TRAIN_METRICS)
     adapter_dir = property(lambda self: self.path / "adapter")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
@@ -146,6 +149,12 @@ class RunFolder:
             if epoch >= 1 and abs(epoch - round(epoch)) < 1e-6:
                 found[round(epoch)] = step
         return found
+
+    def chosen_step(self) -> int | None:
+        """The checkpoint step chosen on validation while training (--select_on), if any."""
+        if not self.selection_file.is_file():
+            return None
+        return read_json(self.selection_file, "selection").get("best_step")
 
     def adapter(self, checkpoint: int | None = None) -> Path:
         """The folder of the final adapter, or of the adapter saved at optimizer step ``checkpoint``."""

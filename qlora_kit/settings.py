@@ -120,6 +120,14 @@ class TrainingSettings:
     seed: int = _setting(42, "random seed (data order, sampling, LoRA initialisation)")
     report_to: str = _setting("none", "none, tensorboard or wandb")
     logging_steps: int = _setting(10, "log the loss every N optimizer steps")
+    select_on: str | None = _setting(
+        None,
+        "score every saved checkpoint on the validation data with these "
+        "metrics while training (accuracy, macro_f1, rouge1+rouge2, ...) and make the "
+        "best one the run's default for evaluation",
+        "run folder",
+        metavar="METRICS",
+    )
     # run folder
     experiment_dir: str | None = _setting(
         None, "run folder (default: experiments/<name made from the settings>)", "run folder"

@@ -22,6 +22,7 @@ from .errors import Interrupted, UsageError
 from .formatting import PromptFormat, build_training_examples, end_of_turn_token
 from .packing import PackedCollator, packed_rows
 from .run_folder import RunFolder
+from .selection import ScoreCheckpoints, selection_metrics
 from .settings import TrainingSettings
 from .tasks import Task, get_task
 
@@ -400,6 +401,8 @@ class Prepared:
     counts: dict
     examples: list
     eval_examples: list | None
+    fmt: PromptFormat = None
+    validation_rows: list | None = None
 
 
 def prepare_examples(task: Task, settings: TrainingSettings) -> Prepared:
@@ -422,7 +425,15 @@ def prepare_examples(task: Task, settings: TrainingSettings) -> Prepared:
         end_token,
     )
     return Prepared(
-        tokenizer, source, end_token, training_data["label_names"], training_data["counts"], examples, eval_examples
+        tokenizer,
+        source,
+        end_token,
+        training_data["label_names"],
+        training_data["counts"],
+        examples,
+        eval_examples,
+        fmt,
+        training_data["validation"],
     )
 
 
@@ -591,6 +602,10 @@ def train(task, settings: TrainingSettings) -> dict:
     run.check_new(settings.overwrite, settings.resume)
     distributed.barrier()  # every process has checked before the main one writes anything
 
+    if settings.select_on:
+        selection_metrics(settings.select_on, task)  # a bad name fails before any work
+        if not (settings.validation_file or settings.validation_fraction):
+            raise UsageError("--select_on needs validation data: --validation_file or --validation_fraction")
     prepared = prepare_examples(task, settings)
     log.info(
         "effective batch %d = %d per device x %d accumulation x %d processes",
@@ -606,6 +621,20 @@ def train(task, settings: TrainingSettings) -> dict:
     if distributed.is_main():
         results.write_json_atomic(run.config_file, run_config(task, settings, prepared, targets))
     trainer = build_trainer(settings, prepared, run, targets)
+    if settings.select_on:
+        trainer.add_callback(
+            ScoreCheckpoints(
+                task,
+                selection_metrics(settings.select_on, task),
+                prepared.validation_rows,
+                prepared.fmt,
+                prepared.tokenizer,
+                prepared.end_token,
+                prepared.label_names,
+                settings.max_seq_length,
+                run,
+            )
+        )
     metrics = fit(trainer, checkpoint, resumed_state, run)
     save_run(trainer, prepared.tokenizer, run, metrics)
     metrics["run_dir"] = str(run.path)

@@ -452,3 +452,82 @@ def test_epoch_checkpoints_scored_on_validation_and_the_best_chosen(tiny_model, 
     )
     assert missing.returncode == 2 and "checkpoint-7" in missing.stderr and "5, 10, 15" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_select_on_scores_every_checkpoint_while_training_and_evaluation_uses_the_best(tiny_model, data_dir, tmp_path):
+    run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--validation_fraction",
+        0.25,
+        "--epochs",
+        3,
+        "--batch_size",
+        8,
+        "--save_steps",
+        "epoch",
+        "--keep_checkpoints",
+        1,
+        "--learning_rate",
+        1e-2,
+        "--no-load_in_4bit",
+        "--select_on",
+        "accuracy+macro_f1",
+        "--experiment_dir",
+        "run",
+        cwd=tmp_path,
+    )
+    run = tmp_path / "run"
+    selection = json.loads((run / "selection.json").read_text())
+    steps = [point["step"] for point in selection["curve"]]
+    assert steps == [5, 10, 15] and selection["select_on"] == ["accuracy", "macro_f1"]
+    best = max(selection["curve"], key=lambda p: (p["accuracy"] + p["macro_f1"], -p["step"]))["step"]
+    assert selection["best_step"] == best
+    for step in steps:  # the same folders as --checkpoint STEP --split validation writes
+        scored = json.loads((run / f"metrics_validation_step-{step}" / "metrics.json").read_text())
+        assert scored["n"] == 12 and scored["config"]["scored_while_training"]
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert f"checkpoint-{best}" in kept  # never rotated away, although only 1 is kept
+    result = run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "run",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--max_new_tokens",
+        4,
+        cwd=tmp_path,
+    )
+    assert f"step {best}" in result.stderr and (run / f"metrics_step-{best}" / "metrics.json").is_file()
+    run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        "run",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--max_new_tokens",
+        4,
+        "--final_adapter",
+        cwd=tmp_path,
+    )
+    assert (run / "metrics" / "metrics.json").is_file()
+
+
+def test_select_on_needs_validation_data_and_a_metric_of_the_task(tiny_model, data_dir, tmp_path):
+    base = ["--pretrained_ckpt", tiny_model, "--train_file", data_dir / "dialogues_train.jsonl"]
+    result = run_script("zephyr_summarization.py", *base, "--select_on", "rouge1", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "--select_on needs validation data" in result.stderr
+    result = run_script(
+        "zephyr_summarization.py",
+        *base,
+        "--select_on",
+        "accuracy",
+        "--validation_fraction",
+        0.2,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2 and "the summarization task scores rouge1, rouge2, rougeL, rougeLsum" in result.stderr
