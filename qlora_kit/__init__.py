@@ -1,3 +1,3 @@
 """QLoRA fine-tuning and evaluation of chat LLMs on 20 Newsgroups and SAMSum."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -8,6 +8,7 @@ A recipe is a YAML file in ``recipes/`` named by ``--recipe NAME``, or any YAML 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,11 +283,16 @@ def resolve(task, given: dict | None = None) -> tuple[TrainingSettings, dict[str
     return settings, sources
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_recipes() -> tuple:
+    """(name, shared settings, task sections) of every recipe in recipes/, read once per process."""
+    return tuple((recipe, *load_recipe(recipe)[:2]) for recipe in recipe_names())
+
+
 def recipe_value_text(name: str, task: str) -> str:
     """What each recipe sets ``name`` to for ``task``, for ``--help`` (empty when no recipe sets it)."""
     words = []
-    for recipe in recipe_names():
-        shared, sections, _ = load_recipe(recipe)
+    for recipe, shared, sections in _shipped_recipes():
         value = sections.get(task, {}).get(name, shared.get(name))
         if name in shared or name in sections.get(task, {}):
             words.append(f"{recipe}: {_shown(value)}")
