@@ -2,7 +2,7 @@
 # Quick start, offline, on a CPU: set everything up, then fine-tune the embedded SmolLM2-135M-Instruct
 # with QLoRA on the bundled samples of both tasks, evaluate it, and compare with zero-shot.
 # The same scripts and flags a GPU user runs, with the small model and the sample files.
-#   bash demo.sh            (about 6-7 minutes on 2 CPU cores; re-running reuses finished steps)
+#   bash demo.sh            (about 7 minutes on 2 CPU cores; re-running reuses finished steps)
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
