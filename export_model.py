@@ -11,22 +11,15 @@ The folder loads without peft, as any model does:
 import argparse
 
 from qlora_kit import console
-from qlora_kit.cli import add_verbose_arg, positive_int
+from qlora_kit.cli import add_adapter_args, add_verbose_arg
 from qlora_kit.errors import run_main
 from qlora_kit.export import DTYPES, export_run
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment_dir", required=True, help="the training run folder to export")
+    add_adapter_args(parser, "export")
     parser.add_argument("--output_dir", required=True, help="the model folder to write")
-    parser.add_argument(
-        "--checkpoint",
-        type=positive_int,
-        default=None,
-        metavar="STEP",
-        help="export the adapter of the run's checkpoint at this step instead of its final one",
-    )
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights' type (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
     add_verbose_arg(parser)
@@ -35,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace):
     out = export_run(
-        args.experiment_dir, args.output_dir, checkpoint=args.checkpoint, dtype=args.dtype, overwrite=args.overwrite
+        args.experiment_dir,
+        args.output_dir,
+        checkpoint=args.checkpoint,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        final_adapter=args.final_adapter,
     )
     print(f"exported model: {out}")
     return out

@@ -155,6 +155,25 @@ def add_training_args(parser: argparse.ArgumentParser, task) -> None:
     )
 
 
+def add_adapter_args(parser: argparse.ArgumentParser, verb: str) -> None:
+    """Which run and which of its adapters: --experiment_dir, --checkpoint STEP, --final_adapter."""
+    parser.add_argument("--experiment_dir", required=True, help=f"the training run folder to {verb}")
+    parser.add_argument(
+        "--checkpoint",
+        type=positive_int,
+        default=None,
+        metavar="STEP",
+        help=f"{verb} the adapter of the run's checkpoint at this optimizer step (kept with "
+        "--keep_checkpoints) instead of the default: the checkpoint chosen on validation "
+        "while training (--select_on), else the final adapter",
+    )
+    parser.add_argument(
+        "--final_adapter",
+        action="store_true",
+        help=f"{verb} the final adapter even when training chose a checkpoint on validation",
+    )
+
+
 def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verbose",

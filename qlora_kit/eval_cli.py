@@ -5,27 +5,21 @@ from __future__ import annotations
 import argparse
 
 from . import console
-from .cli import add_data_args, add_generation_args, add_model_args, add_prompt_style_arg, add_verbose_arg, positive_int
+from .cli import (
+    add_adapter_args,
+    add_data_args,
+    add_generation_args,
+    add_model_args,
+    add_prompt_style_arg,
+    add_verbose_arg,
+)
 from .errors import run_main
 from .tasks import TASKS, get_task
 
 
 def build_finetuned_parser(task, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment_dir", required=True, help="the training run folder to evaluate")
-    parser.add_argument(
-        "--checkpoint",
-        type=positive_int,
-        default=None,
-        metavar="STEP",
-        help="evaluate the adapter of the run's checkpoint at this optimizer step (kept with "
-        "--keep_checkpoints) instead of its final one; results go to metrics[_SPLIT]_step-STEP",
-    )
-    parser.add_argument(
-        "--final_adapter",
-        action="store_true",
-        help="evaluate the final adapter even when training chose a checkpoint on validation (--select_on)",
-    )
+    add_adapter_args(parser, "evaluate")  # a checkpoint's results go to metrics[_SPLIT]_step-STEP
     parser.add_argument(
         "--merge_adapter",
         action="store_true",

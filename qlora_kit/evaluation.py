@@ -316,13 +316,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     config = run.config()
     if config.get("task") != task.name:
         raise UsageError(f"--experiment_dir {run.path} is a {config.get('task')} run, not a {task.name} run")
-    checkpoint = getattr(args, "checkpoint", None)
-    if checkpoint is None and not getattr(args, "final_adapter", False) and run.chosen_step() is not None:
-        checkpoint = run.chosen_step()
-        log.info(
-            "the checkpoint chosen on validation while training: step %d (--final_adapter for the final one)",
-            checkpoint,
-        )
+    checkpoint = run.default_checkpoint(getattr(args, "checkpoint", None), getattr(args, "final_adapter", False))
     adapter = run.adapter(checkpoint)
     out_dir = Path(args.output_dir) if args.output_dir else run.evaluation(args.split, checkpoint).folder
     label_names = config["label_names"]

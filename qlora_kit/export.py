@@ -32,15 +32,18 @@ def export_run(
     checkpoint: int | None = None,
     dtype: str = "bfloat16",
     overwrite: bool = False,
+    final_adapter: bool = False,
 ) -> Path:
-    """Merge the run's adapter (final, or the checkpoint at step ``checkpoint``) into the base in ``dtype`` and
-    save the model, tokenizer and a README to ``output_dir``."""
+    """Merge the run's adapter (the checkpoint at step ``checkpoint``, else the one chosen on validation while
+    training unless ``final_adapter``, else the final one) into the base in ``dtype``; save the model, its
+    tokenizer and a README to ``output_dir``."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run = RunFolder(experiment_dir)
     config = run.config()
+    checkpoint = run.default_checkpoint(checkpoint, final_adapter)
     adapter = run.adapter(checkpoint)
     out_dir = Path(output_dir)
     check_output_dir(out_dir, overwrite)

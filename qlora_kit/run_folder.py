@@ -14,11 +14,14 @@ evaluation), ``predictions.jsonl`` and, while generating, ``predictions.partial[
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
 from .results import check_writable_dir, read_json
+
+log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
 SELECTION = "selection.json"  # the checkpoint chosen on validation while training (--select_on)
@@ -155,6 +158,17 @@ class RunFolder:
         if not self.selection_file.is_file():
             return None
         return read_json(self.selection_file, "selection").get("best_step")
+
+    def default_checkpoint(self, checkpoint: int | None, final_adapter: bool = False) -> int | None:
+        """The checkpoint to use: the one asked for, else (unless ``final_adapter``) the one chosen on validation
+        while training; None means the final adapter."""
+        if checkpoint is not None or final_adapter or self.chosen_step() is None:
+            return checkpoint
+        log.info(
+            "using the checkpoint chosen on validation while training: step %d (--final_adapter for the final one)",
+            self.chosen_step(),
+        )
+        return self.chosen_step()
 
     def adapter(self, checkpoint: int | None = None) -> Path:
         """The folder of the final adapter, or of the adapter saved at optimizer step ``checkpoint``."""

@@ -531,3 +531,36 @@ def test_select_on_needs_validation_data_and_a_metric_of_the_task(tiny_model, da
         check=False,
     )
     assert result.returncode == 2 and "the summarization task scores rouge1, rouge2, rougeL, rougeLsum" in result.stderr
+
+
+def test_export_takes_the_checkpoint_chosen_on_validation(tiny_model, data_dir, tmp_path):
+    run_script(
+        "zephyr_summarization.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "dialogues_train.jsonl",
+        "--validation_fraction",
+        0.25,
+        "--epochs",
+        2,
+        "--batch_size",
+        9,
+        "--save_steps",
+        "epoch",
+        "--lora_r",
+        2,
+        "--no-load_in_4bit",
+        "--select_on",
+        "rouge1+rouge2",
+        "--experiment_dir",
+        "run",
+        cwd=tmp_path,
+    )
+    best = json.loads((tmp_path / "run" / "selection.json").read_text())["best_step"]
+    run_script("export_model.py", "--experiment_dir", "run", "--output_dir", "chosen", cwd=tmp_path)
+    run_script("export_model.py", "--experiment_dir", "run", "--output_dir", "final", "--final_adapter", cwd=tmp_path)
+    chosen = json.loads((tmp_path / "chosen" / "export_info.json").read_text())
+    final = json.loads((tmp_path / "final" / "export_info.json").read_text())
+    assert chosen["checkpoint"] == best and chosen["adapter"].endswith(f"checkpoint-{best}")
+    assert final["checkpoint"] is None and final["adapter"].endswith("adapter")
