@@ -51,7 +51,7 @@ def prefill_bytes_per_token(model) -> int:
     """Activations one prompt token takes while prefilling (4 x hidden + 3 x intermediate values in 16-bit).
 
     With the KV cache this matches what was measured on a Zephyr-7B-shaped model when the whole batch was
-    prefilled at once: about 242 KB per token beyond the weights (benchmarks/README.md).
+    prefilled at once: about 242 KB per token beyond the weights (docs/benchmarks.md).
     """
     config = model.config.get_text_config()
     intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
