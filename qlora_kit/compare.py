@@ -7,10 +7,10 @@ test); summarization compares ROUGE-1/2/L per example (paired bootstrap).
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
+from .data import read_records
 from .errors import UsageError
 from .metrics import mcnemar, paired_difference, rouge_per_example
 from .run_folder import METRICS, PREDICTIONS, RunFolder
@@ -26,10 +26,10 @@ def evaluation_folder(path: str | Path) -> Path:
 
 
 def read_predictions(folder: Path) -> list[dict]:
-    for name, opener in ((PREDICTIONS, open), (PREDICTIONS + ".gz", gzip.open)):
+    """An evaluation's prediction records in id order (predictions.jsonl, or .jsonl.gz as committed)."""
+    for name in (PREDICTIONS, PREDICTIONS + ".gz"):
         if (folder / name).is_file():
-            with opener(folder / name, "rt", encoding="utf-8") as handle:
-                return sorted((json.loads(line) for line in handle if line.strip()), key=lambda r: r["id"])
+            return sorted(read_records(folder / name), key=lambda record: record["id"])
     raise UsageError(f"{folder}: no {PREDICTIONS} (or .gz)")
 
 

@@ -163,10 +163,11 @@ def device_map():
 
 def load_model(source: str, *, load_in_4bit: bool, use_flash_attention: bool = False, for_training: bool = True):
     """The base causal LM, in NF4 with double quantization when ``load_in_4bit``, else in the compute dtype."""
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype()
-    if load_in_4bit and not for_training and not torch_cuda_available() and not cpu_4bit_inference_works(source):
+    if load_in_4bit and not for_training and not torch.cuda.is_available() and not cpu_4bit_inference_works(source):
         log.warning(
             "bitsandbytes' CPU kernels cannot generate with 4-bit layers whose input width is not a multiple "
             "of %d (this model has some): evaluating on a %s copy of the base instead",
@@ -195,12 +196,6 @@ def load_model(source: str, *, load_in_4bit: bool, use_flash_attention: bool = F
 
 
 BNB_BLOCKSIZE = 64  # NF4 quantization block: bitsandbytes' CPU inference needs input widths that are multiples
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cpu_4bit_inference_works(source: str) -> bool:
