@@ -296,6 +296,55 @@ round3() {
     - "$R"/round3/samsum-*/
 }
 
+# The small-model recipe as shipped (recipes/small-model.yaml), once per seed (SEEDS, default 0 1 2) and task
+# (SEED_TASKS, default news samsum): each run chooses its checkpoint on validation while it trains (20 Newsgroups:
+# 10% of the training messages held out, drawn with the run's seed; SAMSum: its validation split; --select_on
+# the task's metric), and only that checkpoint is scored on test, once (20 Newsgroups: constrained and greedy).
+# Runs of one call go side by side on the GPU. Log: $R/logs/seeds_NAME.log.
+seeds() {
+  local seed task
+  mkdir -p "$R/seeds"
+  for seed in ${SEEDS:-0 1 2}; do
+    for task in ${SEED_TASKS:-news samsum}; do
+      seed_run "$task" "$seed" &
+    done
+  done
+  wait
+}
+
+seed_run() {
+  local task=$1 seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings decoding out step
+  if [ "$task" = news ]; then
+    script=zephyr_classification
+    train=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --select_on accuracy)
+    eval=(--test_file "$NEWS/test.jsonl.gz")
+    decodings="constrained greedy"
+  else
+    script=zephyr_summarization
+    train=(--train_file "$SAMSUM/train.jsonl.gz" --validation_file "$SAMSUM/validation.jsonl.gz" --select_on rouge1+rouge2)
+    eval=(--test_file "$SAMSUM/test.jsonl.gz")
+    decodings=-
+  fi
+  {
+    if [ ! -f "$run/train_metrics.json" ]; then
+      local resume=()
+      [ -f "$run/run_config.json" ] && resume=(--resume)
+      python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" --experiment_dir "$run" --seed "$seed" \
+        --save_steps epoch --keep_checkpoints 8 "${resume[@]}" "${train[@]}" "${EXTRA_TRAIN[@]}"
+    fi
+    step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step())")
+    for decoding in $decodings; do
+      out=$run/metrics_step-$step
+      local choice=()
+      [ "$decoding" = - ] || { out+=_$decoding; choice=(--decoding "$decoding"); }
+      [ -f "$out/metrics.json" ] ||
+        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --output_dir "$out" \
+          --max_batch_tokens 150000 "${eval[@]}" "${choice[@]}" "${EXTRA_EVAL[@]}"
+    done
+  } >> "$R/logs/seeds_$task-seed-$seed.log" 2>&1
+  echo "$task seed $seed: $(tail -1 "$R/logs/seeds_$task-seed-$seed.log")"
+}
+
 # target_candidate NAME SCRIPT TRAIN_FLAGS... [-- EVAL_FLAGS...]: train (or resume) $R/$TARGETS_DIR/NAME (default
 # folder: targets), then, given evaluation flags, score every checkpoint saved at the end of an epoch on the
 # validation split. Log (appended to): $R/logs/${TARGETS_DIR}_NAME.log.

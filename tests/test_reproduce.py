@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import ROOT
 
 
-def _gpu_session(stage, tiny_model, data_dir, tmp_path):
+def _gpu_session(stage, tiny_model, data_dir, tmp_path, **extra_env):
     """Run one stage of reproduce/gpu_session.sh on the tiny model, with the fixture data laid out as on the GPU."""
     import gzip
 
@@ -30,6 +30,7 @@ def _gpu_session(stage, tiny_model, data_dir, tmp_path):
         TARGET_EPOCHS="2",
         EXTRA_EVAL="--max_new_tokens 4",
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **extra_env,
     )
     result = subprocess.run(
         ["bash", str(ROOT / "reproduce" / "gpu_session.sh"), stage],
@@ -73,6 +74,24 @@ def test_gpu_session_round3_scores_the_full_data_twin_of_the_choice(tiny_model, 
     scored = sorted(str(p.relative_to(rounds)) for p in rounds.glob("news-*/metrics_step-*"))
     assert scored == [f"news-full-{schedule}/metrics_step-{step}_{d}" for d in ("constrained", "greedy")]
     assert len(list(rounds.glob("samsum-*/metrics_step-*"))) == 1
+
+
+def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validation(tiny_model, data_dir, tmp_path):
+    """seeds: the small-model recipe once per seed and task; each run chooses its checkpoint on validation while
+    it trains and only that one is scored on test; the seeds differ in what they learn."""
+    seeds = _gpu_session("seeds", tiny_model, data_dir, tmp_path, SEEDS="0 1", EXTRA_TRAIN="--max_seq_length 256")
+    for task, suffixes in (("news", ["_constrained", "_greedy"]), ("samsum", [""])):
+        adapters = []
+        for seed in (0, 1):
+            run = seeds / f"{task}-seed-{seed}"
+            config = json.loads((run / "run_config.json").read_text())
+            assert config["settings"]["seed"] == seed and config["settings"]["recipe"] == "small-model"
+            selection = json.loads((run / "selection.json").read_text())
+            assert len(selection["curve"]) == 3  # the recipe's 3 epochs, each scored on validation
+            step = selection["best_step"]
+            assert sorted(p.name for p in run.glob("metrics_step-*")) == [f"metrics_step-{step}{s}" for s in suffixes]
+            adapters.append((run / "adapter" / "adapter_model.safetensors").read_bytes())
+        assert adapters[0] != adapters[1]
 
 
 def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
