@@ -1,16 +1,22 @@
-"""Training speed and memory: the original recipe against candidate recipes, side by side in one run.
+"""Training speed and memory, side by side in one run: the original recipe in a bare PyTorch + peft loop (the
+baseline), the project's recipes through its own trainer, and Unsloth (the peer) on the same batches.
 
 Model: Zephyr-7B-beta's exact config with random weights, 4-bit NF4 (built once, saved locally).
 Data: batches drawn from the real 20 Newsgroups and SAMSum training sets in the fine-tuning
 format, token lengths as they really are (counted once by the embedded model's tokenizer and
-committed in benchmarks/), ids random. Each recipe trains through the project's own trainer
-(qlora_kit.training.make_trainer) for --warmup_steps + --steps optimizer steps; only the last
---steps are timed.
+committed in benchmarks/), ids random. Every runner trains the same rows in the same order: --warmup_steps
+optimizer steps (the first holds the task's longest examples), then the same --steps steps --repeats times,
+each pass timed on its own; the JSON has the median and the spread of non-padding tokens/s, examples/s,
+peak memory, and the achieved TFLOP/s (training_batches.flops_per_token) against the GPU's bf16 peak.
 
 Usage:
     python benchmarks/train_throughput.py --write_lengths --data_dir ../shared/data     # once, any machine
     python benchmarks/train_throughput.py --model_dir /tmp/zephyr-shaped --out benchmarks/results/train.json
     python benchmarks/train_throughput.py --tiny --model_dir /tmp/tiny --steps 2 --out /tmp/t.json   # CPU check
+    # with the peer (its packages unpacked in /tmp/uns, see benchmarks/unsloth_throughput.py):
+    python benchmarks/train_throughput.py --model_dir /tmp/z7 --tasks classification --unsloth_path /tmp/uns \\
+        --recipes "bare PyTorch + peft loop, original recipe, all modules" "fast, all modules" \\
+                  "Unsloth, fast recipe's batches, every linear layer"
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-LENGTHS = HERE / "train_lengths.json"
+import training_batches as tb
+from training_batches import HERE, LENGTHS, synthetic_rows, task_lengths
 
 # The speed settings a benchmark recipe takes from a recipe file (recipes/NAME.yaml, resolved as the training
 # scripts do) and may change.
@@ -46,15 +52,30 @@ def _recipe(targets, base, **changes):
     from qlora_kit import settings
 
     resolved = settings.resolve("classification", {"recipe": base})[0]
-    return {"targets": targets, **{key: getattr(resolved, key) for key in SPEED_SETTINGS}, **changes}
+    return {
+        "runner": "trainer",
+        "recipe": base,
+        "targets": targets,
+        **{key: getattr(resolved, key) for key in SPEED_SETTINGS},
+        **changes,
+    }
 
 
 RECIPES = {
+    # the published recipe in a hand-written PyTorch + peft loop, nothing of this project: the honest baseline
+    "bare PyTorch + peft loop, original recipe, all modules": _recipe("all", "original", runner="bare loop"),
+    "bare PyTorch + peft loop, original recipe, q,v": _recipe("qv", "original", runner="bare loop"),
     "original, q,v": _recipe("qv", "original"),
     "original, all modules": _recipe("all", "original"),
     "fast, q,v": _recipe("qv", "fast"),
     "fast, all modules": _recipe("all", "fast"),
+    "fast with Liger, all modules": _recipe("all", "fast", use_liger_kernel=True),
     "fast without Liger, all modules": _recipe("all", "fast", use_liger_kernel=False),
+    # Unsloth's LoRA targets: every linear layer of the decoder, no lm_head
+    "fast with Liger, every linear layer": _recipe("linear", "fast", use_liger_kernel=True),
+    "fast without Liger, every linear layer": _recipe("linear", "fast", use_liger_kernel=False),
+    # the peer, same batches, batch size, optimizer and LoRA settings (benchmarks/unsloth_throughput.py)
+    "Unsloth, fast recipe's batches, every linear layer": _recipe("linear", "fast", runner="unsloth"),
     # the same 32 examples a step in two micro-batches of 16: less activation memory for a larger model
     "fast at batch 16 x 2, all modules": _recipe("all", "fast", batch_size=16, grad_accum=2),
     "fast at batch 8 x 4, all modules": _recipe("all", "fast", batch_size=8, grad_accum=4),
@@ -66,6 +87,12 @@ RECIPES = {
     "packed rows x 16, fused AdamW, Liger, all modules": _recipe(
         "all", "fast", batch_size=16, packing=True, group_by_length=False
     ),
+}
+
+WHICH = {
+    "bare loop": "the baseline: the original recipe in a bare PyTorch + peft loop",
+    "unsloth": "Unsloth, the peer",
+    "trainer": "this project's trainer",
 }
 
 
@@ -88,68 +115,6 @@ def write_lengths(data_dir: Path, tokenizer_name: str, max_seq_length: int) -> N
         result[task] = [[len(e["input_ids"]), sum(label != -100 for label in e["labels"])] for e in examples]
     LENGTHS.write_text(json.dumps(result) + "\n")
     print(f"wrote {LENGTHS}")
-
-
-def stratified(lengths: list, count: int) -> list:
-    """``count`` items at evenly spaced quantiles of ``lengths``: the real length mix, without sampling noise."""
-    ordered = sorted(lengths)
-    return [ordered[int((i + 0.5) * len(ordered) / count)] for i in range(count)]
-
-
-def _example(total: int, answer: int, vocab: int, rng: random.Random) -> dict:
-    ids = [rng.randrange(3, vocab) for _ in range(total)]
-    return {"input_ids": ids, "labels": [-100] * (total - answer) + ids[total - answer :]}
-
-
-def task_lengths(task: str) -> list[tuple[int, int]]:
-    """(prompt + answer, answer) token counts of every training example of the task."""
-    return [tuple(pair) for pair in json.loads(LENGTHS.read_text())[task]]
-
-
-def synthetic_rows(
-    lengths: list,
-    vocab: int,
-    rows_per_step: int,
-    warmup_steps: int,
-    steps: int,
-    grouped: bool,
-    packing: bool,
-    max_seq_length: int,
-    seed: int,
-):
-    """Training rows with the real lengths ``lengths`` (``task_lengths``), random ids, loss on the answer, in
-    the order they are trained (the benchmark feeds them sequentially): (warm-up rows, timed rows).
-
-    The first step takes the task's longest examples, so the peak memory covers the worst batch a real epoch
-    meets. The timed steps take examples at evenly spaced quantiles of the real lengths: shuffled for a recipe
-    with random batches; sorted, so that each batch holds similar lengths, for a length-grouped one (as its
-    sampler does within each mega-batch); for packing, as many as fill the rows, packed, rows shuffled.
-    """
-    from qlora_kit.packing import packed_rows
-
-    rng = random.Random(seed)
-    warm = sorted(lengths)[-rows_per_step:] + [
-        lengths[rng.randrange(len(lengths))] for _ in range(rows_per_step * (warmup_steps - 1))
-    ]
-    warm = [_example(total, answer, vocab, rng) for total, answer in warm]
-    needed = rows_per_step * steps
-    if not packing:
-        timed = stratified(lengths, needed)
-        if grouped:
-            timed.sort(reverse=True)
-        else:
-            rng.shuffle(timed)
-        return warm, [_example(total, answer, vocab, rng) for total, answer in timed]
-    mean = sum(total for total, _ in lengths) / len(lengths)
-    count = int(needed * max_seq_length / mean)
-    while True:  # examples enough to fill `needed` rows
-        timed = packed_rows([_example(t, a, vocab, rng) for t, a in stratified(lengths, count)], max_seq_length)
-        if len(timed) >= needed:
-            break
-        count = int(count * 1.1) + 1
-    rng.shuffle(timed)
-    warm_rows = packed_rows(warm, max_seq_length)
-    return (warm_rows * warmup_steps)[: rows_per_step * warmup_steps], timed[:needed]
 
 
 class LargestBatch:
@@ -177,6 +142,8 @@ def lora_target_names(model_dir: Path, targets: str) -> list[str]:
 
 
 def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
+    """One recipe through the project's trainer (qlora_kit.training.make_trainer): the warm-up steps, then the
+    timed rows ``--repeats`` times, each pass timed on its own."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -195,9 +162,9 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     )
     model = modeling.load_model(str(model_dir), load_in_4bit=True)
     tokenizer = modeling.load_tokenizer(str(model_dir))
-    lengths = task_lengths(task)
+    matmul = tb.matmul_parameters(model)
     warm, timed = synthetic_rows(
-        lengths,
+        task_lengths(task),
         model.config.vocab_size,
         batch * accumulation,
         args.warmup_steps,
@@ -207,17 +174,13 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         args.max_seq_length,
         args.seed,
     )
-    timed_tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
-    timed_examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
-    epoch_tokens, epoch_examples = sum(total for total, _ in lengths), len(lengths)
-
     speed = {key: recipe[key] for key in SPEED_SETTINGS}
     # every training setting at its default (so new settings need no change here), then the benchmark's own
     settings = dataclasses.replace(
         settings_lib.resolve("classification")[0],
         epochs=1,
         logging_steps=1000,
-        max_steps=args.warmup_steps + args.steps,
+        max_steps=args.warmup_steps + args.steps * args.repeats,
         save_steps=10**6,
         seed=args.seed,
         max_seq_length=args.max_seq_length,
@@ -238,7 +201,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         sft_args,
         peft_config,
         tokenizer,
-        Dataset.from_list(warm + timed),
+        Dataset.from_list(warm + timed * args.repeats),
         None,
         data_collator=collator,
         scored_positions_only=recipe.get("scored_positions_only", False),
@@ -248,44 +211,163 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     trainer.data_collator = largest = LargestBatch(trainer.data_collator)
 
     class Clock(TrainerCallback):
-        start_time = None
+        """The time at the end of the warm-up and of each pass over the timed rows."""
+
+        marks = []
 
         def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == args.warmup_steps:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.start_time = time.perf_counter()
+            if state.global_step >= args.warmup_steps and (state.global_step - args.warmup_steps) % args.steps == 0:
+                tb.synchronize()
+                self.marks.append(time.perf_counter())
 
     clock = Clock()
     trainer.add_callback(clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    seconds = [later - earlier for earlier, later in zip(clock.marks, clock.marks[1:])]
+    result = _result(recipe, timed, seconds, args, packing)
+    result.update(
+        optim=sft_args.optim,
+        use_liger_kernel=sft_args.use_liger_kernel,
+        largest_batch_rows_x_width=list(largest.shape),
+        **tb.hardware_share(
+            result, matmul, model.config.num_hidden_layers, model.config.hidden_size, recipe["gradient_checkpointing"]
+        ),
+    )
+    del trainer, model
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - clock.start_time
+        torch.cuda.empty_cache()
+    return result
+
+
+def _result(recipe: dict, timed: list, seconds: list, args, packing: bool = False) -> dict:
+    import torch
+
     on_gpu = torch.cuda.is_available()
-    result = {
+    tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
+    examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
+    summary = tb.summary(seconds, tokens, examples)
+    return {
+        "which": WHICH[recipe["runner"]],
         **recipe,
-        "optim": sft_args.optim,
-        "use_liger_kernel": sft_args.use_liger_kernel,
         "timed_steps": args.steps,
-        "seconds": seconds,
-        "timed_tokens": timed_tokens,
-        "timed_examples": timed_examples,
-        "tokens_per_second": timed_tokens / seconds,
-        "examples_per_second": timed_examples / seconds,
-        "seconds_per_epoch": epoch_tokens / (timed_tokens / seconds),
-        "epoch_examples": epoch_examples,
+        "repeats": args.repeats,
+        "timed_tokens": tokens,
+        "timed_examples": examples,
+        **summary,
         # over every step, warm-up included, whose first batch holds the task's longest examples
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
         "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
-        "largest_batch_rows_x_width": list(largest.shape),
     }
-    del trainer, model
-    if on_gpu:
+
+
+def measure_bare_loop(model_dir: Path, recipe: dict, task: str, args) -> dict:
+    """The published recipe as its scripts' users would write it by hand, nothing of this project: 4-bit NF4
+    (double quantisation, bf16 compute), peft's prepare_model_for_kbit_training (fp32 norms, gradient
+    checkpointing), LoRA r=8 / alpha 16 / dropout 0.1, paged AdamW 32-bit, 4 x 2 random batches."""
+    import bitsandbytes
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), quantization_config=quantization, device_map={"": 0} if torch.cuda.is_available() else None
+    )
+    matmul = tb.matmul_parameters(model)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe["gradient_checkpointing"])
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.1,
+            task_type="CAUSAL_LM",
+            target_modules=lora_target_names(model_dir, recipe["targets"]),
+        ),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe["optim"] == "paged_adamw_32bit" and torch.cuda.is_available():
+        optimizer = bitsandbytes.optim.PagedAdamW32bit(params, lr=recipe["learning_rate"])
+    else:
+        optimizer = torch.optim.AdamW(params, lr=recipe["learning_rate"])
+    rows = recipe["batch_size"] * recipe["grad_accum"]
+    warm, timed = synthetic_rows(
+        task_lengths(task), model.config.vocab_size, rows, args.warmup_steps, args.steps, recipe["group_by_length"]
+    )
+    pad = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    seconds = tb.plain_loop(
+        model, optimizer, warm, timed, recipe["batch_size"], recipe["grad_accum"], args.repeats, pad
+    )
+    result = _result(recipe, timed, seconds, args)
+    config = model.config
+    result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))
+    result["optim"] = type(optimizer).__name__
+    del model, optimizer
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def measure_unsloth(model_dir: Path, recipe: dict, task: str, args) -> dict:
+    """Unsloth in its own process with its own packages (--unsloth_path): benchmarks/unsloth_throughput.py."""
+    import os
+    import subprocess
+
+    if not args.unsloth_path:
+        raise SystemExit("--unsloth_path: the folder of Unsloth's packages is needed to measure Unsloth")
+    out = Path(args.scratch) / f"unsloth_{task}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        PYTHONPATH=args.unsloth_path,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        UNSLOTH_DISABLE_STATISTICS="1",
+        UNSLOTH_COMPILE_LOCATION=str(Path(args.scratch) / "unsloth_compiled_cache"),
+    )
+    command = [
+        sys.executable,
+        str(HERE / "unsloth_throughput.py"),
+        "--model_dir",
+        str(model_dir),
+        "--task",
+        task,
+        "--targets",
+        *lora_target_names(model_dir, recipe["targets"]),
+        "--batch_size",
+        str(recipe["batch_size"]),
+        "--grad_accum",
+        str(recipe["grad_accum"]),
+        "--grouped" if recipe["group_by_length"] else "--no-grouped",
+        "--learning_rate",
+        str(recipe["learning_rate"]),
+        "--warmup_steps",
+        str(args.warmup_steps),
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--max_seq_length",
+        str(args.max_seq_length),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+    ]
+    subprocess.run(command, env=env, check=True)
+    return {**recipe, **json.loads(out.read_text())}
+
+
+RUNNERS = {"trainer": measure, "bare loop": measure_bare_loop, "unsloth": measure_unsloth}
 
 
 def main(args):
@@ -299,22 +381,25 @@ def main(args):
         "command": " ".join(sys.argv),
         "settings": vars(args),
         "model_shape": args.shape,
+        "what": "non-padding tokens/s: the median of --repeats passes over the same --steps optimizer steps "
+        "(after --warmup_steps), min and max beside it; peak memory over every step",
         **zephyr_shaped.environment(),
         "runs": {},
     }
     for task in args.tasks:
         for name in args.recipes:
             key = f"{task}: {name}"
-            results["runs"][key] = measure(folder, RECIPES[name], task, args)
-            run = results["runs"][key]
-            original = "original, all modules" if run["targets"] == "all" else "original, q,v"
-            base = results["runs"].get(f"{task}: {original}")
-            if base:
-                run["speedup_vs_original"] = run["tokens_per_second"] / base["tokens_per_second"]
+            recipe = RECIPES[name]
+            run = results["runs"][key] = RUNNERS[recipe["runner"]](folder, recipe, task, args)
+            base = results["runs"].get(f"{task}: bare PyTorch + peft loop, original recipe, all modules")
+            if base and run is not base:
+                run["speedup_vs_bare_loop_original"] = run["tokens_per_second"] / base["tokens_per_second"]
+            peak = run["peak_gpu_memory_gb"]
             print(
-                f"{key}: {run['tokens_per_second']:.0f} tokens/s, {run['examples_per_second']:.2f} examples/s, "
-                f"peak {run['peak_gpu_memory_gb']} GB (largest batch {run['largest_batch_rows_x_width']}), "
-                f"{run['seconds_per_epoch']:.0f} s/epoch",
+                f"{key}: {run['tokens_per_second']:.0f} tokens/s "
+                f"({run['tokens_per_second_min']:.0f}-{run['tokens_per_second_max']:.0f} over {args.repeats} x "
+                f"{args.steps} steps), {run['examples_per_second']:.2f} examples/s, "
+                f"{run['achieved_tflops']:.0f} TFLOP/s, peak {peak and round(peak, 1)} GB",
                 flush=True,
             )
             zephyr_shaped.write_result(Path(args.out), results)
@@ -336,9 +421,11 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", nargs="+", default=["classification", "summarization"])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="default: all")
     parser.add_argument("--warmup_steps", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the same steps")
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unsloth_path", default=None, help="PYTHONPATH of Unsloth's own packages")
     parser.add_argument("--scratch", default="/tmp/train_throughput")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     main(parser.parse_args())

@@ -11,7 +11,7 @@ R=${R:-/tmp/work}
 PACK=${PACK:-}
 NEWS=$DATA_DIR/newsgroups
 SAMSUM=$DATA_DIR/samsum
-MODEL=$MODEL_GGUF
+MODEL=${MODEL_GGUF:-}  # not needed by the stages on the 7B-shaped model
 Z7=${Z7:-/tmp/z7}  # the Zephyr-7B-shaped model with random weights (built once by build_z7)
 LR=${LR:-5e-4}     # learning rate for the SmolLM2 runs (chosen by lr_scan on the validation split)
 KR_SAVE=${KR_SAVE:-20}  # kill_resume: checkpoint every KR_SAVE steps, killed after the second, 3*KR_SAVE in all
@@ -38,6 +38,20 @@ bench_train() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks summarization --steps 8 \
     --recipes "original, all modules" "fast, all modules" "packed rows x 16, fused AdamW, Liger, all modules" \
               "original, q,v" "fast, q,v" --out "$R/bench_train/train_throughput_summarization.json"
+}
+
+# Training speed side by side (benchmarks/train_throughput.py, 3 passes of 20 steps): the original recipe in a
+# bare PyTorch + peft loop, the project's recipes, Unsloth (its packages unpacked in $UNSLOTH); per task in
+# SPEED_TASKS (default both). The most telling runs first, so that a cut-off run keeps them.
+bench_speed() {
+  local task recipes=(
+    "bare PyTorch + peft loop, original recipe, all modules" "fast with Liger, all modules"
+    "fast without Liger, all modules" "Unsloth, fast recipe's batches, every linear layer"
+    "fast without Liger, every linear layer" "original, all modules")
+  for task in ${SPEED_TASKS:-classification summarization}; do
+    python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks "$task" --unsloth_path "${UNSLOTH:-/tmp/uns}" \
+      --recipes "${recipes[@]}" --scratch "$R/scratch" --out "$R/bench_speed/train_throughput_$task.json"
+  done
 }
 
 # All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is

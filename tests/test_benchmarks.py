@@ -60,15 +60,24 @@ def test_train_benchmark_tiny(tmp_path):
         "--tasks",
         "summarization",
         "--recipes",
+        "bare PyTorch + peft loop, original recipe, all modules",
         "original, all modules",
         "fast, all modules",
         "packed rows x 16, fused AdamW, Liger, all modules",
+        "--repeats",
+        2,
         "--scratch",
         tmp_path / "s",
     )
     runs = json.loads(out.read_text())["runs"]
     fast = runs["summarization: fast, all modules"]
-    assert fast["tokens_per_second"] > 0 and fast["speedup_vs_original"] > 0 and fast["group_by_length"]
+    assert fast["tokens_per_second"] > 0 and fast["speedup_vs_bare_loop_original"] > 0 and fast["group_by_length"]
+    assert len(fast["window_seconds"]) == 2 and fast["tokens_per_second_min"] <= fast["tokens_per_second_max"]
+    assert fast["which"] == "this project's trainer" and fast["achieved_tflops"] > 0
+    bare = runs["summarization: bare PyTorch + peft loop, original recipe, all modules"]
+    assert bare["which"].startswith("the baseline") and bare["grad_accum"] == 2 and not bare["group_by_length"]
+    # the same rows: the same non-padding tokens per pass for the same rows per step
+    assert bare["timed_tokens"] == runs["summarization: original, all modules"]["timed_tokens"]
     assert runs["summarization: original, all modules"]["grad_accum"] == 2
     assert runs["summarization: packed rows x 16, fused AdamW, Liger, all modules"]["examples_per_second"] > 0
     # the peak covers the worst batch: the first step holds the task's longest examples, padded to the longest
@@ -82,9 +91,13 @@ def test_train_benchmark_tiny(tmp_path):
 def test_train_benchmark_rows_follow_the_real_lengths():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
-    train_throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_throughput)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+        train_throughput = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train_throughput)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
     lengths = [total for total, _ in json.loads(train_throughput.LENGTHS.read_text())["classification"]]
     real = train_throughput.task_lengths("classification")
@@ -98,3 +111,20 @@ def test_train_benchmark_rows_follow_the_real_lengths():
     assert abs(sum(sizes) / len(sizes) - sum(lengths) / len(lengths)) < 0.1 * sum(lengths) / len(lengths)
     _, packed = train_throughput.synthetic_rows(real, 1000, 8, 2, 10, False, True, 512, 0)
     assert len(packed) == 80 and all(len(row["input_ids"]) <= 512 for row in packed)
+
+
+def test_flops_per_token_works_the_numbers():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import training_batches as tb
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    weights = 7_000_000_000
+    # forward 2P, backward of the activations 2P, the recomputed forward 2P
+    assert tb.flops_per_token(weights, 0, 0, 300, checkpointing=True) == 6 * weights
+    assert tb.flops_per_token(weights, 0, 0, 300, checkpointing=False) == 4 * weights
+    # attention: 4 x hidden per earlier token and layer forward (mean context: half the row), 2x that backward
+    assert tb.flops_per_token(0, 2, 10, 100, checkpointing=False) == 4 * 2 * 10 * 50 * 3
+    summary = tb.summary([2.0, 1.0, 4.0], tokens=400, examples=8)
+    assert summary["tokens_per_second"] == 200 and summary["tokens_per_second_min"] == 100
+    assert summary["tokens_per_second_spread_percent"] == 150 and summary["examples_per_second"] == 4
