@@ -24,7 +24,10 @@ class GenerationResult:
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    message = str(error).lower()
+    # cuDNN's attention reports a workspace it could not allocate as a failed graph, not as out of memory
+    # (seen with several processes sharing one GPU): a smaller batch needs a smaller workspace
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "mha_graph" in message
 
 
 # Prompt tokens run through the model at once while prefilling (rows are grouped to stay under it).

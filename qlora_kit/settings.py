@@ -99,6 +99,12 @@ class TrainingSettings:
         False, "Liger's fused RMSNorm, SwiGLU and RoPE kernels (GPU only; needs liger-kernel)"
     )
     gradient_checkpointing: bool = _setting(True, "recompute activations to save memory")
+    max_memory_gb: float = _setting(
+        22.0,
+        "GPU memory training may use: the micro-batch is halved (and the accumulation doubled: the same examples "
+        "per step) until the longest examples fit, measured before training; 0 turns it off",
+        metavar="GB",
+    )
     packing: bool = _setting(
         False, "pack several examples into each row, kept apart by a block-diagonal attention mask (SDPA)"
     )

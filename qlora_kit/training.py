@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from . import distributed, modeling, results
+from . import distributed, memory_budget, modeling, results
 from . import settings as settings_lib
 from .data import canonical_labels, map_to_known_labels
 from .errors import Interrupted, UsageError
@@ -635,7 +635,9 @@ def train(task, settings: TrainingSettings) -> dict:
                 run,
             )
         )
+    micro_batch = memory_budget.fit_to_budget(trainer, settings.max_memory_gb)
     metrics = fit(trainer, checkpoint, resumed_state, run)
+    metrics["memory_budget"] = micro_batch
     save_run(trainer, prepared.tokenizer, run, metrics)
     metrics["run_dir"] = str(run.path)
     return metrics

@@ -346,7 +346,8 @@ seed_run() {
       python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" --experiment_dir "$run" --seed "$seed" \
         --save_steps epoch --keep_checkpoints 8 "${resume[@]}" "${train[@]}" "${EXTRA_TRAIN[@]}"
     fi
-    step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step())")
+    step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
+    [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: training did not finish: nothing scored on test"; return; }
     for decoding in $decodings; do
       out=$run/metrics_step-$step
       local choice=()

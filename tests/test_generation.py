@@ -338,3 +338,15 @@ def test_the_batch_budget_is_the_same_for_every_process_of_one_evaluation():
     assert usable_gpu_memory(130 * gib, 141 * gib, 5 * gib) == usable_gpu_memory(129.6 * gib, 141 * gib, 5 * gib)
     # another program holds most of the card: what is free counts
     assert usable_gpu_memory(30 * gib, 141 * gib, 5 * gib) == 30 * gib
+
+
+def test_failures_that_mean_out_of_memory():
+    from qlora_kit.generation import _is_out_of_memory
+
+    assert _is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert _is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    # cuDNN attention without room for its workspace (seen with several processes on one GPU)
+    assert _is_out_of_memory(
+        RuntimeError("Expected mha_graph.execute(handle, variant_pack, workspace_ptr.get()).is_good() to be true")
+    )
+    assert not _is_out_of_memory(RuntimeError("shape '[32, 0]' is invalid for input of size 16"))
