@@ -1,4 +1,5 @@
-"""Evaluation speed: the original one-at-a-time sampling against this project's batched engine, side by side.
+"""Evaluation speed: the original one-at-a-time sampling, a plain batched ``model.generate`` as a user would
+write it (left padding, the same batches), and this project's batched engine, side by side.
 
 Model: Zephyr-7B-beta's exact config with random weights, 4-bit NF4, a LoRA adapter (r=8 on q,v).
 Prompts: the real 20 Newsgroups test set in the fine-tuning format, token lengths as the
@@ -101,6 +102,24 @@ def main(args):
         )
         zephyr_shaped.write_result(Path(args.out), results)  # after every run: a cut-off benchmark keeps its numbers
 
+    import os
+
+    def plain(subset, batch_size, max_batch_tokens):
+        """transformers' generate over the engine's own batches (QLORA_KIT_GENERATION=plain): same padding."""
+        os.environ["QLORA_KIT_GENERATION"] = "plain"
+        try:
+            return generate(
+                model,
+                Tok,
+                subset,
+                max_new_tokens=args.new_tokens,
+                stop_ids=no_stop,
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+            )
+        finally:
+            del os.environ["QLORA_KIT_GENERATION"]
+
     # 1. the original way and the engine on the 4-bit model with its adapter
     model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=True, for_training=False), lora).eval()
     reset_peak()
@@ -138,6 +157,18 @@ def main(args):
             len(subset),
             {"final_batch_size": out.final_batch_size},
         )
+        engine_outputs = out.outputs
+    for batch_size in args.batch_sizes_plain:
+        reset_peak()
+        started = time.perf_counter()
+        subset = prompts[:: args.stride_plain]
+        out = plain(subset, batch_size, args.max_batch_tokens_4bit)
+        extra = {"final_batch_size": out.final_batch_size}
+        if args.stride_plain % args.stride_4bit == 0:  # the same prompts went through the engine: compare
+            step = args.stride_plain // args.stride_4bit
+            same = sum(a == b for a, b in zip(out.outputs, engine_outputs[::step]))
+            extra["identical_to_engine"] = same / len(subset)
+        record(f"plain_generate_4bit_batch{batch_size}", time.perf_counter() - started, len(subset), extra)
     del model
     if cuda:
         torch.cuda.empty_cache()
@@ -194,6 +225,8 @@ if __name__ == "__main__":
     parser.add_argument("--stride_merged", type=int, default=1, help="engine on every Nth prompt, merged model")
     parser.add_argument("--batch_sizes_4bit", type=int, nargs="+", default=[1024])
     parser.add_argument("--batch_sizes_merged", type=int, nargs="+", default=[1024])
+    parser.add_argument("--batch_sizes_plain", type=int, nargs="+", default=[64, 256], help="plain generate")
+    parser.add_argument("--stride_plain", type=int, default=4, help="plain generate on every Nth prompt")
     # Token budgets meant to keep the peak under 22 GB on the 7B model: the KV cache takes 128 KiB per token;
     # prefill activations (~118 KB per token) are bounded by --prefill_tokens.
     parser.add_argument("--max_batch_tokens_4bit", type=int, default=110_000)

@@ -75,6 +75,16 @@ RECIPES = {
     "fast without Liger, every linear layer": _recipe("linear", "fast", use_liger_kernel=False),
     # the peer, same batches, batch size, optimizer and LoRA settings (benchmarks/unsloth_throughput.py)
     "Unsloth, fast recipe's batches, every linear layer": _recipe("linear", "fast", runner="unsloth"),
+    # levers not in any recipe yet, through trl/transformers' own switches (measured before one is adopted)
+    "fast, torch.compile, all modules": _recipe(
+        "all", "fast", sft_overrides={"torch_compile": True, "torch_compile_backend": "inductor"}
+    ),
+    "fast, activations offloaded to the CPU, all modules": _recipe(
+        "all", "fast", sft_overrides={"activation_offloading": True}
+    ),
+    "fast, selective checkpointing (attention kept), all modules": _recipe(
+        "all", "fast", sft_overrides={"gradient_checkpointing_kwargs": {"use_reentrant": False, "selective": True}}
+    ),
     # the same 32 examples a step in two micro-batches of 16: less activation memory for a larger model
     "fast at batch 16 x 2, all modules": _recipe("all", "fast", batch_size=16, grad_accum=2),
     "fast at batch 8 x 4, all modules": _recipe("all", "fast", batch_size=8, grad_accum=4),
@@ -187,6 +197,8 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     )
     sft_args = training.sft_config(settings, Path(args.scratch))
     sft_args.save_strategy = "no"
+    for name, value in recipe.get("sft_overrides", {}).items():
+        setattr(sft_args, name, value)
     peft_config = LoraConfig(
         r=8,
         lora_alpha=16,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -110,6 +112,53 @@ class LabelTrie:
         return list(node) or [fallback]
 
 
+class LabelAutomaton:
+    """``LabelTrie`` as tensors, so that constrained decoding stays on the device: each row carries a state
+    (a trie node, or "done" once its answer left the trie), the allowed tokens of every state are one row of
+    a table, and the next state is looked up from the token chosen. Same choices as ``LabelTrie.allowed``
+    over the row's answer so far, without a Python loop over rows or a device-to-host copy per step."""
+
+    def __init__(self, trie: LabelTrie, fallback: int, device):
+        import torch
+
+        nodes = [trie.root]
+        edges = []  # (state, token, next state)
+        for state, node in enumerate(nodes):  # grows while walked: breadth-first numbering
+            for token, child in node.items():
+                edges.append((state, token, len(nodes)))
+                nodes.append(child)
+        self.done = len(nodes)  # the state of a row whose answer is complete
+        allowed = [list(node) or [fallback] for node in nodes] + [[fallback]]
+        width = max(len(tokens) for tokens in allowed)
+        # padded with repeats of the state's first token: scattering a value twice to one place is harmless
+        self.allowed = torch.tensor([t + [t[0]] * (width - len(t)) for t in allowed], device=device)
+        self.vocab = 1 + max([fallback] + [token for _, token, _ in edges])
+        keys = sorted((state * self.vocab + token, target) for state, token, target in edges)
+        self.keys = torch.tensor([key for key, _ in keys] or [-1], device=device)
+        self.targets = torch.tensor([target for _, target in keys] or [self.done], device=device)
+
+    def start(self, rows: int, device):
+        import torch
+
+        return torch.zeros(rows, dtype=torch.long, device=device)
+
+    def restrict(self, logits, states):
+        """Logits with every token a row's state does not allow at -inf."""
+        import torch
+
+        allowed = self.allowed[states]
+        restricted = torch.full_like(logits, float("-inf"))
+        return restricted.scatter_(1, allowed, logits.gather(1, allowed))
+
+    def advance(self, states, tokens):
+        import torch
+
+        query = states * self.vocab + tokens.clamp(max=self.vocab - 1)
+        found = torch.searchsorted(self.keys, query).clamp(max=len(self.keys) - 1)
+        known = (self.keys[found] == query) & (tokens < self.vocab) & (states != self.done)
+        return torch.where(known, self.targets[found], torch.full_like(states, self.done))
+
+
 def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
     """Run the prompts through the model in groups of rows of at most ``prefill_tokens`` tokens.
 
@@ -168,28 +217,29 @@ def _generate_batch(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     stops = torch.tensor(stop_ids, device=device)
-    answers: list[list[int]] = [[] for _ in batch]
+    labels = LabelAutomaton(trie, pad_id, device) if trie is not None else None
+    # the mask of every step, allocated once: step k attends to the prompt and the k tokens before it
+    attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(batch), max_new_tokens))], dim=1)
     with torch.inference_mode():
-        cache, logits = _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens)
+        cache, logits = _prefill(model, input_ids, attention_mask[:, :width], position_ids, prefill_tokens)
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+        states = labels.start(len(batch), device) if labels else None
         tokens = []
         for step in range(max_new_tokens):
-            if trie is not None:
-                logits = _restrict_to_labels(logits, trie, answers, pad_id)
+            if labels is not None:
+                logits = labels.restrict(logits, states)
             next_token = logits.argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
             tokens.append(next_token)
-            if trie is not None:
-                for row, token in enumerate(next_token.tolist()):
-                    answers[row].append(token)
+            if labels is not None:
+                states = labels.advance(states, next_token)
             finished |= torch.isin(next_token, stops)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = model(
                 input_ids=next_token[:, None],
-                attention_mask=attention_mask,
+                attention_mask=attention_mask[:, : width + step + 1],
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
@@ -204,14 +254,51 @@ def _generate_batch(
     return result
 
 
-def _restrict_to_labels(logits, trie: LabelTrie, answers: list[list[int]], pad_id: int):
-    """Mask every token that would leave the label set (constrained decoding)."""
+def _generate_batch_plain(model, tokenizer, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int], trie):
+    """The same answers through transformers' own ``model.generate`` (left padding, greedy): the path to fall
+    back on when debugging the loop above (``QLORA_KIT_GENERATION=plain``); slower."""
     import torch
 
-    mask = torch.full_like(logits, float("-inf"))
-    for row, prefix in enumerate(answers):
-        mask[row, trie.allowed(prefix, pad_id)] = 0
-    return logits + mask
+    pad_id = tokenizer.pad_token_id
+    width = max(len(ids) for ids in batch)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+
+    def allowed(row, ids):
+        return trie.allowed(ids[width:].tolist(), pad_id)
+
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+            prefix_allowed_tokens_fn=allowed if trie is not None else None,
+        )
+    result = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def _batch_generator():
+    """The decode loop to use: this module's own, or transformers' ``generate`` with QLORA_KIT_GENERATION=plain."""
+    import os
+
+    choice = os.environ.get("QLORA_KIT_GENERATION", "")
+    if choice not in ("", "plain"):
+        raise UsageError(f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to plain")
+    if choice == "plain":
+        log.info("QLORA_KIT_GENERATION=plain: generating with transformers' model.generate")
+        return lambda model, tokenizer, batch, new, stops, trie, prefill: _generate_batch_plain(
+            model, tokenizer, batch, new, stops, trie
+        )
+    return _generate_batch
 
 
 def plan_batches(
@@ -290,13 +377,14 @@ def generate(
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
     rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows
+    generate_batch = _batch_generator()
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:
             queue.appendleft(indices[rows_that_fit:])
             indices = indices[:rows_that_fit]
         try:
-            answers = _generate_batch(
+            answers = generate_batch(
                 model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie, prefill_tokens
             )
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:

@@ -54,6 +54,15 @@ bench_speed() {
   done
 }
 
+# Training-speed levers not in any recipe yet, beside the default, on the 20 Newsgroups lengths (3 passes of 20).
+bench_levers() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --scratch "$R/scratch" \
+    --recipes "fast, all modules" "fast, torch.compile, all modules" \
+              "fast, selective checkpointing (attention kept), all modules" \
+              "fast, activations offloaded to the CPU, all modules" \
+    --out "$R/bench_levers/train_throughput_levers_classification.json"
+}
+
 # All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is
 # scored (--logits_where_scored), side by side, on the 7B-shaped model (after build_z7) and on SmolLM2
 # (vocabulary 49,152 over a 576-wide model).

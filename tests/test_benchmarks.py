@@ -38,9 +38,20 @@ def test_generation_benchmark_tiny(tmp_path):
         8,
         "--batch_sizes_merged",
         8,
+        "--batch_sizes_plain",
+        8,
+        "--stride_plain",
+        1000,
     )
     runs = json.loads(out.read_text())["runs"]
-    assert set(runs) == {"original_one_at_a_time_4bit", "engine_4bit_batch8", "engine_merged_bf16_batch8"}
+    assert set(runs) == {
+        "original_one_at_a_time_4bit",
+        "engine_4bit_batch8",
+        "plain_generate_4bit_batch8",
+        "engine_merged_bf16_batch8",
+    }
+    assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
+    assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1
     assert runs["engine_4bit_batch8"]["examples"] == 16 and runs["engine_4bit_batch8"]["speedup_vs_original"] > 0
 
 

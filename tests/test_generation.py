@@ -350,3 +350,56 @@ def test_failures_that_mean_out_of_memory():
         RuntimeError("Expected mha_graph.execute(handle, variant_pack, workspace_ptr.get()).is_good() to be true")
     )
     assert not _is_out_of_memory(RuntimeError("shape '[32, 0]' is invalid for input of size 16"))
+
+
+def test_label_automaton_allows_what_the_trie_allows():
+    """The device-side automaton chooses exactly as the trie walked over each row's answer so far, for any
+    tokens fed to it (the label's own, a padding token, tokens outside every label)."""
+    import random
+
+    from qlora_kit.generation import LabelAutomaton, LabelTrie
+
+    rng = random.Random(0)
+    pad = 2
+    labels = [[5, 9, 2], [5, 7, 11, 2], [6, 2], [13, 9, 9, 2], [5, 9, 8, 2]]
+    trie = LabelTrie(labels)
+    automaton = LabelAutomaton(trie, pad, "cpu")
+    rows = 64
+    answers = [[] for _ in range(rows)]
+    states = automaton.start(rows, "cpu")
+    for _ in range(6):
+        logits = torch.randn(rows, 20)
+        restricted = automaton.restrict(logits, states)
+        for row in range(rows):
+            allowed = sorted(trie.allowed(answers[row], pad))
+            assert torch.isfinite(restricted[row]).nonzero().flatten().tolist() == allowed
+            assert torch.equal(restricted[row, allowed], logits[row, allowed])
+        # half the rows follow the constraint, the others take any token (as a finished row's padding does)
+        tokens = restricted.argmax(-1)
+        for row in range(0, rows, 2):
+            tokens[row] = rng.choice([pad, 0, 19, 5, 9, 40])
+        for row, token in enumerate(tokens.tolist()):
+            answers[row].append(token)
+        states = automaton.advance(states, tokens)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_the_plain_path_gives_the_same_answers(model_and_tokenizer, monkeypatch, constrained):
+    """QLORA_KIT_GENERATION=plain (transformers' generate, for debugging) answers as the project's loop does,
+    with and without the label constraint."""
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, count=9)
+    stop = [tokenizer.eos_token_id]
+    labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in ("sci.space", "rec.autos", "sci.med")]
+    kwargs = dict(max_new_tokens=8, stop_ids=stop, batch_size=4, progress=False)
+    if constrained:
+        kwargs["label_sequences"] = labels
+    ours = generation.generate(model, tokenizer, prompts, **kwargs).outputs
+    monkeypatch.setenv("QLORA_KIT_GENERATION", "plain")
+    plain = generation.generate(model, tokenizer, prompts, **kwargs).outputs
+    assert plain == ours
+    if constrained:
+        assert all(answer + stop in labels for answer in ours)
+    monkeypatch.setenv("QLORA_KIT_GENERATION", "fast")
+    with pytest.raises(generation.UsageError, match="QLORA_KIT_GENERATION=fast"):
+        generation.generate(model, tokenizer, prompts, **kwargs)
