@@ -29,7 +29,7 @@ build_z7() {
   python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import zephyr_shaped; zephyr_shaped.build(Path('$Z7'))"
 }
 
-# Issue 6: training throughput of each recipe on the 7B-shaped model, side by side in one run per task.
+# Training throughput of each recipe on the 7B-shaped model, side by side in one run per task.
 bench_train() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --steps 8 \
     --recipes "original, q,v" "fast, q,v" "original, all modules" "batch 8 (previous default), all modules" \
@@ -75,13 +75,13 @@ bench_logits() {
     --out "$R/bench_logits/train_throughput_logits_smollm2.json"
 }
 
-# Issue 3: the original one-at-a-time way against the engine, the whole test set on the 4-bit model.
+# The original one-at-a-time way against the engine, the whole test set on the 4-bit model.
 bench_gen() {
   python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 4 --stride_4bit 1 \
     --stride_merged 2 --out "$R/bench_gen/generation_throughput.json"
 }
 
-# Issue 8: a real run killed once (SIGKILL, as a preempted machine) and resumed, against an uninterrupted one.
+# A real run killed once (SIGKILL, as a preempted machine) and resumed, against an uninterrupted one.
 kill_resume() {
   local d=$R/kill_resume
   local common=(--pretrained_ckpt "$MODEL" --train_file "$SAMSUM/train.jsonl.gz" --max_steps $((3 * KR_SAVE))
@@ -108,7 +108,7 @@ for name in ("uninterrupted", "interrupted"):
 PY
 }
 
-# Issue 7 (hyperparameters on a validation split): learning rates for the 10% classification runs,
+# Hyperparameters on a validation split: learning rates for the 10% classification runs,
 # 10% of the training set held out (stratified) and scored.
 lr_scan() {
   local lr
@@ -132,7 +132,7 @@ for run in sorted(Path(sys.argv[1]).glob("lr-*")):
 PY
 }
 
-# Issues 3, 4, 7: zero-shot and few-shot baselines of both tasks, both prompt styles, 4 at a time on one GPU.
+# Zero-shot and few-shot baselines of both tasks, both prompt styles, 4 at a time on one GPU.
 baselines() {
   local gpu=${CUDA_VISIBLE_DEVICES:-0}
   TASKS=classification STYLES="seed chat" BASELINES="$R/baselines" EXPERIMENTS="$R/baselines" \
@@ -143,7 +143,7 @@ baselines() {
     --test_file "$SAMSUM/test.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
 }
 
-# Issue 4: the sample ablation at 2.5%, 5% and 10% for the four variants; a small model leaves the GPU
+# The sample ablation at 2.5%, 5% and 10% for the four variants; a small model leaves the GPU
 # mostly idle, so several runs share each GPU (GPUS lists a GPU once per run slot).
 grid() {
   local flags=(--pretrained_ckpt "$MODEL" --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz"
@@ -160,7 +160,7 @@ grid() {
   wait
 }
 
-# Issue 6: learning is not traded for speed: the default recipe against the original after the same examples,
+# Learning is not traded for speed: the default recipe against the original after the same examples,
 # SAMSum, evaluation loss on the validation split. 1,600 dialogues: exactly one mega-batch of the length-grouped
 # sampler at batch 32 (50 batches), so both see a random sample, not the longest batches of a part-read mega-batch.
 recipe_check() {
@@ -169,7 +169,7 @@ fast|--recipe fast --max_steps 50
 batch8-lr2e-4|--recipe fast --batch_size 8 --learning_rate 2e-4 --max_steps 200"
 }
 
-# Issue 6: candidate recipes with more examples per optimizer step, against the original, at about the same
+# Candidate recipes with more examples per optimizer step, against the original, at about the same
 # number of training examples (2,000 dialogues: 250 x 8, 63 x 32, 45 packed steps of about 44; the 63 grouped
 # batches of 32 hold 19% more tokens: the last 13 are the longest of a second mega-batch).
 # RC_VARIANTS: one "name|flags" per line.
@@ -202,7 +202,7 @@ for run in sorted(Path(sys.argv[1]).iterdir()):
 PY
 }
 
-# Issue 9: the scripts under accelerate launch on 2 GPUs: data-parallel training, split evaluation (same
+# The scripts under accelerate launch on 2 GPUs: data-parallel training, split evaluation (same
 # predictions as one process), and the FSDP-QLoRA config.
 multi_gpu() {
   local d=$R/multi_gpu
@@ -231,7 +231,7 @@ PY
     --train_sample_fraction 0.05 --max_steps 20 --batch_size 4 --experiment_dir "$d/fsdp" "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -15
 }
 
-# Issue 7: the full training sets with all-module LoRA: 20 Newsgroups with the learning rate chosen by lr_scan,
+# The full training sets with all-module LoRA: 20 Newsgroups with the learning rate chosen by lr_scan,
 # scored with greedy decoding (the sweep) and with constrained decoding (every answer a label); SAMSum for each
 # prompt style in SAMSUM_STYLES and epoch count in SAMSUM_EPOCHS, each scored on validation (to choose) and test.
 # Longer than one 10-minute command: with STOP_AFTER every run checkpoints and stops in time; run the stage again
@@ -262,7 +262,7 @@ full_data() {
   wait
 }
 
-# Issue 7, second round: candidate recipes trained with a checkpoint at the end of every epoch, each epoch scored
+# Candidate recipes trained with a checkpoint at the end of every epoch, each epoch scored
 # on the validation split (20 Newsgroups: 10% of its training set held out, stratified; SAMSum: its own), the
 # best by validation then scored on the test set. With STOP_AFTER the runs checkpoint and stop; run the stage
 # again to resume them. TARGETS_TRAIN=0 skips training (only scores what was saved); TARGETS_FINAL=1 chooses among
@@ -290,12 +290,12 @@ targets() {
     - "$d"/samsum-*/
 }
 
-# Issue 7, third round (what the second round pointed to): the validated settings (1,024 tokens, 16-bit base) at
+# The validated recipe (what the candidates pointed to): the settings (1,024 tokens, 16-bit base) at
 # batch 16 / lr 1e-3 (the rate that learned more per epoch), constant or cosine-decaying, 3 epochs. 20 Newsgroups:
 # each schedule twice, with 10% held out (every epoch scored on validation) and on the whole training set; the
 # schedule and epoch best on validation choose which full-data checkpoint is scored on test (constrained and
 # greedy). SAMSum: every epoch on validation, the best on test.
-round3() {
+validated_recipe() {
   local news=(--train_file "$NEWS/train.jsonl.gz" --full_tune --batch_size 16 --learning_rate 1e-3
               --max_seq_length 1024 --no-load_in_4bit --no-gradient_checkpointing)
   local sam=(--train_file "$SAMSUM/train.jsonl.gz" --validation_file "$SAMSUM/validation.jsonl.gz" --prompt_style chat
@@ -303,8 +303,8 @@ round3() {
   local news_eval=(--decoding constrained --max_batch_tokens 150000)
   local sam_eval=(--validation_file "$SAMSUM/validation.jsonl.gz" --max_batch_tokens 150000)
   local schedule
-  export TARGETS_DIR=round3
-  mkdir -p "$R/round3"
+  export TARGETS_DIR=validated_recipe
+  mkdir -p "$R/validated_recipe"
   for schedule in constant_with_warmup cosine; do
     target_candidate "news-heldout-$schedule" zephyr_classification "${news[@]}" --lr_scheduler $schedule \
       --validation_fraction 0.1 -- "${news_eval[@]}" &
@@ -314,9 +314,9 @@ round3() {
   done
   wait
   target_twin_test zephyr_classification "accuracy" "--test_file $NEWS/test.jsonl.gz --max_batch_tokens 150000" \
-    constrained,greedy news-heldout- news-full- "$R"/round3/news-heldout-*/
+    constrained,greedy news-heldout- news-full- "$R"/validated_recipe/news-heldout-*/
   target_test zephyr_summarization "rouge1 rouge2" "--test_file $SAMSUM/test.jsonl.gz --max_batch_tokens 150000" \
-    - "$R"/round3/samsum-*/
+    - "$R"/validated_recipe/samsum-*/
 }
 
 # The small-model recipe as shipped (recipes/small-model.yaml), once per seed (SEEDS, default 0 1 2) and task

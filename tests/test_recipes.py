@@ -162,13 +162,13 @@ def test_small_model_recipe_trains_end_to_end(tiny_model, data_dir, tmp_path):
 
 @pytest.mark.parametrize("task, run", [("classification", "news-full-cosine"), ("summarization", "samsum-cosine")])
 def test_small_model_recipe_is_what_the_winning_runs_used(task, run):
-    """The preset must not drift from the committed runs it was chosen by (results/smollm2/runs/round3):
+    """The preset must not drift from the committed runs it was chosen by (results/smollm2/runs/validated_recipe):
     every setting that shapes training is the same, and those runs computed logits only where scored."""
     from pathlib import Path
 
     config = json.loads(
         (
-            Path(__file__).resolve().parent.parent / "results" / "smollm2" / "runs" / "round3" / run / "run_config.json"
+            Path(__file__).resolve().parent.parent / "results" / "smollm2" / "runs" / "validated_recipe" / run / "run_config.json"
         ).read_text()
     )["settings"]
     preset = _resolved(task, "--recipe", "small-model")

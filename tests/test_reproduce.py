@@ -56,10 +56,10 @@ def test_gpu_session_targets_stage_end_to_end(tiny_model, data_dir, tmp_path):
     assert len(list(targets.glob("*/metrics_step-*"))) == 3
 
 
-def test_gpu_session_round3_scores_the_full_data_twin_of_the_choice(tiny_model, data_dir, tmp_path):
-    """round3 chooses the 20 Newsgroups schedule and epoch on the held-out runs and scores, on test, the run
+def test_gpu_session_validated_recipe_scores_the_full_data_twin_of_the_choice(tiny_model, data_dir, tmp_path):
+    """validated_recipe chooses the 20 Newsgroups schedule and epoch on the held-out runs and scores, on test, the run
     trained on all the data with that schedule at that epoch (and nothing else)."""
-    rounds = _gpu_session("round3", tiny_model, data_dir, tmp_path)
+    rounds = _gpu_session("validated_recipe", tiny_model, data_dir, tmp_path)
     chosen = json.loads((rounds / "chosen_classification.json").read_text())
     assert {Path(c["run"]).name for c in chosen["candidates"]} == {
         "news-heldout-constant_with_warmup",
