@@ -120,7 +120,11 @@ def fit_to_budget(trainer, budget_gb: float | None, peak_gb: Callable[[int], flo
     if peak_gb is None:
         enable_checkpointing_as_training_will(trainer)
         peak_gb = lambda rows: probe_peak_gb(trainer, rows)  # noqa: E731
-    micro, accumulation, peak = choose(*asked, budget_gb, peak_gb)
+    try:
+        micro, accumulation, peak = choose(*asked, budget_gb, peak_gb)
+    except Exception as error:  # the probe is an optimisation: never the reason a run cannot train
+        log.warning("--max_memory_gb: could not measure a micro-batch (%s): training with it as asked", error)
+        return {"max_memory_gb": budget_gb, "probe_error": str(error)}
     if (micro, accumulation) != asked:
         apply(trainer, micro, accumulation)
         log.info(

@@ -94,3 +94,18 @@ def test_budget_off(budget):
         args = Args()
 
     assert memory_budget.fit_to_budget(Trainer(), budget, peak_gb=lambda rows: 100.0) == {}
+
+
+def test_a_failed_probe_trains_as_asked(tiny_model, data_dir, tmp_path, monkeypatch):
+    def broken(trainer, rows):
+        raise RuntimeError("something in a library")
+
+    fit = memory_budget.fit_to_budget
+    monkeypatch.setattr(
+        memory_budget,
+        "fit_to_budget",
+        lambda trainer, budget: fit(trainer, budget, peak_gb=functools.partial(broken, trainer)),
+    )
+    metrics = _train(tiny_model, data_dir, tmp_path / "run", batch_size=4, grad_accum=1, max_memory_gb=30)
+    assert metrics["memory_budget"]["probe_error"] == "something in a library"
+    assert metrics["global_steps"] == 2

@@ -168,7 +168,13 @@ def test_small_model_recipe_is_what_the_winning_runs_used(task, run):
 
     config = json.loads(
         (
-            Path(__file__).resolve().parent.parent / "results" / "smollm2" / "runs" / "validated_recipe" / run / "run_config.json"
+            Path(__file__).resolve().parent.parent
+            / "results"
+            / "smollm2"
+            / "runs"
+            / "validated_recipe"
+            / run
+            / "run_config.json"
         ).read_text()
     )["settings"]
     preset = _resolved(task, "--recipe", "small-model")
