@@ -76,6 +76,7 @@ def probe_peak_gb(trainer, rows: int) -> float | None:
     model.train()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    inputs = loss = None
     try:
         inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in longest]))
         with trainer.compute_loss_context_manager():
@@ -85,6 +86,7 @@ def probe_peak_gb(trainer, rows: int) -> float | None:
     except torch.cuda.OutOfMemoryError:
         peak = None
     finally:
+        inputs = loss = None  # noqa: F841  (a loss that ran out of memory in backward still holds its graph)
         model.zero_grad(set_to_none=True)
         for name, value in counters.items():
             setattr(trainer, name, value)
