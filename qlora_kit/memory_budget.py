@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from . import distributed
+
 log = logging.getLogger(__name__)
 
 # Beside the probe's peak: the CUDA context and allocator fragmentation the allocator's own count leaves out.
@@ -122,11 +124,15 @@ def fit_to_budget(trainer, budget_gb: float | None, peak_gb: Callable[[int], flo
     if peak_gb is None:
         enable_checkpointing_as_training_will(trainer)
         peak_gb = lambda rows: probe_peak_gb(trainer, rows)  # noqa: E731
+    error = None
     try:
         micro, accumulation, peak = choose(*asked, budget_gb, peak_gb)
-    except Exception as error:  # the probe is an optimisation: never the reason a run cannot train
-        log.warning("--max_memory_gb: could not measure a micro-batch (%s): training with it as asked", error)
-        return {"max_memory_gb": budget_gb, "probe_error": str(error)}
+    except Exception as exc:  # the probe is an optimisation: never the reason a run cannot train
+        log.warning("--max_memory_gb: could not measure a micro-batch (%s): training with it as asked", exc)
+        (micro, accumulation), peak, error = asked, None, str(exc)
+    # Several processes must accumulate alike (each step is one all-reduce): all take the smallest choice.
+    micro = min(chosen for chosen, _ in distributed.gather((micro, accumulation)))
+    accumulation = asked[0] * asked[1] // micro
     if (micro, accumulation) != asked:
         apply(trainer, micro, accumulation)
         log.info(
@@ -143,4 +149,5 @@ def fit_to_budget(trainer, budget_gb: float | None, peak_gb: Callable[[int], flo
         "micro_batch": micro,
         "grad_accum": accumulation,
         "probe_peak_gb": peak,
+        **({"probe_error": error} if error else {}),
     }

@@ -109,3 +109,26 @@ def test_a_failed_probe_trains_as_asked(tiny_model, data_dir, tmp_path, monkeypa
     metrics = _train(tiny_model, data_dir, tmp_path / "run", batch_size=4, grad_accum=1, max_memory_gb=30)
     assert metrics["memory_budget"]["probe_error"] == "something in a library"
     assert metrics["global_steps"] == 2
+
+
+def test_several_processes_take_the_smallest_choice(monkeypatch):
+    """Processes whose probes chose differently (memory a little apart) all train with the smallest micro-batch:
+    they must accumulate alike, or one waits for the other's all-reduce forever."""
+    from qlora_kit import distributed
+
+    class Args:
+        per_device_train_batch_size, gradient_accumulation_steps = 8, 1
+
+        @property
+        def train_batch_size(self):
+            return self.per_device_train_batch_size
+
+    class Trainer:
+        args = Args()
+
+    monkeypatch.setattr(distributed, "gather", lambda value: [value, (2, 4)])  # the other process chose 2 x 4
+    trainer = Trainer()
+    chosen = memory_budget.fit_to_budget(trainer, 22.0, peak_gb=lambda rows: 1.0)  # this one: 8 fits
+    assert (chosen["micro_batch"], chosen["grad_accum"]) == (2, 4)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 4)
+    assert trainer._train_batch_size == 2
