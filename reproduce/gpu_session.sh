@@ -63,6 +63,15 @@ bench_levers() {
     --out "$R/bench_levers/train_throughput_levers_classification.json"
 }
 
+# Evaluation speed and exactness on real trained SmolLM2 runs (after the seeds stage): the engine twice, a plain
+# batched generate, one example at a time (benchmarks/generation_real_model.py).
+bench_gen_real() {
+  python3 benchmarks/generation_real_model.py --experiment_dir "$R/seeds/samsum-seed-${GEN_SEED:-0}" \
+    --test_file "$SAMSUM/test.jsonl.gz" --out "$R/bench_gen_real/generation_smollm2_samsum.json"
+  python3 benchmarks/generation_real_model.py --experiment_dir "$R/seeds/news-seed-${GEN_SEED:-0}" \
+    --test_file "$NEWS/test.jsonl.gz" --decoding constrained --out "$R/bench_gen_real/generation_smollm2_newsgroups.json"
+}
+
 # All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is
 # scored (--logits_where_scored), side by side, on the 7B-shaped model (after build_z7) and on SmolLM2
 # (vocabulary 49,152 over a 576-wide model).

@@ -139,3 +139,45 @@ def test_flops_per_token_works_the_numbers():
     summary = tb.summary([2.0, 1.0, 4.0], tokens=400, examples=8)
     assert summary["tokens_per_second"] == 200 and summary["tokens_per_second_min"] == 100
     assert summary["tokens_per_second_spread_percent"] == 150 and summary["examples_per_second"] == 4
+
+
+def test_generation_benchmark_on_a_trained_run(tiny_model, data_dir, tmp_path):
+    """generation_real_model.py on a tiny trained run: every way runs, and on the CPU in fp32 the engine, the
+    plain path and one-at-a-time greedy give the same answers."""
+    from qlora_kit import settings, training
+
+    resolved, _ = settings.resolve(
+        "classification",
+        {
+            "pretrained_ckpt": str(tiny_model),
+            "train_file": str(data_dir / "news_train.jsonl"),
+            "max_steps": 2,
+            "load_in_4bit": False,
+            "experiment_dir": str(tmp_path / "run"),
+        },
+    )
+    training.train("classification", resolved)
+    out = tmp_path / "g.json"
+    _run(
+        "generation_real_model.py",
+        "--experiment_dir",
+        tmp_path / "run",
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--decoding",
+        "constrained",
+        "--batch_sizes_plain",
+        4,
+        "--one_at_a_time",
+        5,
+        "--out",
+        out,
+    )
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert set(runs) == {"engine_call1", "engine_call2", "plain_generate_batch4", "one_at_a_time"}
+    assert runs["engine_call1"]["examples"] == 12 and runs["one_at_a_time"]["examples"] == 5
+    assert runs["plain_generate_batch4"]["identical_to_engine"] == 1.0
+    assert runs["one_at_a_time"]["engine_identical_share"] == 1.0
+    assert runs["engine_call1"]["metrics"]["invalid"] == 0  # constrained: always a label
+    assert runs["engine_call2"]["metrics"] == runs["engine_call1"]["metrics"]

@@ -1,0 +1,171 @@
+"""Evaluation speed and exactness on a real trained run (e.g. SmolLM2-135M-Instruct with its adapter), side by
+side in one process: one example at a time (greedy), a plain batched ``model.generate`` (left padding, the
+engine's own batches), and the project's engine, called twice (the first call warms up kernels and caches).
+
+Times are generation alone (the prompts are built and tokenised before the clock starts); the inference script
+prints its whole wall time separately. Exactness: the share of outputs identical to one-at-a-time greedy on an
+evenly spread subset, to the plain path on every prompt, and the metric of each way.
+
+Usage (after training a run, e.g. `python zephyr_summarization.py --recipe small-model ...`):
+    python benchmarks/generation_real_model.py --experiment_dir RUN --test_file samsum/test.jsonl.gz \\
+        --out benchmarks/results/generation_smollm2_samsum.json
+    python benchmarks/generation_real_model.py --experiment_dir NEWS_RUN --test_file newsgroups/test.jsonl.gz \\
+        --decoding constrained --out benchmarks/results/generation_smollm2_newsgroups.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+
+def timed(function):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    value = function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+    return value, time.perf_counter() - started, peak
+
+
+def one_at_a_time(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int], label_sequences):
+    """Greedy, one prompt alone (no padding), through transformers' generate; constrained like the engine."""
+    import torch
+
+    from qlora_kit.generation import LabelTrie
+
+    trie = LabelTrie(label_sequences) if label_sequences else None
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([prompt], device=device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=stop_ids[0],
+            prefix_allowed_tokens_fn=(lambda row, ids: trie.allowed(ids[len(prompt) :].tolist(), stop_ids[0]))
+            if trie
+            else None,
+        )[0, len(prompt) :].tolist()
+    cut = next((i for i, token in enumerate(out) if token in stop_ids), len(out))
+    return out[:cut]
+
+
+def main(args):
+    import json
+
+    import zephyr_shaped
+
+    from qlora_kit import modeling
+    from qlora_kit.evaluation import _load_finetuned, load_eval_rows, plan_job
+    from qlora_kit.formatting import PromptFormat, end_of_turn_token
+    from qlora_kit.generation import generate
+    from qlora_kit.run_folder import RunFolder
+    from qlora_kit.tasks import get_task
+
+    run = RunFolder(args.experiment_dir)
+    config = run.config()
+    task = get_task(config["task"])
+    checkpoint = run.default_checkpoint(None)
+    adapter = run.adapter(checkpoint)
+    eval_args = Namespace(
+        test_file=args.test_file, validation_file=None, dataset="", split="test", limit=args.limit,
+        decoding=args.decoding, max_batch_tokens=args.max_batch_tokens,
+    )  # fmt: skip
+    rows = load_eval_rows(task, eval_args, config["label_names"], recorded=config["settings"])
+    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else run.adapter_dir
+    tokenizer = modeling.load_tokenizer(str(tokenizer_dir), padding_side="left")
+    end_token = config.get("end_token") or end_of_turn_token(tokenizer)
+    fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=config["label_names"])
+    job = plan_job(
+        task, tokenizer, fmt, rows, eval_args, config["settings"]["max_seq_length"], end_token, config["label_names"]
+    )
+    model = _load_finetuned(config, adapter, merge_adapter=False, use_flash_attention=False)
+    new_tokens = args.max_new_tokens or task.max_new_tokens
+    settings = dict(
+        max_new_tokens=new_tokens,
+        stop_ids=job.stop_ids,
+        label_sequences=job.label_sequences,
+        max_batch_tokens=args.max_batch_tokens,
+        progress=False,
+    )
+    results = {
+        "command": " ".join(sys.argv),
+        "run": str(run.path),
+        "checkpoint": checkpoint,
+        "task": task.name,
+        "examples": len(rows),
+        "max_new_tokens": new_tokens,
+        "decoding": args.decoding if task.labelled else "greedy",
+        **zephyr_shaped.environment(),
+        "runs": {},
+    }
+
+    def metric(outputs) -> dict:
+        predictions = [
+            task.parse_answer(tokenizer.decode(ids or [], skip_special_tokens=True), config["label_names"])
+            for ids in outputs
+        ]
+        scored = task.score([row["target"] for row in rows], predictions, config["label_names"])
+        return {key: value for key, value in scored.items() if not isinstance(value, dict)}
+
+    def record(name, outputs, seconds, peak, count, extra=None):
+        results["runs"][name] = {
+            "examples": count,
+            "seconds": seconds,
+            "examples_per_second": count / seconds,
+            "ms_per_example": 1000 * seconds / count,
+            "peak_gpu_memory_gb": peak,
+            **(extra or {}),
+        }
+        print(f"{name}: {count} examples in {seconds:.2f}s = {count / seconds:.1f} examples/s", flush=True)
+        zephyr_shaped.write_result(Path(args.out), results)
+
+    engine = None
+    for call in range(1, args.engine_calls + 1):
+        out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
+        engine = out.outputs
+        record(f"engine_call{call}", engine, seconds, peak, len(rows), {"metrics": metric(engine)})
+    for batch_size in args.batch_sizes_plain:
+        os.environ["QLORA_KIT_GENERATION"] = "plain"
+        try:
+            out, seconds, peak = timed(
+                lambda: generate(model, tokenizer, job.prompt_ids, batch_size=batch_size, **settings)
+            )
+        finally:
+            del os.environ["QLORA_KIT_GENERATION"]
+        same = sum(a == b for a, b in zip(out.outputs, engine)) / len(rows)
+        extra = {"metrics": metric(out.outputs), "identical_to_engine": same}
+        record(f"plain_generate_batch{batch_size}", out.outputs, seconds, peak, len(rows), extra)
+    subset = list(range(0, len(rows), max(1, len(rows) // args.one_at_a_time)))[: args.one_at_a_time]
+    single, seconds, peak = timed(
+        lambda: [one_at_a_time(model, job.prompt_ids[i], new_tokens, job.stop_ids, job.label_sequences) for i in subset]
+    )
+    same = sum(single[k] == engine[i] for k, i in enumerate(subset)) / len(subset)
+    record("one_at_a_time", single, seconds, peak, len(subset), {"engine_identical_share": same})
+    print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment_dir", required=True, help="a trained run folder")
+    parser.add_argument("--test_file", required=True)
+    parser.add_argument("--decoding", choices=("greedy", "constrained"), default="greedy")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's")
+    parser.add_argument("--max_batch_tokens", type=int, default=None, help="default: the engine's budget")
+    parser.add_argument("--engine_calls", type=int, default=2)
+    parser.add_argument("--batch_sizes_plain", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--one_at_a_time", type=int, default=64, help="examples generated one at a time")
+    parser.add_argument("--out", default="benchmarks/results/generation_real_model.json")
+    main(parser.parse_args())
