@@ -140,7 +140,7 @@ def main(args):
         os.environ["QLORA_KIT_GENERATION"] = "plain"
         try:
             out, seconds, peak = timed(
-                lambda: generate(model, tokenizer, job.prompt_ids, batch_size=batch_size, **settings)
+                lambda size=batch_size: generate(model, tokenizer, job.prompt_ids, batch_size=size, **settings)
             )
         finally:
             del os.environ["QLORA_KIT_GENERATION"]
