@@ -131,3 +131,40 @@ def test_the_final_save_under_sharding_does_not_wait_forever(tmp_path):
     torchrun(tmp_path / "save.py", tmp_path / "run", cwd=tmp_path, timeout=180)  # an absolute path
     assert sorted(p.name for p in tmp_path.glob("saved-by-*")) == ["saved-by-0", "saved-by-1"]
     assert (tmp_path / "run" / "train_metrics.json").is_file() and (tmp_path / "run" / "adapter").is_dir()
+
+
+FIT_UNDER_TWO_PROCESSES = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from qlora_kit import distributed, memory_budget
+
+distributed.init()
+rank = distributed.rank()
+
+class Args:
+    per_device_train_batch_size, gradient_accumulation_steps = 8, 1
+    @property
+    def train_batch_size(self):
+        return self.per_device_train_batch_size
+
+def peak(rows):  # process 1's GPU holds more: only 2 rows fit there; with "fail", its probe breaks
+    if rank == 1 and sys.argv[2] == "fail":
+        raise RuntimeError("probe broke")
+    return rows * (1.0 if rank == 0 else 4.0)
+
+trainer = SimpleNamespace(args=Args())
+chosen = memory_budget.fit_to_budget(trainer, 10.0, peak_gb=peak)
+Path(sys.argv[1], f"rank-{rank}").write_text(f"{chosen['micro_batch']} {chosen['grad_accum']}")
+"""
+
+
+def test_every_process_takes_the_same_micro_batch(tmp_path):
+    """--max_memory_gb under data parallel: processes whose probes differ (or fail) still train with one
+    micro-batch, the smallest chosen; none waits for another."""
+    (tmp_path / "fit.py").write_text(FIT_UNDER_TWO_PROCESSES)
+    for mode, expected in (("differ", "2 4"), ("fail", "8 1")):
+        out = tmp_path / mode
+        out.mkdir()
+        torchrun(tmp_path / "fit.py", out, mode, cwd=tmp_path, timeout=180)
+        assert [(out / f"rank-{r}").read_text() for r in (0, 1)] == [expected, expected]
