@@ -55,9 +55,12 @@ out = Path(sys.argv[1])
 read = lambda p: json.loads((out / p).read_text())
 zs_c, ft_c = read("zero-shot-classification/metrics.json"), read("classification/metrics/metrics.json")
 zs_s, ft_s = read("zero-shot-summarization/metrics.json"), read("summarization/metrics/metrics.json")
-print("\n| sample test set | zero-shot | QLoRA fine-tuned |\n|---|---|---|")
-print(f"| 20 Newsgroups accuracy (n={ft_c['n']}) | {100 * zs_c['accuracy']:.1f}% | {100 * ft_c['accuracy']:.1f}% |")
-print(f"| dialogues ROUGE-1 (n={ft_s['n']}) | {zs_s['rouge1']:.1f} | {ft_s['rouge1']:.1f} |")
-print(f"| dialogues ROUGE-2 | {zs_s['rouge2']:.1f} | {ft_s['rouge2']:.1f} |")
+def cell(metrics, key, scale=1.0, unit=""):  # the value and its 95% bootstrap interval
+    low, high = (scale * bound for bound in metrics["ci95"][key])
+    return f"{scale * metrics[key]:.1f}{unit} [{low:.1f}, {high:.1f}]"
+print("\n| sample test set | zero-shot [95% interval] | QLoRA fine-tuned [95% interval] |\n|---|---|---|")
+print(f"| 20 Newsgroups accuracy (n={ft_c['n']}) | {cell(zs_c, 'accuracy', 100, '%')} | {cell(ft_c, 'accuracy', 100, '%')} |")
+print(f"| dialogues ROUGE-1 (n={ft_s['n']}) | {cell(zs_s, 'rouge1')} | {cell(ft_s, 'rouge1')} |")
+print(f"| dialogues ROUGE-2 | {cell(zs_s, 'rouge2')} | {cell(ft_s, 'rouge2')} |")
 print(f"\nrun folders: {out}/classification, {out}/summarization (zero-shot results beside them)")
 PY
