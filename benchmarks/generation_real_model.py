@@ -16,7 +16,6 @@ Usage (after training a run, e.g. `python zephyr_summarization.py --recipe small
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from argparse import Namespace
@@ -37,28 +36,12 @@ def timed(function):
     return value, time.perf_counter() - started, peak
 
 
-def one_at_a_time(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int], label_sequences):
-    """Greedy, one prompt alone (no padding), through transformers' generate; constrained like the engine."""
-    import torch
+def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop_ids: list[int], trie):
+    """Greedy, one prompt alone (a batch of one: no padding), through transformers' generate; constrained like
+    the engine."""
+    from qlora_kit.generation import _generate_batch_plain
 
-    from qlora_kit.generation import LabelTrie
-
-    trie = LabelTrie(label_sequences) if label_sequences else None
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=torch.tensor([prompt], device=device),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=stop_ids[0],
-            prefix_allowed_tokens_fn=(lambda row, ids: trie.allowed(ids[len(prompt) :].tolist(), stop_ids[0]))
-            if trie
-            else None,
-        )[0, len(prompt) :].tolist()
-    cut = next((i for i, token in enumerate(out) if token in stop_ids), len(out))
-    return out[:cut]
+    return _generate_batch_plain(model, tokenizer, [prompt], max_new_tokens, stop_ids, trie)[0]
 
 
 def main(args):
@@ -69,7 +52,7 @@ def main(args):
     from qlora_kit import modeling
     from qlora_kit.evaluation import _load_finetuned, load_eval_rows, plan_job
     from qlora_kit.formatting import PromptFormat, end_of_turn_token
-    from qlora_kit.generation import generate
+    from qlora_kit.generation import LabelTrie, generate
     from qlora_kit.run_folder import RunFolder
     from qlora_kit.tasks import get_task
 
@@ -137,19 +120,16 @@ def main(args):
         engine = out.outputs
         record(f"engine_call{call}", engine, seconds, peak, len(rows), {"metrics": metric(engine)})
     for batch_size in args.batch_sizes_plain:
-        os.environ["QLORA_KIT_GENERATION"] = "plain"
-        try:
-            out, seconds, peak = timed(
-                lambda size=batch_size: generate(model, tokenizer, job.prompt_ids, batch_size=size, **settings)
-            )
-        finally:
-            del os.environ["QLORA_KIT_GENERATION"]
+        out, seconds, peak = timed(
+            lambda size=batch_size: generate(model, tokenizer, job.prompt_ids, batch_size=size, plain=True, **settings)
+        )
         same = sum(a == b for a, b in zip(out.outputs, engine)) / len(rows)
         extra = {"metrics": metric(out.outputs), "identical_to_engine": same}
         record(f"plain_generate_batch{batch_size}", out.outputs, seconds, peak, len(rows), extra)
     subset = list(range(0, len(rows), max(1, len(rows) // args.one_at_a_time)))[: args.one_at_a_time]
+    trie = LabelTrie(job.label_sequences) if job.label_sequences else None
     single, seconds, peak = timed(
-        lambda: [one_at_a_time(model, job.prompt_ids[i], new_tokens, job.stop_ids, job.label_sequences) for i in subset]
+        lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
     )
     same = sum(single[k] == engine[i] for k, i in enumerate(subset)) / len(subset)
     record("one_at_a_time", single, seconds, peak, len(subset), {"engine_identical_share": same})

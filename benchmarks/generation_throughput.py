@@ -102,24 +102,6 @@ def main(args):
         )
         zephyr_shaped.write_result(Path(args.out), results)  # after every run: a cut-off benchmark keeps its numbers
 
-    import os
-
-    def plain(subset, batch_size, max_batch_tokens):
-        """transformers' generate over the engine's own batches (QLORA_KIT_GENERATION=plain): same padding."""
-        os.environ["QLORA_KIT_GENERATION"] = "plain"
-        try:
-            return generate(
-                model,
-                Tok,
-                subset,
-                max_new_tokens=args.new_tokens,
-                stop_ids=no_stop,
-                batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens,
-            )
-        finally:
-            del os.environ["QLORA_KIT_GENERATION"]
-
     # 1. the original way and the engine on the 4-bit model with its adapter
     model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=True, for_training=False), lora).eval()
     reset_peak()
@@ -162,7 +144,16 @@ def main(args):
         reset_peak()
         started = time.perf_counter()
         subset = prompts[:: args.stride_plain]
-        out = plain(subset, batch_size, args.max_batch_tokens_4bit)
+        out = generate(
+            model,
+            Tok,
+            subset,
+            max_new_tokens=args.new_tokens,
+            stop_ids=no_stop,
+            batch_size=batch_size,
+            max_batch_tokens=args.max_batch_tokens_4bit,
+            plain=True,  # transformers' generate over the engine's own batches: the same padding
+        )
         extra = {"final_batch_size": out.final_batch_size}
         if args.stride_plain % args.stride_4bit == 0:  # the same prompts went through the engine: compare
             step = args.stride_plain // args.stride_4bit

@@ -254,7 +254,15 @@ def _generate_batch(
     return result
 
 
-def _generate_batch_plain(model, tokenizer, batch: list[list[int]], max_new_tokens: int, stop_ids: list[int], trie):
+def _generate_batch_plain(
+    model,
+    tokenizer,
+    batch: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    trie: LabelTrie | None,
+    prefill_tokens: int = PREFILL_TOKENS,  # unused: transformers prefills the batch its own way
+):
     """The same answers through transformers' own ``model.generate`` (left padding, greedy): the path to fall
     back on when debugging the loop above (``QLORA_KIT_GENERATION=plain``); slower."""
     import torch
@@ -286,18 +294,17 @@ def _generate_batch_plain(model, tokenizer, batch: list[list[int]], max_new_toke
     return result
 
 
-def _batch_generator():
-    """The decode loop to use: this module's own, or transformers' ``generate`` with QLORA_KIT_GENERATION=plain."""
+def _batch_generator(plain: bool):
+    """The decode loop to use: this module's own, or transformers' ``generate`` (``plain``, or
+    QLORA_KIT_GENERATION=plain)."""
     import os
 
     choice = os.environ.get("QLORA_KIT_GENERATION", "")
     if choice not in ("", "plain"):
         raise UsageError(f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to plain")
-    if choice == "plain":
-        log.info("QLORA_KIT_GENERATION=plain: generating with transformers' model.generate")
-        return lambda model, tokenizer, batch, new, stops, trie, prefill: _generate_batch_plain(
-            model, tokenizer, batch, new, stops, trie
-        )
+    if plain or choice == "plain":
+        log.info("generating with transformers' model.generate (the plain path)")
+        return _generate_batch_plain
     return _generate_batch
 
 
@@ -346,6 +353,7 @@ def generate(
     on_batch=None,
     prefill_tokens: int = PREFILL_TOKENS,
     shard: tuple[int, int] = (0, 1),
+    plain: bool = False,
 ) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order.
 
@@ -356,6 +364,7 @@ def generate(
     padded tokens (``share_batches``), so each batch is exactly the one a single process would run (same
     padding, same numbers); the other prompts' outputs stay None and are not failures.
     ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
+    ``plain``: the same batches through transformers' ``model.generate`` (as QLORA_KIT_GENERATION=plain does).
     """
     import collections
 
@@ -377,7 +386,7 @@ def generate(
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
     rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows
-    generate_batch = _batch_generator()
+    generate_batch = _batch_generator(plain)
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:
