@@ -273,23 +273,10 @@ def compile_decoder_layers(model) -> int:
 
 
 def _result(recipe: dict, timed: list, seconds: list, args, packing: bool = False) -> dict:
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
-    examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
-    summary = tb.summary(seconds, tokens, examples)
     return {
         "which": WHICH[recipe["runner"]],
         **recipe,
-        "timed_steps": args.steps,
-        "repeats": args.repeats,
-        "timed_tokens": tokens,
-        "timed_examples": examples,
-        **summary,
-        # over every step, warm-up included, whose first batch holds the task's longest examples
-        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
-        "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
+        **tb.timed_record(timed, seconds, args.steps, args.repeats, packing),
     }
 
 

@@ -181,6 +181,26 @@ def summary(window_seconds: list[float], tokens: int, examples: int) -> dict:
     }
 
 
+def timed_record(timed: list, seconds: list[float], steps: int, repeats: int, packing: bool = False) -> dict:
+    """What every runner reports of its timed passes: the rows' non-padding tokens and examples, their speeds
+    (``summary``) and the peak GPU memory since the last reset (over every step, warm-up included, whose first
+    batch holds the task's longest examples)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
+    examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
+    return {
+        "timed_steps": steps,
+        "repeats": repeats,
+        "timed_tokens": tokens,
+        "timed_examples": examples,
+        **summary(seconds, tokens, examples),
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
+        "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
+    }
+
+
 def hardware_share(result: dict, matmul_params: int, layers: int, hidden: int, checkpointing: bool) -> dict:
     """The achieved TFLOP/s of a measurement and its share of the GPU's bf16 peak."""
     import torch

@@ -59,7 +59,6 @@ def main(args):
     seconds = tb.plain_loop(
         model, optimizer, warm, timed, args.batch_size, args.grad_accum, args.repeats, tokenizer.pad_token_id
     )
-    tokens, examples = sum(len(r["input_ids"]) for r in timed), len(timed)
     result = {
         "which": "Unsloth (the peer), its public API in a plain PyTorch loop",
         "unsloth_version": unsloth.__version__,
@@ -71,13 +70,7 @@ def main(args):
         "optim": "torch AdamW, fused",
         "gradient_checkpointing": "unsloth",
         "group_by_length": args.grouped,
-        "timed_steps": args.steps,
-        "repeats": args.repeats,
-        "timed_tokens": tokens,
-        "timed_examples": examples,
-        **tb.summary(seconds, tokens, examples),
-        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
-        "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+        **tb.timed_record(timed, seconds, args.steps, args.repeats),
     }
     config = model.config
     result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))
