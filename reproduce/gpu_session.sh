@@ -345,16 +345,16 @@ seeds() {
 }
 
 seed_run() {
-  local task=$1 seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings decoding out step
+  local task=$1 seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings step
   if [ "$task" = news ]; then
     script=zephyr_classification
     train=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --select_on accuracy)
-    eval=(--test_file "$NEWS/test.jsonl.gz")
-    decodings="constrained greedy"
+    eval="--test_file $NEWS/test.jsonl.gz"
+    decodings=constrained,greedy
   else
     script=zephyr_summarization
     train=(--train_file "$SAMSUM/train.jsonl.gz" --validation_file "$SAMSUM/validation.jsonl.gz" --select_on rouge1+rouge2)
-    eval=(--test_file "$SAMSUM/test.jsonl.gz")
+    eval="--test_file $SAMSUM/test.jsonl.gz"
     decodings=-
   fi
   {
@@ -366,14 +366,7 @@ seed_run() {
     fi
     step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
     [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: training did not finish: nothing scored on test"; return; }
-    for decoding in $decodings; do
-      out=$run/metrics_step-$step
-      local choice=()
-      [ "$decoding" = - ] || { out+=_$decoding; choice=(--decoding "$decoding"); }
-      [ -f "$out/metrics.json" ] ||
-        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --output_dir "$out" \
-          --max_batch_tokens 150000 "${eval[@]}" "${choice[@]}" "${EXTRA_EVAL[@]}"
-    done
+    test_checkpoint "$script" "--max_batch_tokens 150000 $eval" "$decodings" "$run" "$step"
   } >> "$R/logs/seeds_$task-seed-$seed.log" 2>&1
   echo "$task seed $seed: $(tail -1 "$R/logs/seeds_$task-seed-$seed.log")"
 }
