@@ -141,27 +141,14 @@ def test_flops_per_token_works_the_numbers():
     assert summary["tokens_per_second_spread_percent"] == 150 and summary["examples_per_second"] == 4
 
 
-def test_generation_benchmark_on_a_trained_run(tiny_model, data_dir, tmp_path):
+def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir, tmp_path):
     """generation_real_model.py on a tiny trained run: every way runs, and on the CPU in fp32 the engine, the
     plain path and one-at-a-time greedy give the same answers."""
-    from qlora_kit import settings, training
-
-    resolved, _ = settings.resolve(
-        "classification",
-        {
-            "pretrained_ckpt": str(tiny_model),
-            "train_file": str(data_dir / "news_train.jsonl"),
-            "max_steps": 2,
-            "load_in_4bit": False,
-            "experiment_dir": str(tmp_path / "run"),
-        },
-    )
-    training.train("classification", resolved)
     out = tmp_path / "g.json"
     _run(
         "generation_real_model.py",
         "--experiment_dir",
-        tmp_path / "run",
+        trained_run_for_resume,
         "--test_file",
         data_dir / "news_test.jsonl",
         "--decoding",

@@ -43,6 +43,18 @@ def _train(tiny_model, data_dir, folder, **given):
     return training.train("classification", resolved)
 
 
+def _probe_with(monkeypatch, peak):
+    """Training measures each micro-batch with ``peak(trainer, rows)`` instead of the GPU's counters; returns
+    the real ``fit_to_budget``, to put back."""
+    fit = memory_budget.fit_to_budget
+    monkeypatch.setattr(
+        memory_budget,
+        "fit_to_budget",
+        lambda trainer, budget: fit(trainer, budget, peak_gb=functools.partial(peak, trainer)),
+    )
+    return fit
+
+
 def test_a_halved_micro_batch_trains_as_asking_for_it(tiny_model, data_dir, tmp_path, monkeypatch):
     """A budget the asked micro-batch of 4 exceeds gives 2 x 2 accumulation: the same adapter as asking for
     2 x 2 directly (same examples per step, same order). The probe runs the trainer's own forward and
@@ -57,12 +69,7 @@ def test_a_halved_micro_batch_trains_as_asking_for_it(tiny_model, data_dir, tmp_
         assert all(p.grad is None for p in trainer.model.parameters())  # the probe leaves no gradient behind
         return peak
 
-    fit = memory_budget.fit_to_budget
-    monkeypatch.setattr(
-        memory_budget,
-        "fit_to_budget",
-        lambda trainer, budget: fit(trainer, budget, peak_gb=functools.partial(fake_peak, trainer)),
-    )
+    fit = _probe_with(monkeypatch, fake_peak)
     fitted = _train(tiny_model, data_dir, tmp_path / "fitted", batch_size=4, grad_accum=1, max_memory_gb=30)
     assert probed == [4, 2]  # 4 rows: 40 GB + headroom > 30; 2 rows: 20 GB fits
     assert fitted["memory_budget"] == {"max_memory_gb": 30, "micro_batch": 2, "grad_accum": 2, "probe_peak_gb": 20}
@@ -100,12 +107,7 @@ def test_a_failed_probe_trains_as_asked(tiny_model, data_dir, tmp_path, monkeypa
     def broken(trainer, rows):
         raise RuntimeError("something in a library")
 
-    fit = memory_budget.fit_to_budget
-    monkeypatch.setattr(
-        memory_budget,
-        "fit_to_budget",
-        lambda trainer, budget: fit(trainer, budget, peak_gb=functools.partial(broken, trainer)),
-    )
+    _probe_with(monkeypatch, broken)
     metrics = _train(tiny_model, data_dir, tmp_path / "run", batch_size=4, grad_accum=1, max_memory_gb=30)
     assert metrics["memory_budget"]["probe_error"] == "something in a library"
     assert metrics["global_steps"] == 2
