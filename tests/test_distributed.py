@@ -156,6 +156,8 @@ def peak(rows):  # process 1's GPU holds more: only 2 rows fit there; with "fail
 trainer = SimpleNamespace(args=Args())
 chosen = memory_budget.fit_to_budget(trainer, 10.0, peak_gb=peak)
 Path(sys.argv[1], f"rank-{rank}").write_text(f"{chosen['micro_batch']} {chosen['grad_accum']}")
+import torch.distributed as dist
+dist.destroy_process_group()  # leaving with the group alive can abort in gloo's teardown
 """
 
 
