@@ -207,25 +207,9 @@ def test_targets_that_adapt_nothing_in_the_decoder_stop_the_run(tiny_model, data
 def test_a_model_whose_width_is_not_a_multiple_of_64_evaluates_after_4bit_training(tmp_path, data_dir):
     """bitsandbytes' CPU kernels fail inside the library on 4-bit layers of input width 32: evaluation and
     baselines then run on an unquantized copy of the base, with a warning that says so."""
-    import torch
-    from tiny_model import build_tokenizer
-    from transformers import MistralConfig, MistralForCausalLM
+    from tiny_model import build_tiny_architecture
 
-    tokenizer = build_tokenizer(_corpus())
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    MistralForCausalLM(config).save_pretrained(tmp_path / "narrow")
-    tokenizer.save_pretrained(tmp_path / "narrow")
+    build_tiny_architecture(tmp_path / "narrow", _corpus(), "mistral", hidden_size=32)
     run_script(
         "zephyr_classification.py",
         "--pretrained_ckpt",

@@ -65,13 +65,13 @@ def build_tiny_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
     return folder
 
 
-def _config(arch: str, vocab: int, bos: int, eos: int, tie: bool = False):
-    """A tiny random config of one architecture (hidden size 64, 2 layers)."""
+def _config(arch: str, vocab: int, bos: int, eos: int, tie: bool = False, hidden_size: int = 64):
+    """A tiny random config of one architecture (hidden size 64 unless given, 2 layers)."""
     import transformers
 
     common = dict(
         vocab_size=vocab,
-        hidden_size=64,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         bos_token_id=bos,
@@ -121,9 +121,11 @@ def build_tiny_architecture(
     eos: str = "</s>",
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    hidden_size: int = 64,
 ) -> Path:
     """A tiny random model of ``arch`` with a BPE tokenizer. ``chat_template=False`` and another ``eos`` give a
-    base model as Falcon-7B or RedPajama ship it: no chat template, no pad token, its own end-of-text token."""
+    base model as Falcon-7B or RedPajama ship it: no chat template, no pad token, its own end-of-text token.
+    ``hidden_size`` other than a multiple of 64 gives layers bitsandbytes' CPU kernels cannot run in 4-bit."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -135,7 +137,9 @@ def build_tiny_architecture(
     torch.manual_seed(seed)
     # room for tokens an architecture's tokenizer class adds when it loads (Qwen2's adds <|endoftext|>), as real
     # models keep embedding rows beyond their tokenizer
-    config = _config(arch, len(tokenizer) + 8, tokenizer.bos_token_id, tokenizer.eos_token_id, tie_word_embeddings)
+    config = _config(
+        arch, len(tokenizer) + 8, tokenizer.bos_token_id, tokenizer.eos_token_id, tie_word_embeddings, hidden_size
+    )
     model_class = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
     model_class.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
