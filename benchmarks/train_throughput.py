@@ -87,6 +87,9 @@ RECIPES = {
     "fast, selective checkpointing (attention kept), all modules": _recipe(
         "all", "fast", sft_overrides={"gradient_checkpointing_kwargs": {"use_reentrant": False, "selective": True}}
     ),
+    # --max_memory_gb: the micro-batch the probe picks for a smaller card's budget (same 32 examples a step)
+    "fast, fitted to a 16 GB budget, all modules": _recipe("all", "fast", max_memory_gb=16.0),
+    "fast, fitted to a 12 GB budget, all modules": _recipe("all", "fast", max_memory_gb=12.0),
     # the same 32 examples a step in two micro-batches of 16: less activation memory for a larger model
     "fast at batch 16 x 2, all modules": _recipe("all", "fast", batch_size=16, grad_accum=2),
     "fast at batch 8 x 4, all modules": _recipe("all", "fast", batch_size=8, grad_accum=4),
@@ -161,7 +164,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
 
-    from qlora_kit import modeling, training
+    from qlora_kit import memory_budget, modeling, training
     from qlora_kit import settings as settings_lib
     from qlora_kit.packing import PackedCollator
 
@@ -225,6 +228,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     # the rows' own order (see synthetic_rows): the worst batch first, then the timed steps
     trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)  # noqa: F821
     trainer.data_collator = largest = LargestBatch(trainer.data_collator)
+    fitted = memory_budget.fit_to_budget(trainer, recipe["max_memory_gb"]) if recipe.get("max_memory_gb") else None
 
     class Clock(TrainerCallback):
         """The time at the end of the warm-up and of each pass over the timed rows."""
@@ -247,6 +251,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         optim=sft_args.optim,
         use_liger_kernel=sft_args.use_liger_kernel,
         largest_batch_rows_x_width=list(largest.shape),
+        **({"memory_budget": fitted} if fitted is not None else {}),
         **tb.hardware_share(
             result, matmul, model.config.num_hidden_layers, model.config.hidden_size, recipe["gradient_checkpointing"]
         ),
