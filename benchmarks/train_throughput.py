@@ -221,14 +221,13 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         None,
         data_collator=collator,
         scored_positions_only=recipe.get("scored_positions_only", False),
+        compile_layers=recipe.get("compile_layers", False),
     )
-    if recipe.get("compile_layers"):
-        compiled = compile_decoder_layers(trainer.model)
-        print(f"compiled {compiled} decoder layers", flush=True)
+    # before the collator is wrapped: the probe's batches are not training's
+    fitted = memory_budget.fit_to_budget(trainer, recipe["max_memory_gb"]) if recipe.get("max_memory_gb") else None
     # the rows' own order (see synthetic_rows): the worst batch first, then the timed steps
     trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)  # noqa: F821
     trainer.data_collator = largest = LargestBatch(trainer.data_collator)
-    fitted = memory_budget.fit_to_budget(trainer, recipe["max_memory_gb"]) if recipe.get("max_memory_gb") else None
 
     class Clock(TrainerCallback):
         """The time at the end of the warm-up and of each pass over the timed rows."""
@@ -260,21 +259,6 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
-
-
-def compile_decoder_layers(model) -> int:
-    """torch.compile each decoder layer in place (its module class is the one repeated in the model's layer
-    list); returns how many."""
-    import torch
-
-    layers = next(
-        module
-        for module in model.modules()
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and "Layer" in type(module[0]).__name__
-    )
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 def _result(recipe: dict, timed: list, seconds: list, args, packing: bool = False) -> dict:

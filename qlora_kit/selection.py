@@ -51,6 +51,8 @@ class ScoreCheckpoints(TrainerCallback):
         self.curve = existing.get("curve", [])  # a resumed run keeps the scores of its earlier checkpoints
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        import torch
+
         from .evaluation import run_generation, save_evaluation
 
         step = state.global_step
@@ -60,17 +62,20 @@ class ScoreCheckpoints(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            scores, records = run_generation(
-                self.task,
-                model,
-                self.tokenizer,
-                self.fmt,
-                self.rows,
-                generation_args,
-                self.max_prompt_tokens,
-                self.end_token,
-                self.label_names,
-            )
+            # layers compiled for training (--compile_layers) run eagerly here: decoding's shapes and cache
+            # would otherwise compile graphs of their own
+            with torch.compiler.set_stance("force_eager"):
+                scores, records = run_generation(
+                    self.task,
+                    model,
+                    self.tokenizer,
+                    self.fmt,
+                    self.rows,
+                    generation_args,
+                    self.max_prompt_tokens,
+                    self.end_token,
+                    self.label_names,
+                )
         finally:
             model.train(was_training)
         scores["config"] = {

@@ -45,6 +45,7 @@ _NAMED_IF_CHANGED = {
     "group_by_length": "grouped",
     "use_liger_kernel": "liger",
     "gradient_checkpointing": "ckpt",
+    "compile_layers": "compiled",
     "lr_scheduler": "sched",
     "load_in_4bit": "4bit",
     "logits_where_scored": "scored-logits",
@@ -280,8 +281,45 @@ def make_trainer(
     eval_dataset,
     data_collator=None,
     scored_positions_only: bool = False,
+    compile_layers: bool = False,
 ):
-    """An SFTTrainer, or a ``HeadAdapterTrainer`` when the LoRA config targets the output head (lm_head)."""
+    """An SFTTrainer, or a ``HeadAdapterTrainer`` when the LoRA config targets the output head (lm_head); with
+    ``compile_layers`` each decoder layer of the adapted model is compiled (``compile_decoder_layers``)."""
+    trainer = _make_trainer(
+        model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator, scored_positions_only
+    )
+    if compile_layers:
+        log.info(
+            "compiled %d decoder layers (torch.compile; the first steps of each length compile)",
+            compile_decoder_layers(trainer.model),
+        )
+    return trainer
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place, as one region (its 4-bit matmuls, LoRA and norms together):
+    ``Module.compile`` keeps the parameter names, so checkpoints and adapters are saved as without it. Returns
+    how many layers. The repeated layers share one compiled graph (dynamic shapes: lengths vary per batch)."""
+    import torch
+
+    layers = next(
+        (
+            module
+            for module in model.modules()
+            if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and "Layer" in type(module[0]).__name__
+        ),
+        None,
+    )
+    if layers is None:
+        raise UsageError("--compile_layers: found no list of decoder layers in this model")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _make_trainer(
+    model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator, scored_positions_only
+):
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -527,6 +565,7 @@ def build_trainer(settings: TrainingSettings, prepared: Prepared, run: RunFolder
         Dataset.from_list(eval_rows) if eval_rows else None,
         data_collator=collator,
         scored_positions_only=settings.logits_where_scored,
+        compile_layers=settings.compile_layers,
     )
 
 

@@ -1,0 +1,75 @@
+"""--compile_layers: each decoder layer compiled with torch.compile trains as the eager model does."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_kit import training
+from qlora_kit.errors import UsageError
+
+
+def _adapted(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=["q_proj"])
+    return get_peft_model(model, config)
+
+
+def test_compiled_layers_compute_the_same_loss_and_gradients_under_the_same_names(tiny_model):
+    eager, compiled = _adapted(tiny_model), _adapted(tiny_model)
+    names = list(compiled.state_dict())
+    assert training.compile_decoder_layers(compiled) == compiled.config.num_hidden_layers
+    assert list(compiled.state_dict()) == names  # checkpoints and adapters keep their keys
+    ids = torch.randint(3, compiled.config.vocab_size, (2, 11))
+    losses, grads = [], []
+    for model in (eager, compiled):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5)
+
+
+def test_a_model_without_a_layer_list_is_refused():
+    with pytest.raises(UsageError, match="--compile_layers"):
+        training.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_compiled_run_trains_and_chooses_on_validation(tiny_model, data_dir, tmp_path):
+    """The whole training path with compiled layers: two steps, the checkpoint scored on validation while
+    training (generation runs the layers eagerly), the adapter saved under the eager model's names."""
+    from qlora_kit import settings
+
+    runs = {}
+    for compiled in (False, True):
+        resolved, _ = settings.resolve(
+            "classification",
+            {
+                "pretrained_ckpt": str(tiny_model),
+                "train_file": str(data_dir / "news_train.jsonl"),
+                "validation_fraction": 0.25,
+                "select_on": "accuracy",
+                "max_steps": 2,
+                "save_steps": 2,
+                "load_in_4bit": False,
+                "dropout": 0.0,
+                "compile_layers": compiled,
+                "experiment_dir": str(tmp_path / f"compiled-{compiled}"),
+            },
+        )
+        metrics = training.train("classification", resolved)
+        assert metrics["global_steps"] == 2
+        run = tmp_path / f"compiled-{compiled}"
+        runs[compiled] = load_file(run / "adapter" / "adapter_model.safetensors")
+        assert json.loads((run / "selection.json").read_text())["best_step"] == 2
+    assert runs[True].keys() == runs[False].keys()
+    for name in runs[False]:
+        torch.testing.assert_close(runs[True][name], runs[False][name], rtol=1e-3, atol=1e-4)
