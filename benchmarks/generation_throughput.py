@@ -28,6 +28,7 @@ def main(args):
     import json
     import random
 
+    import profiling
     import torch
     import zephyr_shaped
     from peft import LoraConfig, get_peft_model
@@ -140,6 +141,22 @@ def main(args):
             {"final_batch_size": out.final_batch_size},
         )
         engine_outputs = out.outputs
+    if args.profile_examples:  # where the engine's time goes, on an evenly spread subset, after the timed runs
+        subset = prompts[:: max(1, len(prompts) // args.profile_examples)][: args.profile_examples]
+        profile = results["profile_engine_4bit"] = {"examples": len(subset)}
+        with profiling.profiled(profile):
+            generate(
+                model,
+                Tok,
+                subset,
+                max_new_tokens=args.new_tokens,
+                stop_ids=no_stop,
+                batch_size=max(args.batch_sizes_4bit),
+                max_batch_tokens=args.max_batch_tokens_4bit,
+                prefill_tokens=args.prefill_tokens,
+            )
+        profiling.print_summary(f"profile of the engine, 4-bit, {len(subset)} examples", profile)
+        zephyr_shaped.write_result(Path(args.out), results)
     for batch_size in args.batch_sizes_plain:
         reset_peak()
         started = time.perf_counter()
@@ -223,5 +240,8 @@ if __name__ == "__main__":
     parser.add_argument("--max_batch_tokens_4bit", type=int, default=110_000)
     parser.add_argument("--max_batch_tokens_merged", type=int, default=40_000)
     parser.add_argument("--prefill_tokens", type=int, default=16_384, help="prompt tokens prefilled at once")
+    parser.add_argument(
+        "--profile_examples", type=int, default=0, help="profile the engine on this many prompts (0: no profile)"
+    )
     parser.add_argument("--out", default="benchmarks/results/generation_throughput.json")
     main(parser.parse_args())

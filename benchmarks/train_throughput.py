@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import profiling
 import training_batches as tb
 from training_batches import HERE, LENGTHS, synthetic_rows, task_lengths
 
@@ -188,13 +189,16 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         args.max_seq_length,
         args.seed,
     )
+    # --profile_steps: after the timed passes, one more step (not profiled) and the profiled ones, on timed rows
+    extra_steps = 1 + args.profile_steps if args.profile_steps else 0
+    extra = timed[: extra_steps * batch * accumulation]
     speed = {key: recipe[key] for key in SPEED_SETTINGS}
     # every training setting at its default (so new settings need no change here), then the benchmark's own
     settings = dataclasses.replace(
         settings_lib.resolve("classification")[0],
         epochs=1,
         logging_steps=1000,
-        max_steps=args.warmup_steps + args.steps * args.repeats,
+        max_steps=args.warmup_steps + args.steps * args.repeats + extra_steps,
         save_steps=10**6,
         seed=args.seed,
         max_seq_length=args.max_seq_length,
@@ -217,7 +221,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         sft_args,
         peft_config,
         tokenizer,
-        Dataset.from_list(warm + timed * args.repeats),
+        Dataset.from_list(warm + timed * args.repeats + extra),
         None,
         data_collator=collator,
         scored_positions_only=recipe.get("scored_positions_only", False),
@@ -229,15 +233,27 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     trainer._get_train_sampler = lambda *unused, **kwargs: SequentialSampler(trainer.train_dataset)  # noqa: F821
     trainer.data_collator = largest = LargestBatch(trainer.data_collator)
 
+    timed_end = args.warmup_steps + args.steps * args.repeats
+
     class Clock(TrainerCallback):
-        """The time at the end of the warm-up and of each pass over the timed rows."""
+        """The time at the end of the warm-up and of each pass over the timed rows; with --profile_steps, a
+        profile of the steps after one more."""
 
         marks = []
+        profile = {}
+        profiler = None
 
         def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step >= args.warmup_steps and (state.global_step - args.warmup_steps) % args.steps == 0:
+            step = state.global_step
+            if args.warmup_steps <= step <= timed_end and (step - args.warmup_steps) % args.steps == 0:
                 tb.synchronize()
                 self.marks.append(time.perf_counter())
+            if extra_steps and step == timed_end + 1:
+                self.profiler = profiling.profiled(self.profile)
+                self.profiler.__enter__()
+            elif self.profiler is not None and step == timed_end + extra_steps:
+                self.profiler.__exit__(None, None, None)
+                self.profiler = None
 
     clock = Clock()
     trainer.add_callback(clock)
@@ -251,6 +267,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         use_liger_kernel=sft_args.use_liger_kernel,
         largest_batch_rows_x_width=list(largest.shape),
         **({"memory_budget": fitted} if fitted is not None else {}),
+        **({"profile": {"steps": args.profile_steps, **clock.profile}} if clock.profile else {}),
         **tb.hardware_share(
             result, matmul, model.config.num_hidden_layers, model.config.hidden_size, recipe["gradient_checkpointing"]
         ),
@@ -409,6 +426,8 @@ def main(args):
                 f"{run['achieved_tflops']:.0f} TFLOP/s, peak {peak and round(peak, 1)} GB",
                 flush=True,
             )
+            if "profile" in run:
+                profiling.print_summary(f"{key}: profile of {args.profile_steps} steps", run["profile"])
             zephyr_shaped.write_result(Path(args.out), results)
 
 
@@ -432,6 +451,12 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the same steps")
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        help="after the timed passes, profile this many more steps of each recipe through the trainer (0: none)",
+    )
     parser.add_argument("--unsloth_path", default=None, help="PYTHONPATH of Unsloth's own packages")
     parser.add_argument("--scratch", default="/tmp/train_throughput")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")

@@ -220,33 +220,36 @@ def _generate_batch(
     labels = LabelAutomaton(trie, pad_id, device) if trie is not None else None
     # the mask of every step, allocated once: step k attends to the prompt and the k tokens before it
     attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(batch), max_new_tokens))], dim=1)
+    # the named ranges show in a profile (benchmarks/profiling.py): prefill against decode
     with torch.inference_mode():
-        cache, logits = _prefill(model, input_ids, attention_mask[:, :width], position_ids, prefill_tokens)
-        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        states = labels.start(len(batch), device) if labels else None
-        tokens = []
-        for step in range(max_new_tokens):
-            if labels is not None:
-                logits = labels.restrict(logits, states)
-            next_token = logits.argmax(-1)
-            next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
-            tokens.append(next_token)
-            if labels is not None:
-                states = labels.advance(states, next_token)
-            finished |= torch.isin(next_token, stops)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            position_ids = position_ids[:, -1:] + 1
-            out = model(
-                input_ids=next_token[:, None],
-                attention_mask=attention_mask[:, : width + step + 1],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits = out.past_key_values, out.logits[:, -1].float()
-            del out
-        generated = torch.stack(tokens, dim=1).tolist()
+        with torch.profiler.record_function("prefill"):
+            cache, logits = _prefill(model, input_ids, attention_mask[:, :width], position_ids, prefill_tokens)
+        with torch.profiler.record_function("decode"):
+            finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+            states = labels.start(len(batch), device) if labels else None
+            tokens = []
+            for step in range(max_new_tokens):
+                if labels is not None:
+                    logits = labels.restrict(logits, states)
+                next_token = logits.argmax(-1)
+                next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+                tokens.append(next_token)
+                if labels is not None:
+                    states = labels.advance(states, next_token)
+                finished |= torch.isin(next_token, stops)
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                position_ids = position_ids[:, -1:] + 1
+                out = model(
+                    input_ids=next_token[:, None],
+                    attention_mask=attention_mask[:, : width + step + 1],
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache, logits = out.past_key_values, out.logits[:, -1].float()
+                del out
+            generated = torch.stack(tokens, dim=1).tolist()
     result = []
     for row in generated:  # the answer is cut at its first stop token; tokens after it were never real
         cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))

@@ -42,8 +42,14 @@ def test_generation_benchmark_tiny(tmp_path):
         8,
         "--stride_plain",
         1000,
+        "--profile_examples",
+        8,
     )
-    runs = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    profile = result["profile_engine_4bit"]
+    assert profile["examples"] == 8 and profile["busy_seconds"] > 0 and profile["by_kind_seconds"]
+    assert set(profile["ranges"]) == {"prefill", "decode"}  # the engine's named ranges
+    runs = result["runs"]
     assert set(runs) == {
         "original_one_at_a_time_4bit",
         "engine_4bit_batch8",
@@ -77,11 +83,15 @@ def test_train_benchmark_tiny(tmp_path):
         "packed rows x 16, fused AdamW, Liger, all modules",
         "--repeats",
         2,
+        "--profile_steps",
+        1,
         "--scratch",
         tmp_path / "s",
     )
     runs = json.loads(out.read_text())["runs"]
     fast = runs["summarization: fast, all modules"]
+    # profiled after the timed passes: their windows stay two
+    assert fast["profile"]["steps"] == 1 and fast["profile"]["by_kind_seconds"]["matrix products"] > 0
     assert fast["tokens_per_second"] > 0 and fast["speedup_vs_bare_loop_original"] > 0 and fast["group_by_length"]
     assert len(fast["window_seconds"]) == 2 and fast["tokens_per_second_min"] <= fast["tokens_per_second_max"]
     assert fast["which"] == "this project's trainer" and fast["achieved_tflops"] > 0
@@ -122,6 +132,22 @@ def test_train_benchmark_rows_follow_the_real_lengths():
     assert abs(sum(sizes) / len(sizes) - sum(lengths) / len(lengths)) < 0.1 * sum(lengths) / len(lengths)
     _, packed = train_throughput.synthetic_rows(real, 1000, 8, 2, 10, False, True, 512, 0)
     assert len(packed) == 80 and all(len(row["input_ids"]) <= 512 for row in packed)
+
+
+def test_profile_kinds_name_the_kernels():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profiling
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert profiling.kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matrix products"
+    assert profiling.kind("aten::mm") == "matrix products"
+    assert profiling.kind("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "4-bit dequantisation"
+    assert profiling.kind("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert profiling.kind("autograd::engine::evaluate_function: MmBackward0") == "autograd bookkeeping (host)"
+    assert profiling.kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == (
+        profiling.OTHER
+    )
 
 
 def test_flops_per_token_works_the_numbers():
