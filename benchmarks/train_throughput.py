@@ -82,6 +82,7 @@ RECIPES = {
     ),
     # as Unsloth does: each decoder layer compiled as one region (the 4-bit layers and LoRA inside it)
     "fast, decoder layers compiled, all modules": _recipe("all", "fast", compile_layers=True),
+    "fast, decoder layers compiled, every linear layer": _recipe("linear", "fast", compile_layers=True),
     "fast, activations offloaded to the CPU, all modules": _recipe(
         "all", "fast", sft_overrides={"activation_offloading": True}
     ),

@@ -45,8 +45,9 @@ bench_train() {
 # SPEED_TASKS (default both). The most telling runs first, so that a cut-off run keeps them.
 bench_speed() {
   local task recipes=(
-    "bare PyTorch + peft loop, original recipe, all modules" "fast with Liger, all modules"
+    "bare PyTorch + peft loop, original recipe, all modules"
     "fast without Liger, all modules" "Unsloth, fast recipe's batches, every linear layer"
+    "fast, decoder layers compiled, every linear layer" "fast, decoder layers compiled, all modules"
     "fast without Liger, every linear layer" "original, all modules")
   for task in ${SPEED_TASKS:-classification summarization}; do
     python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks "$task" --unsloth_path "${UNSLOTH:-/tmp/uns}" \
