@@ -47,6 +47,7 @@ def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop
 def main(args):
     import json
 
+    import profiling
     import zephyr_shaped
 
     from qlora_kit import modeling
@@ -133,6 +134,25 @@ def main(args):
     )
     same = sum(single[k] == engine[i] for k, i in enumerate(subset)) / len(subset)
     record("one_at_a_time", single, seconds, peak, len(subset), {"engine_identical_share": same})
+    if args.profile:  # where an engine call's time goes (benchmarks/profiling.py)
+        profile = results["profile_engine"] = {}
+        with profiling.profiled(profile):
+            generate(model, tokenizer, job.prompt_ids, **settings)
+        profiling.print_summary("profile of an engine call", profile)
+    if args.merged and not config["load_in_4bit"]:
+        # --merge_adapter on a 16-bit base: the same weights with no LoRA matmuls per step (bf16 rounding of
+        # the merged weights may flip near-ties)
+        del model
+        model = _load_finetuned(config, adapter, merge_adapter=True, use_flash_attention=False)
+        for call in range(1, args.engine_calls + 1):
+            out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
+            extra = {
+                "metrics": metric(out.outputs),
+                "identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine)) / len(rows),
+                "one_at_a_time_identical_share": sum(single[k] == out.outputs[i] for k, i in enumerate(subset))
+                / len(subset),
+            }
+            record(f"engine_adapter_merged_call{call}", out.outputs, seconds, peak, len(rows), extra)
     print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))
 
 
@@ -147,5 +167,12 @@ if __name__ == "__main__":
     parser.add_argument("--engine_calls", type=int, default=2)
     parser.add_argument("--batch_sizes_plain", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--one_at_a_time", type=int, default=64, help="examples generated one at a time")
+    parser.add_argument(
+        "--merged",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the engine with the adapter merged into a 16-bit base (--merge_adapter)",
+    )
+    parser.add_argument("--profile", action="store_true", help="profile one more engine call")
     parser.add_argument("--out", default="benchmarks/results/generation_real_model.json")
     main(parser.parse_args())

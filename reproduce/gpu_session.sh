@@ -77,13 +77,32 @@ bench_profile() {
     --stride_plain 64 --stride_merged 64 --profile_examples 1024 --out "$R/bench_profile/generation_profile.json"
 }
 
-# Evaluation speed and exactness on real trained SmolLM2 runs (after the seeds stage): the engine twice, a plain
-# batched generate, one example at a time (benchmarks/generation_real_model.py).
+# Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine
+# twice, a plain batched generate, one example at a time, the engine with the adapter merged, and a profile; then
+# the whole inference script timed. The runs: the seeds stage's (GEN_SEED) if there, else short runs of the
+# small-model recipe (GEN_TRAIN_STEPS steps: a real adapter is what matters here).
 bench_gen_real() {
-  python3 benchmarks/generation_real_model.py --experiment_dir "$R/seeds/samsum-seed-${GEN_SEED:-0}" \
-    --test_file "$SAMSUM/test.jsonl.gz" --out "$R/bench_gen_real/generation_smollm2_samsum.json"
-  python3 benchmarks/generation_real_model.py --experiment_dir "$R/seeds/news-seed-${GEN_SEED:-0}" \
-    --test_file "$NEWS/test.jsonl.gz" --decoding constrained --out "$R/bench_gen_real/generation_smollm2_newsgroups.json"
+  local task script data decoding run started
+  mkdir -p "$R/bench_gen_real"
+  for task in samsum news; do
+    if [ $task = samsum ]; then script=zephyr_summarization data=$SAMSUM decoding=greedy
+    else script=zephyr_classification data=$NEWS decoding=constrained; fi
+    run=$R/seeds/$task-seed-${GEN_SEED:-0}
+    if [ ! -f "$run/train_metrics.json" ]; then
+      run=$R/bench_gen_real/$task-run
+      [ -f "$run/train_metrics.json" ] || python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" \
+        --train_file "$data/train.jsonl.gz" --max_steps "${GEN_TRAIN_STEPS:-300}" --experiment_dir "$run" \
+        "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -3
+    fi
+    python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
+      --decoding $decoding --profile --out "$R/bench_gen_real/generation_smollm2_$task.json"
+    started=$(date +%s.%N)
+    python3 "${script}_inference.py" --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
+      $([ $task = news ] && echo --decoding constrained) --output_dir "$R/bench_gen_real/${task}_inference" \
+      "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -4
+    python3 -c "import json, sys, time; print(json.dumps({'script': sys.argv[1], 'wall_seconds': time.time() - float(sys.argv[2])}))" \
+      "${script}_inference.py" "$started" | tee "$R/bench_gen_real/${task}_inference/wall.json"
+  done
 }
 
 # All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is

@@ -183,12 +183,17 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
         4,
         "--one_at_a_time",
         5,
+        "--profile",
         "--out",
         out,
     )
     result = json.loads(out.read_text())
     runs = result["runs"]
-    assert set(runs) == {"engine_call1", "engine_call2", "plain_generate_batch4", "one_at_a_time"}
+    merged = {"engine_adapter_merged_call1", "engine_adapter_merged_call2"}  # the run's base is 16-bit
+    assert set(runs) == {"engine_call1", "engine_call2", "plain_generate_batch4", "one_at_a_time"} | merged
+    assert set(result["profile_engine"]["ranges"]) == {"prefill", "decode"}
+    # merged weights round differently from base + LoRA: near-ties may flip, most answers may not
+    assert runs["engine_adapter_merged_call1"]["identical_to_engine"] >= 0.9
     assert runs["engine_call1"]["examples"] == 12 and runs["one_at_a_time"]["examples"] == 5
     assert runs["plain_generate_batch4"]["identical_to_engine"] == 1.0
     assert runs["one_at_a_time"]["engine_identical_share"] == 1.0

@@ -94,6 +94,20 @@ def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validati
         assert adapters[0] != adapters[1]
 
 
+def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(tiny_model, data_dir, tmp_path):
+    """bench_gen_real: without the seeds' runs it trains short small-model runs, then benchmarks each (the engine,
+    the plain path, one at a time, the merged adapter, a profile) and times the whole inference script."""
+    bench = _gpu_session("bench_gen_real", tiny_model, data_dir, tmp_path, GEN_TRAIN_STEPS="2",
+                         EXTRA_TRAIN="--max_seq_length 256")  # fmt: skip
+    for task in ("samsum", "news"):
+        assert json.loads((bench / f"{task}-run" / "train_metrics.json").read_text())["global_steps"] == 2
+        result = json.loads((bench / f"generation_smollm2_{task}.json").read_text())
+        assert {"engine_call2", "one_at_a_time", "engine_adapter_merged_call1"} <= set(result["runs"])
+        assert result["profile_engine"]["busy_seconds"] > 0
+        assert (bench / f"{task}_inference" / "metrics.json").is_file()
+        assert json.loads((bench / f"{task}_inference" / "wall.json").read_text())["wall_seconds"] > 0
+
+
 def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
     """reproduce/rescore_newsgroups_split.py maps predictions made with the old stripping to the raw rows."""
     import gzip
