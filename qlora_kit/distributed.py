@@ -17,6 +17,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def fsdp_requested() -> bool:
+    """Launched by accelerate with an FSDP config (configs/fsdp_qlora.yaml): the model will be sharded."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def init() -> None:
     """Start the process group when launched as several processes (gloo on CPU, nccl on GPU)."""
     if world_size() > 1:

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def device_map():
     """
     import torch
 
-    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if not torch.cuda.is_available() or distributed.fsdp_requested():
         return None
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 

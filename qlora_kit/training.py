@@ -630,6 +630,21 @@ def save_run(trainer, tokenizer, run: RunFolder, metrics: dict) -> None:
     distributed.barrier()
 
 
+def check_fsdp_combinations(settings: TrainingSettings) -> None:
+    """What does not work with a sharded model, refused before any work."""
+    if settings.select_on:
+        raise UsageError(
+            "--select_on is not supported under FSDP (generating inside training would need every process in "
+            "every sharded layer); save each epoch (--save_steps epoch) and score the checkpoints afterwards "
+            "with the inference script (--checkpoint STEP --split validation)"
+        )
+    if settings.compile_layers:
+        raise UsageError(
+            "--compile_layers is not supported under FSDP (configs/fsdp_qlora.yaml shards with "
+            "use_orig_params false, which torch.compile does not take); use it on one GPU or with configs/ddp.yaml"
+        )
+
+
 def train(task, settings: TrainingSettings) -> dict:
     """Fine-tune ``task`` with ``settings`` (resolved by ``settings.resolve``) and write the run folder; returns
     the training metrics."""
@@ -637,6 +652,8 @@ def train(task, settings: TrainingSettings) -> dict:
     distributed.init()
     if settings.packing and settings.use_flash_attention:
         raise UsageError("--packing uses a 4-D attention mask, which flash_attention_2 does not take; use SDPA")
+    if distributed.fsdp_requested():
+        check_fsdp_combinations(settings)
     run = RunFolder(settings.experiment_dir or default_run_dir(task, settings))
     run.check_new(settings.overwrite, settings.resume)
     distributed.barrier()  # every process has checked before the main one writes anything

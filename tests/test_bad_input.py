@@ -214,3 +214,20 @@ def test_output_dir_that_is_a_file(finished_run, data_dir, tmp_path):
         check=False,
     )
     _fails(result, "--output_dir", "is a file, not a folder")
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--select_on", "accuracy", "--validation_fraction", "0.25"], "--select_on is not supported under FSDP"),
+        (["--compile_layers"], "--compile_layers is not supported under FSDP"),
+    ],
+)
+def test_what_fsdp_cannot_run_is_refused_before_any_work(tiny_model, data_dir, tmp_path, monkeypatch, flags, needle):
+    """Under accelerate's FSDP launch (ACCELERATE_USE_FSDP), a combination a sharded model cannot run stops with
+    one line, before the run folder exists."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = ["--pretrained_ckpt", tiny_model, "--train_file", data_dir / "news_train.jsonl", "--max_steps", 1]
+    result = run_script("zephyr_classification.py", *args, *flags, "--experiment_dir", "run", cwd=tmp_path, check=False)
+    _fails(result, needle)
+    assert not (tmp_path / "run").exists()
