@@ -43,6 +43,7 @@ SPEED_SETTINGS = (
     "group_by_length",
     "use_liger_kernel",
     "packing",
+    "load_in_4bit",
 )
 
 
@@ -57,6 +58,7 @@ def _recipe(targets, base, **changes):
         "recipe": base,
         "targets": targets,
         **{key: getattr(resolved, key) for key in SPEED_SETTINGS},
+        "scored_positions_only": resolved.logits_where_scored,
         **changes,
     }
 
@@ -89,6 +91,10 @@ RECIPES = {
     "fast, selective checkpointing (attention kept), all modules": _recipe(
         "all", "fast", sft_overrides={"gradient_checkpointing_kwargs": {"use_reentrant": False, "selective": True}}
     ),
+    # the small-model recipe (16-bit base, no checkpointing, logits where scored) with and without compiled
+    # layers, for SmolLM2 (--model_dir: its converted folder)
+    "small-model, all modules": _recipe("all", "small-model"),
+    "small-model, decoder layers compiled, all modules": _recipe("all", "small-model", compile_layers=True),
     # --max_memory_gb: the micro-batch the probe picks for a smaller card's budget (same 32 examples a step)
     "fast, fitted to a 16 GB budget, all modules": _recipe("all", "fast", max_memory_gb=16.0),
     "fast, fitted to a 12 GB budget, all modules": _recipe("all", "fast", max_memory_gb=12.0),
@@ -176,7 +182,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         recipe["grad_accum"],
         recipe["packing"],
     )
-    model = modeling.load_model(str(model_dir), load_in_4bit=True)
+    model = modeling.load_model(str(model_dir), load_in_4bit=recipe["load_in_4bit"])
     tokenizer = modeling.load_tokenizer(str(model_dir))
     matmul = tb.matmul_parameters(model)
     warm, timed = synthetic_rows(

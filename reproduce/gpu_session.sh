@@ -105,6 +105,16 @@ bench_gen_real() {
   done
 }
 
+# The small-model recipe's training steps on SmolLM2 with and without compiled decoder layers (3 passes of 20,
+# both tasks' lengths as benchmarks/train_lengths.json has them, at most 512 tokens).
+bench_small_model() {
+  local smollm2
+  smollm2=$(python3 -c "from qlora_kit import modeling; print(modeling.resolve_model_source('$MODEL'))" | tail -1)
+  python3 benchmarks/train_throughput.py --model_dir "$smollm2" --tasks classification summarization \
+    --recipes "small-model, all modules" "small-model, decoder layers compiled, all modules" --scratch "$R/scratch" \
+    --out "$R/bench_small_model/train_throughput_small_model.json"
+}
+
 # All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is
 # scored (--logits_where_scored), side by side, on the 7B-shaped model (after build_z7) and on SmolLM2
 # (vocabulary 49,152 over a 576-wide model).
