@@ -4,12 +4,13 @@
 # and .device/bin/gguf.sh. Each call carries one part (g0 with .device/site; g2 with the data), and starts with
 #   source .device/bin/setup.sh && source .device/bin/gguf.sh
 # which sets MODEL_GGUF once all three parts have arrived (calls back to back: the machine keeps /tmp for 30 s).
-# G0_BYTES (default 25,000,000) and G1_BYTES (49,000,000) set the first two parts' sizes.
+# G0_BYTES (default 25,000,000) and G1_BYTES (45,000,000) set the first two parts' sizes (a call carries 64 MiB
+# with the checkout, about 17 MiB).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 full=$(mktemp)
 cat .device/model-a/part.0 .device/model-b/part.1 > "$full"
-g0=${G0_BYTES:-25000000} g1=${G1_BYTES:-49000000}
+g0=${G0_BYTES:-25000000} g1=${G1_BYTES:-45000000}
 mkdir -p .device/g0 .device/g1 .device/g2
 head -c "$g0" "$full" > .device/g0/g.0
 tail -c +$((g0 + 1)) "$full" | head -c "$g1" > .device/g1/g.1 || true  # tail stops on a closed pipe; cmp checks below
