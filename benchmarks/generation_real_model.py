@@ -120,6 +120,15 @@ def main(args):
         out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
         engine = out.outputs
         record(f"engine_call{call}", engine, seconds, peak, len(rows), {"metrics": metric(engine)})
+    if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
+        out, seconds, peak = timed(
+            lambda: generate(model, tokenizer, job.prompt_ids, stop_check_every=args.stop_check_every, **settings)
+        )
+        extra = {
+            "metrics": metric(out.outputs),
+            "identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine)) / len(rows),
+        }
+        record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, peak, len(rows), extra)
     for batch_size in args.batch_sizes_plain:
         out, seconds, peak = timed(
             lambda size=batch_size: generate(model, tokenizer, job.prompt_ids, batch_size=size, plain=True, **settings)
@@ -174,5 +183,11 @@ if __name__ == "__main__":
         help="also the engine with the adapter merged into a 16-bit base (--merge_adapter)",
     )
     parser.add_argument("--profile", action="store_true", help="profile one more engine call")
+    parser.add_argument(
+        "--stop_check_every",
+        type=int,
+        default=4,
+        help="also the engine checking for the end every N steps (1: not run)",
+    )
     parser.add_argument("--out", default="benchmarks/results/generation_real_model.json")
     main(parser.parse_args())

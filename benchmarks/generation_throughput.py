@@ -141,6 +141,26 @@ def main(args):
             {"final_batch_size": out.final_batch_size},
         )
         engine_outputs = out.outputs
+        if args.stop_check_every != 1:  # the same prompts, checking for the end every k steps: no sync per step
+            reset_peak()
+            started = time.perf_counter()
+            out = generate(
+                model,
+                Tok,
+                subset,
+                max_new_tokens=args.new_tokens,
+                stop_ids=no_stop,
+                batch_size=batch_size,
+                max_batch_tokens=args.max_batch_tokens_4bit,
+                prefill_tokens=args.prefill_tokens,
+                stop_check_every=args.stop_check_every,
+            )
+            record(
+                f"engine_4bit_batch{batch_size}_stop_check_every{args.stop_check_every}",
+                time.perf_counter() - started,
+                len(subset),
+                {"identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)},
+            )
     if args.profile_examples:  # where the engine's time goes, on an evenly spread subset, after the timed runs
         subset = prompts[:: max(1, len(prompts) // args.profile_examples)][: args.profile_examples]
         profile = results["profile_engine_4bit"] = {"examples": len(subset)}
@@ -240,6 +260,12 @@ if __name__ == "__main__":
     parser.add_argument("--max_batch_tokens_4bit", type=int, default=110_000)
     parser.add_argument("--max_batch_tokens_merged", type=int, default=40_000)
     parser.add_argument("--prefill_tokens", type=int, default=16_384, help="prompt tokens prefilled at once")
+    parser.add_argument(
+        "--stop_check_every",
+        type=int,
+        default=4,
+        help="also the engine checking for the end every N decode steps (1: not run)",
+    )
     parser.add_argument(
         "--profile_examples", type=int, default=0, help="profile the engine on this many prompts (0: no profile)"
     )

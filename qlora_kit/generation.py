@@ -35,6 +35,11 @@ def _is_out_of_memory(error: BaseException) -> bool:
 # Prompt tokens run through the model at once while prefilling (rows are grouped to stay under it).
 PREFILL_TOKENS = 16384
 
+# Decode steps between checks that every row has stopped. Each check waits for the GPU (a host synchronisation);
+# checking less often lets the host queue the next steps meanwhile but may run up to this many - 1 steps past
+# the last row's end (their tokens are discarded). 1 until measured otherwise (benchmarks/generation_*.py).
+STOP_CHECK_EVERY = 1
+
 
 def default_batch_size() -> int:
     import torch
@@ -202,8 +207,10 @@ def _generate_batch(
     stop_ids: list[int],
     trie: LabelTrie | None,
     prefill_tokens: int = 16384,
+    stop_check_every: int = 1,
 ):
-    """Greedy answers for one left-padded batch: prefill in row groups, then decode all rows together."""
+    """Greedy answers for one left-padded batch: prefill in row groups, then decode all rows together, checking
+    every ``stop_check_every`` steps whether all rows have stopped."""
     import torch
 
     pad_id = tokenizer.pad_token_id
@@ -237,7 +244,7 @@ def _generate_batch(
                 if labels is not None:
                     states = labels.advance(states, next_token)
                 finished |= torch.isin(next_token, stops)
-                if step == max_new_tokens - 1 or bool(finished.all()):
+                if step == max_new_tokens - 1 or ((step + 1) % stop_check_every == 0 and bool(finished.all())):
                     break
                 position_ids = position_ids[:, -1:] + 1
                 out = model(
@@ -265,6 +272,7 @@ def _generate_batch_plain(
     stop_ids: list[int],
     trie: LabelTrie | None,
     prefill_tokens: int = PREFILL_TOKENS,  # unused: transformers prefills the batch its own way
+    stop_check_every: int = 1,  # unused: transformers checks every step
 ):
     """The same answers through transformers' own ``model.generate`` (left padding, greedy): the path to fall
     back on when debugging the loop above (``QLORA_KIT_GENERATION=plain``); slower."""
@@ -357,6 +365,7 @@ def generate(
     prefill_tokens: int = PREFILL_TOKENS,
     shard: tuple[int, int] = (0, 1),
     plain: bool = False,
+    stop_check_every: int = STOP_CHECK_EVERY,
 ) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order.
 
@@ -368,6 +377,8 @@ def generate(
     padding, same numbers); the other prompts' outputs stay None and are not failures.
     ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
     ``plain``: the same batches through transformers' ``model.generate`` (as QLORA_KIT_GENERATION=plain does).
+    ``stop_check_every``: decode steps between checks that a batch has finished (``STOP_CHECK_EVERY``); the
+    answers are the same whatever it is.
     """
     import collections
 
@@ -397,7 +408,14 @@ def generate(
             indices = indices[:rows_that_fit]
         try:
             answers = generate_batch(
-                model, tokenizer, [prompts[i] for i in indices], max_new_tokens, stop_ids, trie, prefill_tokens
+                model,
+                tokenizer,
+                [prompts[i] for i in indices],
+                max_new_tokens,
+                stop_ids,
+                trie,
+                prefill_tokens,
+                stop_check_every,
             )
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
             if not _is_out_of_memory(error):

@@ -53,10 +53,12 @@ def test_generation_benchmark_tiny(tmp_path):
     assert set(runs) == {
         "original_one_at_a_time_4bit",
         "engine_4bit_batch8",
+        "engine_4bit_batch8_stop_check_every4",
         "plain_generate_4bit_batch8",
         "engine_merged_bf16_batch8",
     }
     assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
+    assert runs["engine_4bit_batch8_stop_check_every4"]["identical_to_engine"] == 1.0
     assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1
     assert runs["engine_4bit_batch8"]["examples"] == 16 and runs["engine_4bit_batch8"]["speedup_vs_original"] > 0
 
@@ -190,7 +192,9 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     result = json.loads(out.read_text())
     runs = result["runs"]
     merged = {"engine_adapter_merged_call1", "engine_adapter_merged_call2"}  # the run's base is 16-bit
-    assert set(runs) == {"engine_call1", "engine_call2", "plain_generate_batch4", "one_at_a_time"} | merged
+    ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
+    assert set(runs) == ways | merged
+    assert runs["engine_stop_check_every4"]["identical_to_engine"] == 1.0  # the same answers, whatever the check
     assert set(result["profile_engine"]["ranges"]) == {"prefill", "decode"}
     # merged weights round differently from base + LoRA: near-ties may flip, most answers may not
     assert runs["engine_adapter_merged_call1"]["identical_to_engine"] >= 0.9

@@ -403,3 +403,28 @@ def test_the_plain_path_gives_the_same_answers(model_and_tokenizer, monkeypatch,
     monkeypatch.setenv("QLORA_KIT_GENERATION", "fast")
     with pytest.raises(generation.UsageError, match="QLORA_KIT_GENERATION=fast"):
         generation.generate(model, tokenizer, prompts, **kwargs)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_checking_for_the_end_less_often_gives_the_same_answers(model_and_tokenizer, monkeypatch, constrained):
+    """stop_check_every: steps run past a batch's end are discarded; the answers do not change, only the number of
+    decode steps (counted here) may grow."""
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, count=9)
+    stop = [tokenizer.eos_token_id]
+    labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in ("sci.space", "rec.autos", "sci.med")]
+    kwargs = dict(max_new_tokens=8, stop_ids=stop, batch_size=4, progress=False)
+    if constrained:
+        kwargs["label_sequences"] = labels
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    answers = {}
+    try:
+        for every in (1, 3):
+            forwards.clear()
+            outputs = generation.generate(model, tokenizer, prompts, stop_check_every=every, **kwargs).outputs
+            answers[every] = (outputs, len(forwards))
+    finally:
+        hook.remove()
+    assert answers[3][0] == answers[1][0]
+    assert answers[3][1] >= answers[1][1]
