@@ -92,6 +92,40 @@ def test_two_processes_train_and_evaluate_like_one(tiny_model, data_dir, tmp_pat
     assert not list((tmp_path / "two").glob("predictions.partial*"))
 
 
+def test_two_processes_choose_on_validation_while_training(tiny_model, data_dir, tmp_path):
+    """--select_on under data parallel: both processes score their share of the validation rows at each save (on
+    the unwrapped model: no collective per forward), the scores are gathered once, the main process records them."""
+    torchrun(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        "--validation_fraction",
+        0.25,
+        "--select_on",
+        "accuracy",
+        "--max_steps",
+        2,
+        "--save_steps",
+        1,
+        "--batch_size",
+        2,
+        "--no-load_in_4bit",
+        "--experiment_dir",
+        "run",
+        cwd=tmp_path,
+        timeout=420,
+    )
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert [point["step"] for point in selection["curve"]] == [1, 2]
+    assert selection["best_step"] in (1, 2)
+    scored = json.loads((tmp_path / "run" / "metrics_validation_step-2" / "metrics.json").read_text())
+    held_out = json.loads((tmp_path / "run" / "run_config.json").read_text())["data"]["rows"]["held_out"]
+    assert scored["processes"] == 2 and scored["n"] == held_out > 0  # every held-out row, scored once
+    assert json.loads((tmp_path / "run" / "train_metrics.json").read_text())["global_steps"] == 2
+
+
 SAVE_UNDER_SHARDING = """
 import sys, torch, torch.distributed as dist
 from pathlib import Path
