@@ -119,20 +119,18 @@ def main(args):
                 pad_token_id=2,
             )
     record("original_one_at_a_time_4bit", time.perf_counter() - started, args.original_examples)
+    # every engine run on the 4-bit model: the same new tokens, no stop, token budget and prefill groups
+    engine_4bit = dict(
+        max_new_tokens=args.new_tokens,
+        stop_ids=no_stop,
+        max_batch_tokens=args.max_batch_tokens_4bit,
+        prefill_tokens=args.prefill_tokens,
+    )
     for batch_size in args.batch_sizes_4bit:
         reset_peak()
         started = time.perf_counter()
         subset = prompts[:: args.stride_4bit]  # evenly spread over the test set
-        out = generate(
-            model,
-            Tok,
-            subset,
-            max_new_tokens=args.new_tokens,
-            stop_ids=no_stop,
-            batch_size=batch_size,
-            max_batch_tokens=args.max_batch_tokens_4bit,
-            prefill_tokens=args.prefill_tokens,
-        )
+        out = generate(model, Tok, subset, batch_size=batch_size, **engine_4bit)
         assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
         record(
             f"engine_4bit_batch{batch_size}",
@@ -145,15 +143,7 @@ def main(args):
             reset_peak()
             started = time.perf_counter()
             out = generate(
-                model,
-                Tok,
-                subset,
-                max_new_tokens=args.new_tokens,
-                stop_ids=no_stop,
-                batch_size=batch_size,
-                max_batch_tokens=args.max_batch_tokens_4bit,
-                prefill_tokens=args.prefill_tokens,
-                stop_check_every=args.stop_check_every,
+                model, Tok, subset, batch_size=batch_size, stop_check_every=args.stop_check_every, **engine_4bit
             )
             record(
                 f"engine_4bit_batch{batch_size}_stop_check_every{args.stop_check_every}",
@@ -165,16 +155,7 @@ def main(args):
         subset = prompts[:: max(1, len(prompts) // args.profile_examples)][: args.profile_examples]
         profile = results["profile_engine_4bit"] = {"examples": len(subset)}
         with profiling.profiled(profile):
-            generate(
-                model,
-                Tok,
-                subset,
-                max_new_tokens=args.new_tokens,
-                stop_ids=no_stop,
-                batch_size=max(args.batch_sizes_4bit),
-                max_batch_tokens=args.max_batch_tokens_4bit,
-                prefill_tokens=args.prefill_tokens,
-            )
+            generate(model, Tok, subset, batch_size=max(args.batch_sizes_4bit), **engine_4bit)
         profiling.print_summary(f"profile of the engine, 4-bit, {len(subset)} examples", profile)
         zephyr_shaped.write_result(Path(args.out), results)
     for batch_size in args.batch_sizes_plain:

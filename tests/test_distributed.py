@@ -35,24 +35,14 @@ def torchrun(script, *args, cwd, timeout=600):
     return result
 
 
+def _tiny_training(tiny_model, data_dir) -> list:
+    """Two steps of 2 examples per process on the tiny model in 16-bit, into ./run."""
+    train = ["--pretrained_ckpt", tiny_model, "--train_file", data_dir / "news_train.jsonl", "--max_steps", 2]
+    return [*train, "--batch_size", 2, "--no-load_in_4bit", "--experiment_dir", "run"]
+
+
 def test_two_processes_train_and_evaluate_like_one(tiny_model, data_dir, tmp_path):
-    torchrun(
-        "zephyr_classification.py",
-        "--pretrained_ckpt",
-        tiny_model,
-        "--train_file",
-        data_dir / "news_train.jsonl",
-        "--max_steps",
-        2,
-        "--batch_size",
-        2,
-        "--grad_accum",
-        2,
-        "--no-load_in_4bit",
-        "--experiment_dir",
-        "run",
-        cwd=tmp_path,
-    )
+    torchrun("zephyr_classification.py", *_tiny_training(tiny_model, data_dir), "--grad_accum", 2, cwd=tmp_path)
     config = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert config["processes"] == 2 and config["effective_batch_size"] == 8
     metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
@@ -97,23 +87,8 @@ def test_two_processes_choose_on_validation_while_training(tiny_model, data_dir,
     the unwrapped model: no collective per forward), the scores are gathered once, the main process records them."""
     torchrun(
         "zephyr_classification.py",
-        "--pretrained_ckpt",
-        tiny_model,
-        "--train_file",
-        data_dir / "news_train.jsonl",
-        "--validation_fraction",
-        0.25,
-        "--select_on",
-        "accuracy",
-        "--max_steps",
-        2,
-        "--save_steps",
-        1,
-        "--batch_size",
-        2,
-        "--no-load_in_4bit",
-        "--experiment_dir",
-        "run",
+        *_tiny_training(tiny_model, data_dir),
+        *("--validation_fraction", 0.25, "--select_on", "accuracy", "--save_steps", 1),
         cwd=tmp_path,
         timeout=420,
     )

@@ -383,17 +383,24 @@ def test_label_automaton_allows_what_the_trie_allows():
         states = automaton.advance(states, tokens)
 
 
-@pytest.mark.parametrize("constrained", [False, True])
-def test_the_plain_path_gives_the_same_answers(model_and_tokenizer, monkeypatch, constrained):
-    """QLORA_KIT_GENERATION=plain (transformers' generate, for debugging) answers as the project's loop does,
-    with and without the label constraint."""
-    model, tokenizer = model_and_tokenizer
+def _nine_prompts_three_labels(tokenizer, constrained: bool):
+    """Nine prompts, the stop ids, three labels' token sequences, and generate()'s arguments (constrained to the
+    labels or not)."""
     prompts = _prompts(tokenizer, count=9)
     stop = [tokenizer.eos_token_id]
     labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in ("sci.space", "rec.autos", "sci.med")]
     kwargs = dict(max_new_tokens=8, stop_ids=stop, batch_size=4, progress=False)
     if constrained:
         kwargs["label_sequences"] = labels
+    return prompts, stop, labels, kwargs
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_the_plain_path_gives_the_same_answers(model_and_tokenizer, monkeypatch, constrained):
+    """QLORA_KIT_GENERATION=plain (transformers' generate, for debugging) answers as the project's loop does,
+    with and without the label constraint."""
+    model, tokenizer = model_and_tokenizer
+    prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained)
     ours = generation.generate(model, tokenizer, prompts, **kwargs).outputs
     monkeypatch.setenv("QLORA_KIT_GENERATION", "plain")
     plain = generation.generate(model, tokenizer, prompts, **kwargs).outputs
@@ -410,12 +417,7 @@ def test_checking_for_the_end_less_often_gives_the_same_answers(model_and_tokeni
     """stop_check_every: steps run past a batch's end are discarded; the answers do not change, only the number of
     decode steps (counted here) may grow."""
     model, tokenizer = model_and_tokenizer
-    prompts = _prompts(tokenizer, count=9)
-    stop = [tokenizer.eos_token_id]
-    labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in ("sci.space", "rec.autos", "sci.med")]
-    kwargs = dict(max_new_tokens=8, stop_ids=stop, batch_size=4, progress=False)
-    if constrained:
-        kwargs["label_sequences"] = labels
+    prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, constrained)
     forwards = []
     hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     answers = {}
