@@ -115,6 +115,9 @@ def main(args):
         print(f"{name}: {count} examples in {seconds:.2f}s = {count / seconds:.1f} examples/s", flush=True)
         zephyr_shaped.write_result(Path(args.out), results)
 
+    def identical(outputs, reference) -> float:
+        return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
+
     engine = None
     for call in range(1, args.engine_calls + 1):
         out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
@@ -126,23 +129,29 @@ def main(args):
         )
         extra = {
             "metrics": metric(out.outputs),
-            "identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine)) / len(rows),
+            "identical_to_engine": identical(out.outputs, engine),
         }
         record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, peak, len(rows), extra)
     for batch_size in args.batch_sizes_plain:
         out, seconds, peak = timed(
             lambda size=batch_size: generate(model, tokenizer, job.prompt_ids, batch_size=size, plain=True, **settings)
         )
-        same = sum(a == b for a, b in zip(out.outputs, engine)) / len(rows)
-        extra = {"metrics": metric(out.outputs), "identical_to_engine": same}
+        extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
         record(f"plain_generate_batch{batch_size}", out.outputs, seconds, peak, len(rows), extra)
     subset = list(range(0, len(rows), max(1, len(rows) // args.one_at_a_time)))[: args.one_at_a_time]
     trie = LabelTrie(job.label_sequences) if job.label_sequences else None
     single, seconds, peak = timed(
         lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
     )
-    same = sum(single[k] == engine[i] for k, i in enumerate(subset)) / len(subset)
-    record("one_at_a_time", single, seconds, peak, len(subset), {"engine_identical_share": same})
+    engine_subset = [engine[i] for i in subset]
+    record(
+        "one_at_a_time",
+        single,
+        seconds,
+        peak,
+        len(subset),
+        {"engine_identical_share": identical(single, engine_subset)},
+    )
     if args.profile:  # where an engine call's time goes (benchmarks/profiling.py)
         profile = results["profile_engine"] = {}
         with profiling.profiled(profile):
@@ -157,9 +166,8 @@ def main(args):
             out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
             extra = {
                 "metrics": metric(out.outputs),
-                "identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine)) / len(rows),
-                "one_at_a_time_identical_share": sum(single[k] == out.outputs[i] for k, i in enumerate(subset))
-                / len(subset),
+                "identical_to_engine": identical(out.outputs, engine),
+                "one_at_a_time_identical_share": identical([out.outputs[i] for i in subset], single),
             }
             record(f"engine_adapter_merged_call{call}", out.outputs, seconds, peak, len(rows), extra)
     print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))

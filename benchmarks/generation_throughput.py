@@ -119,7 +119,7 @@ def main(args):
                 pad_token_id=2,
             )
     record("original_one_at_a_time_4bit", time.perf_counter() - started, args.original_examples)
-    # every engine run on the 4-bit model: the same new tokens, no stop, token budget and prefill groups
+    # every engine run: the same new tokens, no stop, prefill groups, and (on the 4-bit model) token budget
     engine_4bit = dict(
         max_new_tokens=args.new_tokens,
         stop_ids=no_stop,
@@ -162,16 +162,8 @@ def main(args):
         reset_peak()
         started = time.perf_counter()
         subset = prompts[:: args.stride_plain]
-        out = generate(
-            model,
-            Tok,
-            subset,
-            max_new_tokens=args.new_tokens,
-            stop_ids=no_stop,
-            batch_size=batch_size,
-            max_batch_tokens=args.max_batch_tokens_4bit,
-            plain=True,  # transformers' generate over the engine's own batches: the same padding
-        )
+        # transformers' generate over the engine's own batches: the same padding (it prefills its own way)
+        out = generate(model, Tok, subset, batch_size=batch_size, plain=True, **engine_4bit)
         extra = {"final_batch_size": out.final_batch_size}
         if args.stride_plain % args.stride_4bit == 0:  # the same prompts went through the engine: compare
             step = args.stride_plain // args.stride_4bit
@@ -193,11 +185,8 @@ def main(args):
             model,
             Tok,
             subset,
-            max_new_tokens=args.new_tokens,
-            stop_ids=no_stop,
             batch_size=batch_size,
-            max_batch_tokens=args.max_batch_tokens_merged,
-            prefill_tokens=args.prefill_tokens,
+            **{**engine_4bit, "max_batch_tokens": args.max_batch_tokens_merged},
         )
         assert all(o is not None and len(o) == args.new_tokens for o in out.outputs)
         record(

@@ -206,7 +206,7 @@ def _generate_batch(
     max_new_tokens: int,
     stop_ids: list[int],
     trie: LabelTrie | None,
-    prefill_tokens: int = 16384,
+    prefill_tokens: int = PREFILL_TOKENS,
     stop_check_every: int = 1,
 ):
     """Greedy answers for one left-padded batch: prefill in row groups, then decode all rows together, checking

@@ -290,7 +290,7 @@ def make_trainer(
     )
     if compile_layers:
         log.info(
-            "compiled %d decoder layers (torch.compile; the first steps of each length compile)",
+            "compiled %d decoder layers (torch.compile; the first steps take the compile time)",
             compile_decoder_layers(trainer.model),
         )
     return trainer
@@ -299,7 +299,7 @@ def make_trainer(
 def compile_decoder_layers(model) -> int:
     """torch.compile each decoder layer in place, as one region (its 4-bit matmuls, LoRA and norms together):
     ``Module.compile`` keeps the parameter names, so checkpoints and adapters are saved as without it. Returns
-    how many layers. The repeated layers share one compiled graph (dynamic shapes: lengths vary per batch)."""
+    how many layers. Compiled with dynamic shapes: the lengths vary from batch to batch."""
     import torch
 
     layers = next(
