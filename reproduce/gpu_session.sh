@@ -55,6 +55,15 @@ bench_speed() {
   done
 }
 
+# The compiled decoder layers against Unsloth and the default, on Unsloth's LoRA targets (every linear layer),
+# 20 Newsgroups lengths, 3 passes of 20 steps (about 6 minutes with build_z7; Unsloth unpacked in $UNSLOTH).
+bench_compiled_vs_peer() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
+    --scratch "$R/scratch" --recipes "Unsloth, fast recipe's batches, every linear layer" \
+    "fast, decoder layers compiled, every linear layer" "fast without Liger, every linear layer" \
+    --out "$R/bench_compiled_vs_peer/train_throughput_compiled_vs_unsloth_classification.json"
+}
+
 # Training-speed levers not in any recipe yet, beside the default, on the 20 Newsgroups lengths (3 passes of 20),
 # and the micro-batch --max_memory_gb fits to a 16 GB card. The most telling first (a cut-off run keeps them).
 bench_levers() {
