@@ -28,6 +28,25 @@ def selection_metrics(select_on: str, task) -> list[str]:
     return names
 
 
+def on_save_schedule(args, state) -> bool:
+    """Whether the checkpoint saved at this step is one the run planned (every ``--save_steps`` steps, each
+    epoch's end, the last step) rather than one a stop signal forced mid-way: only planned ones are candidates,
+    so the choice does not depend on when a run was interrupted."""
+    import math
+
+    step = state.global_step
+    if state.max_steps and step >= state.max_steps:
+        return True
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if strategy == "epoch":
+        return state.epoch is not None and float(state.epoch).is_integer()
+    if strategy == "steps" and args.save_steps:
+        # a save_steps below 1 is a share of the run's steps (transformers' convention)
+        every = math.ceil(state.max_steps * args.save_steps) if args.save_steps < 1 else int(args.save_steps)
+        return step % every == 0
+    return False
+
+
 class ScoreCheckpoints(TrainerCallback):
     """After each checkpoint is saved: generate for the validation rows with the model as it is, score, write
     ``metrics_validation_step-N`` (as ``--checkpoint N --split validation`` would) and the selection record."""
@@ -49,6 +68,7 @@ class ScoreCheckpoints(TrainerCallback):
         self.max_prompt_tokens, self.run = max_prompt_tokens, run
         existing = results.read_json(run.selection_file, "selection") if run.selection_file.is_file() else {}
         self.curve = existing.get("curve", [])  # a resumed run keeps the scores of its earlier checkpoints
+        self.scored_here: set[int] = set()
 
     def on_save(self, args, state, control, model=None, **kwargs):
         import torch
@@ -56,6 +76,12 @@ class ScoreCheckpoints(TrainerCallback):
         from .evaluation import run_generation, save_evaluation
 
         step = state.global_step
+        if step in self.scored_here:  # a stop at a planned step saves it twice
+            return control
+        if not on_save_schedule(args, state):
+            log.info("step %d: saved to resume from, not a candidate: not scored on validation", step)
+            return control
+        self.scored_here.add(step)
         generation_args = Namespace(
             max_new_tokens=self.task.max_new_tokens, batch_size=None, max_batch_tokens=None, decoding="greedy"
         )

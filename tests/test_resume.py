@@ -90,32 +90,13 @@ def test_damaged_checkpoint_gets_a_clear_message(tiny_model, data_dir, tmp_path)
     assert "checkpoint-6: damaged checkpoint" in result.stderr.strip().splitlines()[-1]
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, data_dir, tmp_path):
-    env = dict(os.environ)
+def _train_until_sigterm(tiny_model, data_dir, tmp_path, *extra):
+    """Start a long run, let it take some steps, send SIGTERM; the process's stderr."""
+    command = [sys.executable, str(ROOT / "zephyr_classification.py"), "--pretrained_ckpt", str(tiny_model)]
+    command += ["--train_file", str(data_dir / "news_train.jsonl"), "--max_steps", "5000", "--save_steps", "1000"]
+    command += ["--batch_size", "2", "--grad_accum", "1", "--experiment_dir", "run", *map(str, extra)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "zephyr_classification.py"),
-            "--pretrained_ckpt",
-            str(tiny_model),
-            "--train_file",
-            str(data_dir / "news_train.jsonl"),
-            "--max_steps",
-            "5000",
-            "--save_steps",
-            "1000",
-            "--batch_size",
-            "2",
-            "--grad_accum",
-            "1",
-            "--experiment_dir",
-            "run",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        command, cwd=tmp_path, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 300
     while not (tmp_path / "run" / "run_config.json").exists() and time.time() < deadline:
@@ -128,3 +109,19 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, data_dir, tmp_path):
     checkpoints = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
     assert not (tmp_path / "run" / "train_metrics.json").exists()
+    return stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, data_dir, tmp_path):
+    _train_until_sigterm(tiny_model, data_dir, tmp_path)
+
+
+def test_a_checkpoint_forced_by_sigterm_is_not_a_candidate_for_selection(tiny_model, data_dir, tmp_path):
+    """--select_on scores the checkpoints the run planned; the one a stop signal forces mid-way is a point to
+    resume from, so which checkpoint wins does not depend on when the run was interrupted."""
+    stderr = _train_until_sigterm(
+        tiny_model, data_dir, tmp_path, "--validation_fraction", 0.25, "--select_on", "accuracy"
+    )
+    assert "not a candidate: not scored on validation" in stderr
+    assert not list((tmp_path / "run").glob("metrics_validation_step-*"))
+    assert not (tmp_path / "run" / "selection.json").exists()

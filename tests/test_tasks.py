@@ -117,3 +117,20 @@ def test_the_task_decides_labels_sampling_and_few_shot(colour_task):
     assert [row["target"] for row in colour_task.few_shot_examples(rows, 1)] == ["blue", "green", "red"]
     assert colour_task.parse_answer(" Green\n", ["blue", "green", "red"]) == "green"
     assert data.canonical_labels(rows, "s") == ["blue", "green", "red"]
+
+
+def test_on_save_schedule_tells_planned_checkpoints_from_forced_ones():
+    from types import SimpleNamespace
+
+    from qlora_kit.selection import on_save_schedule
+
+    def planned(strategy, save_steps, step, epoch, max_steps=100):
+        return on_save_schedule(
+            SimpleNamespace(save_strategy=strategy, save_steps=save_steps),
+            SimpleNamespace(global_step=step, epoch=epoch, max_steps=max_steps),
+        )
+
+    assert planned("steps", 10, 20, 0.4) and not planned("steps", 10, 23, 0.46)
+    assert planned("steps", 0.25, 25, 0.5) and not planned("steps", 0.25, 26, 0.52)  # a share of the run
+    assert planned("epoch", 500, 46, 1.0) and not planned("epoch", 500, 67, 1.4565)
+    assert planned("steps", 10, 100, 2.0) and planned("epoch", 500, 100, 2.17)  # the last step, whatever else
