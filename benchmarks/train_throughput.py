@@ -249,6 +249,10 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         marks = []
         profile = {}
         profiler = None
+        started = None
+
+        def on_train_begin(self, args_, state, control, **kwargs):
+            self.started = time.perf_counter()
 
         def on_step_end(self, args_, state, control, **kwargs):
             step = state.global_step
@@ -268,7 +272,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     seconds = [later - earlier for earlier, later in zip(clock.marks, clock.marks[1:])]
-    result = _result(recipe, timed, seconds, args, packing)
+    result = _result(recipe, timed, seconds, args, packing, clock.marks[0] - clock.started)
     result.update(
         optim=sft_args.optim,
         use_liger_kernel=sft_args.use_liger_kernel,
@@ -285,11 +289,11 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     return result
 
 
-def _result(recipe: dict, timed: list, seconds: list, args, packing: bool = False) -> dict:
+def _result(recipe: dict, timed: list, seconds: list, args, packing: bool = False, warmup_seconds=None) -> dict:
     return {
         "which": WHICH[recipe["runner"]],
         **recipe,
-        **tb.timed_record(timed, seconds, args.steps, args.repeats, packing),
+        **tb.timed_record(timed, seconds, args.steps, args.repeats, packing, warmup_seconds),
     }
 
 
@@ -335,10 +339,10 @@ def measure_bare_loop(model_dir: Path, recipe: dict, task: str, args) -> dict:
     pad = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    seconds = tb.plain_loop(
+    warmup_seconds, seconds = tb.plain_loop(
         model, optimizer, warm, timed, recipe["batch_size"], recipe["grad_accum"], args.repeats, pad
     )
-    result = _result(recipe, timed, seconds, args)
+    result = _result(recipe, timed, seconds, args, warmup_seconds=warmup_seconds)
     config = model.config
     result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))
     result["optim"] = type(optimizer).__name__
@@ -430,7 +434,8 @@ def main(args):
                 f"{key}: {run['tokens_per_second']:.0f} tokens/s "
                 f"({run['tokens_per_second_min']:.0f}-{run['tokens_per_second_max']:.0f} over {args.repeats} x "
                 f"{args.steps} steps), {run['examples_per_second']:.2f} examples/s, "
-                f"{run['achieved_tflops']:.0f} TFLOP/s, peak {peak and round(peak, 1)} GB",
+                f"{run['achieved_tflops']:.0f} TFLOP/s, peak {peak and round(peak, 1)} GB, "
+                f"warm-up {run['warmup_seconds']:.1f} s",
                 flush=True,
             )
             if "profile" in run:

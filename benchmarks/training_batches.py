@@ -100,7 +100,8 @@ def collate(rows: list[dict], pad_id: int, device):
 
 def plain_loop(model, optimizer, warm: list, timed: list, micro_batch: int, accumulation: int, repeats: int, pad_id):
     """Train as a hand-written PyTorch loop does (bf16 autocast, loss / accumulation, gradient clipping at 0.3
-    as the recipes do): the warm-up rows once, then the timed rows ``repeats`` times; the seconds of each pass.
+    as the recipes do): the warm-up rows once, then the timed rows ``repeats`` times; the seconds of the warm-up
+    (compiling included, for a runner that compiles) and of each pass.
 
     Same order of rows as the trainer's measurement: micro-batches of consecutive rows.
     """
@@ -121,8 +122,11 @@ def plain_loop(model, optimizer, warm: list, timed: list, micro_batch: int, accu
 
     rows_per_step = micro_batch * accumulation
     model.train()
+    started = time.perf_counter()
     for start in range(0, len(warm), rows_per_step):
         step(warm[start : start + rows_per_step])
+    synchronize()
+    warmup_seconds = time.perf_counter() - started
     seconds = []
     for _ in range(repeats):
         synchronize()
@@ -131,7 +135,7 @@ def plain_loop(model, optimizer, warm: list, timed: list, micro_batch: int, accu
             step(timed[start : start + rows_per_step])
         synchronize()
         seconds.append(time.perf_counter() - started)
-    return seconds
+    return warmup_seconds, seconds
 
 
 def synchronize():
@@ -181,10 +185,12 @@ def summary(window_seconds: list[float], tokens: int, examples: int) -> dict:
     }
 
 
-def timed_record(timed: list, seconds: list[float], steps: int, repeats: int, packing: bool = False) -> dict:
+def timed_record(
+    timed: list, seconds: list[float], steps: int, repeats: int, packing: bool = False, warmup_seconds=None
+) -> dict:
     """What every runner reports of its timed passes: the rows' non-padding tokens and examples, their speeds
-    (``summary``) and the peak GPU memory since the last reset (over every step, warm-up included, whose first
-    batch holds the task's longest examples)."""
+    (``summary``), the peak GPU memory since the last reset (over every step, warm-up included, whose first
+    batch holds the task's longest examples) and the warm-up's seconds (where compiling shows)."""
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -195,6 +201,7 @@ def timed_record(timed: list, seconds: list[float], steps: int, repeats: int, pa
         "repeats": repeats,
         "timed_tokens": tokens,
         "timed_examples": examples,
+        "warmup_seconds": warmup_seconds,
         **summary(seconds, tokens, examples),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
         "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,

@@ -56,7 +56,7 @@ def main(args):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)
     torch.cuda.reset_peak_memory_stats()
-    seconds = tb.plain_loop(
+    warmup_seconds, seconds = tb.plain_loop(
         model, optimizer, warm, timed, args.batch_size, args.grad_accum, args.repeats, tokenizer.pad_token_id
     )
     result = {
@@ -70,7 +70,7 @@ def main(args):
         "optim": "torch AdamW, fused",
         "gradient_checkpointing": "unsloth",
         "group_by_length": args.grouped,
-        **tb.timed_record(timed, seconds, args.steps, args.repeats),
+        **tb.timed_record(timed, seconds, args.steps, args.repeats, warmup_seconds=warmup_seconds),
     }
     config = model.config
     result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))

@@ -536,11 +536,19 @@ pack() {
   tar czf "$PACK.tmp" -C "$R" --exclude=checkpoints --exclude=adapter --exclude='*.safetensors' . && mv "$PACK.tmp" "$PACK"
 }
 
+watchers=()
 if [ -n "${STOP_AFTER:-}" ]; then
   stop_after "$STOP_AFTER" &
-  watchdog=$!
-  trap 'pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null' EXIT  # its sleep too: it holds our stdout
+  watchers+=($!)
 fi
+# With PACK_AT=N: also pack after N seconds, whatever stage runs then: a command cut off by its time limit still
+# brings back what the stages wrote so far (a benchmark writes its JSON after each recipe).
+if [ -n "${PACK_AT:-}" ]; then
+  (sleep "$PACK_AT"; pack; echo "PACK_AT: packed $R after $PACK_AT s") &
+  watchers+=($!)
+fi
+# the watchers' sleeps too: they hold our stdout
+trap 'for w in "${watchers[@]}"; do pkill -P $w 2>/dev/null; kill $w 2>/dev/null; done' EXIT
 for stage in "$@"; do
   echo "=== $stage (GPU ${CUDA_VISIBLE_DEVICES:-all}) $(date +%T)"
   started=$SECONDS
