@@ -175,8 +175,9 @@ def main(args):
         torch.cuda.empty_cache()
 
     # 2. the engine with the adapter merged into a bf16 base (--merge_adapter): no dequantization per step
-    model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=False, for_training=False), lora)
-    model = model.merge_and_unload().eval()
+    if args.batch_sizes_merged:
+        model = get_peft_model(modeling.load_model(str(folder), load_in_4bit=False, for_training=False), lora)
+        model = model.merge_and_unload().eval()
     for batch_size in args.batch_sizes_merged:
         reset_peak()
         started = time.perf_counter()
@@ -222,8 +223,12 @@ if __name__ == "__main__":
     parser.add_argument("--stride_4bit", type=int, default=1, help="engine on every Nth prompt, 4-bit model")
     parser.add_argument("--stride_merged", type=int, default=1, help="engine on every Nth prompt, merged model")
     parser.add_argument("--batch_sizes_4bit", type=int, nargs="+", default=[1024])
-    parser.add_argument("--batch_sizes_merged", type=int, nargs="+", default=[1024])
-    parser.add_argument("--batch_sizes_plain", type=int, nargs="+", default=[64, 256], help="plain generate")
+    parser.add_argument(
+        "--batch_sizes_merged", type=int, nargs="*", default=[1024], help="merged model (none given: not run)"
+    )
+    parser.add_argument(
+        "--batch_sizes_plain", type=int, nargs="*", default=[64, 256], help="plain generate (none given: not run)"
+    )
     parser.add_argument("--stride_plain", type=int, default=4, help="plain generate on every Nth prompt")
     # Token budgets meant to keep the peak under 22 GB on the 7B model: the KV cache takes 128 KiB per token;
     # prefill activations (~118 KB per token) are bounded by --prefill_tokens.

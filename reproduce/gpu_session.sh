@@ -75,15 +75,16 @@ bench_levers() {
     --out "$R/bench_levers/train_throughput_levers_classification.json"
 }
 
-# Where the time goes (benchmarks/profiling.py): the default and the compiled layers' training steps, and the
-# generation engine on 1,024 test prompts, on the 7B shape; each profile after its timed runs.
+# Where the time goes (benchmarks/profiling.py), on the 7B shape, each profile after its timed runs: the
+# generation engine on 256 test prompts (every 4th prompt timed first, with and without the stop check every 4
+# steps; about 3 minutes), then the default and the compiled layers' training steps (about 5).
 bench_profile() {
+  python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 1 --stride_4bit 4 \
+    --batch_sizes_plain --batch_sizes_merged --profile_examples 256 --out "$R/bench_profile/generation_profile.json"
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --scratch "$R/scratch" \
     --steps 10 --repeats 1 --profile_steps 3 \
     --recipes "fast, all modules" "fast, decoder layers compiled, all modules" \
     --out "$R/bench_profile/train_throughput_profile_classification.json"
-  python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 1 --stride_4bit 4 \
-    --stride_plain 64 --stride_merged 64 --profile_examples 1024 --out "$R/bench_profile/generation_profile.json"
 }
 
 # Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine
