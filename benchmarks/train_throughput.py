@@ -63,6 +63,11 @@ def _recipe(targets, base, **changes):
     }
 
 
+# The trainer reads two values back from the GPU after every micro-batch (the loss, to filter NaN/inf out of the
+# logged average; the count of tokens seen): each read waits for the GPU to finish, so the host cannot queue the
+# next micro-batch's kernels ahead. The bare loop reads nothing back. These switches turn both reads off.
+NO_HOST_READS = {"logging_nan_inf_filter": False, "include_num_input_tokens_seen": "no"}
+
 RECIPES = {
     # the published recipe in a hand-written PyTorch + peft loop, nothing of this project: the honest baseline
     "bare PyTorch + peft loop, original recipe, all modules": _recipe("all", "original", runner="bare loop"),
@@ -91,6 +96,11 @@ RECIPES = {
     "fast, selective checkpointing (attention kept), all modules": _recipe(
         "all", "fast", sft_overrides={"gradient_checkpointing_kwargs": {"use_reentrant": False, "selective": True}}
     ),
+    # without the trainer's two reads from the GPU per micro-batch (NO_HOST_READS)
+    "original, no reads from the GPU per micro-batch, all modules": _recipe(
+        "all", "original", sft_overrides=NO_HOST_READS
+    ),
+    "fast, no reads from the GPU per micro-batch, all modules": _recipe("all", "fast", sft_overrides=NO_HOST_READS),
     # the small-model recipe (16-bit base, no checkpointing, logits where scored) with and without compiled
     # layers, for SmolLM2 (--model_dir: its converted folder)
     "small-model, all modules": _recipe("all", "small-model"),

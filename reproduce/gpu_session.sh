@@ -64,6 +64,17 @@ bench_compiled_vs_peer() {
     --out "$R/bench_compiled_vs_peer/train_throughput_compiled_vs_unsloth_classification.json"
 }
 
+# The trainer's reads from the GPU after every micro-batch (NaN filter of the logged loss, token count) against
+# the bare loop that reads nothing: the original recipe (2 micro-batches of 4 a step) and the default (1 of 32),
+# with and without the reads, 20 Newsgroups lengths, 3 passes of 20 steps (about 9 minutes with build_z7).
+bench_host_reads() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --scratch "$R/scratch" \
+    --recipes "bare PyTorch + peft loop, original recipe, all modules" "original, all modules" \
+              "original, no reads from the GPU per micro-batch, all modules" "fast, all modules" \
+              "fast, no reads from the GPU per micro-batch, all modules" \
+    --out "$R/bench_host_reads/train_throughput_host_reads_classification.json"
+}
+
 # Training-speed levers not in any recipe yet, beside the default, on the 20 Newsgroups lengths (3 passes of 20),
 # and the micro-batch --max_memory_gb fits to a 16 GB card. The most telling first (a cut-off run keeps them).
 bench_levers() {
