@@ -31,19 +31,16 @@ def selection_metrics(select_on: str, task) -> list[str]:
 def on_save_schedule(args, state) -> bool:
     """Whether the checkpoint saved at this step is one the run planned (every ``--save_steps`` steps, each
     epoch's end, the last step) rather than one a stop signal forced mid-way: only planned ones are candidates,
-    so the choice does not depend on when a run was interrupted."""
-    import math
-
+    so the choice does not depend on when a run was interrupted. The trainer's state holds the save interval in
+    steps (``state.save_steps``, a share of the run already turned into steps), as its own schedule uses it."""
     step = state.global_step
     if state.max_steps and step >= state.max_steps:
         return True
     strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
     if strategy == "epoch":
         return state.epoch is not None and float(state.epoch).is_integer()
-    if strategy == "steps" and args.save_steps:
-        # a save_steps below 1 is a share of the run's steps (transformers' convention)
-        every = math.ceil(state.max_steps * args.save_steps) if args.save_steps < 1 else int(args.save_steps)
-        return step % every == 0
+    if strategy == "steps" and state.save_steps:
+        return step % state.save_steps == 0
     return False
 
 

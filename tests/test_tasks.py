@@ -120,15 +120,16 @@ def test_the_task_decides_labels_sampling_and_few_shot(colour_task):
 
 
 def test_on_save_schedule_tells_planned_checkpoints_from_forced_ones():
+    import math
     from types import SimpleNamespace
 
     from qlora_kit.selection import on_save_schedule
 
     def planned(strategy, save_steps, step, epoch, max_steps=100):
-        return on_save_schedule(
-            SimpleNamespace(save_strategy=strategy, save_steps=save_steps),
-            SimpleNamespace(global_step=step, epoch=epoch, max_steps=max_steps),
-        )
+        # the trainer's state holds save_steps in steps, a share of the run (below 1) turned into steps
+        state = SimpleNamespace(global_step=step, epoch=epoch, max_steps=max_steps, save_steps=save_steps)
+        state.save_steps = math.ceil(max_steps * save_steps) if save_steps < 1 else save_steps
+        return on_save_schedule(SimpleNamespace(save_strategy=strategy, save_steps=save_steps), state)
 
     assert planned("steps", 10, 20, 0.4) and not planned("steps", 10, 23, 0.46)
     assert planned("steps", 0.25, 25, 0.5) and not planned("steps", 0.25, 26, 0.52)  # a share of the run
