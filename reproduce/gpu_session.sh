@@ -56,7 +56,7 @@ bench_speed() {
 }
 
 # The compiled decoder layers against Unsloth and the default, on Unsloth's LoRA targets (every linear layer),
-# 20 Newsgroups lengths, 3 passes of 20 steps (about 6 minutes with build_z7; Unsloth unpacked in $UNSLOTH).
+# 20 Newsgroups lengths, 3 passes of 20 steps (411 s with build_z7 on one H200; Unsloth unpacked in $UNSLOTH).
 bench_compiled_vs_peer() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
     --scratch "$R/scratch" --recipes "Unsloth, fast recipe's batches, every linear layer" \
@@ -66,7 +66,7 @@ bench_compiled_vs_peer() {
 
 # The trainer's reads from the GPU after every micro-batch (NaN filter of the logged loss, token count) against
 # the bare loop that reads nothing: the original recipe (2 micro-batches of 4 a step) and the default (1 of 32),
-# with and without the reads, 20 Newsgroups lengths, 3 passes of 20 steps (about 9 minutes with build_z7).
+# with and without the reads, 20 Newsgroups lengths, 3 passes of 20 steps (not yet run on the GPU).
 bench_host_reads() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --scratch "$R/scratch" \
     --recipes "bare PyTorch + peft loop, original recipe, all modules" "original, all modules" \
@@ -88,7 +88,7 @@ bench_levers() {
 
 # Where the time goes (benchmarks/profiling.py), on the 7B shape, each profile after its timed runs: the
 # generation engine on 256 test prompts (every 4th prompt timed first, with and without the stop check every 4
-# steps; about 3 minutes), then the default and the compiled layers' training steps (about 5).
+# steps), then the default and the compiled layers' training steps.
 bench_profile() {
   python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 1 --stride_4bit 4 \
     --batch_sizes_plain --batch_sizes_merged --profile_examples 256 --out "$R/bench_profile/generation_profile.json"
