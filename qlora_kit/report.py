@@ -73,13 +73,13 @@ def collect(experiments: Path, baselines: Path | None) -> list[dict]:
                 for key in ("train_loss", "train_runtime_s", "tokens_per_second", "peak_gpu_memory_gb")
             }
         )
-        record.update(_metrics(run.evaluation().metrics(), run.evaluation().folder))
+        evaluation = run_result(run)
+        record.update(_metrics(evaluation.metrics(), evaluation.folder))
+        record["scored_step"] = evaluation.step
         # a run scored only at its checkpoints (--checkpoint) is in Table 3, not as an empty row of Tables 1-2
         record["checkpoint_only"] = record["n"] is None and any(e.step is not None for e in run.evaluations())
         record["seed"] = settings.get("seed")
-        record["recipe_key"] = json.dumps(
-            {k: v for k, v in settings.items() if k not in NOT_THE_RECIPE}, sort_keys=True, default=str
-        )
+        record["recipe_key"] = recipe_key(settings)
         records.append(record)
     for metrics_path in sorted(Path(baselines).rglob(METRICS)) if baselines and Path(baselines).is_dir() else []:
         metrics = _read(metrics_path)
@@ -237,6 +237,28 @@ def _flat(record: dict) -> dict:
 
 # Settings that do not make two runs different recipes: repeats of a recipe differ only in these.
 NOT_THE_RECIPE = ("seed", "experiment_dir", "overwrite", "resume")
+
+
+def recipe_key(settings: dict) -> str:
+    """What makes a run's recipe, as text: its settings less NOT_THE_RECIPE. A setting added after the run was
+    made counts at its default (the run had no other value for it)."""
+    from .settings import FIELDS
+
+    defaults = {name: field.default for name, field in FIELDS.items()}
+    every = {**defaults, **settings}
+    return json.dumps({k: v for k, v in every.items() if k not in NOT_THE_RECIPE}, sort_keys=True, default=str)
+
+
+def run_result(run: RunFolder):
+    """The run's test evaluation: of its final adapter, or else of the checkpoint chosen on validation while it
+    trained (--select_on; for classification the constrained decoding's, when both decodings were scored)."""
+    final = run.evaluation()
+    chosen = run.chosen_step()
+    if final.metrics() is not None or chosen is None:
+        return final
+    scored = [e for e in run.evaluations() if e.split == "test" and e.step == chosen]
+    scored.sort(key=lambda e: (e.suffix not in ("", "constrained"), e.suffix))
+    return scored[0] if scored else final
 
 
 def seed_table(records: list[dict]) -> str:

@@ -393,23 +393,33 @@ validated_recipe() {
 }
 
 # The small-model recipe as shipped (recipes/small-model.yaml), once per seed (SEEDS, default 0 1 2) and task
-# (SEED_TASKS, default news samsum): each run chooses its checkpoint on validation while it trains (20 Newsgroups:
-# 10% of the training messages held out, drawn with the run's seed; SAMSum: its validation split; --select_on
-# the task's metric), and only that checkpoint is scored on test, once (20 Newsgroups: constrained and greedy).
-# Runs of one call go side by side on the GPU. Log: $R/logs/seeds_NAME.log.
+# (SEED_TASKS, default news samsum), or for the runs SEED_RUNS names (TASK-SEED, e.g. "samsum-0 news-1"): each run
+# chooses its checkpoint on validation while it trains (20 Newsgroups: 10% of the training messages held out,
+# drawn with the run's seed; SAMSum: its validation split; --select_on the task's metric), and only that
+# checkpoint is scored on test, once (20 Newsgroups: constrained and greedy). EXTRA_TRAIN_NEWS and
+# EXTRA_TRAIN_SAMSUM add training flags for one task only. Runs of one call go side by side on the GPU.
+# Log: $R/logs/seeds_NAME.log.
 seeds() {
-  local seed task
+  local seed task run runs=()
   mkdir -p "$R/seeds"
-  for seed in ${SEEDS:-0 1 2}; do
-    for task in ${SEED_TASKS:-news samsum}; do
-      seed_run "$task" "$seed" &
+  if [ -n "${SEED_RUNS:-}" ]; then
+    read -r -a runs <<< "$SEED_RUNS"
+  else
+    for seed in ${SEEDS:-0 1 2}; do
+      for task in ${SEED_TASKS:-news samsum}; do runs+=("$task-$seed"); done
     done
+  fi
+  for run in "${runs[@]}"; do
+    case "${run%-*}" in news|samsum) ;; *) echo "SEED_RUNS: $run is not TASK-SEED with TASK news or samsum"; return 1;; esac
+    seed_run "${run%-*}" "${run##*-}" &
   done
   wait
 }
 
 seed_run() {
-  local task=$1 seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings step
+  local task=$1 seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings step task_extra=() var
+  var=EXTRA_TRAIN_${task^^}
+  read -r -a task_extra <<< "${!var:-}"
   if [ "$task" = news ]; then
     script=zephyr_classification
     train=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --select_on accuracy)
@@ -426,7 +436,7 @@ seed_run() {
       local resume=()
       [ -f "$run/run_config.json" ] && resume=(--resume)
       python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" --experiment_dir "$run" --seed "$seed" \
-        --save_steps epoch --keep_checkpoints 8 "${resume[@]}" "${train[@]}" "${EXTRA_TRAIN[@]}"
+        --save_steps epoch --keep_checkpoints 8 "${resume[@]}" "${train[@]}" "${EXTRA_TRAIN[@]}" "${task_extra[@]}"
     fi
     step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
     [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: training did not finish: nothing scored on test"; return; }

@@ -79,13 +79,24 @@ def test_gpu_session_validated_recipe_scores_the_full_data_twin_of_the_choice(ti
 def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validation(tiny_model, data_dir, tmp_path):
     """seeds: the small-model recipe once per seed and task; each run chooses its checkpoint on validation while
     it trains and only that one is scored on test; the seeds differ in what they learn."""
-    seeds = _gpu_session("seeds", tiny_model, data_dir, tmp_path, SEEDS="0 1", EXTRA_TRAIN="--max_seq_length 256")
+    seeds = _gpu_session(
+        "seeds",
+        tiny_model,
+        data_dir,
+        tmp_path,
+        SEED_RUNS="news-0 samsum-0 news-1 samsum-1",
+        EXTRA_TRAIN="--max_seq_length 256",
+        EXTRA_TRAIN_SAMSUM="--logging_steps 3",
+    )
+    assert sorted(p.name for p in seeds.iterdir()) == ["news-seed-0", "news-seed-1", "samsum-seed-0", "samsum-seed-1"]
     for task, suffixes in (("news", ["_constrained", "_greedy"]), ("samsum", [""])):
         adapters = []
         for seed in (0, 1):
             run = seeds / f"{task}-seed-{seed}"
             config = json.loads((run / "run_config.json").read_text())
             assert config["settings"]["seed"] == seed and config["settings"]["recipe"] == "small-model"
+            # the flags for one task only went to that task's runs
+            assert config["settings"]["logging_steps"] == (3 if task == "samsum" else 10)
             selection = json.loads((run / "selection.json").read_text())
             assert len(selection["curve"]) == 3  # the recipe's 3 epochs, each scored on validation
             step = selection["best_step"]

@@ -335,6 +335,28 @@ def test_report_shows_intervals_seed_repeats_and_a_paired_comparison(tmp_path):
     assert "accuracy_ci95_low" in header and "accuracy_ci95_high" in header
 
 
+def test_report_seed_repeats_of_runs_scored_at_their_chosen_checkpoint(tmp_path):
+    """A run that chose its checkpoint on validation (selection.json) and was scored on test only there counts
+    with that score; a run made before a setting existed groups with later repeats that have it at its default."""
+    from qlora_kit.report import make_report
+    from qlora_kit.settings import FIELDS
+
+    runs = tmp_path / "runs"
+    for seed, right in ((0, 30), (1, 34)):
+        run = _fake_run(runs / f"news-seed-{seed}", seed, right)
+        (run / "metrics").rename(run / "metrics_step-20_constrained")
+        (run / "selection.json").write_text(json.dumps({"best_step": 20, "curve": []}))
+    config = json.loads((runs / "news-seed-1" / "run_config.json").read_text())
+    config["settings"]["compile_layers"] = FIELDS["compile_layers"].default
+    (runs / "news-seed-1" / "run_config.json").write_text(json.dumps(config))
+    text = make_report(runs, None, tmp_path / "report")
+    assert "| classification | news-seed-0 | 0, 1 | accuracy | 80.00 +- 7.07 | 75.00 - 85.00 |" in text
+    # a setting that differs from its default makes another recipe: no repeats left to aggregate
+    config["settings"]["compile_layers"] = not FIELDS["compile_layers"].default
+    (runs / "news-seed-1" / "run_config.json").write_text(json.dumps(config))
+    assert "Table 4" not in make_report(runs, None, tmp_path / "report")
+
+
 def test_compare_script_refuses_different_examples(tmp_path):
     _fake_run(tmp_path / "a", 1, 30)
     _fake_run(tmp_path / "b", 1, 30, n=20)
