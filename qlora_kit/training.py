@@ -210,6 +210,8 @@ def sft_config(args: TrainingSettings, run_dir: Path):
         dataloader_pin_memory=on_gpu,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",  # summed over processes by the Trainer
+        # without it, processes launched on a machine without a GPU each train alone (no gradient all-reduce)
+        use_cpu=not on_gpu,
     )
 
 

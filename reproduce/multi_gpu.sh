@@ -3,13 +3,18 @@
 # over two processes, each beside one GPU, on a model of Zephyr-7B-beta's exact shape (random weights) with a
 # byte-level BPE tokenizer trained on the 20 Newsgroups texts (no model download needed).
 #   R=/tmp/mg bash reproduce/multi_gpu.sh build fsdp eval_split ddp
-# Needs DATA_DIR (source .device/bin/setup.sh). Writes $R/<stage>/ and prints a summary line per run.
+#   R=/tmp/mg bash reproduce/multi_gpu.sh build fsdp_resume smollm2_eval_split sweep_two_gpus
+# Needs DATA_DIR (source .device/bin/setup.sh); the SmolLM2 stages also MODEL_GGUF (.device/bin/gguf.sh).
+# Writes $R/<stage>/ and prints a summary line per run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R=${R:-/tmp/mg}
 Z7=${Z7:-/tmp/z7-bpe}
 NEWS=$DATA_DIR/newsgroups
+SAMSUM=$DATA_DIR/samsum
 STEPS=${STEPS:-12}
+# extra flags for every evaluation of compare_eval and every run of the sweep (a CPU check: --max_new_tokens 4)
+read -r -a EXTRA_EVAL <<< "${EXTRA_EVAL:-}"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
 mkdir -p "$R"
@@ -58,22 +63,94 @@ fsdp() {
 
 # Evaluation by one process and by two (torchrun), the same adapter: predictions and examples/s.
 eval_split() {
-  local d=${EVAL_RUN:-$R/fsdp/two}
-  CUDA_VISIBLE_DEVICES=0 python3 zephyr_classification_inference.py --experiment_dir "$d" --test_file \
-    "$NEWS/test.jsonl.gz" --max_new_tokens 8 --output_dir "$R/eval/one" 2>&1 | quiet | tail -3
-  python3 -m torch.distributed.run --nproc_per_node 2 zephyr_classification_inference.py --experiment_dir "$d" \
-    --test_file "$NEWS/test.jsonl.gz" --max_new_tokens 8 --output_dir "$R/eval/two" 2>&1 | quiet | tail -3
-  python3 - "$R/eval" <<'PY'
+  compare_eval zephyr_classification "${EVAL_RUN:-$R/fsdp/two}" "$NEWS/test.jsonl.gz" "$R/eval" --max_new_tokens 8
+}
+
+# compare_eval SCRIPT RUN TEST_FILE OUT [FLAGS...]: SCRIPT_inference.py on one GPU and on two (torchrun), then
+# the identical outputs and the speed-up.
+compare_eval() {
+  local script=$1 run=$2 test=$3 out=$4
+  shift 4
+  CUDA_VISIBLE_DEVICES=0 python3 "${script}_inference.py" --experiment_dir "$run" --test_file "$test" \
+    --output_dir "$out/one" "$@" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -3
+  python3 -m torch.distributed.run --nproc_per_node 2 "${script}_inference.py" --experiment_dir "$run" \
+    --test_file "$test" --output_dir "$out/two" "$@" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -3
+  python3 - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 r = Path(sys.argv[1])
 one, two = ([json.loads(l) for l in open(r / k / "predictions.jsonl")] for k in ("one", "two"))
 m1, m2 = (json.load(open(r / k / "metrics.json")) for k in ("one", "two"))
 same = sum(a["output"] == b["output"] for a, b in zip(one, two))
-print(f"eval: {len(one)} examples, identical outputs {same}; examples/s one {m1['examples_per_second']:.1f} "
+print(f"{r}: {len(one)} examples, identical outputs {same}; examples/s one {m1['examples_per_second']:.1f} "
       f"two {m2['examples_per_second']:.1f} ({m2['examples_per_second'] / m1['examples_per_second']:.2f}x); "
       f"seconds one {m1['generation_seconds']:.1f} two {m2['generation_seconds']:.1f}")
 PY
+}
+
+# FSDP over 2 GPUs killed (every process, SIGKILL, as a preempted machine) after its second checkpoint and
+# resumed, against the same run uninterrupted; then the resumed adapter evaluated on one GPU.
+fsdp_resume() {
+  local d=$R/fsdp_resume pid flags=($(common) --batch_size 8 --grad_accum 1 --save_steps 4 --keep_checkpoints 8)
+  rm -rf "$d"; mkdir -p "$d"
+  launch --config_file configs/fsdp_qlora.yaml --num_processes 2 zephyr_classification.py "${flags[@]}" \
+    --experiment_dir "$d/uninterrupted" 2>&1 | quiet | tail -3
+  launch --config_file configs/fsdp_qlora.yaml --num_processes 2 zephyr_classification.py "${flags[@]}" \
+    --experiment_dir "$d/killed" > "$d/first.log" 2>&1 &
+  pid=$!
+  until [ -s "$d/killed/checkpoints/checkpoint-8/trainer_state.json" ] || ! kill -0 $pid 2>/dev/null; do sleep 0.5; done
+  sleep 3
+  kill_tree $pid && echo "killed every process of the run (SIGKILL) after checkpoint-8"
+  wait $pid 2>/dev/null
+  ls "$d/killed/checkpoints"
+  launch --config_file configs/fsdp_qlora.yaml --num_processes 2 zephyr_classification.py "${flags[@]}" \
+    --experiment_dir "$d/killed" --resume 2>&1 | quiet | tail -3
+  python3 - "$d" <<'PY'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+for name in ("uninterrupted", "killed"):
+    m = json.loads((d / name / "train_metrics.json").read_text())
+    losses = {e["step"]: round(e["loss"], 4) for e in m["log_history"] if "loss" in e}
+    print(name, "steps", m["global_steps"], "resumed from", m.get("resumed_from_step"), "logged losses", losses)
+PY
+  CUDA_VISIBLE_DEVICES=0 python3 zephyr_classification_inference.py --experiment_dir "$d/killed" \
+    --test_file "$NEWS/test.jsonl.gz" --limit 300 --max_new_tokens 8 2>&1 | quiet | tail -12
+}
+
+# The process and every process below it, SIGKILL (torchrun starts its workers in sessions of their own).
+kill_tree() {
+  local child
+  for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+  kill -9 "$1" 2>/dev/null
+}
+
+# SmolLM2 with real weights: a short small-model run on one GPU per task, then each task's test set evaluated
+# by one process and by two.
+smollm2_eval_split() {
+  local d=$R/smollm2 task script data flags
+  mkdir -p "$d"
+  for task in samsum news; do
+    if [ $task = samsum ]; then script=zephyr_summarization data=$SAMSUM flags=()
+    else script=zephyr_classification data=$NEWS flags=(--decoding constrained); fi
+    [ -f "$d/$task-run/train_metrics.json" ] || CUDA_VISIBLE_DEVICES=0 python3 "$script.py" --recipe small-model \
+      --pretrained_ckpt "$MODEL_GGUF" --train_file "$data/train.jsonl.gz" --max_steps "${SMOLLM2_STEPS:-300}" \
+      --experiment_dir "$d/$task-run" 2>&1 | quiet | tail -2
+    compare_eval "$script" "$d/$task-run" "$data/test.jsonl.gz" "$d/eval_$task" "${flags[@]}"
+  done
+}
+
+# A sweep (run_lora.sh, 4 short SmolLM2 runs trained and evaluated; SWEEP_RANKS) on one GPU and with GPUS=0,1 (one run per
+# GPU at a time): wall time of each.
+sweep_two_gpus() {
+  local gpus started flags=(--pretrained_ckpt "$MODEL_GGUF" --train_file "$SAMSUM/train.jsonl.gz"
+    --test_file "$SAMSUM/test.jsonl.gz" --recipe small-model --max_steps "${SWEEP_STEPS:-200}")
+  for gpus in 0 0,1; do
+    started=$SECONDS
+    EXPERIMENTS=$R/sweep/gpus-$gpus GPUS=$gpus RANKS="${SWEEP_RANKS:-8 16 32 64}" DROPOUTS=0.1 EPOCHS_LIST=1 \
+      ./run_lora.sh "${flags[@]}" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -2
+    echo "sweep GPUS=$gpus: $(ls "$R/sweep/gpus-$gpus" | grep -c summarization) runs trained and evaluated in $((SECONDS - started)) s"
+  done
 }
 
 # One GPU, the default recipe: a run for eval_split (EVAL_RUN=$R/one) without the FSDP stage.

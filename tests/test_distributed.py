@@ -82,6 +82,36 @@ def test_two_processes_train_and_evaluate_like_one(tiny_model, data_dir, tmp_pat
     assert not list((tmp_path / "two").glob("predictions.partial*"))
 
 
+def test_two_processes_learn_what_one_process_learns_from_the_same_batches(tiny_model, data_dir, tmp_path):
+    """Data parallel for real: 2 processes x 2 examples a step end with the adapter of 1 process x 4 (the same
+    examples each step; gradients all-reduced), up to float rounding, and not with a lone process's."""
+    import torch
+    from safetensors.torch import load_file
+
+    def trained(folder, *extra):
+        args = [
+            *_tiny_training(tiny_model, data_dir)[:-2],
+            "--max_steps",
+            3,
+            "--dropout",
+            0,
+            "--experiment_dir",
+            folder,
+        ]
+        args += extra
+        return args
+
+    torchrun("zephyr_classification.py", *trained("two"), cwd=tmp_path)
+    run_script("zephyr_classification.py", *trained("one", "--batch_size", 4), cwd=tmp_path)
+    run_script("zephyr_classification.py", *trained("alone"), cwd=tmp_path)
+    two, one, alone = (
+        load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("two", "one", "alone")
+    )
+    lora_b = [name for name in one if "lora_B" in name]  # zero at the start: what training wrote
+    assert lora_b and all(torch.allclose(two[name], one[name], rtol=1e-3, atol=1e-6) for name in lora_b)
+    assert not all(torch.allclose(two[name], alone[name], rtol=1e-3, atol=1e-6) for name in lora_b)
+
+
 def test_two_processes_choose_on_validation_while_training(tiny_model, data_dir, tmp_path):
     """--select_on under data parallel: both processes score their share of the validation rows at each save (on
     the unwrapped model: no collective per forward), the scores are gathered once, the main process records them."""
@@ -179,3 +209,57 @@ def test_every_process_takes_the_same_micro_batch(tmp_path):
         out.mkdir()
         torchrun(tmp_path / "fit.py", out, mode, cwd=tmp_path, timeout=180)
         assert [(out / f"rank-{r}").read_text() for r in (0, 1)] == [expected, expected]
+
+
+def test_two_processes_killed_and_resumed_end_with_the_uninterrupted_adapter(tiny_model, data_dir, tmp_path):
+    """A two-process run killed (SIGKILL to every process, as a preempted machine) after a checkpoint and run
+    again with --resume ends with exactly the adapter of a run that was never interrupted."""
+    import time
+
+    import psutil
+    import torch
+    from safetensors.torch import load_file
+
+    def args(folder):
+        return [
+            *_tiny_training(tiny_model, data_dir)[:-2],
+            "--max_steps",
+            40,
+            "--save_steps",
+            2,
+            "--keep_checkpoints",
+            40,
+            "--experiment_dir",
+            folder,
+        ]
+
+    torchrun("zephyr_classification.py", *args("uninterrupted"), cwd=tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(_free_port()), str(ROOT / "zephyr_classification.py"), *map(str, args("killed"))]
+    first = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = tmp_path / "killed" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not saved.is_file() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the other process's files of that checkpoint
+    # torchrun starts its workers in sessions of their own: kill each process, as a preempted machine would
+    for process in [*psutil.Process(first.pid).children(recursive=True), psutil.Process(first.pid)]:
+        process.kill()
+    first.wait()
+    time.sleep(1)  # a worker that had survived would have written more by now
+    assert saved.is_file() and not (tmp_path / "killed" / "train_metrics.json").exists(), "not killed mid-run"
+
+    torchrun("zephyr_classification.py", *args("killed"), "--resume", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "killed" / "train_metrics.json").read_text())
+    assert metrics["global_steps"] == 40 and 2 <= metrics["resumed_from_step"] < 40
+    resumed, never = (
+        load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("killed", "uninterrupted")
+    )
+    assert resumed.keys() == never.keys()
+    assert all(torch.equal(resumed[name], never[name]) for name in never)

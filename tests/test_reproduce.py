@@ -9,8 +9,9 @@ from pathlib import Path
 from conftest import ROOT
 
 
-def _gpu_session(stage, tiny_model, data_dir, tmp_path, **extra_env):
-    """Run one stage of reproduce/gpu_session.sh on the tiny model, with the fixture data laid out as on the GPU."""
+def _gpu_session(stage, tiny_model, data_dir, tmp_path, script="gpu_session.sh", **extra_env):
+    """Run one stage of reproduce/gpu_session.sh (or another lab script) on the tiny model, with the fixture data
+    laid out as on the GPU."""
     import gzip
 
     data = tmp_path / "data"
@@ -33,13 +34,14 @@ def _gpu_session(stage, tiny_model, data_dir, tmp_path, **extra_env):
         **extra_env,
     )
     result = subprocess.run(
-        ["bash", str(ROOT / "reproduce" / "gpu_session.sh"), stage],
+        ["bash", str(ROOT / "reproduce" / script), *stage.split()],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _gpu_session.stdout = result.stdout
     return tmp_path / "r" / stage
 
 
@@ -163,3 +165,26 @@ def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
     assert scores["rows_with_the_same_prompt"] == 1
     # the wrong answer was on the row the benchmark split drops: both kept rows are right
     assert scores["benchmark_split"] == {"accuracy": 1.0, "macro_f1": 1.0, "invalid_rate": 0.0, "n": 2}
+
+
+def test_multi_gpu_stages_for_smollm2_run_on_two_cpu_processes(tiny_model, data_dir, tmp_path):
+    """multi_gpu.sh's SmolLM2 stages (evaluation by one process and by two; a sweep on one device and on two),
+    run on the CPU: two processes give the outputs of one, and both sweeps make every run."""
+    import re
+
+    _gpu_session(
+        "smollm2_eval_split sweep_two_gpus",
+        tiny_model,
+        data_dir,
+        tmp_path,
+        script="multi_gpu.sh",
+        SMOLLM2_STEPS="2",
+        SWEEP_STEPS="2",
+        SWEEP_RANKS="8 16",
+    )
+    compared = re.findall(r"(\d+) examples, identical outputs (\d+)", _gpu_session.stdout)
+    assert len(compared) == 2 and all(n == same and int(n) > 0 for n, same in compared), _gpu_session.stdout
+    for gpus in ("0", "0,1"):
+        runs = sorted((tmp_path / "r" / "sweep" / f"gpus-{gpus}").glob("summarization_*/metrics/metrics.json"))
+        assert len(runs) == 2, _gpu_session.stdout
+    assert _gpu_session.stdout.count("runs trained and evaluated in") == 2
