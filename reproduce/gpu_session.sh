@@ -396,7 +396,8 @@ validated_recipe() {
 # (SEED_TASKS, default news samsum), or for the runs SEED_RUNS names (TASK-SEED, e.g. "samsum-0 news-1"): each run
 # chooses its checkpoint on validation while it trains (20 Newsgroups: 10% of the training messages held out,
 # drawn with the run's seed; SAMSum: its validation split; --select_on the task's metric), and only that
-# checkpoint is scored on test, once (20 Newsgroups: constrained and greedy). EXTRA_TRAIN_NEWS and
+# checkpoint is scored on test, once (20 Newsgroups: constrained and greedy). Task newsfull: 20 Newsgroups on
+# every training message, scored at its last epoch. EXTRA_TRAIN_NEWS, EXTRA_TRAIN_NEWSFULL and
 # EXTRA_TRAIN_SAMSUM add training flags for one task only. Runs of one call go side by side on the GPU.
 # Log: $R/logs/seeds_NAME.log.
 seeds() {
@@ -410,7 +411,8 @@ seeds() {
     done
   fi
   for run in "${runs[@]}"; do
-    case "${run%-*}" in news|samsum) ;; *) echo "SEED_RUNS: $run is not TASK-SEED with TASK news or samsum"; return 1;; esac
+    case "${run%-*}" in news|newsfull|samsum) ;;
+      *) echo "SEED_RUNS: $run is not TASK-SEED with TASK news, newsfull or samsum"; return 1;; esac
     seed_run "${run%-*}" "${run##*-}" &
   done
   wait
@@ -423,6 +425,13 @@ seed_run() {
   if [ "$task" = news ]; then
     script=zephyr_classification
     train=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --select_on accuracy)
+    eval="--test_file $NEWS/test.jsonl.gz"
+    decodings=constrained,greedy
+  elif [ "$task" = newsfull ]; then
+    # every training message, nothing held out: scored at the recipe's last epoch, the one every held-out run
+    # chose on validation (results/README.md)
+    script=zephyr_classification
+    train=(--train_file "$NEWS/train.jsonl.gz")
     eval="--test_file $NEWS/test.jsonl.gz"
     decodings=constrained,greedy
   else
@@ -438,7 +447,11 @@ seed_run() {
       python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" --experiment_dir "$run" --seed "$seed" \
         --save_steps epoch --keep_checkpoints 8 "${resume[@]}" "${train[@]}" "${EXTRA_TRAIN[@]}" "${task_extra[@]}"
     fi
-    step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
+    if [ "$task" = newsfull ]; then
+      step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print((RunFolder('$run').epoch_end_steps() or [''])[-1])")
+    else
+      step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
+    fi
     [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: training did not finish: nothing scored on test"; return; }
     test_checkpoint "$script" "--max_batch_tokens 150000 $eval" "$decodings" "$run" "$step"
   } >> "$R/logs/seeds_$task-seed-$seed.log" 2>&1

@@ -86,11 +86,20 @@ def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validati
         tiny_model,
         data_dir,
         tmp_path,
-        SEED_RUNS="news-0 samsum-0 news-1 samsum-1",
+        SEED_RUNS="news-0 samsum-0 news-1 samsum-1 newsfull-0",
         EXTRA_TRAIN="--max_seq_length 256",
         EXTRA_TRAIN_SAMSUM="--logging_steps 3",
     )
-    assert sorted(p.name for p in seeds.iterdir()) == ["news-seed-0", "news-seed-1", "samsum-seed-0", "samsum-seed-1"]
+    names = ["news-seed-0", "news-seed-1", "newsfull-seed-0", "samsum-seed-0", "samsum-seed-1"]
+    assert sorted(p.name for p in seeds.iterdir()) == names
+    # all the training messages, nothing scored on validation, the last epoch scored on test
+    full = seeds / "newsfull-seed-0"
+    config = json.loads((full / "run_config.json").read_text())
+    assert config["data"]["rows"]["held_out"] == 0 and not list(full.glob("metrics_validation*"))
+    last = max(json.loads(f.read_text())["global_step"] for f in full.glob("checkpoints/*/trainer_state.json"))
+    assert sorted(p.name for p in full.glob("metrics_step-*")) == [
+        f"metrics_step-{last}_{d}" for d in ("constrained", "greedy")
+    ]
     for task, suffixes in (("news", ["_constrained", "_greedy"]), ("samsum", [""])):
         adapters = []
         for seed in (0, 1):
