@@ -13,6 +13,10 @@ Usage:
     python benchmarks/train_throughput.py --write_lengths --data_dir ../shared/data     # once, any machine
     python benchmarks/train_throughput.py --model_dir /tmp/zephyr-shaped --out benchmarks/results/train.json
     python benchmarks/train_throughput.py --tiny --model_dir /tmp/tiny --steps 2 --out /tmp/t.json   # CPU check
+    # data parallel: every GPU trains the same rows as one GPU would (the same per-device batch); tokens/s counts
+    # every GPU's, TFLOP/s is per GPU (the project's recipes only; build the model first, in one process)
+    accelerate launch --config_file configs/ddp.yaml --num_processes 2 benchmarks/train_throughput.py \
+        --model_dir /tmp/z7 --tasks classification --recipes "fast, all modules" --out /tmp/ddp.json
     # with the peer (its packages unpacked in /tmp/uns, see benchmarks/unsloth_throughput.py):
     python benchmarks/train_throughput.py --model_dir /tmp/z7 --tasks classification --unsloth_path /tmp/uns \\
         --recipes "bare PyTorch + peft loop, original recipe, all modules" "fast, all modules" \\
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -209,6 +214,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     # --profile_steps: after the timed passes, one more step (not profiled) and the profiled ones, on timed rows
     extra_steps = 1 + args.profile_steps if args.profile_steps else 0
     extra = timed[: extra_steps * batch * accumulation]
+    rows = per_process_rows(warm + timed * args.repeats + extra, batch, processes())
     speed = {key: recipe[key] for key in SPEED_SETTINGS}
     # every training setting at its default (so new settings need no change here), then the benchmark's own
     settings = dataclasses.replace(
@@ -238,7 +244,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         sft_args,
         peft_config,
         tokenizer,
-        Dataset.from_list(warm + timed * args.repeats + extra),
+        Dataset.from_list(rows),
         None,
         data_collator=collator,
         scored_positions_only=recipe.get("scored_positions_only", False),
@@ -282,21 +288,41 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     seconds = [later - earlier for earlier, later in zip(clock.marks, clock.marks[1:])]
-    result = _result(recipe, timed, seconds, args, packing, clock.marks[0] - clock.started)
+    # every process trained the timed rows: the tokens of all of them, per second
+    result = _result(recipe, timed * processes(), seconds, args, packing, clock.marks[0] - clock.started)
+    per_gpu = {**result, "tokens_per_second": result["tokens_per_second"] / processes()}
     result.update(
+        processes=processes(),
+        # non-padding tokens of every step of every process (warm-up included): each process its own rows
+        trained_tokens=trainer.state.num_input_tokens_seen,
         optim=sft_args.optim,
         use_liger_kernel=sft_args.use_liger_kernel,
         largest_batch_rows_x_width=list(largest.shape),
         **({"memory_budget": fitted} if fitted is not None else {}),
         **({"profile": {"steps": args.profile_steps, **clock.profile}} if clock.profile else {}),
+        # per GPU
         **tb.hardware_share(
-            result, matmul, model.config.num_hidden_layers, model.config.hidden_size, recipe["gradient_checkpointing"]
+            per_gpu, matmul, model.config.num_hidden_layers, model.config.hidden_size, recipe["gradient_checkpointing"]
         ),
     )
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def processes() -> int:
+    """How many processes train side by side (accelerate launch / torchrun): 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_process_rows(rows: list, micro_batch: int, count: int) -> list:
+    """The rows as the trainer's data loader must hold them for every one of ``count`` processes to train all of
+    ``rows``: each micro-batch repeated once per process, since the loader deals micro-batches out in turn."""
+    if count == 1:
+        return rows
+    chunks = [rows[start : start + micro_batch] for start in range(0, len(rows), micro_batch)]
+    return [row for chunk in chunks for _ in range(count) for row in chunk]
 
 
 def _result(recipe: dict, timed: list, seconds: list, args, packing: bool = False, warmup_seconds=None) -> dict:
@@ -421,6 +447,13 @@ def main(args):
     if args.write_lengths:
         write_lengths(Path(args.data_dir), args.tokenizer, args.max_seq_length)
         return
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if processes() > 1:
+        others = [name for name in args.recipes if RECIPES[name]["runner"] != "trainer"]
+        if others:
+            sys.exit(f"--recipes: {others[0]!r} runs in one process only; several processes time the project's trainer")
+        if not (Path(args.model_dir) / "config.json").is_file():
+            sys.exit(f"--model_dir {args.model_dir}: no model there; build it first, in one process")
     folder = zephyr_shaped.build(Path(args.model_dir), tiny=args.tiny, shape=args.shape)
     results = {
         "command": " ".join(sys.argv),
@@ -428,6 +461,7 @@ def main(args):
         "model_shape": args.shape,
         "what": "non-padding tokens/s: the median of --repeats passes over the same --steps optimizer steps "
         "(after --warmup_steps), min and max beside it; peak memory over every step",
+        "processes": processes(),
         **zephyr_shaped.environment(),
         "runs": {},
     }
@@ -439,6 +473,8 @@ def main(args):
             base = results["runs"].get(f"{task}: bare PyTorch + peft loop, original recipe, all modules")
             if base and run is not base:
                 run["speedup_vs_bare_loop_original"] = run["tokens_per_second"] / base["tokens_per_second"]
+            if not main_process:
+                continue
             peak = run["peak_gpu_memory_gb"]
             print(
                 f"{key}: {run['tokens_per_second']:.0f} tokens/s "

@@ -3,7 +3,7 @@
 # over two processes, each beside one GPU, on a model of Zephyr-7B-beta's exact shape (random weights) with a
 # byte-level BPE tokenizer trained on the 20 Newsgroups texts (no model download needed).
 #   R=/tmp/mg bash reproduce/multi_gpu.sh build fsdp eval_split ddp
-#   R=/tmp/mg bash reproduce/multi_gpu.sh build fsdp_resume smollm2_eval_split sweep_two_gpus
+#   R=/tmp/mg bash reproduce/multi_gpu.sh build ddp_speed fsdp_resume smollm2_eval_split sweep_two_gpus
 # Needs DATA_DIR (source .device/bin/setup.sh); the SmolLM2 stages also MODEL_GGUF (.device/bin/gguf.sh).
 # Writes $R/<stage>/ and prints a summary line per run.
 set -uo pipefail
@@ -157,6 +157,28 @@ sweep_two_gpus() {
 train_one() {
   rm -rf "$R/one"
   CUDA_VISIBLE_DEVICES=0 python3 zephyr_classification.py $(common) --experiment_dir "$R/one" 2>&1 | quiet | tail -3
+}
+
+# Data parallel's steady speed (benchmarks/train_throughput.py, 3 passes of 20 steps after the warm-up, real 20
+# Newsgroups lengths): the default recipe on one GPU, then on two at the same per-device batch.
+ddp_speed() {
+  local d=$R/ddp_speed
+  mkdir -p "$d"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification \
+    --recipes "fast, all modules" --scratch "$d/scratch" --out "$d/train_throughput_one_gpu.json" | tail -2
+  launch --config_file configs/ddp.yaml --num_processes 2 benchmarks/train_throughput.py --model_dir "$Z7" \
+    --tasks classification --recipes "fast, all modules" --scratch "$d/scratch" \
+    --out "$d/train_throughput_two_gpus.json" 2>&1 | quiet | tail -2
+  python3 - "$d" <<'PY'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+one, two = (json.loads((d / f"train_throughput_{n}.json").read_text())["runs"]["classification: fast, all modules"]
+            for n in ("one_gpu", "two_gpus"))
+print(f"DDP: two GPUs {two['tokens_per_second']:.0f} tokens/s ({two['tokens_per_second_min']:.0f}-"
+      f"{two['tokens_per_second_max']:.0f}), one {one['tokens_per_second']:.0f} ({one['tokens_per_second_min']:.0f}-"
+      f"{one['tokens_per_second_max']:.0f}): {two['tokens_per_second'] / one['tokens_per_second']:.2f}x")
+PY
 }
 
 # Data parallel (DDP) over 2 GPUs against one, the default recipe at the same per-device batch.

@@ -19,6 +19,20 @@ def _run(script, *args):
     return result
 
 
+def _train_throughput_module():
+    """benchmarks/train_throughput.py imported as a module (its siblings on the path while it loads)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
 def test_generation_benchmark_tiny(tmp_path):
     out = tmp_path / "g.json"
     _run(
@@ -113,16 +127,51 @@ def test_train_benchmark_tiny(tmp_path):
     assert fast["batch_size"] == 32 and fast["learning_rate"] == 8e-4
 
 
-def test_train_benchmark_rows_follow_the_real_lengths():
-    import importlib.util
+def test_train_benchmark_data_parallel_trains_every_process_on_the_rows_of_one(tmp_path):
+    """Under two processes every process trains the rows one process would (the same per-device batch): twice
+    the tokens per pass; runners other than the project's trainer are refused in one line."""
+    import os
+    import socket
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
-        train_throughput = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(train_throughput)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    def launch(*args):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+        command += [str(ROOT / "benchmarks" / "train_throughput.py"), *map(str, args)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+    common = ["--tiny", "--model_dir", tmp_path / "m", "--steps", 2, "--warmup_steps", 1, "--repeats", 1]
+    common += ["--tasks", "summarization", "--scratch", tmp_path / "s"]
+    _run("train_throughput.py", *common, "--recipes", "fast, all modules", "--out", tmp_path / "one.json")
+    two = launch(*common, "--recipes", "fast, all modules", "--out", tmp_path / "two.json")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    run_one, run_two = (r["runs"]["summarization: fast, all modules"] for r in (one, two))
+    assert run_two["processes"] == 2 and run_two["timed_tokens"] == 2 * run_one["timed_tokens"]
+    # each process trained every row once, not half of them or all of them twice
+    assert run_two["trained_tokens"] == 2 * run_one["trained_tokens"] > 0
+    assert run_two["tokens_per_second"] > 0 and run_two["achieved_tflops"] > 0
+    refused = launch(*common, "--recipes", "bare PyTorch + peft loop, original recipe, all modules")
+    assert refused.returncode != 0 and "runs in one process only" in refused.stderr
+
+
+def test_per_process_rows_deal_each_process_every_micro_batch():
+    train_throughput = _train_throughput_module()
+    rows = list(range(6))
+    dealt = train_throughput.per_process_rows(rows, 2, 2)
+    assert dealt == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]
+    # the loader deals micro-batches in turn: process p takes micro-batches p, p + 2, ...
+    for process in range(2):
+        mine = [row for index in range(process, len(dealt) // 2, 2) for row in dealt[2 * index : 2 * index + 2]]
+        assert mine == rows
+    assert train_throughput.per_process_rows(rows, 2, 1) == rows
+
+
+def test_train_benchmark_rows_follow_the_real_lengths():
+    train_throughput = _train_throughput_module()
 
     lengths = [total for total, _ in json.loads(train_throughput.LENGTHS.read_text())["classification"]]
     real = train_throughput.task_lengths("classification")
