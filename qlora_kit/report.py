@@ -352,6 +352,8 @@ def make_report(experiments: Path, baselines: Path | None, out: Path, compare: t
     comparison on the same test items."""
     records = collect(experiments, baselines)
     out.mkdir(parents=True, exist_ok=True)
+    # the command that remakes this report: a baseline folder that is not there was not read
+    shown_baselines = f"{baselines} " if baselines and Path(baselines).is_dir() else ""
     seeds = seed_table(records)
     extra = [f"## Table 4: repeats over seeds\n\n{seeds}"] if seeds else []
     if compare:
@@ -363,7 +365,7 @@ def make_report(experiments: Path, baselines: Path | None, out: Path, compare: t
         "\n\n".join(
             [
                 "# Results report",
-                f"Made by `python make_report.py {experiments} {baselines or ''} --out {out}` from {len(records)} result folders; "
+                f"Made by `python make_report.py {experiments} {shown_baselines}--out {out}` from {len(records)} result folders; "
                 f"{MISSING} marks a run that has not been made.",
                 "## Table 1: 20 Newsgroups accuracy [95% bootstrap interval] (macro-F1), %",
                 classification_table(records),

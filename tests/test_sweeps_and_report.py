@@ -349,8 +349,9 @@ def test_report_seed_repeats_of_runs_scored_at_their_chosen_checkpoint(tmp_path)
     config = json.loads((runs / "news-seed-1" / "run_config.json").read_text())
     config["settings"]["compile_layers"] = FIELDS["compile_layers"].default
     (runs / "news-seed-1" / "run_config.json").write_text(json.dumps(config))
-    text = make_report(runs, None, tmp_path / "report")
+    text = make_report(runs, tmp_path / "no-baselines", tmp_path / "report")
     assert "| classification | news-seed-0 | 0, 1 | accuracy | 80.00 +- 7.07 | 75.00 - 85.00 |" in text
+    assert f"`python make_report.py {runs} --out {tmp_path / 'report'}`" in text  # no folder that was not read
     # a setting that differs from its default makes another recipe: no repeats left to aggregate
     config["settings"]["compile_layers"] = not FIELDS["compile_layers"].default
     (runs / "news-seed-1" / "run_config.json").write_text(json.dumps(config))
