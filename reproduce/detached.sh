@@ -9,7 +9,7 @@
 #
 # watch prints, every WATCH_EVERY seconds (default 60), the newest line of each log under $R/logs; it returns
 # when the stages have ended (exit status 0) or after SECONDS (exit status 3: they still run), and packs $R
-# into $PACK either way (checkpoints and weights left out, as gpu_session.sh packs).
+# into $PACK either way (reproduce/pack_dir.sh: checkpoints and weights left out, as gpu_session.sh packs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R=${R:-/tmp/work}
@@ -48,8 +48,8 @@ case "${1:-}" in
       done
     done
     if [ -n "${PACK:-}" ]; then
-      tar czf "$PACK.tmp" -C "$R" --exclude=checkpoints --exclude=adapter --exclude='*.safetensors' . &&
-        mv "$PACK.tmp" "$PACK" && echo "packed $R into $PACK"
+      source reproduce/pack_dir.sh
+      pack_dir "$R" "$PACK" && echo "packed $R into $PACK"
     fi
     exit $status
     ;;

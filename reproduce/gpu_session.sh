@@ -566,9 +566,10 @@ stop_after() {
   done
 }
 
+source reproduce/pack_dir.sh
 pack() {
   [ -n "$PACK" ] || return 0
-  tar czf "$PACK.tmp" -C "$R" --exclude=checkpoints --exclude=adapter --exclude='*.safetensors' . && mv "$PACK.tmp" "$PACK"
+  pack_dir "$R" "$PACK"
 }
 
 watchers=()
