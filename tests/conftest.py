@@ -100,6 +100,23 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: int =
     return result
 
 
+def torchrun_command(script, *args) -> list[str]:
+    """The command that runs ``script`` (a path, or one relative to the repository) as two processes on this
+    machine (gloo on the CPU), on a free port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    return [*launcher, "--master_port", str(port), str(ROOT / script), *map(str, args)]
+
+
+def torchrun_env() -> dict:
+    """The environment of two processes sharing this machine's cores."""
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
 @pytest.fixture(scope="session")
 def trained_run_for_resume(tmp_path_factory, tiny_model, data_dir) -> Path:
     work = tmp_path_factory.mktemp("trained")

@@ -130,17 +130,11 @@ def test_train_benchmark_tiny(tmp_path):
 def test_train_benchmark_data_parallel_trains_every_process_on_the_rows_of_one(tmp_path):
     """Under two processes every process trains the rows one process would (the same per-device batch): twice
     the tokens per pass; runners other than the project's trainer are refused in one line."""
-    import os
-    import socket
+    from conftest import torchrun_command, torchrun_env
 
     def launch(*args):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-        command += [str(ROOT / "benchmarks" / "train_throughput.py"), *map(str, args)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        command = torchrun_command("benchmarks/train_throughput.py", *args)
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=torchrun_env())
 
     common = ["--tiny", "--model_dir", tmp_path / "m", "--steps", 2, "--warmup_steps", 1, "--repeats", 1]
     common += ["--tasks", "summarization", "--scratch", tmp_path / "s"]

@@ -1,36 +1,14 @@
 """Two processes on the CPU (gloo): training and evaluation under torchrun, as on several GPUs."""
 
 import json
-import os
-import socket
 import subprocess
-import sys
 
-from conftest import ROOT, run_script
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import run_script, torchrun_command, torchrun_env
 
 
 def torchrun(script, *args, cwd, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / script),
-        *map(str, args),
-    ]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    command = torchrun_command(script, *args)
+    result = subprocess.run(command, cwd=cwd, env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -234,12 +212,10 @@ def test_two_processes_killed_and_resumed_end_with_the_uninterrupted_adapter(tin
         ]
 
     torchrun("zephyr_classification.py", *args("uninterrupted"), cwd=tmp_path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(_free_port()), str(ROOT / "zephyr_classification.py"), *map(str, args("killed"))]
     first = subprocess.Popen(
-        command,
+        torchrun_command("zephyr_classification.py", *args("killed")),
         cwd=tmp_path,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=torchrun_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
