@@ -1,6 +1,7 @@
 """Evaluation speed and exactness on a real trained run (e.g. SmolLM2-135M-Instruct with its adapter), side by
 side in one process: one example at a time (greedy), a plain batched ``model.generate`` (left padding, the
-engine's own batches), and the project's engine, called twice (the first call warms up kernels and caches).
+engine's own batches), and the project's engine with each of its decode loops (the growing cache; the static cache,
+its steps replayed as CUDA graphs on a GPU), each called twice (the first call warms up kernels and caches).
 
 Times are generation alone (the prompts are built and tokenised before the clock starts); the inference script
 prints its whole wall time separately. Exactness: the share of outputs identical to one-at-a-time greedy on an
@@ -132,9 +133,22 @@ def main(args):
             "identical_to_engine": identical(out.outputs, engine),
         }
         record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, peak, len(rows), extra)
+    static = {}  # the static-cache loop (CUDA graphs on a GPU), each stop-check interval called twice
+    for every in args.static_stop_check_every:
+        for call in range(1, args.engine_calls + 1):
+            out, seconds, peak = timed(
+                lambda every=every: generate(
+                    model, tokenizer, job.prompt_ids, loop="static", stop_check_every=every, **settings
+                )
+            )
+            static[every] = out.outputs
+            extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
+            record(f"engine_static_check_every{every}_call{call}", out.outputs, seconds, peak, len(rows), extra)
     for batch_size in args.batch_sizes_plain:
         out, seconds, peak = timed(
-            lambda size=batch_size: generate(model, tokenizer, job.prompt_ids, batch_size=size, plain=True, **settings)
+            lambda size=batch_size: generate(
+                model, tokenizer, job.prompt_ids, batch_size=size, loop="plain", **settings
+            )
         )
         extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
         record(f"plain_generate_batch{batch_size}", out.outputs, seconds, peak, len(rows), extra)
@@ -144,14 +158,10 @@ def main(args):
         lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
     )
     engine_subset = [engine[i] for i in subset]
-    record(
-        "one_at_a_time",
-        single,
-        seconds,
-        peak,
-        len(subset),
-        {"engine_identical_share": identical(single, engine_subset)},
-    )
+    extra = {"engine_identical_share": identical(single, engine_subset)}
+    for every, outputs in static.items():
+        extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
+    record("one_at_a_time", single, seconds, peak, len(subset), extra)
     if args.profile:  # where an engine call's time goes (benchmarks/profiling.py)
         profile = results["profile_engine"] = {}
         with profiling.profiled(profile):
@@ -196,6 +206,13 @@ if __name__ == "__main__":
         type=int,
         default=4,
         help="also the engine checking for the end every N steps (1: not run)",
+    )
+    parser.add_argument(
+        "--static_stop_check_every",
+        type=int,
+        nargs="*",
+        default=[1, 4],
+        help="also the static-cache loop (loop='static'), checking for the end every N steps (none given: not run)",
     )
     parser.add_argument("--out", default="benchmarks/results/generation_real_model.json")
     main(parser.parse_args())

@@ -151,6 +151,16 @@ def main(args):
                 len(subset),
                 {"identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)},
             )
+        if args.static:  # the same prompts through the static-cache loop (CUDA graphs on a GPU)
+            reset_peak()
+            started = time.perf_counter()
+            out = generate(model, Tok, subset, batch_size=batch_size, loop="static", **engine_4bit)
+            record(
+                f"engine_static_4bit_batch{batch_size}",
+                time.perf_counter() - started,
+                len(subset),
+                {"identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)},
+            )
     if args.profile_examples:  # where the engine's time goes, on an evenly spread subset, after the timed runs
         subset = prompts[:: max(1, len(prompts) // args.profile_examples)][: args.profile_examples]
         profile = results["profile_engine_4bit"] = {"examples": len(subset)}
@@ -163,7 +173,7 @@ def main(args):
         started = time.perf_counter()
         subset = prompts[:: args.stride_plain]
         # transformers' generate over the engine's own batches: the same padding (it prefills its own way)
-        out = generate(model, Tok, subset, batch_size=batch_size, plain=True, **engine_4bit)
+        out = generate(model, Tok, subset, batch_size=batch_size, loop="plain", **engine_4bit)
         extra = {"final_batch_size": out.final_batch_size}
         if args.stride_plain % args.stride_4bit == 0:  # the same prompts went through the engine: compare
             step = args.stride_plain // args.stride_4bit
@@ -240,6 +250,12 @@ if __name__ == "__main__":
         type=int,
         default=4,
         help="also the engine checking for the end every N decode steps (1: not run)",
+    )
+    parser.add_argument(
+        "--static",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the engine's static-cache loop on the 4-bit model, same prompts",
     )
     parser.add_argument(
         "--profile_examples", type=int, default=0, help="profile the engine on this many prompts (0: no profile)"

@@ -164,18 +164,10 @@ class LabelAutomaton:
         return torch.where(known, self.targets[found], torch.full_like(states, self.done))
 
 
-def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
-    """Run the prompts through the model in groups of rows of at most ``prefill_tokens`` tokens.
-
-    The KV caches of the groups are joined into one, so that the whole batch decodes together: a decode
-    step costs about as much for 500 rows as for 50, while prefill activations would not fit for 500 rows
-    at once. Returns (cache, logits of each row's last position).
-    """
-    import torch
-    from transformers import DynamicCache
-
+def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
+    """Run the prompts through the model in groups of rows of at most ``prefill_tokens`` tokens: yields each
+    group's rows (a slice), its KV cache, and the logits of its rows' last position."""
     rows_per_group = max(1, prefill_tokens // input_ids.shape[1])
-    caches, last_logits = [], []
     for start in range(0, input_ids.shape[0], rows_per_group):
         rows = slice(start, start + rows_per_group)
         out = model(
@@ -185,9 +177,21 @@ def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int
             use_cache=True,
             logits_to_keep=1,
         )
-        caches.append(out.past_key_values)
-        last_logits.append(out.logits[:, -1].float())
+        yield rows, out.past_key_values, out.logits[:, -1].float()
         del out
+
+
+def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
+    """Prefill in row groups (``_prefill_groups``), the groups' KV caches joined into one, so that the whole batch
+    decodes together: a decode step costs about as much for 500 rows as for 50, while prefill activations would
+    not fit for 500 rows at once. Returns (cache, logits of each row's last position)."""
+    import torch
+    from transformers import DynamicCache
+
+    caches, last_logits = [], []
+    for _, cache, logits in _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens):
+        caches.append(cache)
+        last_logits.append(logits)
     if len(caches) == 1:
         return caches[0], last_logits[0]
     joined = []
@@ -197,6 +201,12 @@ def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int
         for part in parts:
             part.keys = part.values = None
     return DynamicCache(joined), torch.cat(last_logits)
+
+
+def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """An answer cut at its first stop token; tokens after it were never real."""
+    cut = next((i for i, token in enumerate(tokens) if token in stop_ids), len(tokens))
+    return tokens[:cut]
 
 
 def _generate_batch(
@@ -257,11 +267,7 @@ def _generate_batch(
                 cache, logits = out.past_key_values, out.logits[:, -1].float()
                 del out
             generated = torch.stack(tokens, dim=1).tolist()
-    result = []
-    for row in generated:  # the answer is cut at its first stop token; tokens after it were never real
-        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        result.append(row[:cut])
-    return result
+    return [cut_at_stop(row, stop_ids) for row in generated]
 
 
 def _generate_batch_plain(
@@ -298,25 +304,30 @@ def _generate_batch_plain(
             pad_token_id=pad_id,
             prefix_allowed_tokens_fn=allowed if trie is not None else None,
         )
-    result = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        result.append(row[:cut])
-    return result
+    return [cut_at_stop(row, stop_ids) for row in out[:, width:].tolist()]
 
 
-def _batch_generator(plain: bool):
-    """The decode loop to use: this module's own, or transformers' ``generate`` (``plain``, or
-    QLORA_KIT_GENERATION=plain)."""
+# The decode loops, by name: ``dynamic`` (a cache grown by concatenation, the loop above), ``static`` (a cache allocated
+# once per batch, each step replayed as a CUDA graph on a GPU: qlora_kit/static_decoding.py) and ``plain``
+# (transformers' own generate, for debugging). All give the same answers.
+LOOPS = ("dynamic", "static", "plain")
+# The loop used when neither ``generate(loop=...)`` nor QLORA_KIT_GENERATION names one.
+DEFAULT_LOOP = "dynamic"
+
+
+def _batch_generator(loop: str | None):
+    """The decode loop to use: ``loop`` if given, else QLORA_KIT_GENERATION if set, else ``DEFAULT_LOOP``."""
     import os
 
-    choice = os.environ.get("QLORA_KIT_GENERATION", "")
-    if choice not in ("", "plain"):
-        raise UsageError(f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to plain")
-    if plain or choice == "plain":
+    from . import static_decoding
+
+    choice = loop or os.environ.get("QLORA_KIT_GENERATION", "") or DEFAULT_LOOP
+    if choice not in LOOPS:
+        raise UsageError(f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to one of {', '.join(LOOPS)}")
+    if choice == "plain":
         log.info("generating with transformers' model.generate (the plain path)")
         return _generate_batch_plain
-    return _generate_batch
+    return static_decoding.generate_batch if choice == "static" else _generate_batch
 
 
 def plan_batches(
@@ -364,7 +375,7 @@ def generate(
     on_batch=None,
     prefill_tokens: int = PREFILL_TOKENS,
     shard: tuple[int, int] = (0, 1),
-    plain: bool = False,
+    loop: str | None = None,
     stop_check_every: int = STOP_CHECK_EVERY,
 ) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order.
@@ -376,7 +387,7 @@ def generate(
     padded tokens (``share_batches``), so each batch is exactly the one a single process would run (same
     padding, same numbers); the other prompts' outputs stay None and are not failures.
     ``on_batch(indices, answers)`` is called after each finished batch (to save results as they come).
-    ``plain``: the same batches through transformers' ``model.generate`` (as QLORA_KIT_GENERATION=plain does).
+    ``loop``: which decode loop runs the batches (``LOOPS``; default: QLORA_KIT_GENERATION, else ``DEFAULT_LOOP``).
     ``stop_check_every``: decode steps between checks that a batch has finished (``STOP_CHECK_EVERY``); the
     answers are the same whatever it is.
     """
@@ -400,7 +411,7 @@ def generate(
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
     rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows
-    generate_batch = _batch_generator(plain)
+    generate_batch = _batch_generator(loop)
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:

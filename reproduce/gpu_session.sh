@@ -411,17 +411,26 @@ seeds() {
     done
   fi
   for run in "${runs[@]}"; do
-    case "${run%-*}" in news|newsfull|samsum) ;;
-      *) echo "SEED_RUNS: $run is not TASK-SEED with TASK news, newsfull or samsum"; return 1;; esac
+    case "${run%-*}" in news|newsfull|samsum|news+*|newsfull+*|samsum+*) ;;
+      *) echo "SEED_RUNS: $run is not TASK[+VARIANT]-SEED with TASK news, newsfull or samsum"; return 1;; esac
     seed_run "${run%-*}" "${run##*-}" &
   done
   wait
 }
 
+# seed_run TASK[+VARIANT] SEED: train $R/seeds/TASK[+VARIANT]-seed-SEED, choose its checkpoint on validation (the
+# last epoch's for newsfull) and score that one on test. A variant's extra training flags are in $VARIANT_<name>
+# (e.g. SEED_RUNS="news+epochs5-0" VARIANT_epochs5="--epochs 5").
 seed_run() {
-  local task=$1 seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings step task_extra=() var
+  local task=${1%%+*} seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings step task_extra=() variant=() var
   var=EXTRA_TRAIN_${task^^}
   read -r -a task_extra <<< "${!var:-}"
+  if [[ $1 == *+* ]]; then
+    var=VARIANT_${1#*+}
+    [ -n "${!var:-}" ] || { echo "seed run $1: set $var to the variant's training flags"; return 1; }
+    read -r -a variant <<< "${!var}"
+    task_extra+=("${variant[@]}")
+  fi
   if [ "$task" = news ]; then
     script=zephyr_classification
     train=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --select_on accuracy)
@@ -454,8 +463,8 @@ seed_run() {
     fi
     [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: training did not finish: nothing scored on test"; return; }
     test_checkpoint "$script" "--max_batch_tokens 150000 $eval" "$decodings" "$run" "$step"
-  } >> "$R/logs/seeds_$task-seed-$seed.log" 2>&1
-  echo "$task seed $seed: $(tail -1 "$R/logs/seeds_$task-seed-$seed.log")"
+  } >> "$R/logs/seeds_$1-seed-$seed.log" 2>&1
+  echo "$1 seed $seed: $(tail -1 "$R/logs/seeds_$1-seed-$seed.log")"
 }
 
 # target_candidate NAME SCRIPT TRAIN_FLAGS... [-- EVAL_FLAGS...]: train (or resume) $R/$TARGETS_DIR/NAME (default

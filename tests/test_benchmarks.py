@@ -68,9 +68,11 @@ def test_generation_benchmark_tiny(tmp_path):
         "original_one_at_a_time_4bit",
         "engine_4bit_batch8",
         "engine_4bit_batch8_stop_check_every4",
+        "engine_static_4bit_batch8",
         "plain_generate_4bit_batch8",
         "engine_merged_bf16_batch8",
     }
+    assert runs["engine_static_4bit_batch8"]["identical_to_engine"] == 1.0
     assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
     assert runs["engine_4bit_batch8_stop_check_every4"]["identical_to_engine"] == 1.0
     assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1
@@ -238,8 +240,11 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     runs = result["runs"]
     merged = {"engine_adapter_merged_call1", "engine_adapter_merged_call2"}  # the run's base is 16-bit
     ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
-    assert set(runs) == ways | merged
+    static = {f"engine_static_check_every{every}_call{call}" for every in (1, 4) for call in (1, 2)}
+    assert set(runs) == ways | merged | static
     assert runs["engine_stop_check_every4"]["identical_to_engine"] == 1.0  # the same answers, whatever the check
+    assert all(runs[name]["identical_to_engine"] == 1.0 for name in static)  # and whatever the loop
+    assert runs["one_at_a_time"]["engine_static_check_every4_identical_share"] == 1.0
     assert set(result["profile_engine"]["ranges"]) == {"prefill", "decode"}
     # merged weights round differently from base + LoRA: near-ties may flip, most answers may not
     assert runs["engine_adapter_merged_call1"]["identical_to_engine"] >= 0.9

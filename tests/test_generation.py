@@ -430,3 +430,61 @@ def test_checking_for_the_end_less_often_gives_the_same_answers(model_and_tokeni
         hook.remove()
     assert answers[3][0] == answers[1][0]
     assert answers[3][1] >= answers[1][1]
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_static_cache_loop_gives_the_same_answers(model_and_tokenizer, monkeypatch, constrained, attention):
+    """loop="static" (a cache allocated once per batch, a fixed 4D mask, every per-step value a tensor: the loop a
+    GPU replays as CUDA graphs; eager here) answers as the growing-cache loop does, and its decode step really ran:
+    prompts of different lengths (left padding), two prefill groups, stop checks every 3 steps."""
+    model, tokenizer = model_and_tokenizer
+    prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained)
+    kwargs.update(prefill_tokens=2 * max(len(p) for p in prompts), stop_check_every=3)
+    monkeypatch.setattr(model.config, "_attn_implementation", attention)
+    dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
+    from qlora_kit import static_decoding
+
+    called = []
+    real = static_decoding._static_cache
+    monkeypatch.setattr(static_decoding, "_static_cache", lambda *a: called.append(1) or real(*a))
+    static = generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs
+    assert called and static == dynamic
+    assert any(len(answer) > 1 for answer in static)
+    if constrained:
+        assert all(answer + stop in labels for answer in static)
+
+
+def test_the_static_loop_falls_back_where_it_cannot_run(model_and_tokenizer, monkeypatch, caplog):
+    """A model whose attention the static cache cannot drive (here: an architecture not tested with it) decodes
+    with the growing cache, saying why, and gives the same answers."""
+    from qlora_kit import static_decoding
+
+    model, tokenizer = model_and_tokenizer
+    prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, False)
+    dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
+    monkeypatch.setattr(static_decoding, "MODEL_TYPES", ("llama",))
+    with caplog.at_level("INFO", logger="qlora_kit.static_decoding"):
+        static = generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs
+    assert static == dynamic
+    assert caplog.text.count("model type 'mistral' is not one of llama") == 1  # said once, not per batch
+    monkeypatch.undo()
+    monkeypatch.setattr(model.config, "sliding_window", 64)
+    assert static_decoding.unsupported_reason(model, 64) is None
+    assert static_decoding.unsupported_reason(model, 65) == "65 tokens are longer than the sliding window (64)"
+
+
+def test_the_static_cache_loop_on_a_llama_model(model_and_tokenizer):
+    """The same on a Llama-shaped model (SmolLM2's architecture), with tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mistral, tokenizer = model_and_tokenizer
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=mistral.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, False)
+    dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
+    assert generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs == dynamic

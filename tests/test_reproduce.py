@@ -86,12 +86,17 @@ def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validati
         tiny_model,
         data_dir,
         tmp_path,
-        SEED_RUNS="news-0 samsum-0 news-1 samsum-1 newsfull-0",
+        SEED_RUNS="news-0 samsum-0 news-1 samsum-1 newsfull-0 news+epochs2-0",
         EXTRA_TRAIN="--max_seq_length 256",
         EXTRA_TRAIN_SAMSUM="--logging_steps 3",
+        VARIANT_epochs2="--epochs 2",
     )
-    names = ["news-seed-0", "news-seed-1", "newsfull-seed-0", "samsum-seed-0", "samsum-seed-1"]
+    names = ["news+epochs2-seed-0", "news-seed-0", "news-seed-1", "newsfull-seed-0", "samsum-seed-0", "samsum-seed-1"]
     assert sorted(p.name for p in seeds.iterdir()) == names
+    # a variant: the recipe with its own flags added, chosen and scored as the others
+    variant = json.loads((seeds / "news+epochs2-seed-0" / "selection.json").read_text())
+    assert len(variant["curve"]) == 2
+    assert (seeds / "news+epochs2-seed-0" / f"metrics_step-{variant['best_step']}_constrained").is_dir()
     # all the training messages, nothing scored on validation, the last epoch scored on test
     full = seeds / "newsfull-seed-0"
     config = json.loads((full / "run_config.json").read_text())

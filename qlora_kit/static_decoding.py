@@ -1,0 +1,219 @@
+"""Greedy decoding with a static key/value cache, each decode step replayed as a CUDA graph on a GPU.
+
+Why: on a small model the decode loop is bound by the host, not the GPU. A SmolLM2-135M step is 30 layers of a
+dozen small kernels, each launched from Python through transformers' modules, and a growing cache is
+re-concatenated every step. Here a batch's cache is allocated once at its final length (prompt + new tokens), the
+attention mask is one fixed 4D tensor whose next column is switched on in place, and every value that changes from
+step to step (the input token, its position, where the cache is written, which rows have finished, the
+constrained-decoding states) is a tensor updated on the device. A step is then the same kernels on the same
+memory every time: captured once per batch as a CUDA graph and replayed, so the host launches one graph per step.
+Without a GPU, or when a capture fails, the same step runs eagerly.
+
+The answers are those of the growing-cache loop (``generation._generate_batch``): the same prefill, the same greedy
+choice; attention runs over the whole preallocated length with the positions not yet written masked out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+# Architectures whose attention writes its cache through ``Cache.update`` and takes a ready-made 4D mask, tested
+# here (tests/test_generation.py): other models decode with the growing-cache loop.
+MODEL_TYPES = ("llama", "mistral")
+
+# Eager steps before a batch's step is captured: the first calls set up cuBLAS handles and workspaces, which
+# cannot happen while a graph is being captured.
+WARMUP_STEPS = 2
+
+_SAID: set[str] = set()  # reasons for falling back already logged by this process
+
+
+def unsupported_reason(model, length: int) -> str | None:
+    """Why this model cannot decode ``length`` tokens (prompt + new) with a static cache; None when it can."""
+    config = model.config.get_text_config()
+    if config.model_type not in MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        return f"attention implementation {attention!r} (the static cache needs sdpa or eager)"
+    window = getattr(config, "sliding_window", None)
+    if window and length > window:
+        return f"{length} tokens are longer than the sliding window ({window})"
+    return None
+
+
+def _static_cache(keys: list, values: list, write_at):
+    """A transformers ``Cache`` over preallocated tensors: each layer writes its new keys and values at position
+    ``write_at`` (a one-element tensor the decode step advances) and attends over the whole length."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class StaticDecodeLayer(CacheLayerMixin):
+        is_compileable = True
+        is_sliding = False
+
+        def __init__(self, layer_keys, layer_values):
+            super().__init__()
+            self.keys, self.values, self.is_initialized = layer_keys, layer_values, True
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.keys.index_copy_(2, write_at, key_states)
+            self.values.index_copy_(2, write_at, value_states)
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.keys.shape[2], 0
+
+        def get_seq_length(self):
+            return write_at
+
+        def get_max_length(self) -> int:
+            return self.keys.shape[2]
+
+    return Cache(layers=[StaticDecodeLayer(k, v) for k, v in zip(keys, values)])
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    batch: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    trie,
+    prefill_tokens: int,
+    stop_check_every: int = 1,
+    use_graphs: bool | None = None,
+):
+    """Greedy answers for one left-padded batch, as ``generation._generate_batch`` gives them.
+
+    ``use_graphs``: replay the decode step as a CUDA graph (default: on a GPU).
+    """
+    import torch
+
+    from .generation import LabelAutomaton, _generate_batch, _prefill_groups, cut_at_stop
+
+    width = max(len(ids) for ids in batch)
+    length = width + max_new_tokens
+    reason = unsupported_reason(model, length)
+    if reason is not None:
+        if reason not in _SAID:
+            _SAID.add(reason)
+            log.info("decoding with the growing cache: %s", reason)
+        return _generate_batch(
+            model, tokenizer, batch, max_new_tokens, stop_ids, trie, prefill_tokens, stop_check_every
+        )
+    pad_id = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+    rows = len(batch)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids) :] = 1
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+
+    with torch.inference_mode():
+        # prefill group by group (as the growing-cache loop does), each group's cache copied into its rows of the
+        # preallocated one and freed
+        keys = values = None
+        logits = None
+        for group, cache, group_logits in _prefill_groups(model, input_ids, prompt_mask, position_ids, prefill_tokens):
+            if keys is None:
+                first = cache.layers[0].keys
+                shape = (rows, first.shape[1], length, first.shape[3])
+                keys = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
+                values = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
+                logits = torch.empty((rows, group_logits.shape[-1]), dtype=torch.float32, device=device)
+            for layer, part in enumerate(cache.layers):
+                keys[layer][group, :, :width] = part.keys
+                values[layer][group, :, :width] = part.values
+                part.keys = part.values = None
+            logits[group] = group_logits
+        # the mask of every step: the prompt's real tokens, then each new token's column once it is written.
+        # sdpa takes True = attend; eager attention adds the mask to its scores
+        dtype = keys[0].dtype
+        eager = model.config.get_text_config()._attn_implementation == "eager"
+        visible = 0.0 if eager else True
+        hidden = torch.finfo(dtype).min if eager else False
+        mask = torch.full((rows, 1, 1, length), hidden, dtype=dtype if eager else torch.bool, device=device)
+        mask[:, 0, 0, :width] = torch.where(prompt_mask.bool(), visible, hidden)
+
+        # every value a step changes, as tensors the step updates in place
+        write_at = torch.tensor([width], device=device)
+        step_index = torch.tensor([0], device=device)
+        positions = position_ids[:, -1:] + 1
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        answers = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        stops = torch.tensor(stop_ids, device=device)
+        labels = LabelAutomaton(trie, pad_id, device) if trie is not None else None
+        states = labels.start(rows, device) if labels else None
+        cache = _static_cache(keys, values, write_at)
+
+        def step():
+            scores = labels.restrict(logits, states) if labels is not None else logits
+            token = scores.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            answers.index_copy_(1, step_index, token[:, None])
+            if labels is not None:
+                states.copy_(labels.advance(states, token))
+            finished.logical_or_((token[:, None] == stops).any(-1))
+            mask.index_fill_(3, write_at, visible)
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits.copy_(out.logits[:, -1])
+            positions.add_(1)
+            write_at.add_(1)
+            step_index.add_(1)
+
+        graph = None
+        side = torch.cuda.Stream() if use_graphs else None
+        with torch.profiler.record_function("decode"):
+            for index in range(max_new_tokens):
+                if use_graphs and graph is None and index >= WARMUP_STEPS:
+                    graph = _capture(step, side)
+                    use_graphs = graph is not None
+                if graph is not None:
+                    graph.replay()
+                elif side is not None:  # warm-up steps run on a side stream, as capture requires
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        step()
+                    torch.cuda.current_stream().wait_stream(side)
+                else:
+                    step()
+                done = index + 1
+                if done == max_new_tokens or (done % stop_check_every == 0 and bool(finished.all())):
+                    break
+        generated = answers[:, :done].tolist()
+        del graph
+    return [cut_at_stop(row, stop_ids) for row in generated]
+
+
+def _capture(step, side):
+    """``step`` captured as a CUDA graph (not run); None, with a warning, when it cannot be captured."""
+    import torch
+
+    from .generation import _is_out_of_memory
+
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as error:
+        if _is_out_of_memory(error):
+            raise
+        log.warning("decode step not captured as a CUDA graph (%s): running it step by step", str(error)[:200])
+        return None
+    return graph
