@@ -192,7 +192,9 @@ if __name__ == "__main__":
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's")
     parser.add_argument("--max_batch_tokens", type=int, default=None, help="default: the engine's budget")
     parser.add_argument("--engine_calls", type=int, default=2)
-    parser.add_argument("--batch_sizes_plain", type=int, nargs="+", default=[64, 256])
+    parser.add_argument(
+        "--batch_sizes_plain", type=int, nargs="*", default=[64, 256], help="plain generate (none given: not run)"
+    )
     parser.add_argument("--one_at_a_time", type=int, default=64, help="examples generated one at a time")
     parser.add_argument(
         "--merged",

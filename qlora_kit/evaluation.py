@@ -310,6 +310,7 @@ def score(task, records: list[dict], label_names: list[str]) -> dict:
 
 def evaluate_run(task, args: Namespace) -> dict:
     """Evaluate a fine-tuned run folder on its task's test (or validation) split."""
+    started = time.perf_counter()
     task = get_task(task)
     distributed.init()
     run = RunFolder(args.experiment_dir)
@@ -349,7 +350,7 @@ def evaluate_run(task, args: Namespace) -> dict:
         "prompt_style": config["prompt_style"],
         "versions": modeling.library_versions(),
     }
-    save_evaluation(out_dir, metrics, records)
+    save_evaluation(out_dir, metrics, records, started)
     return metrics
 
 
@@ -366,6 +367,7 @@ def baseline_dir(args: Namespace) -> Path:
 
 def evaluate_baseline(args: Namespace) -> dict:
     """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
+    started = time.perf_counter()
     distributed.init()
     task = get_task(args.task_type)
     out_dir = Path(args.output_dir) if args.output_dir else baseline_dir(args)
@@ -412,12 +414,15 @@ def evaluate_baseline(args: Namespace) -> dict:
         "decoding": getattr(args, "decoding", "greedy"),
         "versions": modeling.library_versions(),
     }
-    save_evaluation(out_dir, metrics, records)
+    save_evaluation(out_dir, metrics, records, started)
     return metrics
 
 
-def save_evaluation(out_dir: Path, metrics: dict, records: list[dict]) -> None:
+def save_evaluation(out_dir: Path, metrics: dict, records: list[dict], started: float) -> None:
+    """Write the predictions and the metrics; ``started``: when the evaluation began (its wall time, loading,
+    tokenising, generating and scoring, goes into the metrics beside the generation time)."""
     metrics["output_dir"] = str(out_dir)
+    metrics["wall_seconds"] = time.perf_counter() - started
     distributed.barrier()
     if distributed.is_main():  # one process writes the results
         results.write_jsonl_atomic(out_dir / PREDICTIONS, records)
@@ -428,7 +433,12 @@ def save_evaluation(out_dir: Path, metrics: dict, records: list[dict]) -> None:
 
 def summary_table(metrics: dict, task) -> str:
     """A compact table of the task's headline numbers."""
-    keys = list(get_task(task).summary_metrics) + ["failed", "examples_per_second"]
+    keys = list(get_task(task).summary_metrics) + [
+        "failed",
+        "examples_per_second",
+        "generation_seconds",
+        "wall_seconds",
+    ]
     intervals = metrics.get("ci95", {})
     lines = ["| metric | value | 95% interval |", "|---|---|---|"]
     for key in keys:

@@ -68,6 +68,8 @@ class ScoreCheckpoints(TrainerCallback):
         self.scored_here: set[int] = set()
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        import time
+
         import torch
 
         from .evaluation import run_generation, save_evaluation
@@ -83,6 +85,7 @@ class ScoreCheckpoints(TrainerCallback):
             max_new_tokens=self.task.max_new_tokens, batch_size=None, max_batch_tokens=None, decoding="greedy"
         )
         was_training = model.training
+        started = time.perf_counter()
         model.eval()
         try:
             # layers compiled for training (--compile_layers) run eagerly here: decoding's shapes and cache
@@ -108,7 +111,7 @@ class ScoreCheckpoints(TrainerCallback):
             "scored_while_training": True,
             "select_on": "+".join(self.metrics),
         }
-        save_evaluation(self.run.evaluation("validation", step).folder, scores, records)
+        save_evaluation(self.run.evaluation("validation", step).folder, scores, records, started)
         self.curve = [point for point in self.curve if point["step"] != step]
         self.curve.append({"step": step, "epoch": state.epoch, **{name: scores[name] for name in self.metrics}})
         best = max(self.curve, key=lambda point: (sum(point[name] for name in self.metrics), -point["step"]))

@@ -62,6 +62,9 @@ def test_inference_evaluates_the_run(trained_classifier, data_dir):
     metrics = json.loads((trained_classifier / "metrics" / "metrics.json").read_text())
     predictions = [json.loads(line) for line in (trained_classifier / "metrics" / "predictions.jsonl").open()]
     assert metrics["n"] == 8 == len(predictions)
+    # the whole evaluation's time (loading, tokenising, generating, scoring) printed beside the generation's
+    assert 0 < metrics["generation_seconds"] < metrics["wall_seconds"]
+    assert "| generation_seconds |" in result.stdout and "| wall_seconds |" in result.stdout
     assert predictions[0]["prompt"].endswith("### Class:") and "From:" not in predictions[0]["prompt"]
     assert {"id", "prompt", "output", "parsed", "reference"} <= set(predictions[0])
     # a finished evaluation is never overwritten silently

@@ -202,3 +202,44 @@ def test_multi_gpu_stages_for_smollm2_run_on_two_cpu_processes(tiny_model, data_
         runs = sorted((tmp_path / "r" / "sweep" / f"gpus-{gpus}").glob("summarization_*/metrics/metrics.json"))
         assert len(runs) == 2, _gpu_session.stdout
     assert _gpu_session.stdout.count("runs trained and evaluated in") == 2
+
+
+def test_detached_stop_ends_only_the_started_processes_it_names(tmp_path):
+    """detached.sh stop TEXT kills the processes of the stages it started whose command has TEXT, and nothing
+    else: not the other runs of the stage, not the stages' shell, not a process outside with TEXT in its command
+    (a `pkill -f TEXT` would kill the very command that runs it)."""
+    import signal
+    import time
+
+    stages = tmp_path / "stages.sh"
+    # two "runs" side by side, then a mark that the stage's shell went on after they ended
+    stages.write_text('sleep 301 & sleep 302 & wait; touch "$R/after"\n')
+    env = dict(os.environ, R=str(tmp_path / "r"), STAGES_SCRIPT=str(stages))
+    detached = ["bash", str(ROOT / "reproduce" / "detached.sh")]
+    outside = subprocess.Popen(["bash", "-c", "sleep 301; true"])  # has the text, not started by detached.sh
+    session = None
+    try:
+        subprocess.run([*detached, "start", "runs"], env=env, check=True, timeout=30)
+        session = int((tmp_path / "r" / "detached.sid").read_text())
+
+        def in_session(text):
+            listing = subprocess.run(["ps", "-e", "-o", "sid=,args="], capture_output=True, text=True).stdout
+            return [line for line in listing.splitlines() if line.split()[0] == str(session) and text in line]
+
+        deadline = time.time() + 10
+        while not (in_session("sleep 301") and in_session("sleep 302")) and time.time() < deadline:
+            time.sleep(0.2)
+        stopped = subprocess.run([*detached, "stop", "sleep 301"], env=env, capture_output=True, text=True)
+        assert stopped.returncode == 0 and "stopped 1 processes" in stopped.stdout
+        time.sleep(0.5)
+        assert not in_session("sleep 301") and in_session("sleep 302")
+        assert outside.poll() is None  # the process outside the session lives on
+        again = subprocess.run([*detached, "stop", "sleep 301"], env=env, capture_output=True, text=True)
+        assert again.returncode == 1 and "no started process has 'sleep 301'" in again.stdout
+        subprocess.run([*detached, "stop", "sleep 302"], env=env, check=True, capture_output=True)
+        watched = subprocess.run([*detached, "watch", "20"], env=env, capture_output=True, text=True, timeout=60)
+        assert watched.returncode == 0 and (tmp_path / "r" / "after").is_file()  # the stage's shell went on
+    finally:
+        outside.send_signal(signal.SIGKILL)
+        if session is not None:  # whatever of the stage is left
+            subprocess.run(["pkill", "-9", "-s", str(session)], check=False)
