@@ -98,10 +98,11 @@ bench_profile() {
     --out "$R/bench_profile/train_throughput_profile_classification.json"
 }
 
-# Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine
-# twice, a plain batched generate, one example at a time, the engine with the adapter merged, and a profile; then
-# the whole inference script timed. The runs: the seeds stage's (GEN_SEED) if there, else short runs of the
-# small-model recipe (GEN_TRAIN_STEPS steps: a real adapter is what matters here).
+# Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine's
+# growing-cache and static-cache loops twice each, a plain batched generate, one example at a time, the engine with
+# the adapter merged, and a profile; then the whole inference script timed. The runs: the seeds stage's (GEN_SEED)
+# if there, else short runs of the small-model recipe (GEN_TRAIN_STEPS steps: a real adapter is what matters
+# here). GEN_BENCH_FLAGS: more flags for the benchmark (e.g. "--batch_sizes_plain 256 --no-merged" for less time).
 bench_gen_real() {
   local task script data decoding run started
   mkdir -p "$R/bench_gen_real"
@@ -115,8 +116,9 @@ bench_gen_real() {
         --train_file "$data/train.jsonl.gz" --max_steps "${GEN_TRAIN_STEPS:-300}" --experiment_dir "$run" \
         "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -3
     fi
+    # shellcheck disable=SC2086
     python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
-      --decoding $decoding --profile --out "$R/bench_gen_real/generation_smollm2_$task.json"
+      --decoding $decoding --profile --out "$R/bench_gen_real/generation_smollm2_$task.json" ${GEN_BENCH_FLAGS:-}
     started=$(date +%s.%N)
     python3 "${script}_inference.py" --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
       $([ $task = news ] && echo --decoding constrained) --output_dir "$R/bench_gen_real/${task}_inference" \
