@@ -72,6 +72,14 @@ def summary(events, wall_seconds: float, top: int = 15) -> dict:
             {"name": event.key[:160], "calls": event.count, "seconds": own(event) / 1e6, "kind": kind(event.key)}
             for event in largest
         ],
+        # how often each operator ran: work done twice shows as a count above the model's own (e.g. matrix
+        # products per step against 3 per LoRA layer and pass)
+        "operator_calls": dict(
+            sorted(
+                ((event.key, event.count) for event in timed if event.key.startswith("aten::")),
+                key=lambda item: -item[1],
+            )[:40]
+        ),
         "ranges": {
             name: {"cpu_seconds": event.cpu_time_total / 1e6, "device_seconds": _device_total_us(event) / 1e6}
             for name, event in ranges.items()

@@ -64,6 +64,18 @@ bench_compiled_vs_peer() {
     --out "$R/bench_compiled_vs_peer/train_throughput_compiled_vs_unsloth_classification.json"
 }
 
+# LoRA dropout (0.1 in every recipe) against none, for us and for Unsloth (whose fused LoRA kernels need none), with
+# the bare-loop baseline, 20 Newsgroups lengths, 3 passes of 20 steps (Unsloth unpacked in $UNSLOTH; not yet run
+# on the GPU). Whether no dropout learns as well is recipe_check's question (RC_DROPOUT=1).
+bench_dropout() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
+    --scratch "$R/scratch" --recipes "fast without LoRA dropout, every linear layer" \
+    "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" "fast without Liger, every linear layer" \
+    "Unsloth, fast recipe's batches, every linear layer" "fast without LoRA dropout, all modules" "fast, all modules" \
+    "bare PyTorch + peft loop, original recipe, all modules" \
+    --out "$R/bench_dropout/train_throughput_dropout_classification.json"
+}
+
 # The trainer's reads from the GPU after every micro-batch (NaN filter of the logged loss, token count) against
 # the bare loop that reads nothing: the original recipe (2 micro-batches of 4 a step) and the default (1 of 32),
 # with and without the reads, 20 Newsgroups lengths, 3 passes of 20 steps (not yet run on the GPU).
@@ -241,7 +253,8 @@ grid() {
 recipe_check() {
   compare_recipes recipe_check "original|--recipe original --max_steps 200
 fast|--recipe fast --max_steps 50
-batch8-lr2e-4|--recipe fast --batch_size 8 --learning_rate 2e-4 --max_steps 200"
+batch8-lr2e-4|--recipe fast --batch_size 8 --learning_rate 2e-4 --max_steps 200$(
+  [ "${RC_DROPOUT:-0}" = 1 ] && printf '\nfast-no-dropout|--recipe fast --dropout 0 --max_steps 50')"
 }
 
 # Candidate recipes with more examples per optimizer step, against the original, at about the same

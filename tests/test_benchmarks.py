@@ -98,6 +98,7 @@ def test_train_benchmark_tiny(tmp_path):
         "bare PyTorch + peft loop, original recipe, all modules",
         "original, all modules",
         "fast, all modules",
+        "fast without LoRA dropout, all modules",
         "packed rows x 16, fused AdamW, Liger, all modules",
         "--repeats",
         2,
@@ -127,6 +128,9 @@ def test_train_benchmark_tiny(tmp_path):
     )
     assert fast["largest_batch_rows_x_width"] == [fast["batch_size"], longest]
     assert fast["batch_size"] == 32 and fast["learning_rate"] == 8e-4
+    # the recipes' LoRA dropout, and a candidate without it, recorded with each run
+    no_dropout = runs["summarization: fast without LoRA dropout, all modules"]
+    assert (fast["lora_dropout"], no_dropout["lora_dropout"]) == (0.1, 0.0) and no_dropout["tokens_per_second"] > 0
 
 
 def test_train_benchmark_data_parallel_trains_every_process_on_the_rows_of_one(tmp_path):
