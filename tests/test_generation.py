@@ -488,3 +488,27 @@ def test_the_static_cache_loop_on_a_llama_model(model_and_tokenizer):
     prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, False)
     dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
     assert generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs == dynamic
+
+
+def test_out_of_memory_in_the_static_loop_halves_the_batch_too(model_and_tokenizer, monkeypatch):
+    """An out-of-memory error while the static loop allocates its cache is handled as the growing-cache loop's
+    (halve and retry the same prompts): the answers are those of the whole batch."""
+    from qlora_kit import static_decoding
+
+    model, tokenizer = model_and_tokenizer
+    prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, False)
+    kwargs["batch_size"] = 8
+    expected = generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs
+    real = static_decoding._static_cache
+    rows = []
+
+    def allocating(keys, values, write_at):
+        rows.append(keys[0].shape[0])
+        if rows[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(keys, values, write_at)
+
+    monkeypatch.setattr(static_decoding, "_static_cache", allocating)
+    result = generation.generate(model, tokenizer, prompts, loop="static", **kwargs)
+    assert rows[:3] == [8, 4, 2] and result.final_batch_size == 2 and not result.failures
+    assert result.outputs == expected
