@@ -125,7 +125,7 @@ RECIPES = {
     # the same 32 examples a step in two micro-batches of 16: less activation memory for a larger model
     "fast at batch 16 x 2, all modules": _recipe("all", "fast", batch_size=16, grad_accum=2),
     "fast at batch 8 x 4, all modules": _recipe("all", "fast", batch_size=8, grad_accum=4),
-    # --logits_where_scored: vocabulary logits only where the answer is scored (qlora_kit.training.logits_where_scored)
+    # --logits_where_scored: vocabulary logits only where the answer is scored (qlora_kit.sft_trainer.logits_where_scored)
     "fast, all modules, logits where scored": _recipe("all", "fast", scored_positions_only=True),
     # the default before batch 32: the original's 8 examples a step in one micro-batch
     "batch 8 (previous default), all modules": _recipe("all", "fast", batch_size=8, learning_rate=2e-4),
@@ -188,7 +188,7 @@ def lora_target_names(model_dir: Path, targets: str) -> list[str]:
 
 
 def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
-    """One recipe through the project's trainer (qlora_kit.training.make_trainer): the warm-up steps, then the
+    """One recipe through the project's trainer (qlora_kit.sft_trainer.make_trainer): the warm-up steps, then the
     timed rows ``--repeats`` times, each pass timed on its own."""
     import torch
     from datasets import Dataset
@@ -196,7 +196,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
 
-    from qlora_kit import memory_budget, modeling, training
+    from qlora_kit import memory_budget, modeling, sft_trainer
     from qlora_kit import settings as settings_lib
     from qlora_kit.packing import PackedCollator
 
@@ -236,7 +236,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         max_seq_length=args.max_seq_length,
         **speed,
     )
-    sft_args = training.sft_config(settings, Path(args.scratch))
+    sft_args = sft_trainer.sft_config(settings, Path(args.scratch))
     sft_args.save_strategy = "no"
     for name, value in recipe.get("sft_overrides", {}).items():
         setattr(sft_args, name, value)
@@ -248,7 +248,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         target_modules=lora_target_names(model_dir, targets),
     )
     collator = PackedCollator(tokenizer.pad_token_id) if packing else None
-    trainer = training.make_trainer(
+    trainer = sft_trainer.make_trainer(
         model,
         sft_args,
         peft_config,

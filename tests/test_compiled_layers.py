@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_kit import training
+from qlora_kit import sft_trainer, training
 from qlora_kit.errors import UsageError
 
 
@@ -23,7 +23,7 @@ def _adapted(tiny_model):
 def test_compiled_layers_compute_the_same_loss_and_gradients_under_the_same_names(tiny_model):
     eager, compiled = _adapted(tiny_model), _adapted(tiny_model)
     names = list(compiled.state_dict())
-    assert training.compile_decoder_layers(compiled) == compiled.config.num_hidden_layers
+    assert sft_trainer.compile_decoder_layers(compiled) == compiled.config.num_hidden_layers
     assert list(compiled.state_dict()) == names  # checkpoints and adapters keep their keys
     ids = torch.randint(3, compiled.config.vocab_size, (2, 11))
     losses, grads = [], []
@@ -40,7 +40,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients_under_the_same_name
 
 def test_a_model_without_a_layer_list_is_refused():
     with pytest.raises(UsageError, match="--compile_layers"):
-        training.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        sft_trainer.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_a_compiled_run_trains_and_chooses_on_validation(tiny_model, data_dir, tmp_path):

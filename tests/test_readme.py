@@ -56,3 +56,15 @@ def test_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), target
+
+
+def test_the_package_docstring_maps_every_module():
+    """qlora_kit/__init__.py lists every module of the package with what it does: a new module is added there."""
+    import re
+
+    import qlora_kit
+
+    the_map = qlora_kit.__doc__.split("\n\n", 1)[1]
+    listed = set(re.findall(r"\w+", the_map))
+    modules = {path.stem for path in (ROOT / "qlora_kit").glob("*.py")} - {"__init__"}
+    assert modules <= listed, f"not in qlora_kit/__init__.py's map: {sorted(modules - listed)}"

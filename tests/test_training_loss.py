@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qlora_kit.training import accepts_scored_positions, logits_where_scored
+from qlora_kit.sft_trainer import accepts_scored_positions, logits_where_scored
 
 
 @pytest.fixture(scope="module", params=["mistral", "llama"])
@@ -88,7 +88,7 @@ def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, s
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit import modeling, training
+    from qlora_kit import modeling, sft_trainer
     from qlora_kit import settings as settings_lib
 
     torch.manual_seed(0)
@@ -104,8 +104,14 @@ def test_the_trainer_keeps_only_scored_logits_when_asked(tiny_model, tmp_path, s
         target_modules=modeling.lora_targets(modeling.model_layout(str(tiny_model)), full_tune=True),
     )
     rows = Dataset.from_list([{"prompt": "### Sentence: a ### Class:", "completion": " sci.space"}] * 2)
-    trainer = training.make_trainer(
-        model, training.sft_config(settings, tmp_path), peft_config, tokenizer, rows, None, scored_positions_only=scored
+    trainer = sft_trainer.make_trainer(
+        model,
+        sft_trainer.sft_config(settings, tmp_path),
+        peft_config,
+        tokenizer,
+        rows,
+        None,
+        scored_positions_only=scored,
     )
     seen = []
     trainer.model.get_base_model().register_forward_pre_hook(
