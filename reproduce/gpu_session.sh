@@ -64,16 +64,21 @@ bench_compiled_vs_peer() {
     --out "$R/bench_compiled_vs_peer/train_throughput_compiled_vs_unsloth_classification.json"
 }
 
-# LoRA dropout (0.1 in every recipe) against none, for us and for Unsloth (whose fused LoRA kernels need none), with
-# the bare-loop baseline, 20 Newsgroups lengths, 3 passes of 20 steps (Unsloth unpacked in $UNSLOTH; not yet run
-# on the GPU). Whether no dropout learns as well is recipe_check's question (RC_DROPOUT=1).
-bench_dropout() {
+# Against the peer, on its LoRA targets (every linear layer), 20 Newsgroups lengths, 3 passes of 20 steps: LoRA
+# dropout (0.1 in every recipe) against none, for us and for Unsloth (whose fused LoRA kernels need none), alone and
+# with compiled decoder layers (speed) or activations offloaded to the CPU (memory); then the default on all modules
+# with and without dropout, and the bare-loop baseline. The most telling first (a cut-off run keeps them). Unsloth
+# unpacked in $UNSLOTH; not yet run on the GPU. Whether no dropout learns as well is recipe_check's question
+# (RC_DROPOUT=1).
+bench_peer_levers() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
     --scratch "$R/scratch" --recipes "fast without LoRA dropout, every linear layer" \
-    "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" "fast without Liger, every linear layer" \
-    "Unsloth, fast recipe's batches, every linear layer" "fast without LoRA dropout, all modules" "fast, all modules" \
-    "bare PyTorch + peft loop, original recipe, all modules" \
-    --out "$R/bench_dropout/train_throughput_dropout_classification.json"
+    "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
+    "fast without LoRA dropout, decoder layers compiled, every linear layer" \
+    "fast without Liger, every linear layer" "Unsloth, fast recipe's batches, every linear layer" \
+    "fast without LoRA dropout, activations offloaded to the CPU, every linear layer" \
+    "fast without LoRA dropout, all modules" "fast, all modules" "bare PyTorch + peft loop, original recipe, all modules" \
+    --out "$R/bench_peer_levers/train_throughput_peer_levers_classification.json"
 }
 
 # The trainer's reads from the GPU after every micro-batch (NaN filter of the logged loss, token count) against
@@ -141,13 +146,14 @@ bench_gen_real() {
 }
 
 # The small-model recipe's training steps on SmolLM2 with and without compiled decoder layers (3 passes of 20,
-# both tasks' lengths as benchmarks/train_lengths.json has them, at most 512 tokens).
+# both tasks' lengths as benchmarks/train_lengths.json has them, at most 512 tokens), then SMALL_PROFILE_STEPS (2)
+# steps of each profiled: a 135M model's step is far from the GPU's limit, the profile says where it goes.
 bench_small_model() {
   local smollm2
   smollm2=$(python3 -c "from qlora_kit import modeling; print(modeling.resolve_model_source('$MODEL'))" | tail -1)
   python3 benchmarks/train_throughput.py --model_dir "$smollm2" --tasks classification summarization \
     --recipes "small-model, all modules" "small-model, decoder layers compiled, all modules" --scratch "$R/scratch" \
-    --out "$R/bench_small_model/train_throughput_small_model.json"
+    --profile_steps "${SMALL_PROFILE_STEPS:-2}" --out "$R/bench_small_model/train_throughput_small_model.json"
 }
 
 # All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is

@@ -257,3 +257,19 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert runs["one_at_a_time"]["engine_identical_share"] == 1.0
     assert runs["engine_call1"]["metrics"]["invalid"] == 0  # constrained: always a label
     assert runs["engine_call2"]["metrics"] == runs["engine_call1"]["metrics"]
+
+
+def test_every_recipe_the_lab_names_exists():
+    """The GPU stages name benchmark recipes by their full names: a misspelt one would end a sitting's stage."""
+    import re
+
+    train_throughput = _train_throughput_module()
+    named = set()
+    for script in ("gpu_session.sh", "multi_gpu.sh"):
+        text = (ROOT / "reproduce" / script).read_text()
+        # a recipe name, or a run's key in a result file ("TASK: RECIPE")
+        named |= set(
+            re.findall(r'"(?:classification: |summarization: )?([^"$]*(?:all modules|every linear layer|q,v))"', text)
+        )
+    assert len(named) > 15
+    assert named <= set(train_throughput.RECIPES), sorted(named - set(train_throughput.RECIPES))
