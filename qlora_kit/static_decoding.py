@@ -19,9 +19,13 @@ import logging
 
 log = logging.getLogger(__name__)
 
-# Architectures whose attention writes its cache through ``Cache.update`` and takes a ready-made 4D mask, tested
-# here (tests/test_generation.py): other models decode with the growing-cache loop.
-MODEL_TYPES = ("llama", "mistral")
+# Architectures whose attention writes its cache through ``Cache.update`` and takes a ready-made 4D mask, each
+# tested against the growing-cache loop (tests/test_generation.py): other models decode with the growing cache.
+# Not mixture-of-experts models: their routing may read from the GPU mid-step, which a CUDA graph cannot hold.
+MODEL_TYPES = (
+    "cohere", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "llama", "mistral", "olmo2",
+    "phi", "phi3", "qwen2", "qwen3", "smollm3", "stablelm", "starcoder2",
+)  # fmt: skip
 
 # Eager steps before a batch's step is captured: the first calls set up cuBLAS handles and workspaces, which
 # cannot happen while a graph is being captured.

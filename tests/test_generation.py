@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlora_kit import generation
+from qlora_kit import generation, static_decoding
 from qlora_kit.formatting import PromptFormat, answer_ids
 
 
@@ -443,7 +443,6 @@ def test_the_static_cache_loop_gives_the_same_answers(model_and_tokenizer, monke
     kwargs.update(prefill_tokens=2 * max(len(p) for p in prompts), stop_check_every=3)
     monkeypatch.setattr(model.config, "_attn_implementation", attention)
     dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
-    from qlora_kit import static_decoding
 
     called = []
     real = static_decoding._static_cache
@@ -458,7 +457,6 @@ def test_the_static_cache_loop_gives_the_same_answers(model_and_tokenizer, monke
 def test_the_static_loop_falls_back_where_it_cannot_run(model_and_tokenizer, monkeypatch, caplog):
     """A model whose attention the static cache cannot drive (here: an architecture not tested with it) decodes
     with the growing cache, saying why, and gives the same answers."""
-    from qlora_kit import static_decoding
 
     model, tokenizer = model_and_tokenizer
     prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, False)
@@ -474,26 +472,48 @@ def test_the_static_loop_falls_back_where_it_cannot_run(model_and_tokenizer, mon
     assert static_decoding.unsupported_reason(model, 65) == "65 tokens are longer than the sliding window (64)"
 
 
-def test_the_static_cache_loop_on_a_llama_model(model_and_tokenizer):
-    """The same on a Llama-shaped model (SmolLM2's architecture), with tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_config(model_type: str, vocab_size: int):
+    """A tiny random config of an architecture the static loop runs (static_decoding.MODEL_TYPES)."""
+    import transformers
 
-    mistral, tokenizer = model_and_tokenizer
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=mistral.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
     )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    plain = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0)
+    if model_type == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4)
+    if model_type == "gpt_neox":
+        return transformers.GPTNeoXConfig(**plain, intermediate_size=128)
+    if model_type == "phi":
+        return transformers.PhiConfig(**plain, intermediate_size=128)
+    if model_type == "falcon":
+        return transformers.FalconConfig(**plain, new_decoder_architecture=True, num_kv_heads=2)
+    if model_type in ("qwen3", "gemma", "gemma2", "gemma3_text"):
+        common["head_dim"] = 16
+    return transformers.AutoConfig.for_model(model_type, **common)
+
+
+@pytest.mark.parametrize("model_type", sorted(set(static_decoding.MODEL_TYPES) - {"mistral"}))
+def test_the_static_cache_loop_on_every_architecture_it_runs(model_and_tokenizer, model_type):
+    """The same answers as the growing-cache loop on a tiny random model of each architecture the static loop
+    accepts (the tiny Mistral model is the tests above)."""
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(_tiny_config(model_type, len(tokenizer))).eval()
+    assert model.config.model_type == model_type
     prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, False)
     dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
+
+    assert static_decoding.unsupported_reason(model, 100) is None and any(len(answer) > 2 for answer in dynamic)
     assert generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs == dynamic
 
 
 def test_out_of_memory_in_the_static_loop_halves_the_batch_too(model_and_tokenizer, monkeypatch):
     """An out-of-memory error while the static loop allocates its cache is handled as the growing-cache loop's
     (halve and retry the same prompts): the answers are those of the whole batch."""
-    from qlora_kit import static_decoding
 
     model, tokenizer = model_and_tokenizer
     prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, False)
