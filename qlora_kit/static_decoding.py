@@ -159,14 +159,21 @@ def generate_batch(
         states = labels.start(rows, device) if labels else None
         cache = _static_cache(keys, values, write_at)
 
-        def step():
+        token = torch.empty(rows, dtype=torch.long, device=device)  # the token chosen last: the next input
+
+        def choose():
+            """The next token of every row from the logits (a finished row pads), recorded."""
             scores = labels.restrict(logits, states) if labels is not None else logits
-            token = scores.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            token.copy_(torch.where(finished, torch.full_like(token, pad_id), scores.argmax(-1)))
             answers.index_copy_(1, step_index, token[:, None])
             if labels is not None:
                 states.copy_(labels.advance(states, token))
             finished.logical_or_((token[:, None] == stops).any(-1))
+            step_index.add_(1)
+
+        def step():
+            """The token chosen last through the model (its keys and values written at ``write_at``), then the
+            next one chosen from its logits: no forward runs for a token after which the batch stops."""
             mask.index_fill_(3, write_at, visible)
             out = model(
                 input_ids=token[:, None],
@@ -178,13 +185,15 @@ def generate_batch(
             logits.copy_(out.logits[:, -1])
             positions.add_(1)
             write_at.add_(1)
-            step_index.add_(1)
+            choose()
 
         graph = None
         side = torch.cuda.Stream() if use_graphs else None
         with torch.profiler.record_function("decode"):
-            for index in range(max_new_tokens):
-                if use_graphs and graph is None and index >= WARMUP_STEPS:
+            choose()  # the first new token, from the prefill's logits
+            done = 1
+            while done < max_new_tokens and not (done % stop_check_every == 0 and bool(finished.all())):
+                if use_graphs and graph is None and done > WARMUP_STEPS:
                     graph = _capture(step, side)
                     use_graphs = graph is not None
                 if graph is not None:
@@ -196,9 +205,7 @@ def generate_batch(
                     torch.cuda.current_stream().wait_stream(side)
                 else:
                     step()
-                done = index + 1
-                if done == max_new_tokens or (done % stop_check_every == 0 and bool(finished.all())):
-                    break
+                done += 1
         generated = answers[:, :done].tolist()
         del graph
     return [cut_at_stop(row, stop_ids) for row in generated]

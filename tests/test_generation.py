@@ -442,13 +442,19 @@ def test_the_static_cache_loop_gives_the_same_answers(model_and_tokenizer, monke
     prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained)
     kwargs.update(prefill_tokens=2 * max(len(p) for p in prompts), stop_check_every=3)
     monkeypatch.setattr(model.config, "_attn_implementation", attention)
-    dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
-
-    called = []
-    real = static_decoding._static_cache
-    monkeypatch.setattr(static_decoding, "_static_cache", lambda *a: called.append(1) or real(*a))
-    static = generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        dynamic = generation.generate(model, tokenizer, prompts, loop="dynamic", **kwargs).outputs
+        dynamic_forwards = len(forwards)
+        called = []
+        real = static_decoding._static_cache
+        monkeypatch.setattr(static_decoding, "_static_cache", lambda *a: called.append(1) or real(*a))
+        static = generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs
+    finally:
+        hook.remove()
     assert called and static == dynamic
+    assert len(forwards) - dynamic_forwards == dynamic_forwards  # not one forward more than the growing cache's
     assert any(len(answer) > 1 for answer in static)
     if constrained:
         assert all(answer + stop in labels for answer in static)
