@@ -323,7 +323,8 @@ def _batch_generator(loop: str | None):
 
     choice = loop or os.environ.get("QLORA_KIT_GENERATION", "") or DEFAULT_LOOP
     if choice not in LOOPS:
-        raise UsageError(f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to one of {', '.join(LOOPS)}")
+        given = f"loop={choice!r}: use" if loop else f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to"
+        raise UsageError(f"{given} one of {', '.join(LOOPS)}")
     if choice == "plain":
         log.info("generating with transformers' model.generate (the plain path)")
         return _generate_batch_plain
