@@ -209,6 +209,21 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
     return tokens[:cut]
 
 
+def left_padded(batch: list[list[int]], pad_id: int, device):
+    """A batch's prompts left-padded to its longest: (input ids, attention mask, position ids), on ``device``."""
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+    return input_ids, attention_mask, position_ids
+
+
 def _generate_batch(
     model,
     tokenizer,
@@ -226,13 +241,7 @@ def _generate_batch(
     pad_id = tokenizer.pad_token_id
     width = max(len(ids) for ids in batch)
     device = next(model.parameters()).device
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+    input_ids, attention_mask, position_ids = left_padded(batch, pad_id, device)
     stops = torch.tensor(stop_ids, device=device)
     labels = LabelAutomaton(trie, pad_id, device) if trie is not None else None
     # the mask of every step, allocated once: step k attends to the prompt and the k tokens before it

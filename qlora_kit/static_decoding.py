@@ -98,7 +98,7 @@ def generate_batch(
     """
     import torch
 
-    from .generation import LabelAutomaton, _generate_batch, _prefill_groups, cut_at_stop
+    from .generation import LabelAutomaton, _generate_batch, _prefill_groups, cut_at_stop, left_padded
 
     width = max(len(ids) for ids in batch)
     length = width + max_new_tokens
@@ -114,13 +114,7 @@ def generate_batch(
     device = next(model.parameters()).device
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     rows = len(batch)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((rows, width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        prompt_mask[row, width - len(ids) :] = 1
-    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+    input_ids, prompt_mask, position_ids = left_padded(batch, pad_id, device)
 
     with torch.inference_mode():
         # prefill group by group (as the growing-cache loop does), each group's cache copied into its rows of the
