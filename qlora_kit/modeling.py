@@ -193,7 +193,19 @@ def load_model(source: str, *, load_in_4bit: bool, use_flash_attention: bool = F
         raise UsageError(f"cannot load model '{source}' ({type(error).__name__}: {_first_line(error)})")
     if for_training:
         model.config.use_cache = False  # the KV cache is useless with gradient checkpointing
+        if load_in_4bit and not torch.cuda.is_available():
+            keep_4bit_layers_trainable_on_cpu(model)
     return model
+
+
+def keep_4bit_layers_trainable_on_cpu(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight for its inference kernel the first
+    time the layer runs in eval mode without gradients (a validation pass while training), and from then on its
+    forward takes no gradient path to its input: training after it would silently drop the base layers' share of
+    every gradient. Training keeps the trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 BNB_BLOCKSIZE = 64  # NF4 quantization block: bitsandbytes' CPU inference needs input widths that are multiples
