@@ -105,6 +105,17 @@ RECIPES = {
     "fast without LoRA dropout, activations offloaded to the CPU, every linear layer": _recipe(
         "linear", "fast", lora_dropout=0.0, sft_overrides={"activation_offloading": True}
     ),
+    # each LoRA layer as one autograd function, the adapter's product added in place (qlora_kit/fused_lora.py):
+    # with the default's dropout, and without it (Unsloth's fused path, on its targets)
+    "fast, fused LoRA, all modules": _recipe("all", "fast", fused_lora=True),
+    "fast without LoRA dropout, fused LoRA, all modules": _recipe("all", "fast", lora_dropout=0.0, fused_lora=True),
+    "fast without LoRA dropout, fused LoRA, every linear layer": _recipe(
+        "linear", "fast", lora_dropout=0.0, fused_lora=True
+    ),
+    "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer": _recipe(
+        "linear", "fast", lora_dropout=0.0, fused_lora=True, compile_layers=True
+    ),
+    "small-model, fused LoRA, all modules": _recipe("all", "small-model", fused_lora=True),
     # levers not in any recipe yet, through trl/transformers' own switches (measured before one is adopted)
     "fast, torch.compile, all modules": _recipe(
         "all", "fast", sft_overrides={"torch_compile": True, "torch_compile_backend": "inductor"}
@@ -266,6 +277,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
         data_collator=collator,
         scored_positions_only=recipe.get("scored_positions_only", False),
         compile_layers=recipe.get("compile_layers", False),
+        fused_lora=recipe.get("fused_lora", False),
     )
     # before the collator is wrapped: the probe's batches are not training's
     fitted = memory_budget.fit_to_budget(trainer, recipe["max_memory_gb"]) if recipe.get("max_memory_gb") else None

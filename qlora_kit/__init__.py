@@ -14,6 +14,7 @@ The modules, in the order a run goes through them (the top-level scripts are thi
     packing         several examples in one row, each attending only to itself
     memory_budget   the largest micro-batch under --max_memory_gb
     sft_trainer     trl's SFTTrainer set up for a recipe
+    fused_lora      LoRA layers trained as one autograd function each (--fused_lora)
     training        train(): the stages of a training run, one function each
     selection       scoring each checkpoint on validation while training; the best one marked
   evaluation

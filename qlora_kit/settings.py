@@ -104,6 +104,11 @@ class TrainingSettings:
         "compile each decoder layer with torch.compile before training (1.2x tokens/s on the 7B shape on an "
         "H200, not counting the compile time, docs/benchmarks.md)",
     )
+    fused_lora: bool = _setting(
+        False,
+        "train each LoRA layer as one autograd function: the adapter's product added in place into the base "
+        "layer's output, without peft's copy, scaled sum and extra passes over the output (same gradients)",
+    )
     max_memory_gb: float = _setting(
         22.0,
         "GPU memory training may use: the micro-batch is halved (and the accumulation doubled: the same examples "

@@ -1,6 +1,7 @@
 """trl's SFTTrainer set up for a recipe: its ``SFTConfig`` from the settings, the trainer (with an adapter on the
-output head, the loss from the model's own logits), decoder layers compiled on request, and a stop on a signal
-that saves a checkpoint first. ``training.train()`` uses these; the training benchmark uses them directly."""
+output head, the loss from the model's own logits), LoRA layers fused and decoder layers compiled on request, and a
+stop on a signal that saves a checkpoint first. ``training.train()`` uses these; the training benchmark uses them
+directly."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from trl import SFTTrainer
 
 from . import modeling
 from .errors import UsageError
+from .fused_lora import fuse_lora
 from .settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -182,12 +184,16 @@ def make_trainer(
     data_collator=None,
     scored_positions_only: bool = False,
     compile_layers: bool = False,
+    fused_lora: bool = False,
 ):
     """An SFTTrainer, or a ``HeadAdapterTrainer`` when the LoRA config targets the output head (lm_head); with
-    ``compile_layers`` each decoder layer of the adapted model is compiled (``compile_decoder_layers``)."""
+    ``fused_lora`` its LoRA layers train through ``fused_lora.fuse_lora``; with ``compile_layers`` each decoder
+    layer of the adapted model is compiled (``compile_decoder_layers``)."""
     trainer = _make_trainer(
         model, sft_args, peft_config, tokenizer, train_dataset, eval_dataset, data_collator, scored_positions_only
     )
+    if fused_lora:
+        log.info("LoRA layers fused: %d", fuse_lora(trainer.model))
     if compile_layers:
         log.info(
             "compiled %d decoder layers (torch.compile; the first steps take the compile time)",

@@ -43,6 +43,7 @@ _NAMED_IF_CHANGED = {
     "use_liger_kernel": "liger",
     "gradient_checkpointing": "ckpt",
     "compile_layers": "compiled",
+    "fused_lora": "fused",
     "lr_scheduler": "sched",
     "load_in_4bit": "4bit",
     "logits_where_scored": "scored-logits",
@@ -276,6 +277,7 @@ def build_trainer(settings: TrainingSettings, prepared: Prepared, run: RunFolder
         data_collator=collator,
         scored_positions_only=settings.logits_where_scored,
         compile_layers=settings.compile_layers,
+        fused_lora=settings.fused_lora,
     )
 
 
@@ -352,6 +354,11 @@ def check_fsdp_combinations(settings: TrainingSettings) -> None:
         raise UsageError(
             "--compile_layers is not supported under FSDP (configs/fsdp_qlora.yaml shards with "
             "use_orig_params false, which torch.compile does not take); use it on one GPU or with configs/ddp.yaml"
+        )
+    if settings.fused_lora:
+        raise UsageError(
+            "--fused_lora is not supported under FSDP (its backward reads the adapter and base weights that FSDP "
+            "frees after the forward); use it on one GPU or with configs/ddp.yaml"
         )
 
 

@@ -64,20 +64,23 @@ bench_compiled_vs_peer() {
     --out "$R/bench_compiled_vs_peer/train_throughput_compiled_vs_unsloth_classification.json"
 }
 
-# Against the peer, on its LoRA targets (every linear layer), 20 Newsgroups lengths, 3 passes of 20 steps: LoRA
-# dropout (0.1 in every recipe) against none, for us and for Unsloth (whose fused LoRA kernels need none), alone and
-# with compiled decoder layers (speed) or activations offloaded to the CPU (memory); then the default on all modules
-# with and without dropout, and the bare-loop baseline. The most telling first (a cut-off run keeps them). Unsloth
-# unpacked in $UNSLOTH; not yet run on the GPU. Whether no dropout learns as well is recipe_check's question
-# (RC_DROPOUT=1).
+# Against the peer, on its LoRA targets (every linear layer), 20 Newsgroups lengths, 3 passes of 20 steps: without
+# LoRA dropout (Unsloth's fused LoRA kernels need none), us and Unsloth, then our fused LoRA layers (--fused_lora);
+# the default on all modules with and without fused LoRA, and the bare-loop baseline; then compiled decoder layers
+# (speed), activations offloaded to the CPU (memory), and the runs with dropout. The most telling first (a cut-off
+# run keeps them). Unsloth unpacked in $UNSLOTH; not yet run on the GPU. Whether no dropout learns as well is
+# recipe_check's question (RC_DROPOUT=1); fused LoRA computes the same gradients (tests/test_fused_lora.py).
 bench_peer_levers() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
     --scratch "$R/scratch" --recipes "fast without LoRA dropout, every linear layer" \
     "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
+    "fast without LoRA dropout, fused LoRA, every linear layer" "fast, all modules" "fast, fused LoRA, all modules" \
+    "bare PyTorch + peft loop, original recipe, all modules" \
     "fast without LoRA dropout, decoder layers compiled, every linear layer" \
-    "fast without Liger, every linear layer" "Unsloth, fast recipe's batches, every linear layer" \
+    "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer" \
     "fast without LoRA dropout, activations offloaded to the CPU, every linear layer" \
-    "fast without LoRA dropout, all modules" "fast, all modules" "bare PyTorch + peft loop, original recipe, all modules" \
+    "fast without LoRA dropout, all modules" "fast without Liger, every linear layer" \
+    "Unsloth, fast recipe's batches, every linear layer" \
     --out "$R/bench_peer_levers/train_throughput_peer_levers_classification.json"
 }
 

@@ -1,0 +1,181 @@
+"""--fused_lora: LoRA layers trained as one autograd function compute peft's loss and gradients."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_kit import fused_lora, modeling, training
+from qlora_kit.errors import UsageError
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def _adapted(tiny_model, four_bit: bool, dropout: float = 0.0, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = modeling.load_model(str(tiny_model), load_in_4bit=four_bit)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=TARGETS, **lora
+    )
+    return get_peft_model(model, config)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times the fused function ran."""
+    calls = []
+    apply = fused_lora._LoRALinear.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(fused_lora._LoRALinear, "apply", counted)
+    return calls
+
+
+def _loss_and_grads(model, ids, checkpointing: bool = False, autocast: bool = False):
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(1)  # the same dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(first, second, rtol, atol):
+    torch.testing.assert_close(first[0], second[0], rtol=rtol, atol=atol)
+    assert first[1].keys() == second[1].keys() and first[1]
+    for name in first[1]:
+        torch.testing.assert_close(first[1][name], second[1][name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["16-bit base", "4-bit base"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no dropout", "dropout"])
+def test_fused_layers_compute_peft_loss_and_gradients(tiny_model, four_bit, dropout, fused_calls):
+    peft_model, fused = _adapted(tiny_model, four_bit, dropout), _adapted(tiny_model, four_bit, dropout)
+    layers = fused_lora.fuse_lora(fused)
+    assert layers == 2 * 7 + 1  # two decoder layers of 7 adapted projections, and lm_head
+    assert fused_lora.fuse_lora(fused) == 0  # once only
+    ids = torch.randint(3, fused.config.vocab_size, (2, 11))
+    expected = _loss_and_grads(peft_model, ids)
+    assert not fused_calls
+    _assert_same(_loss_and_grads(fused, ids), expected, rtol=1e-5, atol=1e-6)
+    assert len(fused_calls) == layers
+
+
+def test_fused_layers_under_checkpointing_and_autocast(tiny_model, fused_calls):
+    """Recomputed activations (the fused function runs again in the backward): peft's results. bf16 autocast over
+    fp32 adapters, as on a GPU: each gradient as close to the fp32 one as peft's (one rounding of the adapter's
+    sum into the output where peft rounds three times)."""
+    ids = torch.randint(3, 200, (2, 11))
+    expected = _loss_and_grads(_adapted(tiny_model, False), ids, checkpointing=True)
+    fused = _adapted(tiny_model, False)
+    layers = fused_lora.fuse_lora(fused)
+    _assert_same(_loss_and_grads(fused, ids, checkpointing=True), expected, rtol=1e-5, atol=1e-6)
+    assert len(fused_calls) == 2 * (layers - 1) + 1  # decoder layers twice (forward, recomputed), lm_head once
+
+    fused_calls.clear()
+    exact = _loss_and_grads(_adapted(tiny_model, False), ids)[1]
+    unfused_bf16 = _loss_and_grads(_adapted(tiny_model, False), ids, autocast=True)[1]
+    fused = _adapted(tiny_model, False)
+    fused_lora.fuse_lora(fused)
+    fused_bf16 = _loss_and_grads(fused, ids, autocast=True)[1]
+    assert len(fused_calls) == layers
+
+    def error(grads, name):
+        return ((grads[name] - exact[name]).norm() / exact[name].norm()).item()
+
+    errors = {name: (error(fused_bf16, name), error(unfused_bf16, name)) for name in exact}
+    assert all(0 < fused < 0.1 and fused < 1.5 * unfused for fused, unfused in errors.values()), errors
+    assert sum(fused for fused, _ in errors.values()) <= sum(unfused for _, unfused in errors.values())
+
+
+def test_fused_layers_compile(tiny_model):
+    """--fused_lora with --compile_layers: the compiled decoder layers trace the fused function, same results."""
+    from qlora_kit import sft_trainer
+
+    ids = torch.randint(3, 200, (2, 11))
+    expected = _loss_and_grads(_adapted(tiny_model, False), ids)
+    model = _adapted(tiny_model, False)
+    fused_lora.fuse_lora(model)
+    sft_trainer.compile_decoder_layers(model)
+    _assert_same(_loss_and_grads(model, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_what_the_fused_function_does_not_compute_runs_peft_forward(tiny_model, fused_calls, caplog):
+    ids = torch.randint(3, 200, (2, 11))
+    model = _adapted(tiny_model, True)
+    fused_lora.fuse_lora(model)
+    with torch.no_grad():  # evaluation
+        model.eval()
+        logits = model(input_ids=ids).logits
+        model.train()
+        assert torch.equal(model(input_ids=ids).logits, logits)
+    with model.disable_adapter():
+        model(input_ids=ids)
+    assert not fused_calls
+    # a 4-bit base on the CPU outputs fp32 while trl trains its adapters in bf16: peft's forward, said once
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    fused_lora._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_kit.fused_lora"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert [record.getMessage() for record in caplog.records] == [
+        "--fused_lora: LoRA layers with the adapter computes in torch.bfloat16, the layer's output is "
+        "torch.float32 train through peft's own forward"
+    ]
+    assert not fused_calls
+    # DoRA is another computation: its layers keep peft's forward, with the same results as unfused
+    dora, fused_dora = _adapted(tiny_model, False, use_dora=True), _adapted(tiny_model, False, use_dora=True)
+    fused_lora.fuse_lora(fused_dora)
+    _assert_same(_loss_and_grads(fused_dora, ids), _loss_and_grads(dora, ids), rtol=0, atol=0)
+    assert not fused_calls
+
+
+def test_a_fused_run_trains_to_the_adapter_of_an_unfused_one(tiny_model, data_dir, tmp_path, fused_calls):
+    """The whole training path, every linear layer and lm_head, checkpointing: two steps fused end with the
+    adapter of two steps unfused; the run records the setting."""
+    from qlora_kit import settings
+
+    adapters = {}
+    for fused in (False, True):
+        resolved, _ = settings.resolve(
+            "classification",
+            {
+                "pretrained_ckpt": str(tiny_model),
+                "train_file": str(data_dir / "news_train.jsonl"),
+                "max_steps": 2,
+                "save_steps": 2,
+                "full_tune": True,
+                # 16-bit: trl trains a 4-bit base's adapters in bf16, which on the CPU differs from the fp32 output
+                "load_in_4bit": False,
+                "dropout": 0.0,
+                "fused_lora": fused,
+                "experiment_dir": str(tmp_path / f"fused-{fused}"),
+            },
+        )
+        assert training.train("classification", resolved)["global_steps"] == 2
+        assert bool(fused_calls) is fused
+        run = tmp_path / f"fused-{fused}"
+        assert json.loads((run / "run_config.json").read_text())["settings"]["fused_lora"] is fused
+        adapters[fused] = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    for name in adapters[False]:
+        torch.testing.assert_close(adapters[True][name], adapters[False][name], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lora_is_refused_under_fsdp():
+    from qlora_kit import settings
+
+    resolved, _ = settings.resolve("classification", {"fused_lora": True})
+    with pytest.raises(UsageError, match="--fused_lora is not supported under FSDP"):
+        training.check_fsdp_combinations(resolved)
