@@ -17,7 +17,7 @@ so ~0.5 MB a token a block, ~1 MB with the recomputed forward, ~33 MB a token ov
 an H200 sustains, against ~125 us a token at 8,000 tokens/s. Measured in benchmarks/train_throughput.py before it
 is a default.
 
-It applies where the result is the same LoRA: training (gradients on), one active adapter, no DoRA or other
+It applies where the result is the same LoRA: training (train mode), one active adapter, no DoRA or other
 variant, no LoRA bias, a frozen base that is a ``torch.nn.Linear`` or a bitsandbytes 4-bit layer, the adapter's
 compute dtype equal to the base output's. Any other call runs peft's own forward (a training call says why, once).
 """
@@ -122,7 +122,8 @@ _warned: set[str] = set()
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    if args or kwargs or not (torch.is_grad_enabled() and self.training) or self.disable_adapters or self.merged:
+    # training only (with or without gradients: reentrant checkpointing's first forward has none)
+    if args or kwargs or not self.training or self.disable_adapters or self.merged:
         return self._peft_forward(x, *args, **kwargs)  # evaluation, or no adapter to add
     reason = unfused_reason(self, x)
     if reason is not None:
