@@ -2,8 +2,8 @@
 
 peft computes an adapted layer as ``base(x).clone() + lora_B(lora_A(dropout(x))) * scaling``: besides the two
 small products, that is a copy of the base output, the adapter's own full-size output, a product by the scaling
-and a sum: four more passes over a tensor of the layer's output size in the forward (twice with recomputed
-activations) and more in the backward. Here the adapter's product is added into the base output in place, by the
+and a sum, each reading or writing a tensor of the layer's output size, in the forward (twice with recomputed
+activations), and a scaled gradient and a sum in the backward. Here the adapter's product is added into the base output in place, by the
 matrix multiply itself (``addmm_``), and the backward is written out the same way:
 
     forward   y  = base(x);  s = scaling * (d @ A.T);  y += s @ B.T        (d = dropout(x), or x)
@@ -104,7 +104,7 @@ def unfused_reason(layer, x) -> str | None:
         return "a LoRA bias or a non-linear adapter"
     if not (_is_4bit(base) or type(base) is torch.nn.Linear):
         return f"a {type(base).__name__} base layer"
-    if any(param.requires_grad for param in base.parameters()):
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "a base layer that trains"
     if _is_4bit(base) and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
         return "4-bit weights repacked for bitsandbytes' CPU inference"
