@@ -265,6 +265,13 @@ def add_generation_args(parser: argparse.ArgumentParser, task, *, baseline: bool
         help="shorten the input text so the prompt fits (default: the training --max_seq_length, "
         "or 2048 for baselines)",
     )
+    group.add_argument(
+        "--num_beams",
+        type=positive_int,
+        default=1,
+        help="beam search with this many beams, through transformers' generate (scores divided by length, as "
+        "transformers does; slower); 1: greedy, through the batched engine (default: %(default)s)",
+    )
     group.add_argument("--output_dir", default=None, help="where metrics.json and predictions.jsonl go")
     group.add_argument("--overwrite", action="store_true", help="replace existing evaluation results")
     if task.labelled:

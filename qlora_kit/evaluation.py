@@ -233,6 +233,7 @@ def generate_missing(
             label_sequences=job.label_sequences,
             on_batch=record_batch,
             shard=(rank, world),
+            num_beams=getattr(args, "num_beams", 1),
         )
     finally:
         if partial is not None:
@@ -319,7 +320,9 @@ def evaluate_run(task, args: Namespace) -> dict:
         raise UsageError(f"--experiment_dir {run.path} is a {config.get('task')} run, not a {task.name} run")
     checkpoint = run.default_checkpoint(getattr(args, "checkpoint", None), getattr(args, "final_adapter", False))
     adapter = run.adapter(checkpoint)
-    out_dir = Path(args.output_dir) if args.output_dir else run.evaluation(args.split, checkpoint).folder
+    out_dir = (
+        Path(args.output_dir) if args.output_dir else run.evaluation(args.split, checkpoint, beams_suffix(args)).folder
+    )
     label_names = config["label_names"]
     fraction = config.get("data", {}).get("validation_fraction")
     if args.split == "validation" and not args.validation_file and fraction:
@@ -347,6 +350,7 @@ def evaluate_run(task, args: Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": max_prompt_tokens,
         "decoding": getattr(args, "decoding", "greedy"),
+        "num_beams": getattr(args, "num_beams", 1),
         "prompt_style": config["prompt_style"],
         "versions": modeling.library_versions(),
     }
@@ -354,14 +358,22 @@ def evaluate_run(task, args: Namespace) -> dict:
     return metrics
 
 
+def beams_suffix(args: Namespace) -> str:
+    """``beams-N`` for beam search: its results go beside the greedy ones, not over them."""
+    beams = getattr(args, "num_beams", 1)
+    return f"beams-{beams}" if beams > 1 else ""
+
+
 def baseline_dir(args: Namespace) -> Path:
-    """baseline_results/<model>/<task>/<prompt type>[-<style>]: where a baseline's results go by default."""
+    """baseline_results/<model>/<task>/<prompt type>[-<style>][_beams-N]: where a baseline's results go by
+    default."""
     style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
+    beams = f"_{beams_suffix(args)}" if beams_suffix(args) else ""
     return (
         Path("baseline_results")
         / modeling.model_slug(args.pretrained_ckpt)
         / args.task_type
-        / f"{args.prompt_type}{style_suffix}"
+        / f"{args.prompt_type}{style_suffix}{beams}"
     )
 
 
@@ -412,6 +424,7 @@ def evaluate_baseline(args: Namespace) -> dict:
         "max_prompt_tokens": max_prompt_tokens,
         "load_in_4bit": args.load_in_4bit,
         "decoding": getattr(args, "decoding", "greedy"),
+        "num_beams": getattr(args, "num_beams", 1),
         "versions": modeling.library_versions(),
     }
     save_evaluation(out_dir, metrics, records, started)

@@ -3,11 +3,13 @@
 Prompts are sorted by length and left-padded in batches; the answer is what comes
 after the prompt's token positions, cut at the first stop token. On CUDA out of
 memory the batch is halved and the same prompts are retried; a prompt that fails even
-alone is reported as failed, never recorded as an empty answer.
+alone is reported as failed, never recorded as an empty answer. Beam search (``num_beams``) runs through
+transformers' own generate over the same batches.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -288,9 +290,11 @@ def _generate_batch_plain(
     trie: LabelTrie | None,
     prefill_tokens: int = PREFILL_TOKENS,  # unused: transformers prefills the batch its own way
     stop_check_every: int = 1,  # unused: transformers checks every step
+    num_beams: int = 1,
 ):
     """The same answers through transformers' own ``model.generate`` (left padding, greedy): the path to fall
-    back on when debugging the loop above (``QLORA_KIT_GENERATION=plain``); slower."""
+    back on when debugging the loop above (``QLORA_KIT_GENERATION=plain``); slower. With ``num_beams`` > 1,
+    transformers' beam search (the best beam's answer)."""
     import torch
 
     pad_id = tokenizer.pad_token_id
@@ -308,7 +312,7 @@ def _generate_batch_plain(
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            num_beams=1,
+            num_beams=num_beams,
             eos_token_id=stop_ids,
             pad_token_id=pad_id,
             prefix_allowed_tokens_fn=allowed if trie is not None else None,
@@ -387,8 +391,9 @@ def generate(
     shard: tuple[int, int] = (0, 1),
     loop: str | None = None,
     stop_check_every: int = STOP_CHECK_EVERY,
+    num_beams: int = 1,
 ) -> GenerationResult:
-    """Greedy answers for token-id prompts, in the prompts' order.
+    """Greedy answers for token-id prompts, in the prompts' order (with ``num_beams`` > 1, beam search's).
 
     A batch holds at most ``batch_size`` prompts and at most ``max_batch_tokens`` padded tokens
     (prompt + new tokens): short prompts travel in large batches, long ones in small ones. Prompts are
@@ -400,6 +405,8 @@ def generate(
     ``loop``: which decode loop runs the batches (``LOOPS``; default: QLORA_KIT_GENERATION, else ``DEFAULT_LOOP``).
     ``stop_check_every``: decode steps between checks that a batch has finished (``STOP_CHECK_EVERY``); the
     answers are the same whatever it is.
+    ``num_beams`` > 1: transformers' beam search over the same batches, each holding ``num_beams`` times fewer
+    prompts (every prompt keeps ``num_beams`` rows of cache).
     """
     import collections
 
@@ -409,6 +416,9 @@ def generate(
     batch_size = batch_size or default_batch_size()
     if max_batch_tokens is None:
         max_batch_tokens = default_max_batch_tokens(model)
+    if num_beams > 1:  # a prompt takes num_beams rows of cache
+        batch_size = max(1, batch_size // num_beams)
+        max_batch_tokens = max_batch_tokens // num_beams if max_batch_tokens else None
     trie = LabelTrie(label_sequences) if label_sequences else None
     rank, processes = shard
     plan = plan_batches(
@@ -421,7 +431,11 @@ def generate(
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
     rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows
-    generate_batch = _batch_generator(loop)
+    if num_beams > 1:
+        log.info("beam search with %d beams (transformers' generate)", num_beams)
+        generate_batch = functools.partial(_generate_batch_plain, num_beams=num_beams)
+    else:
+        generate_batch = _batch_generator(loop)
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:

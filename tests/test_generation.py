@@ -538,3 +538,54 @@ def test_out_of_memory_in_the_static_loop_halves_the_batch_too(model_and_tokeniz
     result = generation.generate(model, tokenizer, prompts, loop="static", **kwargs)
     assert rows[:3] == [8, 4, 2] and result.final_batch_size == 2 and not result.failures
     assert result.outputs == expected
+
+
+def _one_at_a_time_beams(model, prompt, max_new_tokens, stop_ids, num_beams):
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=stop_ids[0],
+    )[0, len(prompt) :].tolist()
+    return generation.cut_at_stop(out, stop_ids)
+
+
+def test_beam_search_answers_as_one_prompt_at_a_time_does(model_and_tokenizer, monkeypatch):
+    """num_beams: transformers' beam search over the engine's batches, each with num_beams times fewer prompts;
+    every answer that of the prompt searched alone, and not greedy's."""
+    model, tokenizer = model_and_tokenizer
+    prompts, stop = _prompts(tokenizer, count=7), [tokenizer.eos_token_id]
+    sizes = []
+    plain = generation._generate_batch_plain
+    monkeypatch.setattr(
+        generation,
+        "_generate_batch_plain",
+        lambda model, tok, batch, *a, **k: sizes.append(len(batch)) or plain(model, tok, batch, *a, **k),
+    )
+    beams = generation.generate(
+        model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, batch_size=6, num_beams=3, progress=False
+    ).outputs
+    assert sizes == [2, 2, 2, 1]
+    assert beams == [_one_at_a_time_beams(model, prompt, 8, stop, 3) for prompt in prompts]
+    greedy = generation.generate(model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, progress=False).outputs
+    assert beams != greedy
+
+
+def test_constrained_beam_search_only_yields_labels(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained=True)
+    answers = generation.generate(model, tokenizer, prompts, **kwargs, num_beams=3).outputs
+    assert all(answer + stop in labels for answer in answers)
+
+
+def test_a_beam_search_evaluation_goes_beside_the_greedy_one(trained_run_for_resume, data_dir):
+    from qlora_kit import evaluation
+
+    args = _eval_args(trained_run_for_resume, data_dir, None)
+    args.output_dir, args.limit, args.num_beams = None, 4, 2
+    metrics = evaluation.evaluate_run("classification", args)
+    assert metrics["config"]["num_beams"] == 2 and metrics["n"] == 4
+    assert metrics["output_dir"].endswith("metrics_beams-2")
