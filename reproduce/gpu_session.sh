@@ -491,6 +491,35 @@ seed_run() {
   echo "$1 seed $seed: $(tail -1 "$R/logs/seeds_$1-seed-$seed.log")"
 }
 
+# Beam search against greedy for SAMSum, chosen on validation (after `seeds`): each SAMSum run of $R/seeds has its
+# chosen checkpoint scored on the validation split with BEAMS beams (default 4) beside its greedy score from
+# training; reproduce/choose_decoding.py compares the means over the runs; only if beam search wins is each run's
+# chosen checkpoint scored on test with it, once. Choice: $R/samsum_beams/choice.json.
+samsum_beams() {
+  local run step beams=${BEAMS:-4} runs=()
+  mkdir -p "$R/samsum_beams"
+  for run in "$R"/seeds/samsum*-seed-*; do
+    step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
+    [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: not finished, left out"; continue; }
+    [ -f "$run/metrics_validation_step-${step}_beams-$beams/metrics.json" ] ||
+      python3 zephyr_summarization_inference.py --experiment_dir "$run" --checkpoint "$step" --split validation \
+        --validation_file "$SAMSUM/validation.jsonl.gz" --num_beams "$beams" --max_batch_tokens 150000 \
+        "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -4
+    runs+=("$run")
+  done
+  [ ${#runs[@]} -gt 0 ] || { echo "samsum_beams: no finished SAMSum run in $R/seeds"; return 1; }
+  if [ "$(python3 reproduce/choose_decoding.py --beams "$beams" --select_on rouge1+rouge2 \
+          --out "$R/samsum_beams/choice.json" "${runs[@]}" | tee /dev/stderr | tail -1)" = beams ]; then
+    for run in "${runs[@]}"; do
+      step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step())")
+      [ -f "$run/metrics_step-${step}_beams-$beams/metrics.json" ] ||
+        python3 zephyr_summarization_inference.py --experiment_dir "$run" --checkpoint "$step" \
+          --test_file "$SAMSUM/test.jsonl.gz" --num_beams "$beams" --max_batch_tokens 150000 \
+          "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -4
+    done
+  fi
+}
+
 # target_candidate NAME SCRIPT TRAIN_FLAGS... [-- EVAL_FLAGS...]: train (or resume) $R/$TARGETS_DIR/NAME (default
 # folder: targets), then, given evaluation flags, score every checkpoint saved at the end of an epoch on the
 # validation split. Log (appended to): $R/logs/${TARGETS_DIR}_NAME.log.

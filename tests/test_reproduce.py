@@ -19,7 +19,7 @@ def _gpu_session(stage, tiny_model, data_dir, tmp_path, script="gpu_session.sh",
         ("newsgroups", {"train": "news_train", "test": "news_test"}),
         ("samsum", {"train": "dialogues_train", "validation": "dialogues_test", "test": "dialogues_test"}),
     ):
-        (data / task).mkdir(parents=True)
+        (data / task).mkdir(parents=True, exist_ok=True)
         for split, name in files.items():
             with gzip.open(data / task / f"{split}.jsonl.gz", "wt") as out:
                 out.write((data_dir / f"{name}.jsonl").read_text())
@@ -119,6 +119,25 @@ def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validati
             assert sorted(p.name for p in run.glob("metrics_step-*")) == [f"metrics_step-{step}{s}" for s in suffixes]
             adapters.append((run / "adapter" / "adapter_model.safetensors").read_bytes())
         assert adapters[0] != adapters[1]
+
+    # then beam search against greedy for SAMSum, chosen on validation; test scored with beams only if they won
+    beams = _gpu_session("samsum_beams", tiny_model, data_dir, tmp_path, BEAMS="2")
+    choice = json.loads((beams / "choice.json").read_text())
+    assert choice["split"] == "validation" and len(choice["runs"]) == 2 and choice["choice"] in ("beams", "greedy")
+    for score in choice["runs"]:
+        run = Path(score["run"])
+        assert (run / f"metrics_validation_step-{score['step']}_beams-2" / "metrics.json").is_file()
+        scored = (run / f"metrics_step-{score['step']}_beams-2" / "metrics.json").is_file()
+        assert scored == (choice["choice"] == "beams")
+
+
+def test_choosing_the_decoding_on_validation():
+    sys.path.insert(0, str(ROOT / "reproduce"))
+    from choose_decoding import choose
+
+    assert choose([{"greedy": 0.6, "beams": 0.7}, {"greedy": 0.6, "beams": 0.55}])["choice"] == "beams"
+    assert choose([{"greedy": 0.6, "beams": 0.6}])["choice"] == "greedy"  # a tie keeps the cheaper greedy
+    assert choose([{"greedy": 0.6, "beams": 0.65}, {"greedy": 0.6, "beams": 0.5}])["choice"] == "greedy"
 
 
 def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(tiny_model, data_dir, tmp_path):
