@@ -5,12 +5,15 @@
 # follows within the machine's warm time); `watch` follows it from each command and packs what it wrote.
 #
 #   R=/tmp/work bash reproduce/detached.sh start STAGE...          # same environment as gpu_session.sh
-#   R=/tmp/work PACK=$OUT/r.tgz bash reproduce/detached.sh watch SECONDS
+#   R=/tmp/work PACK=$OUT/r.tgz [ADAPTERS=$OUT/adapters.tgz] bash reproduce/detached.sh watch SECONDS
 #   R=/tmp/work bash reproduce/detached.sh stop TEXT                 # end the started processes whose command has TEXT
 #
 # watch prints, every WATCH_EVERY seconds (default 60), the newest line of each log under $R/logs; it returns
 # when the stages have ended (exit status 0) or after SECONDS (exit status 3: they still run), and packs $R
-# into $PACK either way (reproduce/pack_dir.sh: checkpoints and weights left out, as gpu_session.sh packs).
+# into $PACK either way (reproduce/pack_dir.sh: checkpoints and weights left out, as gpu_session.sh packs); with
+# ADAPTERS, also the adapters of the finished runs under ADAPTERS_FROM (default $R/seeds) that each is evaluated
+# with (reproduce/pack_adapters.py), at most 16 MB: unpacked into $R in a later sitting, they are scored again
+# without training again.
 # stop kills (SIGKILL) only processes of the session `start` made, e.g. `stop seeds/newsfull` ends the newsfull
 # runs and lets the others go on. Never `pkill -f TEXT` from a command instead: the command's own shell, and the
 # machine's process that runs it, have TEXT in their command lines too, and die with it (the machine stops
@@ -72,6 +75,10 @@ case "${1:-}" in
     if [ -n "${PACK:-}" ]; then
       source reproduce/pack_dir.sh
       pack_dir "$R" "$PACK" && echo "packed $R into $PACK"
+    fi
+    # the finished runs' adapters, for scoring them again in a later sitting (reproduce/pack_adapters.py)
+    if [ -n "${ADAPTERS:-}" ] && [ -d "${ADAPTERS_FROM:-$R/seeds}" ]; then
+      python3 reproduce/pack_adapters.py "${ADAPTERS_FROM:-$R/seeds}" "$ADAPTERS" || echo "adapters not packed"
     fi
     exit $status
     ;;

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+from conftest import ROOT, run_script
 
 
 def _gpu_session(stage, tiny_model, data_dir, tmp_path, script="gpu_session.sh", **extra_env):
@@ -130,6 +131,25 @@ def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validati
         scored = (run / f"metrics_step-{score['step']}_beams-2" / "metrics.json").is_file()
         assert scored == (choice["choice"] == "beams")
 
+    # the adapters packed for a later sitting: unpacked elsewhere, a run is scored again as the original was
+    packed = tmp_path / "adapters.tgz"
+    subprocess.run([sys.executable, str(ROOT / "reproduce" / "pack_adapters.py"), str(seeds), str(packed)], check=True)
+    copy = tmp_path / "unpacked"
+    copy.mkdir()
+    subprocess.run(["tar", "xzf", str(packed), "-C", str(copy)], check=True)
+    assert not list(copy.rglob("optimizer.pt")) and len(list(copy.glob("*/run_config.json"))) == 6
+    again = copy / "samsum-seed-0"
+    step = json.loads((again / "selection.json").read_text())["best_step"]
+    run_script(
+        "zephyr_summarization_inference.py",
+        "--experiment_dir", str(again), "--split", "validation", "--max_new_tokens", "4",
+        "--validation_file", str(tmp_path / "data" / "samsum" / "validation.jsonl.gz"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    original = json.loads((seeds / "samsum-seed-0" / f"metrics_validation_step-{step}" / "metrics.json").read_text())
+    rescored = json.loads((again / f"metrics_validation_step-{step}" / "metrics.json").read_text())
+    assert rescored["n"] == original["n"] and rescored["rouge1"] == pytest.approx(original["rouge1"], abs=1e-9)
+
 
 def test_choosing_the_decoding_on_validation():
     sys.path.insert(0, str(ROOT / "reproduce"))
@@ -159,8 +179,6 @@ def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
     import gzip
     import subprocess
     import sys
-
-    from conftest import ROOT
 
     header = "From: a@b.c\nSubject: x\n\n"
     raw = [
