@@ -36,7 +36,7 @@ once "$OUT/classification/train_metrics.json" python zephyr_classification.py --
   --train_file "$DATA/newsgroups_train.jsonl" --epochs 1 --full_tune --learning_rate 1e-3 "${CPU_TRAINING[@]}" \
   ${STEPS:+--max_steps $STEPS} --experiment_dir "$OUT/classification" --overwrite
 step "4/6 evaluate the fine-tuned classifier"
-once "$OUT/classification/metrics/metrics.json" python zephyr_classification_inference.py \
+once "$OUT/classification/metrics_constrained/metrics.json" python zephyr_classification_inference.py \
   --experiment_dir "$OUT/classification" --decoding constrained --test_file "$DATA/newsgroups_test.jsonl" \
   ${LIMIT:+--limit $LIMIT}
 step "5/6 QLoRA fine-tuning: summarization"
@@ -53,7 +53,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 read = lambda p: json.loads((out / p).read_text())
-zs_c, ft_c = read("zero-shot-classification/metrics.json"), read("classification/metrics/metrics.json")
+zs_c, ft_c = read("zero-shot-classification/metrics.json"), read("classification/metrics_constrained/metrics.json")
 zs_s, ft_s = read("zero-shot-summarization/metrics.json"), read("summarization/metrics/metrics.json")
 def cell(metrics, key, scale=1.0, unit=""):  # the value and its 95% bootstrap interval
     low, high = (scale * bound for bound in metrics["ci95"][key])

@@ -21,6 +21,7 @@ The modules, in the order a run goes through them (the top-level scripts are thi
     evaluation      a trained run or a zero/few-shot baseline: data, prompts, generation, metrics, files
     generation      the batched greedy engine (growing key/value cache), out-of-memory halving
     static_decoding the engine's static-cache loop, replayed as CUDA graphs on a GPU
+    label_likelihood classification by the most probable whole label answer (--decoding likelihood)
     metrics         label parsing and metrics: small pure functions
     compare         two evaluations of the same items, compared pairwise
   around them

@@ -277,10 +277,11 @@ def add_generation_args(parser: argparse.ArgumentParser, task, *, baseline: bool
     if task.labelled:
         group.add_argument(
             "--decoding",
-            choices=("greedy", "constrained"),
+            choices=("greedy", "constrained", "likelihood"),
             default="greedy",
-            help="greedy: generate and parse; constrained: the answer is always one of the labels "
-            "(default: %(default)s)",
+            help="greedy: generate and parse; constrained: generate, each token one a label allows; likelihood: "
+            "the label whose whole answer is most probable (scored, not generated); results of a decoding other "
+            "than greedy go to a folder named after it (default: %(default)s)",
         )
 
 

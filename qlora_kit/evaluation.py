@@ -139,7 +139,7 @@ class GenerationJob:
     prompt_texts: list[str]
     label_names: list[str]
     stop_ids: list[int]
-    label_sequences: list[list[int]] | None  # constrained decoding: the token ids of every label
+    label_sequences: list[list[int]] | None  # constrained or likelihood decoding: the token ids of every label
 
 
 def plan_job(
@@ -154,7 +154,7 @@ def plan_job(
 ) -> GenerationJob:
     """Stage 1: every prompt's token ids, the stop tokens and, for constrained decoding, the label sequences."""
     prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
-    constrained = task.labelled and getattr(args, "decoding", "greedy") == "constrained"
+    constrained = task.labelled and getattr(args, "decoding", "greedy") in ("constrained", "likelihood")
     return GenerationJob(
         task=task,
         rows=rows,
@@ -234,6 +234,7 @@ def generate_missing(
             on_batch=record_batch,
             shard=(rank, world),
             num_beams=getattr(args, "num_beams", 1),
+            likelihood=getattr(args, "decoding", "greedy") == "likelihood",
         )
     finally:
         if partial is not None:
@@ -321,7 +322,9 @@ def evaluate_run(task, args: Namespace) -> dict:
     checkpoint = run.default_checkpoint(getattr(args, "checkpoint", None), getattr(args, "final_adapter", False))
     adapter = run.adapter(checkpoint)
     out_dir = (
-        Path(args.output_dir) if args.output_dir else run.evaluation(args.split, checkpoint, beams_suffix(args)).folder
+        Path(args.output_dir)
+        if args.output_dir
+        else run.evaluation(args.split, checkpoint, decoding_suffix(args)).folder
     )
     label_names = config["label_names"]
     fraction = config.get("data", {}).get("validation_fraction")
@@ -358,22 +361,23 @@ def evaluate_run(task, args: Namespace) -> dict:
     return metrics
 
 
-def beams_suffix(args: Namespace) -> str:
-    """``beams-N`` for beam search: its results go beside the greedy ones, not over them."""
-    beams = getattr(args, "num_beams", 1)
-    return f"beams-{beams}" if beams > 1 else ""
+def decoding_suffix(args: Namespace) -> str:
+    """The decoding, unless greedy, and ``beams-N`` for beam search (e.g. ``constrained_beams-4``): the results of
+    each way of decoding go to a folder of their own, beside the greedy ones, not over them."""
+    decoding, beams = getattr(args, "decoding", "greedy"), getattr(args, "num_beams", 1)
+    return "_".join(([decoding] if decoding != "greedy" else []) + ([f"beams-{beams}"] if beams > 1 else []))
 
 
 def baseline_dir(args: Namespace) -> Path:
-    """baseline_results/<model>/<task>/<prompt type>[-<style>][_beams-N]: where a baseline's results go by
-    default."""
+    """baseline_results/<model>/<task>/<prompt type>[-<style>][_<decoding>][_beams-N]: where a baseline's results
+    go by default."""
     style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
-    beams = f"_{beams_suffix(args)}" if beams_suffix(args) else ""
+    decoding = f"_{decoding_suffix(args)}" if decoding_suffix(args) else ""
     return (
         Path("baseline_results")
         / modeling.model_slug(args.pretrained_ckpt)
         / args.task_type
-        / f"{args.prompt_type}{style_suffix}{beams}"
+        / f"{args.prompt_type}{style_suffix}{decoding}"
     )
 
 

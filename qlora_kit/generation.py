@@ -392,6 +392,7 @@ def generate(
     loop: str | None = None,
     stop_check_every: int = STOP_CHECK_EVERY,
     num_beams: int = 1,
+    likelihood: bool = False,
 ) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order (with ``num_beams`` > 1, beam search's).
 
@@ -407,6 +408,8 @@ def generate(
     answers are the same whatever it is.
     ``num_beams`` > 1: transformers' beam search over the same batches, each holding ``num_beams`` times fewer
     prompts (every prompt keeps ``num_beams`` rows of cache).
+    ``likelihood``: not generated but chosen: each prompt's answer is the one of ``label_sequences`` the model
+    gives the highest probability (``label_likelihood``).
     """
     import collections
 
@@ -431,7 +434,13 @@ def generate(
     result = GenerationResult(outputs=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
     rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows
-    if num_beams > 1:
+    if likelihood:
+        from .label_likelihood import rank_labels_batch
+
+        if not label_sequences or num_beams > 1:
+            raise UsageError("choosing answers by likelihood needs the label sequences, and no beams")
+        generate_batch = functools.partial(rank_labels_batch, sequences=label_sequences)
+    elif num_beams > 1:
         log.info("beam search with %d beams (transformers' generate)", num_beams)
         generate_batch = functools.partial(_generate_batch_plain, num_beams=num_beams)
     else:

@@ -251,14 +251,14 @@ def recipe_key(settings: dict) -> str:
 
 def run_result(run: RunFolder):
     """The run's test evaluation: of its final adapter, or else of the checkpoint chosen on validation while it
-    trained (--select_on; for classification the constrained decoding's, when both decodings were scored)."""
-    final = run.evaluation()
-    chosen = run.chosen_step()
-    if final.metrics() is not None or chosen is None:
-        return final
-    scored = [e for e in run.evaluations() if e.split == "test" and e.step == chosen]
-    scored.sort(key=lambda e: (e.suffix not in ("", "constrained"), e.suffix))
-    return scored[0] if scored else final
+    trained (--select_on); of several evaluations of one adapter, the default folder's (greedy), then the
+    constrained decoding's, then the others by name."""
+    steps = [None] if run.chosen_step() is None else [None, run.chosen_step()]
+    for step in steps:
+        scored = [e for e in run.evaluations() if e.split == "test" and e.step == step and e.metrics() is not None]
+        if scored:
+            return min(scored, key=lambda e: (e.suffix not in ("", "constrained"), e.suffix != "", e.suffix))
+    return run.evaluation()
 
 
 def seed_table(records: list[dict]) -> str:

@@ -541,7 +541,7 @@ target_candidate() {
                   python3 -c "from qlora_kit.run_folder import RunFolder; print(*RunFolder('$run').epoch_end_steps())"); do
       [ -f "$run/metrics_validation_step-$step/metrics.json" ] ||
         python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --split validation \
-          "${eval[@]}" "${EXTRA_EVAL[@]}"
+          --output_dir "$run/metrics_validation_step-$step" "${eval[@]}" "${EXTRA_EVAL[@]}"
     done
   } >> "$R/logs/${TARGETS_DIR:-targets}_$name.log" 2>&1  # appended: a resumed run keeps its earlier commands' log
   echo "$name: $(tail -1 "$R/logs/${TARGETS_DIR:-targets}_$name.log")"

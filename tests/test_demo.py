@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| 20 Newsgroups accuracy (n=3) |" in result.stdout
     assert "| dialogues ROUGE-1 (n=3) |" in result.stdout
-    for folder in ("classification", "summarization"):
-        assert (tmp_path / "demo" / folder / "metrics" / "metrics.json").is_file()
+    for evaluation in ("classification/metrics_constrained", "summarization/metrics"):
+        assert (tmp_path / "demo" / evaluation / "metrics.json").is_file()
     again = subprocess.run(["bash", str(ROOT / "demo.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("(done before:") == 6

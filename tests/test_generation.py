@@ -589,3 +589,45 @@ def test_a_beam_search_evaluation_goes_beside_the_greedy_one(trained_run_for_res
     metrics = evaluation.evaluate_run("classification", args)
     assert metrics["config"]["num_beams"] == 2 and metrics["n"] == 4
     assert metrics["output_dir"].endswith("metrics_beams-2")
+
+
+def _whole_answer_log_likelihood(model, prompt, answer):
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        log_probs = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    return sum(log_probs[len(prompt) - 1 + i, token].item() for i, token in enumerate(answer))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "a chunk per prompt"])
+def test_likelihood_chooses_the_label_whose_whole_answer_is_most_probable(model_and_tokenizer, monkeypatch, chunked):
+    """--decoding likelihood: each label's answer (its tokens and the end token) scored after the prompt, as one
+    example's forward alone scores it; the answer is the best label's tokens."""
+    from qlora_kit import label_likelihood
+
+    model, tokenizer = model_and_tokenizer
+    if chunked:
+        monkeypatch.setattr(label_likelihood, "LOGITS_BYTES", 1)
+    prompts, stop = _prompts(tokenizer, count=5), [tokenizer.eos_token_id]
+    names = ("sci.space", "sci.med", "rec.autos", "comp.graphics", "comp.os.ms-windows.misc")
+    labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in names]
+    scores = label_likelihood.answer_log_likelihoods(model, tokenizer, prompts, labels, prefill_tokens=64)
+    expected = torch.tensor([[_whole_answer_log_likelihood(model, p, label) for label in labels] for p in prompts])
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    answers = generation.generate(
+        model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, label_sequences=labels, likelihood=True,
+        batch_size=2, progress=False,
+    ).outputs  # fmt: skip
+    assert answers == [labels[best][:-1] for best in expected.argmax(-1).tolist()]
+
+
+def test_a_likelihood_evaluation_answers_only_labels_in_its_own_folder(trained_run_for_resume, data_dir):
+    from qlora_kit import evaluation
+
+    args = _eval_args(trained_run_for_resume, data_dir, None)
+    args.output_dir, args.limit, args.decoding = None, 6, "likelihood"
+    metrics = evaluation.evaluate_run("classification", args)
+    assert metrics["config"]["decoding"] == "likelihood" and metrics["n"] == 6 and metrics["invalid"] == 0
+    assert metrics["output_dir"].endswith("metrics_likelihood")
+    args.num_beams = 2
+    with pytest.raises(generation.UsageError, match="no beams"):
+        evaluation.evaluate_run("classification", args)

@@ -103,7 +103,8 @@ def test_a_third_task_trains_and_evaluates_through_the_same_functions(colour_tas
     scores = evaluation.evaluate_run("colour", args)
     assert scores["n"] == 6 and scores["invalid"] == 0  # constrained decoding: every answer is a colour
     predictions = [
-        json.loads(line) for line in (run.evaluation().folder / "predictions.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (run.evaluation(suffix="constrained").folder / "predictions.jsonl").read_text().splitlines()
     ]
     assert {p["parsed"] for p in predictions} <= set(COLOURS)
     assert predictions[0]["prompt"].endswith("Thing: sky 0\nColour:")  # the task's own template
