@@ -491,33 +491,59 @@ seed_run() {
   echo "$1 seed $seed: $(tail -1 "$R/logs/seeds_$1-seed-$seed.log")"
 }
 
-# Beam search against greedy for SAMSum, chosen on validation (after `seeds`): each SAMSum run of $R/seeds has its
-# chosen checkpoint scored on the validation split with BEAMS beams (default 4) beside its greedy score from
-# training; reproduce/choose_decoding.py compares the means over the runs; only if beam search wins is each run's
-# chosen checkpoint scored on test with it, once. Choice: $R/samsum_beams/choice.json.
-samsum_beams() {
-  local run step beams=${BEAMS:-4} runs=()
-  mkdir -p "$R/samsum_beams"
-  for run in "$R"/seeds/samsum*-seed-*; do
+# A decoding chosen on validation over the runs of `seeds`:
+#   choose_decoding NAME SCRIPT METRICS "CURRENT_FLAGS" CURRENT_SUFFIX "CANDIDATE_FLAGS" CANDIDATE_SUFFIX
+#                   "TEST_FLAGS" RUN...
+# each run's chosen checkpoint is scored on validation with both decodings (a score already there is kept: the
+# greedy one from training, say), reproduce/choose_decoding.py compares their means over the runs, and only if
+# the candidate wins is each run's chosen checkpoint scored on test with it, once. Choice: $R/NAME/choice.json.
+choose_decoding() {
+  local name=$1 script=$2 metrics=$3 current=$4 current_suffix=$5 candidate=$6 candidate_suffix=$7 test=$8
+  local run step flags suffix runs=()
+  shift 8
+  mkdir -p "$R/$name"
+  for run in "$@"; do
     step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
     [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: not finished, left out"; continue; }
-    [ -f "$run/metrics_validation_step-${step}_beams-$beams/metrics.json" ] ||
-      python3 zephyr_summarization_inference.py --experiment_dir "$run" --checkpoint "$step" --split validation \
-        --validation_file "$SAMSUM/validation.jsonl.gz" --num_beams "$beams" --max_batch_tokens 150000 \
-        "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -4
+    for flags in current candidate; do
+      [ $flags = current ] && suffix=$current_suffix || suffix=$candidate_suffix
+      [ $flags = current ] && flags=$current || flags=$candidate
+      [ -f "$run/metrics_validation_step-$step${suffix:+_$suffix}/metrics.json" ] ||
+        # shellcheck disable=SC2086
+        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --split validation \
+          --output_dir "$run/metrics_validation_step-$step${suffix:+_$suffix}" $flags "${EXTRA_EVAL[@]}" 2>&1 |
+          quiet | tail -4
+    done
     runs+=("$run")
   done
-  [ ${#runs[@]} -gt 0 ] || { echo "samsum_beams: no finished SAMSum run in $R/seeds"; return 1; }
-  if [ "$(python3 reproduce/choose_decoding.py --beams "$beams" --select_on rouge1+rouge2 \
-          --out "$R/samsum_beams/choice.json" "${runs[@]}" | tee /dev/stderr | tail -1)" = beams ]; then
+  [ ${#runs[@]} -gt 0 ] || { echo "$name: no finished run"; return 1; }
+  if [ "$(python3 reproduce/choose_decoding.py --current "$current_suffix" --candidate "$candidate_suffix" \
+          --select_on "$metrics" --out "$R/$name/choice.json" "${runs[@]}" | tee /dev/stderr | tail -1)" = candidate ]
+  then
     for run in "${runs[@]}"; do
       step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step())")
-      [ -f "$run/metrics_step-${step}_beams-$beams/metrics.json" ] ||
-        python3 zephyr_summarization_inference.py --experiment_dir "$run" --checkpoint "$step" \
-          --test_file "$SAMSUM/test.jsonl.gz" --num_beams "$beams" --max_batch_tokens 150000 \
-          "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -4
+      [ -f "$run/metrics_step-${step}_$candidate_suffix/metrics.json" ] ||
+        # shellcheck disable=SC2086
+        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" \
+          --output_dir "$run/metrics_step-${step}_$candidate_suffix" $candidate $test "${EXTRA_EVAL[@]}" 2>&1 |
+          quiet | tail -4
     done
   fi
+}
+
+# SAMSum: greedy (scored on validation while training) against beam search with BEAMS beams (default 4).
+samsum_beams() {
+  local beams=${BEAMS:-4}
+  choose_decoding samsum_beams zephyr_summarization rouge1+rouge2 "" "" \
+    "--num_beams $beams --validation_file $SAMSUM/validation.jsonl.gz --max_batch_tokens 150000" "beams-$beams" \
+    "--test_file $SAMSUM/test.jsonl.gz" "$R"/seeds/samsum*-seed-*
+}
+
+# 20 Newsgroups (the held-out runs): constrained decoding against choosing the label by likelihood.
+news_likelihood() {
+  choose_decoding news_likelihood zephyr_classification accuracy "--decoding constrained --max_batch_tokens 150000" \
+    constrained "--decoding likelihood --max_batch_tokens 150000" likelihood "--test_file $NEWS/test.jsonl.gz" \
+    "$R"/seeds/news-seed-* "$R"/seeds/news+*-seed-*
 }
 
 # target_candidate NAME SCRIPT TRAIN_FLAGS... [-- EVAL_FLAGS...]: train (or resume) $R/$TARGETS_DIR/NAME (default

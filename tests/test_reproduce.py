@@ -121,15 +121,23 @@ def test_gpu_session_seeds_scores_on_test_only_the_checkpoint_chosen_on_validati
             adapters.append((run / "adapter" / "adapter_model.safetensors").read_bytes())
         assert adapters[0] != adapters[1]
 
-    # then beam search against greedy for SAMSum, chosen on validation; test scored with beams only if they won
-    beams = _gpu_session("samsum_beams", tiny_model, data_dir, tmp_path, BEAMS="2")
-    choice = json.loads((beams / "choice.json").read_text())
-    assert choice["split"] == "validation" and len(choice["runs"]) == 2 and choice["choice"] in ("beams", "greedy")
-    for score in choice["runs"]:
-        run = Path(score["run"])
-        assert (run / f"metrics_validation_step-{score['step']}_beams-2" / "metrics.json").is_file()
-        scored = (run / f"metrics_step-{score['step']}_beams-2" / "metrics.json").is_file()
-        assert scored == (choice["choice"] == "beams")
+    # then the decodings chosen on validation over the runs, test scored with the candidate only if it won:
+    # SAMSum greedy against beam search, 20 Newsgroups constrained against likelihood
+    for stage, runs, suffixes in (
+        ("samsum_beams", 2, ("", "beams-2")),
+        ("news_likelihood", 3, ("constrained", "likelihood")),
+    ):
+        choice = json.loads(
+            (_gpu_session(stage, tiny_model, data_dir, tmp_path, BEAMS="2") / "choice.json").read_text()
+        )
+        assert (choice["current"], choice["candidate"]) == suffixes and choice["split"] == "validation"
+        assert len(choice["runs"]) == runs and choice["choice"] in ("candidate", "current")
+        for score in choice["runs"]:
+            run, step = Path(score["run"]), score["step"]
+            for suffix in suffixes:
+                assert (run / f"metrics_validation_step-{step}{'_' * bool(suffix)}{suffix}" / "metrics.json").is_file()
+            scored = (run / f"metrics_step-{step}_{suffixes[1]}" / "metrics.json").is_file()
+            assert scored == (choice["choice"] == "candidate")
 
     # the adapters packed for a later sitting: unpacked elsewhere, a run is scored again as the original was
     packed = tmp_path / "adapters.tgz"
@@ -155,9 +163,9 @@ def test_choosing_the_decoding_on_validation():
     sys.path.insert(0, str(ROOT / "reproduce"))
     from choose_decoding import choose
 
-    assert choose([{"greedy": 0.6, "beams": 0.7}, {"greedy": 0.6, "beams": 0.55}])["choice"] == "beams"
-    assert choose([{"greedy": 0.6, "beams": 0.6}])["choice"] == "greedy"  # a tie keeps the cheaper greedy
-    assert choose([{"greedy": 0.6, "beams": 0.65}, {"greedy": 0.6, "beams": 0.5}])["choice"] == "greedy"
+    assert choose([{"current": 0.6, "candidate": 0.7}, {"current": 0.6, "candidate": 0.55}])["choice"] == "candidate"
+    assert choose([{"current": 0.6, "candidate": 0.6}])["choice"] == "current"  # a tie keeps what is in use
+    assert choose([{"current": 0.6, "candidate": 0.65}, {"current": 0.6, "candidate": 0.5}])["choice"] == "current"
 
 
 def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(tiny_model, data_dir, tmp_path):
