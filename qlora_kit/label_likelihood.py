@@ -6,14 +6,14 @@ when a single other label is more probable than any one of them. Here every labe
 end-of-turn token) is scored whole, log P(answer | prompt) summed over its tokens, and the highest wins, as
 multiple-choice tasks are scored by likelihood. The prompt is prefilled once; its key/value cache is repeated for
 every label and all labels' tokens go through the model in one forward, in chunks of prompts whose vocabulary
-logits (prompts x labels x answer tokens x vocabulary, fp32) stay under ``LOGITS_BYTES``.
+logits (prompts x labels x answer tokens x vocabulary, fp32) and repeated caches stay under ``CHUNK_BYTES``.
 """
 
 from __future__ import annotations
 
-from .generation import PREFILL_TOKENS, _prefill, cut_at_stop, left_padded
+from .generation import PREFILL_TOKENS, _prefill, cut_at_stop, kv_cache_bytes_per_token, left_padded
 
-LOGITS_BYTES = 2**30  # fp32 logits of one chunk of prompts' label tokens
+CHUNK_BYTES = 2**30  # one chunk of prompts' answer logits (fp32) and repeated key/value caches
 
 
 def answer_log_likelihoods(model, tokenizer, batch: list[list[int]], sequences: list[list[int]], prefill_tokens: int):
@@ -37,7 +37,9 @@ def answer_log_likelihoods(model, tokenizer, batch: list[list[int]], sequences: 
             return scores
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         vocabulary = last_logits.shape[-1]
-        chunk = max(1, LOGITS_BYTES // (count * (longest - 1) * vocabulary * 4))
+        # per prompt of a chunk: its answers' fp32 logits, and its key/value cache repeated once per answer
+        per_prompt = count * ((longest - 1) * vocabulary * 4 + input_ids.shape[1] * kv_cache_bytes_per_token(model))
+        chunk = max(1, CHUNK_BYTES // per_prompt)
         for start in range(0, len(batch), chunk):
             rows = slice(start, start + chunk)
             size = len(batch[rows])

@@ -606,7 +606,7 @@ def test_likelihood_chooses_the_label_whose_whole_answer_is_most_probable(model_
 
     model, tokenizer = model_and_tokenizer
     if chunked:
-        monkeypatch.setattr(label_likelihood, "LOGITS_BYTES", 1)
+        monkeypatch.setattr(label_likelihood, "CHUNK_BYTES", 1)
     prompts, stop = _prompts(tokenizer, count=5), [tokenizer.eos_token_id]
     names = ("sci.space", "sci.med", "rec.autos", "comp.graphics", "comp.os.ms-windows.misc")
     labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in names]
