@@ -314,6 +314,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     """Evaluate a fine-tuned run folder on its task's test (or validation) split."""
     started = time.perf_counter()
     task = get_task(task)
+    check_decoding(args)
     distributed.init()
     run = RunFolder(args.experiment_dir)
     config = run.config()
@@ -361,6 +362,12 @@ def evaluate_run(task, args: Namespace) -> dict:
     return metrics
 
 
+def check_decoding(args: Namespace) -> None:
+    """Decoding flags that do not go together, refused before anything loads."""
+    if getattr(args, "decoding", "greedy") == "likelihood" and getattr(args, "num_beams", 1) > 1:
+        raise UsageError("--num_beams does not apply to --decoding likelihood (it scores every label's whole answer)")
+
+
 def decoding_suffix(args: Namespace) -> str:
     """The decoding, unless greedy, and ``beams-N`` for beam search (e.g. ``constrained_beams-4``): the results of
     each way of decoding go to a folder of their own, beside the greedy ones, not over them."""
@@ -384,6 +391,7 @@ def baseline_dir(args: Namespace) -> Path:
 def evaluate_baseline(args: Namespace) -> dict:
     """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
     started = time.perf_counter()
+    check_decoding(args)
     distributed.init()
     task = get_task(args.task_type)
     out_dir = Path(args.output_dir) if args.output_dir else baseline_dir(args)

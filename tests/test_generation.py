@@ -629,5 +629,5 @@ def test_a_likelihood_evaluation_answers_only_labels_in_its_own_folder(trained_r
     assert metrics["config"]["decoding"] == "likelihood" and metrics["n"] == 6 and metrics["invalid"] == 0
     assert metrics["output_dir"].endswith("metrics_likelihood")
     args.num_beams = 2
-    with pytest.raises(generation.UsageError, match="no beams"):
+    with pytest.raises(generation.UsageError, match="--num_beams does not apply to --decoding likelihood"):
         evaluation.evaluate_run("classification", args)
