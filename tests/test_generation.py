@@ -22,11 +22,12 @@ def _prompts(tokenizer, count=11):
     return [fmt.prompt_ids(text, 200) for text in texts]
 
 
-def _one_at_a_time(model, prompt, max_new_tokens, stop_ids):
+def _one_at_a_time(model, prompt, max_new_tokens, stop_ids, num_beams=1):
     out = model.generate(
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         do_sample=False,
+        num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids,
         pad_token_id=stop_ids[0],
@@ -540,19 +541,6 @@ def test_out_of_memory_in_the_static_loop_halves_the_batch_too(model_and_tokeniz
     assert result.outputs == expected
 
 
-def _one_at_a_time_beams(model, prompt, max_new_tokens, stop_ids, num_beams):
-    out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        do_sample=False,
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids,
-        pad_token_id=stop_ids[0],
-    )[0, len(prompt) :].tolist()
-    return generation.cut_at_stop(out, stop_ids)
-
-
 def test_beam_search_answers_as_one_prompt_at_a_time_does(model_and_tokenizer, monkeypatch):
     """num_beams: transformers' beam search over the engine's batches, each with num_beams times fewer prompts;
     every answer that of the prompt searched alone, and not greedy's."""
@@ -569,7 +557,7 @@ def test_beam_search_answers_as_one_prompt_at_a_time_does(model_and_tokenizer, m
         model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, batch_size=6, num_beams=3, progress=False
     ).outputs
     assert sizes == [2, 2, 2, 1]
-    assert beams == [_one_at_a_time_beams(model, prompt, 8, stop, 3) for prompt in prompts]
+    assert beams == [_one_at_a_time(model, prompt, 8, stop, num_beams=3) for prompt in prompts]
     greedy = generation.generate(model, tokenizer, prompts, max_new_tokens=8, stop_ids=stop, progress=False).outputs
     assert beams != greedy
 
