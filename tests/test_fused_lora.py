@@ -192,3 +192,25 @@ def test_fused_lora_is_refused_under_fsdp():
     resolved, _ = settings.resolve("classification", {"fused_lora": True})
     with pytest.raises(UsageError, match="--fused_lora is not supported under FSDP"):
         training.check_fsdp_combinations(resolved)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["16-bit base", "4-bit base"])
+def test_fused_layers_over_base_layers_with_a_bias(tmp_path, four_bit):
+    """Qwen2's q, k and v projections carry a bias: the fused function adds the adapter to the base output
+    with its bias, as peft does."""
+    from conftest import newsgroup_rows
+    from peft import LoraConfig, get_peft_model
+    from tiny_model import build_tiny_architecture
+
+    folder = build_tiny_architecture(tmp_path / "qwen2", [r["text"] for r in newsgroup_rows(50, 0)], "qwen2")
+
+    def adapted():
+        torch.manual_seed(0)
+        model = modeling.load_model(str(folder), load_in_4bit=four_bit)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, target_modules=TARGETS)
+        return get_peft_model(model, config)
+
+    expected, fused = adapted(), adapted()
+    assert fused_lora.fuse_lora(fused) == 15
+    assert fused.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().bias is not None
+    _assert_same(_loss_and_grads(fused, _ids()), _loss_and_grads(expected, _ids()), rtol=1e-5, atol=1e-6)
