@@ -152,7 +152,8 @@ def plan_job(
     end_token: str,
     label_names: list[str],
 ) -> GenerationJob:
-    """Stage 1: every prompt's token ids, the stop tokens and, for constrained decoding, the label sequences."""
+    """Stage 1: every prompt's token ids, the stop tokens and, for constrained or likelihood decoding, the label
+    sequences."""
     prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
     constrained = task.labelled and getattr(args, "decoding", "greedy") in ("constrained", "likelihood")
     return GenerationJob(

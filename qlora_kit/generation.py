@@ -4,7 +4,7 @@ Prompts are sorted by length and left-padded in batches; the answer is what come
 after the prompt's token positions, cut at the first stop token. On CUDA out of
 memory the batch is halved and the same prompts are retried; a prompt that fails even
 alone is reported as failed, never recorded as an empty answer. Beam search (``num_beams``) runs through
-transformers' own generate over the same batches.
+transformers' own generate over the same batches; choosing labels by likelihood (``label_likelihood``) too.
 """
 
 from __future__ import annotations
