@@ -151,5 +151,5 @@ def test_a_run_on_mapped_columns_and_integer_labels_evaluates_without_repeating_
         "constrained",
         cwd=tmp_path,
     )
-    predictions = [json.loads(line) for line in (tmp_path / "run" / "metrics" / "predictions.jsonl").open()]
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "metrics_constrained" / "predictions.jsonl").open()]
     assert len(predictions) == 8 and {p["reference"] for p in predictions} <= set(names)
