@@ -380,7 +380,8 @@ def baseline_dir(args: Namespace) -> Path:
     """baseline_results/<model>/<task>/<prompt type>[-<style>][_<decoding>][_beams-N]: where a baseline's results
     go by default."""
     style_suffix = "" if args.prompt_style == "seed" else f"-{args.prompt_style}"
-    decoding = f"_{decoding_suffix(args)}" if decoding_suffix(args) else ""
+    suffix = decoding_suffix(args)
+    decoding = f"_{suffix}" if suffix else ""
     return (
         Path("baseline_results")
         / modeling.model_slug(args.pretrained_ckpt)

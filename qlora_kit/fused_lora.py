@@ -3,8 +3,8 @@
 peft computes an adapted layer as ``base(x).clone() + lora_B(lora_A(dropout(x))) * scaling``: besides the two
 small products, that is a copy of the base output, the adapter's own full-size output, a product by the scaling
 and a sum, each reading or writing a tensor of the layer's output size, in the forward (twice with recomputed
-activations), and a scaled gradient and a sum in the backward. Here the adapter's product is added into the base output in place, by the
-matrix multiply itself (``addmm_``), and the backward is written out the same way:
+activations), and a scaled gradient and a sum in the backward. Here the adapter's product is added into the base
+output in place, by the matrix multiply itself (``addmm_``), and the backward is written out the same way:
 
     forward   y  = base(x);  s = scaling * (d @ A.T);  y += s @ B.T        (d = dropout(x), or x)
     backward  dB = dy.T @ s;  g = dy @ B;  dA = scaling * g.T @ d
@@ -100,17 +100,18 @@ def unfused_reason(layer, x) -> str | None:
     if name in getattr(layer, "lora_variant", {}):
         return f"a LoRA variant ({type(layer.lora_variant[name]).__name__})"
     lora_A, lora_B, base = layer.lora_A[name], layer.lora_B[name], layer.get_base_layer()
+    four_bit = _is_4bit(base)
     if not isinstance(lora_A, torch.nn.Linear) or lora_B.bias is not None:
         return "a LoRA bias or a non-linear adapter"
-    if not (_is_4bit(base) or type(base) is torch.nn.Linear):
+    if not (four_bit or type(base) is torch.nn.Linear):
         return f"a {type(base).__name__} base layer"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "a base layer that trains"
-    if _is_4bit(base) and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+    if four_bit and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
         return "4-bit weights repacked for bitsandbytes' CPU inference"
     autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     # bitsandbytes returns x's dtype; a Linear under autocast, autocast's; else its weight's (and x's)
-    output_dtype = x.dtype if _is_4bit(base) else (autocast or base.weight.dtype)
+    output_dtype = x.dtype if four_bit else (autocast or base.weight.dtype)
     # peft multiplies the adapter in autocast's dtype, or the adapter weights' own, then casts to the output's
     adapter_dtype = autocast or lora_A.weight.dtype
     if adapter_dtype != output_dtype:

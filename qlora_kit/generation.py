@@ -299,9 +299,7 @@ def _generate_batch_plain(
 
     pad_id = tokenizer.pad_token_id
     width = max(len(ids) for ids in batch)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    input_ids, attention_mask, _ = left_padded(batch, pad_id, next(model.parameters()).device)
 
     def allowed(row, ids):
         return trie.allowed(ids[width:].tolist(), pad_id)

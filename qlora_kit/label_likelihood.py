@@ -40,6 +40,7 @@ def answer_log_likelihoods(model, tokenizer, batch: list[list[int]], sequences: 
         # per prompt of a chunk: its answers' fp32 logits, and its key/value cache repeated once per answer
         per_prompt = count * ((longest - 1) * vocabulary * 4 + input_ids.shape[1] * kv_cache_bytes_per_token(model))
         chunk = max(1, CHUNK_BYTES // per_prompt)
+        steps = torch.arange(1, longest, device=device)  # the answer tokens' positions after the prompt's last
         for start in range(0, len(batch), chunk):
             rows = slice(start, start + chunk)
             size = len(batch[rows])
@@ -50,7 +51,6 @@ def answer_log_likelihoods(model, tokenizer, batch: list[list[int]], sequences: 
                     for keys, values in layers
                 ]
             )
-            steps = torch.arange(1, longest, device=device)
             out = model(
                 input_ids=answers[:, :-1].repeat(size, 1),
                 attention_mask=torch.cat(
