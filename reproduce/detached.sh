@@ -5,6 +5,7 @@
 # follows within the machine's warm time); `watch` follows it from each command and packs what it wrote.
 #
 #   R=/tmp/work bash reproduce/detached.sh start STAGE...          # same environment as gpu_session.sh
+#   AFTER=/tmp/work R=/tmp/work2 bash reproduce/detached.sh start STAGE...   # once the stages under AFTER ended
 #   R=/tmp/work PACK=$OUT/r.tgz [ADAPTERS=$OUT/adapters.tgz] bash reproduce/detached.sh watch SECONDS
 #   R=/tmp/work bash reproduce/detached.sh stop TEXT                 # end the started processes whose command has TEXT
 #
@@ -33,7 +34,11 @@ case "${1:-}" in
     rm -f "$R/detached.rc" "$R/detached.sid"
     # the shell in the new session leads it: its process id is the session's id, which `stop` looks for.
     # PACK is for watch: the first command's $OUT is gone by the time the stages end
-    PACK='' setsid nohup bash -c 'echo $$ > "$R/detached.sid"; bash "$STAGES_SCRIPT" "$@"; echo $? > "$R/detached.rc"' \
+    # AFTER: a measurement must not share the GPU with the stages started under another R, so wait for their end
+    export AFTER=${AFTER:-}
+    PACK='' setsid nohup bash -c 'echo $$ > "$R/detached.sid"
+      while [ -n "$AFTER" ] && [ ! -f "$AFTER/detached.rc" ]; do sleep 5; done
+      bash "$STAGES_SCRIPT" "$@"; echo $? > "$R/detached.rc"' \
       detached "$@" > "$R/logs/detached.out" 2>&1 < /dev/null &
     for _ in 1 2 3 4 5 6 7 8 9 10; do [ -s "$R/detached.sid" ] && break; sleep 0.2; done
     echo "started in the background: $* (output: $R/logs/detached.out)"

@@ -71,16 +71,19 @@ bench_compiled_vs_peer() {
 # run keeps them). Unsloth unpacked in $UNSLOTH; not yet run on the GPU. Whether no dropout learns as well is
 # recipe_check's question (RC_DROPOUT=1); fused LoRA computes the same gradients (tests/test_fused_lora.py).
 bench_peer_levers() {
+  local recipes=(
+    "fast without LoRA dropout, every linear layer"
+    "Unsloth without LoRA dropout, fast recipe's batches, every linear layer"
+    "fast without LoRA dropout, fused LoRA, every linear layer" "fast, all modules" "fast, fused LoRA, all modules"
+    "bare PyTorch + peft loop, original recipe, all modules"
+    "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer"
+    "fast without LoRA dropout, decoder layers compiled, every linear layer"
+    "fast without LoRA dropout, activations offloaded to the CPU, every linear layer"
+    "fast without LoRA dropout, all modules" "fast without Liger, every linear layer"
+    "Unsloth, fast recipe's batches, every linear layer")
+  # PEER_FIRST=N: only the first N recipes (each takes about 2 minutes)
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
-    --scratch "$R/scratch" --recipes "fast without LoRA dropout, every linear layer" \
-    "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
-    "fast without LoRA dropout, fused LoRA, every linear layer" "fast, all modules" "fast, fused LoRA, all modules" \
-    "bare PyTorch + peft loop, original recipe, all modules" \
-    "fast without LoRA dropout, decoder layers compiled, every linear layer" \
-    "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer" \
-    "fast without LoRA dropout, activations offloaded to the CPU, every linear layer" \
-    "fast without LoRA dropout, all modules" "fast without Liger, every linear layer" \
-    "Unsloth, fast recipe's batches, every linear layer" \
+    --scratch "$R/scratch" --recipes "${recipes[@]:0:${PEER_FIRST:-${#recipes[@]}}}" \
     --out "$R/bench_peer_levers/train_throughput_peer_levers_classification.json"
 }
 
@@ -175,6 +178,14 @@ bench_logits() {
 bench_gen() {
   python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 4 --stride_4bit 1 \
     --stride_merged 2 --out "$R/bench_gen/generation_throughput.json"
+}
+
+# The decode loops on the whole test set, 4-bit model: the growing cache (the default) against the static cache
+# (CUDA graphs), beside the original one-at-a-time way and a plain batched generate (every 8th prompt).
+bench_gen_loops() {
+  python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 4 --stride_4bit 1 \
+    --batch_sizes_merged --batch_sizes_plain 256 --stride_plain 8 --stop_check_every 1 --static \
+    --out "$R/bench_gen_loops/generation_throughput_loops.json"
 }
 
 # A real run killed once (SIGKILL, as a preempted machine) and resumed, against an uninterrupted one.
