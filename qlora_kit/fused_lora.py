@@ -14,8 +14,8 @@ Only ``s`` (tokens x rank) is saved besides the inputs peft saves too. The passe
 peft's forward writes and reads the output-sized tensor ~8 more times (copy 2, adapter output 1, scaling 2, sum 3)
 where ``addmm_`` reads and writes it twice; the block's 7 adapted layers output 43,008 values a token, 86 KB in bf16,
 so ~0.5 MB a token a block, ~1 MB with the recomputed forward, ~33 MB a token over 32 blocks: ~10 us at the ~3.3 TB/s
-an H200 sustains, against ~125 us a token at 8,000 tokens/s. Measured in benchmarks/train_throughput.py before it
-is a default.
+an H200 sustains, against ~125 us a token at 8,000 tokens/s: at most ~8%. Measured on an H200 (7B shape, 4-bit,
+docs/benchmarks.md) it was 0.95x the default at the median, later passes even: not a default.
 
 It applies where the result is the same LoRA: training (train mode), one active adapter, no DoRA or other
 variant, no LoRA bias, a frozen base that is a ``torch.nn.Linear`` or a bitsandbytes 4-bit layer, the adapter's

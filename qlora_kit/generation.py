@@ -322,7 +322,9 @@ def _generate_batch_plain(
 # once per batch, each step replayed as a CUDA graph on a GPU: qlora_kit/static_decoding.py) and ``plain``
 # (transformers' own generate, for debugging). All give the same answers.
 LOOPS = ("dynamic", "static", "plain")
-# The loop used when neither ``generate(loop=...)`` nor QLORA_KIT_GENERATION names one.
+# The loop used when neither ``generate(loop=...)`` nor QLORA_KIT_GENERATION names one. ``static`` was 1.35x
+# ``dynamic`` on the 7B shape on an H200 (docs/benchmarks.md), but its answers are not yet compared with one-at-a-time
+# greedy on a trained model on a GPU (bf16 there, not the CPU tests' fp32).
 DEFAULT_LOOP = "dynamic"
 
 

@@ -107,7 +107,8 @@ class TrainingSettings:
     fused_lora: bool = _setting(
         False,
         "train each LoRA layer as one autograd function: the adapter's product added in place into the base "
-        "layer's output, without peft's copy, scaled sum and extra passes over the output (same gradients)",
+        "layer's output, without peft's copy, scaled sum and extra passes over the output (same gradients; no faster "
+        "on the 7B shape on an H200, docs/benchmarks.md)",
     )
     max_memory_gb: float = _setting(
         22.0,

@@ -57,6 +57,8 @@ case "${1:-}" in
     ;;
   watch)
     limit=${2:?detached.sh watch SECONDS}
+    # a machine that was released starts bare: waiting there would only spend GPU time on nothing
+    [ -f "$R/detached.sid" ] || { echo "detached.sh watch: nothing was started under $R (a new machine starts with an empty /tmp)"; exit 2; }
     started=$SECONDS
     printed=$SECONDS
     status=3

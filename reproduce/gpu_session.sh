@@ -68,7 +68,7 @@ bench_compiled_vs_peer() {
 # LoRA dropout (Unsloth's fused LoRA kernels need none), us and Unsloth, then our fused LoRA layers (--fused_lora);
 # the default on all modules with and without fused LoRA, and the bare-loop baseline; then compiled decoder layers
 # (speed), activations offloaded to the CPU (memory), and the runs with dropout. The most telling first (a cut-off
-# run keeps them). Unsloth unpacked in $UNSLOTH; not yet run on the GPU. Whether no dropout learns as well is
+# run keeps them). Unsloth unpacked in $UNSLOTH; its first two recipes ran on the GPU (docs/benchmarks.md). Whether no dropout learns as well is
 # recipe_check's question (RC_DROPOUT=1); fused LoRA computes the same gradients (tests/test_fused_lora.py).
 bench_peer_levers() {
   local recipes=(
@@ -85,6 +85,14 @@ bench_peer_levers() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
     --scratch "$R/scratch" --recipes "${recipes[@]:0:${PEER_FIRST:-${#recipes[@]}}}" \
     --out "$R/bench_peer_levers/train_throughput_peer_levers_classification.json"
+}
+
+# The default against the same with fused LoRA layers (--fused_lora), 20 Newsgroups lengths, 3 passes of 20 steps,
+# nothing else on the GPU (about 4 minutes with build_z7).
+bench_fused_lora() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --scratch "$R/scratch" \
+    --recipes "fast, fused LoRA, all modules" "fast, all modules" \
+    --out "$R/bench_fused_lora/train_throughput_fused_lora_classification.json"
 }
 
 # The trainer's reads from the GPU after every micro-batch (NaN filter of the logged loss, token count) against

@@ -288,3 +288,35 @@ def test_detached_stop_ends_only_the_started_processes_it_names(tmp_path):
         outside.send_signal(signal.SIGKILL)
         if session is not None:  # whatever of the stage is left
             subprocess.run(["pkill", "-9", "-s", str(session)], check=False)
+
+
+def test_detached_watch_refuses_at_once_where_nothing_was_started(tmp_path):
+    """On a machine that started bare (the stages' /tmp gone with the last one), watch says so and returns at
+    once instead of spending its whole wait on nothing."""
+    env = dict(os.environ, R=str(tmp_path / "r"))
+    watched = subprocess.run(
+        ["bash", str(ROOT / "reproduce" / "detached.sh"), "watch", "600"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert watched.returncode == 2 and "nothing was started under" in watched.stdout
+
+
+def test_detached_start_after_waits_for_the_other_runs_end(tmp_path):
+    """AFTER=DIR: the stages start only once those started under DIR have ended (one measurement at a time)."""
+    import time
+
+    stages = tmp_path / "stages.sh"
+    stages.write_text('touch "$R/ran"\n')
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    env = dict(os.environ, R=str(second), STAGES_SCRIPT=str(stages), AFTER=str(first))
+    detached = ["bash", str(ROOT / "reproduce" / "detached.sh")]
+    subprocess.run([*detached, "start", "go"], env=env, check=True, timeout=30)
+    time.sleep(2)
+    assert not (second / "ran").exists()  # the other stages have not ended
+    (first / "detached.rc").write_text("0\n")
+    watched = subprocess.run([*detached, "watch", "30"], env=env, capture_output=True, text=True, timeout=60)
+    assert watched.returncode == 0 and (second / "ran").is_file()
