@@ -163,10 +163,12 @@ def main(args):
             )
     if args.profile_examples:  # where the engine's time goes, on an evenly spread subset, after the timed runs
         subset = prompts[:: max(1, len(prompts) // args.profile_examples)][: args.profile_examples]
-        profile = results["profile_engine_4bit"] = {"examples": len(subset)}
+        profile = results["profile_engine_4bit"] = {"examples": len(subset), "loop": args.profile_loop}
         with profiling.profiled(profile):
-            generate(model, Tok, subset, batch_size=max(args.batch_sizes_4bit), **engine_4bit)
-        profiling.print_summary(f"profile of the engine, 4-bit, {len(subset)} examples", profile)
+            generate(model, Tok, subset, batch_size=max(args.batch_sizes_4bit), loop=args.profile_loop, **engine_4bit)
+        profiling.print_summary(
+            f"profile of the engine ({args.profile_loop} loop), 4-bit, {len(subset)} examples", profile
+        )
         zephyr_shaped.write_result(Path(args.out), results)
     for batch_size in args.batch_sizes_plain:
         reset_peak()
@@ -259,6 +261,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--profile_examples", type=int, default=0, help="profile the engine on this many prompts (0: no profile)"
+    )
+    parser.add_argument(
+        "--profile_loop", choices=("dynamic", "static"), default="dynamic", help="the decode loop the profile runs"
     )
     parser.add_argument("--out", default="benchmarks/results/generation_throughput.json")
     main(parser.parse_args())

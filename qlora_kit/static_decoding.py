@@ -121,18 +121,21 @@ def generate_batch(
         # preallocated one and freed
         keys = values = None
         logits = None
-        for group, cache, group_logits in _prefill_groups(model, input_ids, prompt_mask, position_ids, prefill_tokens):
-            if keys is None:
-                first = cache.layers[0].keys
-                shape = (rows, first.shape[1], length, first.shape[3])
-                keys = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
-                values = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
-                logits = torch.empty((rows, group_logits.shape[-1]), dtype=torch.float32, device=device)
-            for layer, part in enumerate(cache.layers):
-                keys[layer][group, :, :width] = part.keys
-                values[layer][group, :, :width] = part.values
-                part.keys = part.values = None
-            logits[group] = group_logits
+        with torch.profiler.record_function("prefill"):  # a named range in a profile, as the other loop's
+            for group, cache, group_logits in _prefill_groups(
+                model, input_ids, prompt_mask, position_ids, prefill_tokens
+            ):
+                if keys is None:
+                    first = cache.layers[0].keys
+                    shape = (rows, first.shape[1], length, first.shape[3])
+                    keys = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
+                    values = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
+                    logits = torch.empty((rows, group_logits.shape[-1]), dtype=torch.float32, device=device)
+                for layer, part in enumerate(cache.layers):
+                    keys[layer][group, :, :width] = part.keys
+                    values[layer][group, :, :width] = part.values
+                    part.keys = part.values = None
+                logits[group] = group_logits
         # the mask of every step: the prompt's real tokens, then each new token's column once it is written.
         # sdpa takes True = attend; eager attention adds the mask to its scores
         dtype = keys[0].dtype

@@ -129,6 +129,14 @@ bench_profile() {
     --out "$R/bench_profile/train_throughput_profile_classification.json"
 }
 
+# Where the static-cache loop's time goes on the 7B shape: both loops on every 4th test prompt, then the static
+# loop profiled on 1,024 prompts (its prefill against its decode, by kernel kind).
+bench_gen_static_profile() {
+  python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 1 --stride_4bit 4 \
+    --batch_sizes_plain --batch_sizes_merged --stop_check_every 1 --static --profile_examples 1024 \
+    --profile_loop static --out "$R/bench_gen_static_profile/generation_static_profile.json"
+}
+
 # Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine's
 # growing-cache and static-cache loops twice each, a plain batched generate, one example at a time, the engine with
 # the adapter merged, and a profile; then the whole inference script timed. The runs: the seeds stage's (GEN_SEED)

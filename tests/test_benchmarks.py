@@ -58,11 +58,13 @@ def test_generation_benchmark_tiny(tmp_path):
         1000,
         "--profile_examples",
         8,
+        "--profile_loop",
+        "static",
     )
     result = json.loads(out.read_text())
     profile = result["profile_engine_4bit"]
     assert profile["examples"] == 8 and profile["busy_seconds"] > 0 and profile["by_kind_seconds"]
-    assert set(profile["ranges"]) == {"prefill", "decode"}  # the engine's named ranges
+    assert profile["loop"] == "static" and set(profile["ranges"]) == {"prefill", "decode"}  # the loop's named ranges
     runs = result["runs"]
     assert set(runs) == {
         "original_one_at_a_time_4bit",
