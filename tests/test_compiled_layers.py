@@ -73,3 +73,23 @@ def test_a_compiled_run_trains_and_chooses_on_validation(tiny_model, data_dir, t
     assert runs[True].keys() == runs[False].keys()
     for name in runs[False]:
         torch.testing.assert_close(runs[True][name], runs[False][name], rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_layers_do_not_compile_again_for_new_lengths(tiny_model):
+    """Dynamic shapes: batches of new widths reuse the compiled layers (a recompile per length would cost minutes
+    a step on a 7B model); only a batch without padding (no attention mask) takes a graph of its own."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _adapted(tiny_model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    sft_trainer.compile_decoder_layers(model)
+    for width in (9, 13, 16, 23, 30):
+        ids = torch.randint(3, model.config.vocab_size, (2, width))
+        mask = torch.ones_like(ids)
+        mask[0, : width % 3] = 0  # widths 9 and 30: no padding
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
