@@ -404,10 +404,22 @@ def measure_bare_loop(model_dir: Path, recipe: dict, task: str, args) -> dict:
     pad = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    profile = {}
     warmup_seconds, seconds = tb.plain_loop(
-        model, optimizer, warm, timed, recipe["batch_size"], recipe["grad_accum"], args.repeats, pad
+        model,
+        optimizer,
+        warm,
+        timed,
+        recipe["batch_size"],
+        recipe["grad_accum"],
+        args.repeats,
+        pad,
+        args.profile_steps,
+        profile,
     )
     result = _result(recipe, timed, seconds, args, warmup_seconds=warmup_seconds)
+    if profile:
+        result["profile"] = {"steps": args.profile_steps, **profile}
     config = model.config
     result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))
     result["optim"] = type(optimizer).__name__
@@ -462,6 +474,8 @@ def measure_unsloth(model_dir: Path, recipe: dict, task: str, args) -> dict:
         str(args.max_seq_length),
         "--seed",
         str(args.seed),
+        "--profile_steps",
+        str(args.profile_steps),
         "--out",
         str(out),
     ]
@@ -544,7 +558,7 @@ if __name__ == "__main__":
         "--profile_steps",
         type=int,
         default=0,
-        help="after the timed passes, profile this many more steps of each recipe through the trainer (0: none)",
+        help="after the timed passes, profile this many more steps of each recipe (0: none)",
     )
     parser.add_argument("--unsloth_path", default=None, help="PYTHONPATH of Unsloth's own packages")
     parser.add_argument("--scratch", default="/tmp/train_throughput")

@@ -98,10 +98,23 @@ def collate(rows: list[dict], pad_id: int, device):
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def plain_loop(model, optimizer, warm: list, timed: list, micro_batch: int, accumulation: int, repeats: int, pad_id):
+def plain_loop(
+    model,
+    optimizer,
+    warm: list,
+    timed: list,
+    micro_batch: int,
+    accumulation: int,
+    repeats: int,
+    pad_id,
+    profile_steps: int = 0,
+    profile: dict | None = None,
+):
     """Train as a hand-written PyTorch loop does (bf16 autocast, loss / accumulation, gradient clipping at 0.3
     as the recipes do): the warm-up rows once, then the timed rows ``repeats`` times; the seconds of the warm-up
-    (compiling included, for a runner that compiles) and of each pass.
+    (compiling included, for a runner that compiles) and of each pass. With ``profile_steps``, after the passes
+    one more step of the timed rows, then that many profiled (``profiling.profiled``) into ``profile``, as the
+    trainer's measurement profiles its steps.
 
     Same order of rows as the trainer's measurement: micro-batches of consecutive rows.
     """
@@ -135,6 +148,15 @@ def plain_loop(model, optimizer, warm: list, timed: list, micro_batch: int, accu
             step(timed[start : start + rows_per_step])
         synchronize()
         seconds.append(time.perf_counter() - started)
+    if profile_steps:
+        import profiling
+
+        steps = [timed[start : start + rows_per_step] for start in range(0, len(timed), rows_per_step)]
+        step(steps[0])  # one more, unprofiled: the profiler's start is not the steps' cost
+        with profiling.profiled(profile):
+            for index in range(profile_steps):
+                step(steps[(1 + index) % len(steps)])
+            synchronize()
     return warmup_seconds, seconds
 
 

@@ -56,8 +56,18 @@ def main(args):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)
     torch.cuda.reset_peak_memory_stats()
+    profile = {}
     warmup_seconds, seconds = tb.plain_loop(
-        model, optimizer, warm, timed, args.batch_size, args.grad_accum, args.repeats, tokenizer.pad_token_id
+        model,
+        optimizer,
+        warm,
+        timed,
+        args.batch_size,
+        args.grad_accum,
+        args.repeats,
+        tokenizer.pad_token_id,
+        args.profile_steps,
+        profile,
     )
     result = {
         "which": "Unsloth (the peer), its public API in a plain PyTorch loop",
@@ -74,6 +84,8 @@ def main(args):
     }
     config = model.config
     result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))
+    if profile:
+        result["profile"] = {"steps": args.profile_steps, **profile}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"Unsloth: {result['tokens_per_second']:.0f} tokens/s, peak {result['peak_gpu_memory_gb']:.1f} GB")
 
@@ -95,5 +107,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile_steps", type=int, default=0, help="after the timed passes, profile this many more steps (0: none)"
+    )
     parser.add_argument("--out", required=True)
     main(parser.parse_args())

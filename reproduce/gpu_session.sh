@@ -137,6 +137,18 @@ bench_gen_static_profile() {
     --profile_loop static --out "$R/bench_gen_static_profile/generation_static_profile.json"
 }
 
+# Where the peer's step time goes beside ours (benchmarks/profiling.py), on its LoRA targets without dropout:
+# Unsloth, the default, the compiled layers; one pass of 10 steps each, then 3 steps profiled (about 6 minutes
+# with build_z7; Unsloth unpacked in $UNSLOTH).
+bench_profile_peer() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
+    --scratch "$R/scratch" --steps 10 --repeats 1 --profile_steps 3 \
+    --recipes "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
+    "fast without LoRA dropout, every linear layer" \
+    "fast without LoRA dropout, decoder layers compiled, every linear layer" \
+    --out "$R/bench_profile_peer/train_throughput_profile_peer_classification.json"
+}
+
 # Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine's
 # growing-cache and static-cache loops twice each, a plain batched generate, one example at a time, the engine with
 # the adapter merged, and a profile; then the whole inference script timed. The runs: the seeds stage's (GEN_SEED)

@@ -118,6 +118,9 @@ def test_train_benchmark_tiny(tmp_path):
     assert fast["which"] == "this project's trainer" and fast["achieved_tflops"] > 0
     bare = runs["summarization: bare PyTorch + peft loop, original recipe, all modules"]
     assert bare["which"].startswith("the baseline") and bare["grad_accum"] == 2 and not bare["group_by_length"]
+    # the hand-written loop (and the peer's, which runs the same loop) profiled as the trainer is, after its passes
+    assert bare["profile"]["steps"] == 1 and bare["profile"]["by_kind_seconds"]["matrix products"] > 0
+    assert len(bare["window_seconds"]) == 2
     # the warm-up's own time (where a compiled runner pays its compiling), beside the timed passes
     assert fast["warmup_seconds"] > 0 and bare["warmup_seconds"] > 0
     # the same rows: the same non-padding tokens per pass for the same rows per step
