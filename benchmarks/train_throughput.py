@@ -404,22 +404,12 @@ def measure_bare_loop(model_dir: Path, recipe: dict, task: str, args) -> dict:
     pad = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    profile = {}
-    warmup_seconds, seconds = tb.plain_loop(
-        model,
-        optimizer,
-        warm,
-        timed,
-        recipe["batch_size"],
-        recipe["grad_accum"],
-        args.repeats,
-        pad,
-        args.profile_steps,
-        profile,
+    warmup_seconds, seconds, profile = tb.plain_loop(
+        model, optimizer, warm, timed, recipe["batch_size"], recipe["grad_accum"], args.repeats, pad, args.profile_steps
     )
     result = _result(recipe, timed, seconds, args, warmup_seconds=warmup_seconds)
     if profile:
-        result["profile"] = {"steps": args.profile_steps, **profile}
+        result["profile"] = profile
     config = model.config
     result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))
     result["optim"] = type(optimizer).__name__

@@ -108,13 +108,12 @@ def plain_loop(
     repeats: int,
     pad_id,
     profile_steps: int = 0,
-    profile: dict | None = None,
 ):
     """Train as a hand-written PyTorch loop does (bf16 autocast, loss / accumulation, gradient clipping at 0.3
     as the recipes do): the warm-up rows once, then the timed rows ``repeats`` times; the seconds of the warm-up
-    (compiling included, for a runner that compiles) and of each pass. With ``profile_steps``, after the passes
-    one more step of the timed rows, then that many profiled (``profiling.profiled``) into ``profile``, as the
-    trainer's measurement profiles its steps.
+    (compiling included, for a runner that compiles) and of each pass; and with ``profile_steps``, after the passes
+    one more step of the timed rows, then that many profiled (``profiling.profiled``), as the trainer's measurement
+    profiles its steps: ``{"steps": profile_steps, **summary}``, else ``{}``.
 
     Same order of rows as the trainer's measurement: micro-batches of consecutive rows.
     """
@@ -148,6 +147,7 @@ def plain_loop(
             step(timed[start : start + rows_per_step])
         synchronize()
         seconds.append(time.perf_counter() - started)
+    profile = {}
     if profile_steps:
         import profiling
 
@@ -157,7 +157,8 @@ def plain_loop(
             for index in range(profile_steps):
                 step(steps[(1 + index) % len(steps)])
             synchronize()
-    return warmup_seconds, seconds
+        profile = {"steps": profile_steps, **profile}
+    return warmup_seconds, seconds, profile
 
 
 def synchronize():

@@ -56,8 +56,7 @@ def main(args):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)
     torch.cuda.reset_peak_memory_stats()
-    profile = {}
-    warmup_seconds, seconds = tb.plain_loop(
+    warmup_seconds, seconds, profile = tb.plain_loop(
         model,
         optimizer,
         warm,
@@ -67,7 +66,6 @@ def main(args):
         args.repeats,
         tokenizer.pad_token_id,
         args.profile_steps,
-        profile,
     )
     result = {
         "which": "Unsloth (the peer), its public API in a plain PyTorch loop",
@@ -85,7 +83,7 @@ def main(args):
     config = model.config
     result.update(tb.hardware_share(result, matmul, config.num_hidden_layers, config.hidden_size, True))
     if profile:
-        result["profile"] = {"steps": args.profile_steps, **profile}
+        result["profile"] = profile
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"Unsloth: {result['tokens_per_second']:.0f} tokens/s, peak {result['peak_gpu_memory_gb']:.1f} GB")
 

@@ -68,8 +68,9 @@ bench_compiled_vs_peer() {
 # LoRA dropout (Unsloth's fused LoRA kernels need none), us and Unsloth, then our fused LoRA layers (--fused_lora);
 # the default on all modules with and without fused LoRA, and the bare-loop baseline; then compiled decoder layers
 # (speed), activations offloaded to the CPU (memory), and the runs with dropout. The most telling first (a cut-off
-# run keeps them). Unsloth unpacked in $UNSLOTH; its first two recipes ran on the GPU (docs/benchmarks.md). Whether no dropout learns as well is
-# recipe_check's question (RC_DROPOUT=1); fused LoRA computes the same gradients (tests/test_fused_lora.py).
+# run keeps them). Unsloth unpacked in $UNSLOTH; its first two recipes ran on the GPU (docs/benchmarks.md).
+# Whether no dropout learns as well is recipe_check's question (RC_DROPOUT=1); fused LoRA computes the same
+# gradients (tests/test_fused_lora.py).
 bench_peer_levers() {
   local recipes=(
     "fast without LoRA dropout, every linear layer"
