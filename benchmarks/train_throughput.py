@@ -115,6 +115,11 @@ RECIPES = {
     "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer": _recipe(
         "linear", "fast", lora_dropout=0.0, fused_lora=True, compile_layers=True
     ),
+    # the same without compiling: Liger's fused norms, RoPE and SwiGLU in their place (the norms are the largest
+    # source of element-wise bytes left without dropout and peft's copies: step_anatomy.py)
+    "fast without LoRA dropout, fused LoRA, Liger, every linear layer": _recipe(
+        "linear", "fast", lora_dropout=0.0, fused_lora=True, use_liger_kernel=True
+    ),
     "small-model, fused LoRA, all modules": _recipe("all", "small-model", fused_lora=True),
     # levers not in any recipe yet, through trl/transformers' own switches (measured before one is adopted)
     "fast, torch.compile, all modules": _recipe(
@@ -206,9 +211,10 @@ def lora_target_names(model_dir: Path, targets: str) -> list[str]:
     return [name for name in names if name != layout.head_name] if targets == "linear" else names
 
 
-def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
+def measure(model_dir: Path, recipe: dict, task: str, args, profiler=None) -> dict:
     """One recipe through the project's trainer (qlora_kit.sft_trainer.make_trainer): the warm-up steps, then the
-    timed rows ``--repeats`` times, each pass timed on its own."""
+    timed rows ``--repeats`` times, each pass timed on its own. ``profiler(result, model)``, a context manager,
+    records the ``--profile_steps`` steps (default: ``profiling.profiled``, the kernels by kind)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -305,7 +311,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args) -> dict:
                 tb.synchronize()
                 self.marks.append(time.perf_counter())
             if extra_steps and step == timed_end + 1:
-                self.profiler = profiling.profiled(self.profile)
+                self.profiler = (profiler or profiling.profiled)(self.profile, model=kwargs["model"])
                 self.profiler.__enter__()
             elif self.profiler is not None and step == timed_end + extra_steps:
                 self.profiler.__exit__(None, None, None)

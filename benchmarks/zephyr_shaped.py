@@ -92,8 +92,9 @@ def placeholder_tokenizer():
     )
 
 
-def build(folder: Path, tiny: bool = False, shape: str = "zephyr-7b") -> Path:
-    """Save the random-weight model of ``shape`` once (bf16 safetensors); reuse it when already there."""
+def build(folder: Path, tiny: bool = False, shape: str = "zephyr-7b", layers: int | None = None) -> Path:
+    """Save the random-weight model of ``shape`` once (bf16 safetensors), with ``layers`` decoder layers if given;
+    reuse it when already there."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,7 +105,10 @@ def build(folder: Path, tiny: bool = False, shape: str = "zephyr-7b") -> Path:
     settings = {k: v for k, v in SHAPES[shape].items() if k not in ("architectures", "model_type")}
     # Falcon has no intermediate size or key/value head count to set
     tiny_settings = {k: v for k, v in TINY_OVERRIDES.items() if shape != "falcon-7b" or k in settings}
-    config = AutoConfig.for_model(SHAPES[shape]["model_type"], **{**settings, **(tiny_settings if tiny else {})})
+    depth = {"num_hidden_layers": layers} if layers else {}
+    config = AutoConfig.for_model(
+        SHAPES[shape]["model_type"], **{**settings, **(tiny_settings if tiny else {}), **depth}
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -88,6 +88,19 @@ bench_peer_levers() {
     --out "$R/bench_peer_levers/train_throughput_peer_levers_classification.json"
 }
 
+# The peer against our leanest candidates in one call of under 10 minutes (with build_z7; Unsloth unpacked in
+# $UNSLOTH), every linear layer, no LoRA dropout, 3 passes of 20 steps: Unsloth; fused LoRA layers with the decoder
+# layers compiled; fused LoRA layers with Liger's kernels; fused LoRA layers alone.
+bench_peer_best() {
+  python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
+    --scratch "$R/scratch" \
+    --recipes "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
+              "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer" \
+              "fast without LoRA dropout, fused LoRA, Liger, every linear layer" \
+              "fast without LoRA dropout, fused LoRA, every linear layer" \
+    --out "$R/bench_peer_best/train_throughput_peer_best_classification.json"
+}
+
 # The default against the same with fused LoRA layers (--fused_lora), 20 Newsgroups lengths, 3 passes of 20 steps,
 # nothing else on the GPU (about 4 minutes with build_z7).
 bench_fused_lora() {
@@ -148,6 +161,17 @@ bench_profile_peer() {
     "fast without LoRA dropout, every linear layer" \
     "fast without LoRA dropout, decoder layers compiled, every linear layer" \
     --out "$R/bench_profile_peer/train_throughput_profile_peer_classification.json"
+}
+
+# Where a training step's bytes and kernel time go, by source (benchmarks/step_anatomy.py: every operation with the
+# module that ran it, CUDA events around each): the default; on Unsloth's targets without dropout, with peft's
+# layers and with fused LoRA layers; the logits only where scored (0.44x the default on the GPU, cause not found).
+# One recorded step each on the whole 7B shape (about 4 minutes).
+bench_anatomy() {
+  python3 benchmarks/step_anatomy.py --model_dir "$Z7" --scratch "$R/scratch" \
+    --recipes "fast, all modules" "fast without LoRA dropout, every linear layer" \
+              "fast without LoRA dropout, fused LoRA, every linear layer" "fast, all modules, logits where scored" \
+    --out "$R/bench_anatomy/step_anatomy_classification.json"
 }
 
 # Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine's

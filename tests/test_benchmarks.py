@@ -138,6 +138,35 @@ def test_train_benchmark_tiny(tmp_path):
     assert (fast["lora_dropout"], no_dropout["lora_dropout"]) == (0.1, 0.0) and no_dropout["tokens_per_second"] > 0
 
 
+def test_step_anatomy_names_the_source_and_pass_of_every_operation(tmp_path):
+    """One training step recorded operation by operation: what the recipe changes shows where it should."""
+    out = tmp_path / "a.json"
+    default, lean = "fast, all modules", "fast without LoRA dropout, fused LoRA, all modules"
+    common = ("--tiny", "--model_dir", tmp_path / "m", "--batch_size", 4, "--scratch", tmp_path / "s")
+    _run("step_anatomy.py", *common, "--full_layers", 8, "--recipes", default, lean, "--out", out)
+    runs = json.loads(out.read_text())["runs"]
+    summary = {name: run["summary"]["per_position"] for name, run in runs.items()}
+    operations = runs[default]["operations"]
+    # every pass of a checkpointed step, and almost every byte with the module that asked for it
+    assert {"pass: forward", "pass: recompute", "pass: backward"} <= set(summary[default])
+    unattributed = sum(row["bytes"] for row in operations if row["module"] == "-" and row["phase"] != "no grad")
+    assert unattributed < 0.01 * sum(row["bytes"] for row in operations)
+    # the tiny model's 2 layers scaled to 8: a layer's rows count 4 times, the head's once
+    assert runs[default]["summary"]["layer_rows_scaled_by"] == 4
+    # LoRA's dropout masks each adapted layer's input in the default, and is gone without it
+    assert summary[default]["source: LoRA dropout"]["bytes_outside_matrix_products"] > 0
+    assert "source: LoRA dropout" not in summary[lean]
+    # peft copies, scales and sums each adapted layer's output; the fused layers add the adapter in place
+    copies = "source: peft's copy, scaling and sum around an adapted layer"
+    assert (
+        summary[lean][copies]["bytes_outside_matrix_products"]
+        < 0.5 * summary[default][copies]["bytes_outside_matrix_products"]
+    )
+    # the same matrix products either way (the model's FLOPs do not depend on how the adapter is added)
+    flops = {name: value["all"]["matrix_product_flops"] for name, value in summary.items()}
+    assert 0.9 < flops[lean] / flops[default] < 1.1 and flops[default] > 0
+
+
 def test_train_benchmark_data_parallel_trains_every_process_on_the_rows_of_one(tmp_path):
     """Under two processes every process trains the rows one process would (the same per-device batch): twice
     the tokens per pass; runners other than the project's trainer are refused in one line."""
