@@ -120,6 +120,11 @@ RECIPES = {
     "fast without LoRA dropout, fused LoRA, Liger, every linear layer": _recipe(
         "linear", "fast", lora_dropout=0.0, fused_lora=True, use_liger_kernel=True
     ),
+    # and with PyTorch's own fused RMSNorm (fuse_rms_norms): one kernel a norm, no Triton, no compiling
+    "fast without LoRA dropout, fused LoRA, fused RMSNorm, every linear layer": _recipe(
+        "linear", "fast", lora_dropout=0.0, fused_lora=True, fused_rms_norm=True
+    ),
+    "fast, fused RMSNorm, all modules": _recipe("all", "fast", fused_rms_norm=True),
     "small-model, fused LoRA, all modules": _recipe("all", "small-model", fused_lora=True),
     # levers not in any recipe yet, through trl/transformers' own switches (measured before one is adopted)
     "fast, torch.compile, all modules": _recipe(
@@ -211,6 +216,43 @@ def lora_target_names(model_dir: Path, targets: str) -> list[str]:
     return [name for name in names if name != layout.head_name] if targets == "linear" else names
 
 
+def fuse_rms_norms(model) -> int:
+    """Route every RMSNorm of ``model`` that computes what ``torch.nn.functional.rms_norm`` does (the weight times
+    the normalised input, the Llama form) through it; returns how many. On CUDA that is one fused kernel each way,
+    where the modelling code runs about eight element-wise operations in fp32 each way (the largest source of
+    element-wise bytes once LoRA's dropout and peft's copies are gone: step_anatomy.py). Each norm class is checked
+    on a random input first; other forms (Gemma's 1 + weight) keep their own. A lever measured here before it
+    becomes a training setting."""
+    import functools
+
+    import torch
+
+    def fused(module, eps, hidden_states):
+        # autocast would compute a norm in fp32 and return fp32; the modelling code returns the input's dtype
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return torch.nn.functional.rms_norm(
+                hidden_states, (module.weight.shape[0],), module.weight.to(hidden_states.dtype), eps
+            )
+
+    same: dict[type, bool] = {}
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if not type(module).__name__.endswith("RMSNorm") or weight is None or weight.dim() != 1 or eps is None:
+            continue
+        if type(module) not in same:
+            probe = torch.randn(2, 5, weight.shape[0], device=weight.device).to(weight.dtype)
+            with torch.no_grad():
+                same[type(module)] = torch.allclose(
+                    module(probe).float(), fused(module, eps, probe).float(), rtol=2e-2, atol=2e-2
+                )
+        if same[type(module)]:
+            module.forward = functools.partial(fused, module, eps)
+            count += 1
+    return count
+
+
 def measure(model_dir: Path, recipe: dict, task: str, args, profiler=None) -> dict:
     """One recipe through the project's trainer (qlora_kit.sft_trainer.make_trainer): the warm-up steps, then the
     timed rows ``--repeats`` times, each pass timed on its own. ``profiler(result, model)``, a context manager,
@@ -285,6 +327,8 @@ def measure(model_dir: Path, recipe: dict, task: str, args, profiler=None) -> di
         compile_layers=recipe.get("compile_layers", False),
         fused_lora=recipe.get("fused_lora", False),
     )
+    if recipe.get("fused_rms_norm") and not fuse_rms_norms(trainer.model):
+        sys.exit("fused_rms_norm: this model has no RMSNorm of the Llama form")
     # before the collator is wrapped: the probe's batches are not training's
     fitted = memory_budget.fit_to_budget(trainer, recipe["max_memory_gb"]) if recipe.get("max_memory_gb") else None
     # the rows' own order (see synthetic_rows): the worst batch first, then the timed steps

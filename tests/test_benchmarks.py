@@ -167,6 +167,33 @@ def test_step_anatomy_names_the_source_and_pass_of_every_operation(tmp_path):
     assert 0.9 < flops[lean] / flops[default] < 1.1 and flops[default] > 0
 
 
+def test_fused_rms_norms_compute_the_llama_norm_and_its_gradients(tiny_model):
+    """The benchmark's fused-RMSNorm lever: every norm of a Llama-form model patched, the same loss and gradients
+    (one bf16 rounding less is the only difference; here in fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train_throughput = _train_throughput_module()
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        for module in model.modules():  # norms that are not all ones
+            if type(module).__name__.endswith("RMSNorm"):
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+        if fused:
+            assert train_throughput.fuse_rms_norms(model) == 2 * model.config.num_hidden_layers + 1
+        models.append(model)
+    ids = torch.randint(3, models[0].config.vocab_size, (2, 9))
+    losses = []
+    for model in models:
+        losses.append(model(input_ids=ids, labels=ids).loss)
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, plain), (_, fused) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(plain.grad, fused.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_train_benchmark_data_parallel_trains_every_process_on_the_rows_of_one(tmp_path):
     """Under two processes every process trains the rows one process would (the same per-device batch): twice
     the tokens per pass; runners other than the project's trainer are refused in one line."""
