@@ -89,16 +89,17 @@ bench_peer_levers() {
 }
 
 # The peer against our leanest candidates in one call of about 10 minutes (with build_z7; Unsloth unpacked in
-# $UNSLOTH; the last may be cut off), every linear layer, no LoRA dropout, 3 passes of 20 steps: Unsloth; fused LoRA
-# layers with the decoder layers compiled; with PyTorch's fused RMSNorm; with Liger's kernels; alone.
+# $UNSLOTH; each recipe about 2 minutes, the last may be cut off), every linear layer, no LoRA dropout, 3 passes of
+# 20 steps: Unsloth; fused LoRA layers with the decoder layers compiled; with PyTorch's fused RMSNorm; alone; with
+# Liger's kernels.
 bench_peer_best() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
     --scratch "$R/scratch" \
     --recipes "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
               "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer" \
               "fast without LoRA dropout, fused LoRA, fused RMSNorm, every linear layer" \
-              "fast without LoRA dropout, fused LoRA, Liger, every linear layer" \
               "fast without LoRA dropout, fused LoRA, every linear layer" \
+              "fast without LoRA dropout, fused LoRA, Liger, every linear layer" \
     --out "$R/bench_peer_best/train_throughput_peer_best_classification.json"
 }
 
