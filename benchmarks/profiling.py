@@ -32,9 +32,9 @@ def kind(name: str) -> str:
 
 
 @contextlib.contextmanager
-def profiled(result: dict, top: int = 15, model=None):
+def profiled(result: dict, top: int = 15):
     """Profile the block (CPU and, where there is one, GPU activity); on exit, fill ``result`` with
-    ``summary`` of it. (``model`` is unused: a profiler of ``train_throughput.measure`` is given it.)"""
+    ``summary`` of it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -264,33 +265,30 @@ def main(args):
 
     from qlora_kit import modeling
 
+    for name in args.recipes:  # before any model is built or trained
+        recipe = train_throughput.RECIPES[name]
+        if recipe["runner"] != "trainer" or recipe.get("compile_layers"):
+            sys.exit(f"--recipes: {name!r}: only the project's eager recipes can be recorded operation by operation")
     folder = zephyr_shaped.build(Path(args.model_dir), tiny=args.tiny, layers=args.layers)
-    layers = json_config(folder)["num_hidden_layers"]
+    config = json.loads((folder / "config.json").read_text())
     if not torch.cuda.is_available():
         # bf16 as a GPU computes (the CPU's default is fp32, whose activations are twice the bytes)
         modeling.compute_dtype = lambda: torch.bfloat16
     results = {"command": " ".join(sys.argv), "settings": vars(args), **zephyr_shaped.environment(), "runs": {}}
     for name in args.recipes:
         recipe = {**train_throughput.RECIPES[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
-        if recipe["runner"] != "trainer" or recipe.get("compile_layers"):
-            sys.exit(f"--recipes: {name!r}: only the project's eager recipes can be recorded operation by operation")
         steps = argparse.Namespace(
             warmup_steps=1, steps=1, repeats=1, profile_steps=1, max_seq_length=args.max_seq_length, seed=args.seed,
             scratch=args.scratch,
         )  # fmt: skip
         run = train_throughput.measure(folder, recipe, args.task, steps, profiler=recorded)
         operations = run["profile"]["operations"]
-        positions = positions_of(operations, json_config(folder)["hidden_size"])
-        summary = summarise(operations, positions, args.full_layers / layers if args.full_layers else 1.0)
+        positions = positions_of(operations, config["hidden_size"])
+        scale = args.full_layers / config["num_hidden_layers"] if args.full_layers else 1.0
+        summary = summarise(operations, positions, scale)
         results["runs"][name] = {"recipe": recipe, "summary": summary, "operations": operations}
         print_summary(name, summary)
     zephyr_shaped.write_result(Path(args.out), results)
-
-
-def json_config(folder: Path) -> dict:
-    import json
-
-    return json.loads((folder / "config.json").read_text())
 
 
 def positions_of(operations: list[dict], hidden: int) -> int:
@@ -355,8 +353,6 @@ if __name__ == "__main__":
     parser.add_argument("--table", metavar="JSON", help="print a results file's runs as a markdown table, and stop")
     parsed = parser.parse_args()
     if parsed.table:
-        import json
-
         print(markdown_table(json.loads(Path(parsed.table).read_text())))
     else:
         main(parsed)

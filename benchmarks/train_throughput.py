@@ -355,7 +355,9 @@ def measure(model_dir: Path, recipe: dict, task: str, args, profiler=None) -> di
                 tb.synchronize()
                 self.marks.append(time.perf_counter())
             if extra_steps and step == timed_end + 1:
-                self.profiler = (profiler or profiling.profiled)(self.profile, model=kwargs["model"])
+                self.profiler = (
+                    profiler(self.profile, kwargs["model"]) if profiler else profiling.profiled(self.profile)
+                )
                 self.profiler.__enter__()
             elif self.profiler is not None and step == timed_end + extra_steps:
                 self.profiler.__exit__(None, None, None)
