@@ -54,6 +54,8 @@ SOURCES = (
     ("LoRA adapter products", r"lora_[AB]\b"),
     ("4-bit base products (dequantise + multiply)", r"base_layer"),
     ("norms", r"norm\b|layernorm"),
+    # a fused LoRA layer multiplies by its 4-bit base and its adapter itself, in the adapted layer's own node
+    ("fused LoRA layer's products (4-bit base + adapter)", r"(_proj|lm_head)\s::\s(mm|addmm_?|bitsandbytes::)"),
     ("peft's copy, scaling and sum around an adapted layer", r"_proj\s::|lm_head\s::"),
     ("attention (RoPE, scores, reshapes)", r"self_attn\s::"),
     ("MLP activation (SiLU x up)", r"mlp(\.act_fn)?\s::"),
@@ -96,8 +98,21 @@ class Recorder:
         def pushed(module, *unused):
             recorder.stack.append((names.get(id(module), type(module).__name__), recorder._in_backward()))
 
-        def popped(module, *unused):
+        def tag(outputs, where):
+            # the nodes a call made: from its outputs back to the first already tagged (a composite operation
+            # such as linear makes several: a product behind a reshape)
+            pending = [t.grad_fn for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+            while pending:
+                node = pending.pop()
+                if node is not None and "module" not in node.metadata:
+                    node.metadata["module"] = where
+                    pending.extend(next_node for next_node, _ in node.next_functions)
+
+        def popped(module, args, outputs):
+            # a custom autograd Function (bitsandbytes' 4-bit product, a fused LoRA layer) makes its node unseen by
+            # the function mode below: it belongs to the innermost module that returns it
             if recorder.stack:
+                tag(outputs, recorder.stack[-1][0])
                 recorder.stack.pop()
 
         self.hooks = [
@@ -115,14 +130,7 @@ class Recorder:
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 if recorder.stack:
-                    # the nodes this call made: from its outputs' back to the first already tagged (a composite
-                    # operation such as linear makes several: a product behind a reshape)
-                    pending = [t.grad_fn for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-                    while pending:
-                        node = pending.pop()
-                        if node is not None and "module" not in node.metadata:
-                            node.metadata["module"] = recorder.stack[-1][0]
-                            pending.extend(next_node for next_node, _ in node.next_functions)
+                    tag(out, recorder.stack[-1][0])
                 return out
 
         class Dispatch(TorchDispatchMode):
@@ -177,7 +185,9 @@ class Recorder:
         if node is not None and not (self.stack and self.stack[-1][1]):
             phase, where = "backward", node.metadata.get("module", "-")
         else:
-            phase = "recompute" if node is not None else "forward" if torch.is_grad_enabled() else "no grad"
+            # inside a module with gradients off: a custom autograd Function's forward (it runs without them)
+            in_forward = torch.is_grad_enabled() or self.stack
+            phase = "recompute" if node is not None else "forward" if in_forward else "no grad"
             where = self.stack[-1][0] if self.stack else "-"
         where = re.sub(r"\.\d+(\.|$)", r".N\1", where)
         if func.namespace not in ("aten", "prims"):

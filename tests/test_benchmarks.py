@@ -151,6 +151,8 @@ def test_step_anatomy_names_the_source_and_pass_of_every_operation(tmp_path):
     assert {"pass: forward", "pass: recompute", "pass: backward"} <= set(summary[default])
     unattributed = sum(row["bytes"] for row in operations if row["module"] == "-" and row["phase"] != "no grad")
     assert unattributed < 0.01 * sum(row["bytes"] for row in operations)
+    # a custom autograd Function's forward (bitsandbytes' 4-bit product) runs without gradients: still the forward
+    assert not [row for row in operations if row["phase"] == "no grad" and row["module"] != "-"]
     # the tiny model's 2 layers scaled to 8: a layer's rows count 4 times, the head's once
     assert runs[default]["summary"]["layer_rows_scaled_by"] == 4
     # LoRA's dropout masks each adapted layer's input in the default, and is gone without it
@@ -162,6 +164,10 @@ def test_step_anatomy_names_the_source_and_pass_of_every_operation(tmp_path):
         summary[lean][copies]["bytes_outside_matrix_products"]
         < 0.5 * summary[default][copies]["bytes_outside_matrix_products"]
     )
+    # a fused layer's backward (its own autograd node) belongs to the adapted layer, not to the next operation
+    products = [row for row in runs[lean]["operations"] if row["phase"] == "backward" and row["op"] == "mm"]
+    fused = "fused LoRA layer's products (4-bit base + adapter)"
+    assert products and {row["source"] for row in products} <= {fused, "embedding, head and loss"}
     # the same matrix products either way (the model's FLOPs do not depend on how the adapter is added)
     flops = {name: value["all"]["matrix_product_flops"] for name, value in summary.items()}
     assert 0.9 < flops[lean] / flops[default] < 1.1 and flops[default] > 0
