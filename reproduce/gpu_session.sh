@@ -181,10 +181,12 @@ bench_anatomy() {
 # the adapter merged, and a profile; then the whole inference script timed. The runs: the seeds stage's (GEN_SEED)
 # if there, else short runs of the small-model recipe (GEN_TRAIN_STEPS steps: a real adapter is what matters
 # here). GEN_BENCH_FLAGS: more flags for the benchmark (e.g. "--batch_sizes_plain 256 --no-merged" for less time).
+# GEN_TASKS: which tasks, in order (default "news samsum": 20 Newsgroups' short answers first, the exactness check
+# the static loop waits for).
 bench_gen_real() {
   local task script data decoding run started
   mkdir -p "$R/bench_gen_real"
-  for task in samsum news; do
+  for task in ${GEN_TASKS:-news samsum}; do
     if [ $task = samsum ]; then script=zephyr_summarization data=$SAMSUM decoding=greedy
     else script=zephyr_classification data=$NEWS decoding=constrained; fi
     run=$R/seeds/$task-seed-${GEN_SEED:-0}
@@ -735,6 +737,12 @@ fi
 # brings back what the stages wrote so far (a benchmark writes its JSON after each recipe).
 if [ -n "${PACK_AT:-}" ]; then
   (sleep "$PACK_AT"; pack; echo "PACK_AT: packed $R after $PACK_AT s") &
+  watchers+=($!)
+fi
+# With PACK_EVERY=N: also pack every N seconds, so that a command cut off by its time limit returns what was
+# written up to N seconds before (PACK_AT packs once, and misses what a stage writes after it).
+if [ -n "${PACK_EVERY:-}" ]; then
+  (while sleep "$PACK_EVERY"; do pack; done) &
   watchers+=($!)
 fi
 # the watchers' sleeps too: they hold our stdout
