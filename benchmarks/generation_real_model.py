@@ -119,11 +119,17 @@ def main(args):
     def identical(outputs, reference) -> float:
         return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
 
-    engine = None
+    # the same call again need not give the same answers on a GPU (bf16 kernels may pick other algorithms, and a
+    # long greedy answer turns at the first near-tie): each later call says how many its first call matched
+    engine = first = None
     for call in range(1, args.engine_calls + 1):
         out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
         engine = out.outputs
-        record(f"engine_call{call}", engine, seconds, peak, len(rows), {"metrics": metric(engine)})
+        first = first or engine
+        extra = {"metrics": metric(engine)} | (
+            {"identical_to_first_call": identical(engine, first)} if call > 1 else {}
+        )
+        record(f"engine_call{call}", engine, seconds, peak, len(rows), extra)
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
         out, seconds, peak = timed(
             lambda: generate(model, tokenizer, job.prompt_ids, stop_check_every=args.stop_check_every, **settings)
@@ -135,6 +141,7 @@ def main(args):
         record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, peak, len(rows), extra)
     static = {}  # the static-cache loop (CUDA graphs on a GPU), each stop-check interval called twice
     for every in args.static_stop_check_every:
+        first = None
         for call in range(1, args.engine_calls + 1):
             out, seconds, peak = timed(
                 lambda every=every: generate(
@@ -142,7 +149,10 @@ def main(args):
                 )
             )
             static[every] = out.outputs
+            first = first or out.outputs
             extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
+            if call > 1:
+                extra["identical_to_first_call"] = identical(out.outputs, first)
             record(f"engine_static_check_every{every}_call{call}", out.outputs, seconds, peak, len(rows), extra)
     for batch_size in args.batch_sizes_plain:
         out, seconds, peak = timed(

@@ -324,6 +324,10 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert runs["one_at_a_time"]["engine_identical_share"] == 1.0
     assert runs["engine_call1"]["metrics"]["invalid"] == 0  # constrained: always a label
     assert runs["engine_call2"]["metrics"] == runs["engine_call1"]["metrics"]
+    # each later call says how many of its first call's answers it repeats (all, on the CPU in fp32)
+    assert "identical_to_first_call" not in runs["engine_call1"]
+    assert runs["engine_call2"]["identical_to_first_call"] == 1.0
+    assert runs["engine_static_check_every1_call2"]["identical_to_first_call"] == 1.0
 
 
 def test_every_recipe_the_lab_names_exists():
