@@ -167,39 +167,58 @@ class LabelAutomaton:
 
 
 def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
-    """Run the prompts through the model in groups of rows of at most ``prefill_tokens`` tokens: yields each
-    group's rows (a slice), its KV cache, and the logits of its rows' last position."""
-    rows_per_group = max(1, prefill_tokens // input_ids.shape[1])
-    for start in range(0, input_ids.shape[0], rows_per_group):
-        rows = slice(start, start + rows_per_group)
+    """Run left-padded prompts through the model in groups of consecutive rows, each group cut to its own longest
+    prompt and holding at most ``prefill_tokens`` tokens so cut: yields each group's rows (a slice), its KV cache
+    (as wide as the group's longest prompt, the batch's last columns) and the logits of its rows' last position.
+    The padding a group's rows share is not computed (a batch of mixed lengths pads most rows far more than any
+    group's)."""
+    lengths = attention_mask.sum(-1).tolist()
+    width = input_ids.shape[1]
+    start = 0
+    while start < len(lengths):
+        end, longest = start + 1, max(1, lengths[start])
+        while end < len(lengths) and (end + 1 - start) * max(longest, lengths[end]) <= prefill_tokens:
+            longest = max(longest, lengths[end])
+            end += 1
+        rows, columns = slice(start, end), slice(width - longest, width)
         out = model(
-            input_ids=input_ids[rows],
-            attention_mask=attention_mask[rows],
-            position_ids=position_ids[rows],
+            input_ids=input_ids[rows, columns],
+            attention_mask=attention_mask[rows, columns],
+            position_ids=position_ids[rows, columns],
             use_cache=True,
             logits_to_keep=1,
         )
         yield rows, out.past_key_values, out.logits[:, -1].float()
         del out
+        start = end
 
 
 def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
-    """Prefill in row groups (``_prefill_groups``), the groups' KV caches joined into one, so that the whole batch
-    decodes together: a decode step costs about as much for 500 rows as for 50, while prefill activations would
-    not fit for 500 rows at once. Returns (cache, logits of each row's last position)."""
+    """Prefill in row groups (``_prefill_groups``), the groups' KV caches joined into one as wide as the batch (a
+    group's columns left of its longest prompt are zeros, masked), so that the whole batch decodes together: a
+    decode step costs about as much for 500 rows as for 50, while prefill activations would not fit for 500 rows
+    at once. Returns (cache, logits of each row's last position)."""
     import torch
     from transformers import DynamicCache
 
+    width = input_ids.shape[1]
     caches, last_logits = [], []
     for _, cache, logits in _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens):
         caches.append(cache)
         last_logits.append(logits)
-    if len(caches) == 1:
+    if len(caches) == 1:  # the group holds the batch's longest prompt: already as wide as the batch
         return caches[0], last_logits[0]
+
+    def widened(states):
+        missing = width - states.shape[2]
+        return torch.nn.functional.pad(states, (0, 0, missing, 0)) if missing else states
+
     joined = []
     for layer in range(len(caches[0].layers)):  # one layer at a time: little memory beyond the cache itself
         parts = [cache.layers[layer] for cache in caches]
-        joined.append((torch.cat([part.keys for part in parts]), torch.cat([part.values for part in parts])))
+        joined.append(
+            (torch.cat([widened(part.keys) for part in parts]), torch.cat([widened(part.values) for part in parts]))
+        )
         for part in parts:
             part.keys = part.values = None
     return DynamicCache(joined), torch.cat(last_logits)

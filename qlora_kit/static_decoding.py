@@ -117,8 +117,8 @@ def generate_batch(
     input_ids, prompt_mask, position_ids = left_padded(batch, pad_id, device)
 
     with torch.inference_mode():
-        # prefill group by group (as the growing-cache loop does), each group's cache copied into its rows of the
-        # preallocated one and freed
+        # prefill group by group (as the growing-cache loop does), each group's cache copied into its rows and
+        # columns of the preallocated one and freed
         keys = values = None
         logits = None
         with torch.profiler.record_function("prefill"):  # a named range in a profile, as the other loop's
@@ -131,9 +131,10 @@ def generate_batch(
                     keys = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
                     values = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
                     logits = torch.empty((rows, group_logits.shape[-1]), dtype=torch.float32, device=device)
+                start = width - cache.layers[0].keys.shape[2]  # the group's columns: its longest prompt's
                 for layer, part in enumerate(cache.layers):
-                    keys[layer][group, :, :width] = part.keys
-                    values[layer][group, :, :width] = part.values
+                    keys[layer][group, :, start:width] = part.keys
+                    values[layer][group, :, start:width] = part.values
                     part.keys = part.values = None
                 logits[group] = group_logits
         # the mask of every step: the prompt's real tokens, then each new token's column once it is written.

@@ -228,6 +228,8 @@ def test_generation_memory_per_token_for_zephyr_7b_shape():
 
 
 def test_prefill_in_row_groups_gives_the_same_answers(model_and_tokenizer, monkeypatch):
+    """Prompts prefilled in groups of rows, each without the padding its rows share, answer as one whole-batch
+    prefill does."""
     model, tokenizer = model_and_tokenizer
     prompts = [[1] + [5 + (i * 7 + j) % 50 for j in range(n)] for i, n in enumerate((12, 3, 9, 30, 7, 18, 5))]
     forwards = []
@@ -257,9 +259,11 @@ def test_prefill_in_row_groups_gives_the_same_answers(model_and_tokenizer, monke
         batch_size=7,
         prefill_tokens=70,
         progress=False,
-    )  # 31-token rows: 2 per group
-    assert [shape[0] for shape in forwards[:4]] == [2, 2, 2, 1]  # four prefill groups, then decode steps of 7
-    assert all(shape == (7, 1) for shape in forwards[4:]) and len(forwards) > 4
+    )
+    # longest first (31, 19 | 13, 10, 8, 6, 4 tokens): each group cut to its own longest prompt, as many rows as fit
+    # 70 tokens so cut: two groups, then decode steps of 7
+    assert forwards[:2] == [(2, 31), (5, 13)]
+    assert all(shape == (7, 1) for shape in forwards[2:]) and len(forwards) > 2
     assert grouped.outputs == whole.outputs
 
 
