@@ -163,7 +163,7 @@ def classification_table(records: list[dict]) -> str:
         row = []
         for method in VARIANTS:
             shown = [
-                f"{_pct(run['accuracy'], run['ci95'].get('accuracy'))} ({_pct(run['macro_f1'])})"
+                f"{_pct(run['accuracy'], run['ci95'].get('accuracy'))} ({_pct(run['macro_f1'], run['ci95'].get('macro_f1'))})"
                 for run in cells[key].get(method, [])
                 if run["accuracy"] is not None
             ]
@@ -176,7 +176,7 @@ def classification_table(records: list[dict]) -> str:
     for run in sorted(baselines, key=lambda r: r["method"]):
         lines.append(
             f"| {run['method']} | - | - | {_pct(run['accuracy'], run['ci95'].get('accuracy'))} "
-            f"({_pct(run['macro_f1'])}) |" + f" {MISSING} |" * (len(VARIANTS) - 1)
+            f"({_pct(run['macro_f1'], run['ci95'].get('macro_f1'))}) |" + f" {MISSING} |" * (len(VARIANTS) - 1)
         )
     return "\n".join(lines)
 
@@ -367,7 +367,7 @@ def make_report(experiments: Path, baselines: Path | None, out: Path, compare: t
                 "# Results report",
                 f"Made by `python make_report.py {experiments} {shown_baselines}--out {out}` from {len(records)} result folders; "
                 f"{MISSING} marks a run that has not been made.",
-                "## Table 1: 20 Newsgroups accuracy [95% bootstrap interval] (macro-F1), %",
+                "## Table 1: 20 Newsgroups accuracy (macro-F1), %, each with its 95% bootstrap interval",
                 classification_table(records),
                 "## Table 2: SAMSum ROUGE [95% bootstrap interval]",
                 summarization_table(records),
@@ -413,16 +413,16 @@ def checkpoint_scores(run_dir: Path, split: str = "validation") -> list[dict]:
 
 
 def _score_text(evaluation, task: str) -> str:
-    """An evaluation's headline numbers with the 95% interval of the first (accuracy; ROUGE-1)."""
+    """An evaluation's headline numbers, each with its 95% interval (accuracy and macro-F1; ROUGE-1, 2, L)."""
     metrics = evaluation.metrics() or {}
     intervals = _metrics(metrics, evaluation.folder)["ci95"]
     if task == "classification":
         invalid = metrics.get("invalid")
-        return f"{_pct(metrics.get('accuracy'), intervals.get('accuracy'))} ({_pct(metrics.get('macro_f1'))})" + (
+        accuracy, macro_f1 = metrics.get("accuracy"), metrics.get("macro_f1")
+        return f"{_pct(accuracy, intervals.get('accuracy'))} ({_pct(macro_f1, intervals.get('macro_f1'))})" + (
             f", {invalid} invalid" if invalid else ""
         )
-    first, *rest = (key for key, _ in ROUGE_COLUMNS[:3])
-    return " / ".join([_num(metrics.get(first), intervals.get(first))] + [_num(metrics.get(key)) for key in rest])
+    return " / ".join(_num(metrics.get(key), intervals.get(key)) for key, _ in ROUGE_COLUMNS[:3])
 
 
 def _run_settings(config: dict) -> str:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,8 @@ def test_report_shows_intervals_seed_repeats_and_a_paired_comparison(tmp_path):
         _fake_run(runs / f"news-seed{seed}", seed, right)
     text = make_report(runs, None, tmp_path / "report", compare=(runs / "news-seed1", runs / "news-seed2"))
     assert "| 100 | 1.0 | 3 | 75.0 [" in text  # seed 1's accuracy with its interval (another seed's cell beside it)
+    # and its macro-F1 with its own
+    assert re.search(r"\| 75\.0 \[\d+\.\d, \d+\.\d\] \(\d+\.\d \[\d+\.\d, \d+\.\d\]\)", text)
     assert "| classification | news-seed1 | 1, 2, 3 | accuracy | 80.00 +- 5.00 | 75.00 - 85.00 |" in text
     assert "B minus A: accuracy +10.00 (95% CI" in text and "McNemar: only A right 0, only B right 4" in text
     header = (tmp_path / "report" / "runs.csv").read_text().splitlines()[0]
