@@ -440,7 +440,7 @@ def _run_settings(config: dict) -> str:
 
 
 CHECKPOINT_NOTE = (
-    "[a, b]: the 95% bootstrap interval of the first number. "
+    "[a, b]: the 95% bootstrap interval of the number before it. "
     "Validation: SAMSum's own split; for 20 Newsgroups the part of the training set the run held "
     "out (`--validation_fraction`). 20 Newsgroups: accuracy (macro-F1) %; SAMSum: ROUGE-1 / ROUGE-2 / "
     "ROUGE-L. Test entries name their decoding when it was not the default."
