@@ -320,3 +320,21 @@ def test_detached_start_after_waits_for_the_other_runs_end(tmp_path):
     (first / "detached.rc").write_text("0\n")
     watched = subprocess.run([*detached, "watch", "30"], env=env, capture_output=True, text=True, timeout=60)
     assert watched.returncode == 0 and (second / "ran").is_file()
+
+
+def test_gpu_session_packs_every_few_seconds_what_a_cut_off_stage_wrote(tmp_path):
+    """PACK_EVERY=N: a command killed by its time limit mid-stage (no pack at the stage's end) still leaves what
+    the stage had written in the pack, and no half-written temporary file beside it."""
+    import tarfile
+
+    pack = tmp_path / "r.tgz"
+    # a stage as the script runs it: a bash function, here exported through the environment
+    stage = '() { echo written > "$R/partial.json"; sleep 30; }'
+    env = dict(os.environ, DATA_DIR=str(tmp_path), R=str(tmp_path / "r"), PACK=str(pack), PACK_EVERY="1")
+    env["BASH_FUNC_slow_stage%%"] = stage
+    script = ["bash", str(ROOT / "reproduce" / "gpu_session.sh"), "slow_stage"]
+    cut = subprocess.run(["timeout", "4", *script], env=env, capture_output=True, text=True, timeout=60)
+    assert cut.returncode == 124  # cut off by its time limit
+    with tarfile.open(pack) as packed:
+        assert "./partial.json" in packed.getnames()
+    assert not list(tmp_path.glob("r.tgz.*.tmp"))
