@@ -134,6 +134,11 @@ def _pct(value, interval=None) -> str:
     return f"{100 * value:.1f}" + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
 
 
+def _accuracy_text(accuracy, macro_f1, intervals: dict) -> str:
+    """Accuracy (macro-F1) in %, each with its interval where known."""
+    return f"{_pct(accuracy, intervals.get('accuracy'))} ({_pct(macro_f1, intervals.get('macro_f1'))})"
+
+
 def _num(value, interval=None) -> str:
     if value is None:
         return MISSING
@@ -163,7 +168,7 @@ def classification_table(records: list[dict]) -> str:
         row = []
         for method in VARIANTS:
             shown = [
-                f"{_pct(run['accuracy'], run['ci95'].get('accuracy'))} ({_pct(run['macro_f1'], run['ci95'].get('macro_f1'))})"
+                _accuracy_text(run["accuracy"], run["macro_f1"], run["ci95"])
                 for run in cells[key].get(method, [])
                 if run["accuracy"] is not None
             ]
@@ -175,8 +180,8 @@ def classification_table(records: list[dict]) -> str:
     baselines = [r for r in records if r["task"] == "classification" and r["kind"] == "baseline"]
     for run in sorted(baselines, key=lambda r: r["method"]):
         lines.append(
-            f"| {run['method']} | - | - | {_pct(run['accuracy'], run['ci95'].get('accuracy'))} "
-            f"({_pct(run['macro_f1'], run['ci95'].get('macro_f1'))}) |" + f" {MISSING} |" * (len(VARIANTS) - 1)
+            f"| {run['method']} | - | - | {_accuracy_text(run['accuracy'], run['macro_f1'], run['ci95'])} |"
+            + f" {MISSING} |" * (len(VARIANTS) - 1)
         )
     return "\n".join(lines)
 
@@ -418,10 +423,8 @@ def _score_text(evaluation, task: str) -> str:
     intervals = _metrics(metrics, evaluation.folder)["ci95"]
     if task == "classification":
         invalid = metrics.get("invalid")
-        accuracy, macro_f1 = metrics.get("accuracy"), metrics.get("macro_f1")
-        return f"{_pct(accuracy, intervals.get('accuracy'))} ({_pct(macro_f1, intervals.get('macro_f1'))})" + (
-            f", {invalid} invalid" if invalid else ""
-        )
+        text = _accuracy_text(metrics.get("accuracy"), metrics.get("macro_f1"), intervals)
+        return text + (f", {invalid} invalid" if invalid else "")
     return " / ".join(_num(metrics.get(key), intervals.get(key)) for key, _ in ROUGE_COLUMNS[:3])
 
 
