@@ -365,8 +365,7 @@ def measure(model_dir: Path, recipe: dict, task: str, args, profiler=None) -> di
 
     clock = Clock()
     trainer.add_callback(clock)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    tb.reset_gpu_memory_stats()
     trainer.train()
     seconds = [later - earlier for earlier, later in zip(clock.marks, clock.marks[1:])]
     # every process trained the timed rows: the tokens of all of them, per second
@@ -454,8 +453,7 @@ def measure_bare_loop(model_dir: Path, recipe: dict, task: str, args) -> dict:
         task_lengths(task), model.config.vocab_size, rows, args.warmup_steps, args.steps, recipe["group_by_length"]
     )
     pad = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    tb.reset_gpu_memory_stats()
     warmup_seconds, seconds, profile = tb.plain_loop(
         model, optimizer, warm, timed, recipe["batch_size"], recipe["grad_accum"], args.repeats, pad, args.profile_steps
     )

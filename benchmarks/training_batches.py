@@ -208,12 +208,27 @@ def summary(window_seconds: list[float], tokens: int, examples: int) -> dict:
     }
 
 
+# the caching allocator's counts over a run: cudaMalloc / cudaFree calls (each can stall the host) and the retries
+# after freeing cached blocks; steady steps of a fixed shape make none, shapes that change step to step may
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def reset_gpu_memory_stats() -> None:
+    """Start a run's peak memory and allocator counts afresh (no-op without a GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_accumulated_memory_stats()
+
+
 def timed_record(
     timed: list, seconds: list[float], steps: int, repeats: int, packing: bool = False, warmup_seconds=None
 ) -> dict:
     """What every runner reports of its timed passes: the rows' non-padding tokens and examples, their speeds
     (``summary``), the peak GPU memory since the last reset (over every step, warm-up included, whose first
-    batch holds the task's longest examples) and the warm-up's seconds (where compiling shows)."""
+    batch holds the task's longest examples), the allocator's counts over the run (``ALLOCATOR_COUNTS``) and the
+    warm-up's seconds (where compiling shows)."""
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -228,6 +243,7 @@ def timed_record(
         **summary(seconds, tokens, examples),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
         "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
+        "allocator": {key: torch.cuda.memory_stats().get(key) for key in ALLOCATOR_COUNTS} if on_gpu else None,
     }
 
 

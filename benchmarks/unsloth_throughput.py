@@ -55,7 +55,7 @@ def main(args):
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)
-    torch.cuda.reset_peak_memory_stats()
+    tb.reset_gpu_memory_stats()
     warmup_seconds, seconds, profile = tb.plain_loop(
         model,
         optimizer,
