@@ -154,14 +154,14 @@ bench_gen_static_profile() {
 }
 
 # Where the peer's step time goes beside ours (benchmarks/profiling.py), on its LoRA targets without dropout:
-# Unsloth, the default, the compiled layers; one pass of 10 steps each, then 3 steps profiled (about 6 minutes
-# with build_z7; Unsloth unpacked in $UNSLOTH).
+# Unsloth, our leanest (fused LoRA + compiled layers, level with Unsloth), the default's layers; one pass of 10
+# steps each, then 3 steps profiled (about 6 minutes with build_z7; Unsloth unpacked in $UNSLOTH).
 bench_profile_peer() {
   python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks classification --unsloth_path "${UNSLOTH:-/tmp/uns}" \
     --scratch "$R/scratch" --steps 10 --repeats 1 --profile_steps 3 \
     --recipes "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
+    "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer" \
     "fast without LoRA dropout, every linear layer" \
-    "fast without LoRA dropout, decoder layers compiled, every linear layer" \
     --out "$R/bench_profile_peer/train_throughput_profile_peer_classification.json"
 }
 
