@@ -115,6 +115,10 @@ RECIPES = {
     "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer": _recipe(
         "linear", "fast", lora_dropout=0.0, fused_lora=True, compile_layers=True
     ),
+    # the same with an adapter on lm_head too (the original scripts' --full_tune)
+    "fast without LoRA dropout, fused LoRA, decoder layers compiled, all modules": _recipe(
+        "all", "fast", lora_dropout=0.0, fused_lora=True, compile_layers=True
+    ),
     # the same without compiling: Liger's fused norms, RoPE and SwiGLU in their place (the norms are the largest
     # source of element-wise bytes left without dropout and peft's copies: step_anatomy.py)
     "fast without LoRA dropout, fused LoRA, Liger, every linear layer": _recipe(
