@@ -154,6 +154,21 @@ def main(args):
             if call > 1:
                 extra["identical_to_first_call"] = identical(out.outputs, first)
             record(f"engine_static_check_every{every}_call{call}", out.outputs, seconds, peak, len(rows), extra)
+    # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
+    # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
+    for budget in args.static_batch_tokens:
+        first = None
+        for call in range(1, args.engine_calls + 1):
+            out, seconds, peak = timed(
+                lambda budget=budget: generate(
+                    model, tokenizer, job.prompt_ids, loop="static", **{**settings, "max_batch_tokens": budget}
+                )
+            )
+            first = first or out.outputs
+            extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
+            if call > 1:
+                extra["identical_to_first_call"] = identical(out.outputs, first)
+            record(f"engine_static_batch_tokens{budget}_call{call}", out.outputs, seconds, peak, len(rows), extra)
     for batch_size in args.batch_sizes_plain:
         out, seconds, peak = timed(
             lambda size=batch_size: generate(
@@ -211,6 +226,13 @@ if __name__ == "__main__":
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also the engine with the adapter merged into a 16-bit base (--merge_adapter)",
+    )
+    parser.add_argument(
+        "--static_batch_tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the static-cache loop with batches of at most N padded tokens each (smaller batches, less padding)",
     )
     parser.add_argument("--profile", action="store_true", help="profile one more engine call")
     parser.add_argument(

@@ -304,6 +304,8 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
         "--one_at_a_time",
         5,
         "--profile",
+        "--static_batch_tokens",
+        160,
         "--out",
         out,
     )
@@ -312,6 +314,7 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     merged = {"engine_adapter_merged_call1", "engine_adapter_merged_call2"}  # the run's base is 16-bit
     ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
     static = {f"engine_static_check_every{every}_call{call}" for every in (1, 4) for call in (1, 2)}
+    static |= {"engine_static_batch_tokens160_call1", "engine_static_batch_tokens160_call2"}  # in smaller batches
     assert set(runs) == ways | merged | static
     assert runs["engine_stop_check_every4"]["identical_to_engine"] == 1.0  # the same answers, whatever the check
     assert all(runs[name]["identical_to_engine"] == 1.0 for name in static)  # and whatever the loop
