@@ -167,12 +167,14 @@ bench_profile_peer() {
 
 # Where a training step's bytes and kernel time go, by source (benchmarks/step_anatomy.py: every operation with the
 # module that ran it, CUDA events around each): the default; on Unsloth's targets without dropout, with peft's
-# layers and with fused LoRA layers; the logits only where scored (0.44x the default on the GPU, cause not found).
-# One recorded step each on the whole 7B shape (about 4 minutes).
+# layers and with fused LoRA layers; ANATOMY_RECIPES for others (the logits only where scored: the same kernel
+# time as the default on an H100, so its 0.44x is not in the kernels). One recorded step each on the whole 7B
+# shape (72 s for four on an H100).
 bench_anatomy() {
-  python3 benchmarks/step_anatomy.py --model_dir "$Z7" --scratch "$R/scratch" \
-    --recipes "fast, all modules" "fast without LoRA dropout, every linear layer" \
-              "fast without LoRA dropout, fused LoRA, every linear layer" "fast, all modules, logits where scored" \
+  local recipes=("fast, all modules" "fast without LoRA dropout, every linear layer"
+                 "fast without LoRA dropout, fused LoRA, every linear layer")
+  [ -n "${ANATOMY_RECIPES:-}" ] && mapfile -t recipes <<< "$ANATOMY_RECIPES"
+  python3 benchmarks/step_anatomy.py --model_dir "$Z7" --scratch "$R/scratch" --recipes "${recipes[@]}" \
     --out "$R/bench_anatomy/step_anatomy_classification.json"
 }
 
