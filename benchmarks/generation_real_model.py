@@ -119,17 +119,27 @@ def main(args):
     def identical(outputs, reference) -> float:
         return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
 
-    # the same call again need not give the same answers on a GPU (bf16 kernels may pick other algorithms, and a
-    # long greedy answer turns at the first near-tie): each later call says how many its first call matched
-    engine = first = None
-    for call in range(1, args.engine_calls + 1):
-        out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
-        engine = out.outputs
-        first = first or engine
-        extra = {"metrics": metric(engine)} | (
-            {"identical_to_first_call": identical(engine, first)} if call > 1 else {}
-        )
-        record(f"engine_call{call}", engine, seconds, peak, len(rows), extra)
+    engine = None  # the engine's answers, once it has run: what every other way is compared with
+
+    def called(name, **changes):
+        """``generate`` with ``settings`` changed by ``changes``, called ``--engine_calls`` times, each recorded as
+        NAME_callK with its metric, its share of answers identical to the engine's (once there are some) and, after
+        the first call, to the first call's: the same call need not give the same answers again on a GPU (bf16
+        kernels may pick other algorithms, and a long greedy answer turns at the first near-tie). Returns the
+        last call's answers."""
+        first = None
+        for call in range(1, args.engine_calls + 1):
+            out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **{**settings, **changes}))
+            first = first or out.outputs
+            extra = {"metrics": metric(out.outputs)}
+            if engine is not None:
+                extra["identical_to_engine"] = identical(out.outputs, engine)
+            if call > 1:
+                extra["identical_to_first_call"] = identical(out.outputs, first)
+            record(f"{name}_call{call}", out.outputs, seconds, peak, len(rows), extra)
+        return out.outputs
+
+    engine = called("engine")
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
         out, seconds, peak = timed(
             lambda: generate(model, tokenizer, job.prompt_ids, stop_check_every=args.stop_check_every, **settings)
@@ -139,36 +149,15 @@ def main(args):
             "identical_to_engine": identical(out.outputs, engine),
         }
         record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, peak, len(rows), extra)
-    static = {}  # the static-cache loop (CUDA graphs on a GPU), each stop-check interval called twice
-    for every in args.static_stop_check_every:
-        first = None
-        for call in range(1, args.engine_calls + 1):
-            out, seconds, peak = timed(
-                lambda every=every: generate(
-                    model, tokenizer, job.prompt_ids, loop="static", stop_check_every=every, **settings
-                )
-            )
-            static[every] = out.outputs
-            first = first or out.outputs
-            extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
-            if call > 1:
-                extra["identical_to_first_call"] = identical(out.outputs, first)
-            record(f"engine_static_check_every{every}_call{call}", out.outputs, seconds, peak, len(rows), extra)
+    # the static-cache loop (CUDA graphs on a GPU) at each stop-check interval
+    static = {
+        every: called(f"engine_static_check_every{every}", loop="static", stop_check_every=every)
+        for every in args.static_stop_check_every
+    }
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
     for budget in args.static_batch_tokens:
-        first = None
-        for call in range(1, args.engine_calls + 1):
-            out, seconds, peak = timed(
-                lambda budget=budget: generate(
-                    model, tokenizer, job.prompt_ids, loop="static", **{**settings, "max_batch_tokens": budget}
-                )
-            )
-            first = first or out.outputs
-            extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
-            if call > 1:
-                extra["identical_to_first_call"] = identical(out.outputs, first)
-            record(f"engine_static_batch_tokens{budget}_call{call}", out.outputs, seconds, peak, len(rows), extra)
+        called(f"engine_static_batch_tokens{budget}", loop="static", max_batch_tokens=budget)
     for batch_size in args.batch_sizes_plain:
         out, seconds, peak = timed(
             lambda size=batch_size: generate(

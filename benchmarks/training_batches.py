@@ -232,6 +232,7 @@ def timed_record(
     import torch
 
     on_gpu = torch.cuda.is_available()
+    allocator = torch.cuda.memory_stats() if on_gpu else {}
     tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
     examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
     return {
@@ -243,7 +244,7 @@ def timed_record(
         **summary(seconds, tokens, examples),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
         "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
-        "allocator": {key: torch.cuda.memory_stats().get(key) for key in ALLOCATOR_COUNTS} if on_gpu else None,
+        "allocator": {key: allocator.get(key) for key in ALLOCATOR_COUNTS} if on_gpu else None,
     }
 
 
