@@ -533,6 +533,8 @@ RUNNERS = {"trainer": measure, "bare loop": measure_bare_loop, "unsloth": measur
 def main(args):
     import zephyr_shaped
 
+    from qlora_kit import distributed
+
     if args.write_lengths:
         write_lengths(Path(args.data_dir), args.tokenizer, args.max_seq_length)
         return
@@ -576,6 +578,7 @@ def main(args):
             if "profile" in run:
                 profiling.print_summary(f"{key}: profile of {args.profile_steps} steps", run["profile"])
             zephyr_shaped.write_result(Path(args.out), results)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,19 @@ def init() -> None:
         PartialState()
 
 
+def shutdown() -> None:
+    """Close the process group at the end of a run: a process that exits with the group still open can abort in
+    its communication threads' teardown ("terminate called without an active exception"), failing a finished run."""
+    import sys
+
+    if world_size() == 1 or "torch" not in sys.modules:  # nothing started (e.g. --print_config, a usage error)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() > 1:
         import torch.distributed as dist

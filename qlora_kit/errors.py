@@ -24,8 +24,11 @@ class Interrupted(Exception):
 
 def run_main(main: Callable[[], object]) -> None:
     """Run an entry point; turn UsageError (and Ctrl-C) into a one-line message and exit code."""
+    from . import distributed
+
     try:
         main()
+        distributed.shutdown()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -173,8 +173,7 @@ def peak(rows):  # process 1's GPU holds more: only 2 rows fit there; with "fail
 trainer = SimpleNamespace(args=Args())
 chosen = memory_budget.fit_to_budget(trainer, 10.0, peak_gb=peak)
 Path(sys.argv[1], f"rank-{rank}").write_text(f"{chosen['micro_batch']} {chosen['grad_accum']}")
-import torch.distributed as dist
-dist.destroy_process_group()  # leaving with the group alive can abort in gloo's teardown
+distributed.shutdown()
 """
 
 
@@ -239,3 +238,19 @@ def test_two_processes_killed_and_resumed_end_with_the_uninterrupted_adapter(tin
     )
     assert resumed.keys() == never.keys()
     assert all(torch.equal(resumed[name], never[name]) for name in never)
+
+
+def test_a_finished_run_closes_its_process_group(tmp_path, monkeypatch):
+    """An entry point that returns closes the process group (a process leaving with it open can abort in gloo's
+    teardown after its results are written); closing twice, or with no group, does nothing."""
+    import torch.distributed as dist
+
+    from qlora_kit import distributed
+    from qlora_kit.errors import run_main
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    distributed.shutdown()  # no group yet
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    run_main(lambda: None)
+    assert not dist.is_initialized()
+    distributed.shutdown()
