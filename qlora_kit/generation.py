@@ -73,16 +73,19 @@ def prefill_bytes_per_token(model) -> int:
 BUDGET_STEP = 8192  # tokens
 
 
-def usable_gpu_memory(free: int, total: int, reserved: int) -> int:
-    """The GPU memory an evaluation plans with: the card's, less what this process holds.
+def usable_gpu_memory(free: int, total: int, allocated: int, reserved: int) -> int:
+    """The GPU memory an evaluation plans with: the card's, less what this process's tensors hold.
 
     Not simply what is free: the free memory of two processes of one evaluation differs by a few hundred MB
     (the collective library's buffers), and a different budget means different batches, padding and bf16
-    rounding than one process would have. Only when something else holds over a fifth of the card does the
-    free memory count instead.
+    rounding than one process would have. Blocks this process's allocator keeps cached (``reserved`` beyond
+    ``allocated``, e.g. after an earlier evaluation) are ours too: without them a second evaluation in one
+    process would plan smaller batches than the first and give different answers. Only when something else
+    holds over a fifth of the card does the free memory count instead.
     """
-    ours = total - reserved
-    return free if free < 0.8 * ours else ours
+    ours = total - allocated
+    free_to_us = free + max(0, reserved - allocated)
+    return free_to_us if free_to_us < 0.8 * ours else ours
 
 
 def default_max_batch_tokens(model, memory_fraction: float = 0.5, prefill_tokens: int = PREFILL_TOKENS) -> int | None:
@@ -93,7 +96,7 @@ def default_max_batch_tokens(model, memory_fraction: float = 0.5, prefill_tokens
     if not torch.cuda.is_available():
         return None
     free, total = torch.cuda.mem_get_info()
-    usable = usable_gpu_memory(free, total, torch.cuda.memory_allocated())
+    usable = usable_gpu_memory(free, total, torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
     room = usable * memory_fraction - prefill_tokens * prefill_bytes_per_token(model)
     # whole multiples of 8,192 tokens: processes whose own allocations differ by a few MB (measured: 12 tokens
     # of 541,979 apart) still get one budget

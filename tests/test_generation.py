@@ -335,14 +335,18 @@ def test_batches_are_shared_by_padded_tokens_not_by_count():
     assert shares == [[[0], [1]], [[2], [3]]] and tokens(shares[0]) == tokens(shares[1])
 
 
-def test_the_batch_budget_is_the_same_for_every_process_of_one_evaluation():
+def test_the_batch_budget_is_the_same_for_every_process_and_every_call_of_one_evaluation():
     from qlora_kit.generation import usable_gpu_memory
 
     gib = 2**30
     # two processes of one evaluation: the second's collective buffers take 0.4 GiB more; same usable memory
-    assert usable_gpu_memory(130 * gib, 141 * gib, 5 * gib) == usable_gpu_memory(129.6 * gib, 141 * gib, 5 * gib)
-    # another program holds most of the card: what is free counts
-    assert usable_gpu_memory(30 * gib, 141 * gib, 5 * gib) == 30 * gib
+    first = usable_gpu_memory(130 * gib, 141 * gib, 5 * gib, 5 * gib)
+    assert first == usable_gpu_memory(129.6 * gib, 141 * gib, 5 * gib, 5 * gib) == 136 * gib
+    # a second evaluation in the same process: the first left 40 GiB cached in the allocator, free to reuse
+    assert usable_gpu_memory(90 * gib, 141 * gib, 5 * gib, 45 * gib) == first
+    # another program holds most of the card: what is free to this process counts
+    assert usable_gpu_memory(30 * gib, 141 * gib, 5 * gib, 5 * gib) == 30 * gib
+    assert usable_gpu_memory(30 * gib, 141 * gib, 5 * gib, 15 * gib) == 40 * gib
 
 
 def test_failures_that_mean_out_of_memory():
