@@ -37,6 +37,11 @@ def _is_out_of_memory(error: BaseException) -> bool:
 # Prompt tokens run through the model at once while prefilling (rows are grouped to stay under it).
 PREFILL_TOKENS = 16384
 
+# Prompt tokens every prompt of a batch begins with (a chat template's system turn, an instruction, the classes to
+# choose from, few-shot examples) are run through the model once and their keys and values shared by every row,
+# when there are at least this many: fewer, and the extra forward costs more than it saves.
+MIN_SHARED_PREFIX = 16
+
 # Decode steps between checks that every row has stopped. Each check waits for the GPU (a host synchronisation);
 # checking less often lets the host queue the next steps meanwhile but may run up to this many - 1 steps past
 # the last row's end (their tokens are discarded). 1 until measured otherwise (benchmarks/generation_*.py).
@@ -169,44 +174,74 @@ class LabelAutomaton:
         return torch.where(known, self.targets[found], torch.full_like(states, self.done))
 
 
-def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
-    """Run left-padded prompts through the model in groups of consecutive rows, each group cut to its own longest
-    prompt and holding at most ``prefill_tokens`` tokens so cut: yields each group's rows (a slice), its KV cache
-    (as wide as the group's longest prompt, the batch's last columns) and the logits of its rows' last position.
-    The padding a group's rows share is not computed (a batch of mixed lengths pads most rows far more than any
-    group's)."""
-    lengths = attention_mask.sum(-1).tolist()
-    width = input_ids.shape[1]
-    start = 0
+def prefill_row_groups(lengths: list[int], prefill_tokens: int) -> list[tuple[int, int, int]]:
+    """Consecutive rows of a batch (prompt ``lengths``, longest first) grouped for prefill: (start, end, longest)
+    of each group, as many rows as fit ``prefill_tokens`` when each is cut to the group's longest prompt."""
+    groups, start = [], 0
     while start < len(lengths):
         end, longest = start + 1, max(1, lengths[start])
         while end < len(lengths) and (end + 1 - start) * max(longest, lengths[end]) <= prefill_tokens:
             longest = max(longest, lengths[end])
             end += 1
+        groups.append((start, end, longest))
+        start = end
+    return groups
+
+
+def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens: int, prefix: int = 0):
+    """Run padded prompts (``left_padded``) through the model in groups of consecutive rows, each group cut to its
+    own longest prompt and holding at most ``prefill_tokens`` tokens so cut: yields each group's rows (a slice),
+    its KV cache and the logits of its rows' last position. The padding a group's rows share is not computed (a
+    batch of mixed lengths pads most rows far more than any group's). The cache holds the ``prefix`` columns the
+    rows share, then the group's own columns: the batch's last ones, as many as its longest prompt has after the
+    prefix. The shared prefix runs through the model once, its keys and values repeated for every group's rows."""
+    import torch
+    from transformers import DynamicCache
+
+    shared = None
+    if prefix:
+        columns = slice(0, prefix)
+        out = model(
+            input_ids=input_ids[:1, columns],
+            attention_mask=attention_mask[:1, columns],
+            position_ids=position_ids[:1, columns],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        shared = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        del out
+    width = input_ids.shape[1]
+    own_lengths = attention_mask[:, prefix:].sum(-1).tolist()  # each row's tokens after the shared prefix
+    for start, end, longest in prefill_row_groups(own_lengths, prefill_tokens):
         rows, columns = slice(start, end), slice(width - longest, width)
+        mask, cache = attention_mask[rows, columns], None
+        if shared is not None:  # the group's rows attend to the shared prefix's columns, then to their own
+            mask = torch.cat([attention_mask[rows, :prefix], mask], dim=1)
+            count = end - start
+            cache = DynamicCache([(k.expand(count, -1, -1, -1), v.expand(count, -1, -1, -1)) for k, v in shared])
         out = model(
             input_ids=input_ids[rows, columns],
-            attention_mask=attention_mask[rows, columns],
+            attention_mask=mask,
             position_ids=position_ids[rows, columns],
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
         yield rows, out.past_key_values, out.logits[:, -1].float()
         del out
-        start = end
 
 
-def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int):
+def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int, prefix: int = 0):
     """Prefill in row groups (``_prefill_groups``), the groups' KV caches joined into one as wide as the batch (a
-    group's columns left of its longest prompt are zeros, masked), so that the whole batch decodes together: a
-    decode step costs about as much for 500 rows as for 50, while prefill activations would not fit for 500 rows
-    at once. Returns (cache, logits of each row's last position)."""
+    group's columns between the shared prefix and its longest prompt are zeros, masked), so that the whole batch
+    decodes together: a decode step costs about as much for 500 rows as for 50, while prefill activations would
+    not fit for 500 rows at once. Returns (cache, logits of each row's last position)."""
     import torch
     from transformers import DynamicCache
 
     width = input_ids.shape[1]
     caches, last_logits = [], []
-    for _, cache, logits in _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens):
+    for _, cache, logits in _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens, prefix):
         caches.append(cache)
         last_logits.append(logits)
     if len(caches) == 1:  # the group holds the batch's longest prompt: already as wide as the batch
@@ -214,7 +249,10 @@ def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int
 
     def widened(states):
         missing = width - states.shape[2]
-        return torch.nn.functional.pad(states, (0, 0, missing, 0)) if missing else states
+        if not missing:
+            return states
+        gap = states.new_zeros((*states.shape[:2], missing, states.shape[3]))
+        return torch.cat([states[:, :, :prefix], gap, states[:, :, prefix:]], dim=2)
 
     joined = []
     for layer in range(len(caches[0].layers)):  # one layer at a time: little memory beyond the cache itself
@@ -233,16 +271,38 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
     return tokens[:cut]
 
 
-def left_padded(batch: list[list[int]], pad_id: int, device):
-    """A batch's prompts left-padded to its longest: (input ids, attention mask, position ids), on ``device``."""
+def shared_prefix_length(model, batch: list[list[int]]) -> int:
+    """How many leading tokens every prompt of ``batch`` shares, to prefill once (``MIN_SHARED_PREFIX``); 0 when
+    there are fewer or only one prompt. Each prompt keeps at least one token of its own (its last position's
+    logits choose its first answer token). Not past a sliding attention window: its cache keeps only the window."""
+    if len(batch) < 2:
+        return 0
+    shortest = min(len(ids) for ids in batch)
+    length = 0
+    first = batch[0]
+    while length < shortest - 1 and all(ids[length] == first[length] for ids in batch):
+        length += 1
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window and max(len(ids) for ids in batch) > window:
+        return 0
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def left_padded(batch: list[list[int]], pad_id: int, device, prefix: int = 0):
+    """A batch's prompts padded to its longest: (input ids, attention mask, position ids), on ``device``.
+    The padding goes on the left; with a shared ``prefix`` (``shared_prefix_length``) it goes right after those
+    first tokens, which then stand in the same columns for every row. Either way every row ends at the last
+    column and the mask hides the padding."""
     import torch
 
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
+        input_ids[row, :prefix] = torch.tensor(ids[:prefix], dtype=torch.long)
+        input_ids[row, width - len(ids) + prefix :] = torch.tensor(ids[prefix:])
+        attention_mask[row, :prefix] = 1
+        attention_mask[row, width - len(ids) + prefix :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     return input_ids, attention_mask, position_ids
@@ -265,7 +325,8 @@ def _generate_batch(
     pad_id = tokenizer.pad_token_id
     width = max(len(ids) for ids in batch)
     device = next(model.parameters()).device
-    input_ids, attention_mask, position_ids = left_padded(batch, pad_id, device)
+    prefix = shared_prefix_length(model, batch)
+    input_ids, attention_mask, position_ids = left_padded(batch, pad_id, device, prefix)
     stops = torch.tensor(stop_ids, device=device)
     labels = LabelAutomaton(trie, pad_id, device) if trie is not None else None
     # the mask of every step, allocated once: step k attends to the prompt and the k tokens before it
@@ -273,7 +334,7 @@ def _generate_batch(
     # the named ranges show in a profile (benchmarks/profiling.py): prefill against decode
     with torch.inference_mode():
         with torch.profiler.record_function("prefill"):
-            cache, logits = _prefill(model, input_ids, attention_mask[:, :width], position_ids, prefill_tokens)
+            cache, logits = _prefill(model, input_ids, attention_mask[:, :width], position_ids, prefill_tokens, prefix)
         with torch.profiler.record_function("decode"):
             finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
             states = labels.start(len(batch), device) if labels else None

@@ -11,7 +11,14 @@ logits (prompts x labels x answer tokens x vocabulary, fp32) and repeated caches
 
 from __future__ import annotations
 
-from .generation import PREFILL_TOKENS, _prefill, cut_at_stop, kv_cache_bytes_per_token, left_padded
+from .generation import (
+    PREFILL_TOKENS,
+    _prefill,
+    cut_at_stop,
+    kv_cache_bytes_per_token,
+    left_padded,
+    shared_prefix_length,
+)
 
 CHUNK_BYTES = 2**30  # one chunk of prompts' answer logits (fp32) and repeated key/value caches
 
@@ -22,7 +29,8 @@ def answer_log_likelihoods(model, tokenizer, batch: list[list[int]], sequences: 
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    input_ids, attention_mask, position_ids = left_padded(batch, tokenizer.pad_token_id, device)
+    prefix = shared_prefix_length(model, batch)
+    input_ids, attention_mask, position_ids = left_padded(batch, tokenizer.pad_token_id, device, prefix)
     count, longest = len(sequences), max(len(sequence) for sequence in sequences)
     answers = torch.full((count, longest), tokenizer.pad_token_id, dtype=torch.long)
     answer_mask = torch.zeros((count, longest), dtype=torch.long)
@@ -31,7 +39,7 @@ def answer_log_likelihoods(model, tokenizer, batch: list[list[int]], sequences: 
         answer_mask[column, : len(sequence)] = 1
     answers, answer_mask = answers.to(device), answer_mask.to(device)
     with torch.inference_mode():
-        cache, last_logits = _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens)
+        cache, last_logits = _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens, prefix)
         scores = last_logits.log_softmax(-1)[:, answers[:, 0]]  # every answer's first token, from the prompt's end
         if longest == 1:
             return scores

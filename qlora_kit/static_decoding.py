@@ -98,7 +98,14 @@ def generate_batch(
     """
     import torch
 
-    from .generation import LabelAutomaton, _generate_batch, _prefill_groups, cut_at_stop, left_padded
+    from .generation import (
+        LabelAutomaton,
+        _generate_batch,
+        _prefill_groups,
+        cut_at_stop,
+        left_padded,
+        shared_prefix_length,
+    )
 
     width = max(len(ids) for ids in batch)
     length = width + max_new_tokens
@@ -114,7 +121,8 @@ def generate_batch(
     device = next(model.parameters()).device
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     rows = len(batch)
-    input_ids, prompt_mask, position_ids = left_padded(batch, pad_id, device)
+    prefix = shared_prefix_length(model, batch)
+    input_ids, prompt_mask, position_ids = left_padded(batch, pad_id, device, prefix)
 
     with torch.inference_mode():
         # prefill group by group (as the growing-cache loop does), each group's cache copied into its rows and
@@ -123,7 +131,7 @@ def generate_batch(
         logits = None
         with torch.profiler.record_function("prefill"):  # a named range in a profile, as the other loop's
             for group, cache, group_logits in _prefill_groups(
-                model, input_ids, prompt_mask, position_ids, prefill_tokens
+                model, input_ids, prompt_mask, position_ids, prefill_tokens, prefix
             ):
                 if keys is None:
                     first = cache.layers[0].keys
@@ -131,10 +139,12 @@ def generate_batch(
                     keys = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
                     values = [torch.zeros(shape, dtype=first.dtype, device=device) for _ in cache.layers]
                     logits = torch.empty((rows, group_logits.shape[-1]), dtype=torch.float32, device=device)
-                start = width - cache.layers[0].keys.shape[2]  # the group's columns: its longest prompt's
+                # the group's columns: the shared prefix's, then the batch's last, as many as its longest prompt's
+                start = width - (cache.layers[0].keys.shape[2] - prefix)
                 for layer, part in enumerate(cache.layers):
-                    keys[layer][group, :, start:width] = part.keys
-                    values[layer][group, :, start:width] = part.values
+                    for whole, states in ((keys[layer], part.keys), (values[layer], part.values)):
+                        whole[group, :, :prefix] = states[:, :, :prefix]
+                        whole[group, :, start:width] = states[:, :, prefix:]
                     part.keys = part.values = None
                 logits[group] = group_logits
         # the mask of every step: the prompt's real tokens, then each new token's column once it is written.

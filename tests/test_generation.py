@@ -267,6 +267,42 @@ def test_prefill_in_row_groups_gives_the_same_answers(model_and_tokenizer, monke
     assert grouped.outputs == whole.outputs
 
 
+def _prompts_sharing_a_prefix(count=7, prefix=20):
+    """Prompts that begin with the same ``prefix`` tokens (as a chat template's system turn and an instruction
+    make them), then go on with tokens of their own, of different lengths."""
+    shared = [1] + [40 + j % 30 for j in range(prefix - 1)]
+    return [shared + [5 + (i * 7 + j) % 50 for j in range(n)] for i, n in enumerate((12, 3, 9, 30, 7, 18, 5)[:count])]
+
+
+@pytest.mark.parametrize("loop", ["dynamic", "static"])
+def test_a_prefix_every_prompt_shares_is_prefilled_once(model_and_tokenizer, monkeypatch, loop):
+    """The tokens every prompt of a batch begins with run through the model once (one row), the rows' own tokens
+    after them in groups; the answers are one prompt at a time's."""
+    model, tokenizer = model_and_tokenizer
+    prompts, stop = _prompts_sharing_a_prefix(), [tokenizer.eos_token_id]
+    assert generation.shared_prefix_length(model, prompts) == 20
+    assert generation.shared_prefix_length(model, prompts[:1]) == 0  # one prompt: nothing to share
+    assert generation.shared_prefix_length(model, [p[:16] for p in prompts]) == 0  # each keeps a token of its own
+    forwards = []
+    real_forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        forwards.append(kwargs["input_ids"].shape)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    kwargs = dict(max_new_tokens=6, stop_ids=stop, batch_size=7, prefill_tokens=70, progress=False, loop=loop)
+    shared = generation.generate(model, tokenizer, prompts, **kwargs).outputs
+    # the prefix once; then, longest first (30, 18 | 12, 9, 7, 5, 3 own tokens), groups of at most 70 own tokens
+    assert forwards[:3] == [(1, 20), (2, 30), (5, 12)]
+    assert all(shape == (7, 1) for shape in forwards[3:]) and len(forwards) > 3
+    monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10_000)
+    assert generation.generate(model, tokenizer, prompts, **kwargs).outputs == shared
+    monkeypatch.undo()
+    assert shared == [_one_at_a_time(model, prompt, 6, stop) for prompt in prompts]
+    assert any(len(answer) > 1 for answer in shared)
+
+
 def test_processes_share_one_batch_plan(model_and_tokenizer, monkeypatch):
     """Each process runs whole batches of the single-process plan: together they cover every prompt once,
     with the same padding and so the same numbers as one process."""
@@ -524,6 +560,13 @@ def test_the_static_cache_loop_on_every_architecture_it_runs(model_and_tokenizer
 
     assert static_decoding.unsupported_reason(model, 100) is None and any(len(answer) > 2 for answer in dynamic)
     assert generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs == dynamic
+    # the prompts' common first tokens prefilled once, their keys and values shared by every row: the same answers
+    assert generation.shared_prefix_length(model, prompts) == 0  # fewer than MIN_SHARED_PREFIX tokens
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "MIN_SHARED_PREFIX", 1)
+        assert generation.shared_prefix_length(model, prompts) > 1
+        for loop in ("dynamic", "static"):
+            assert generation.generate(model, tokenizer, prompts, loop=loop, **kwargs).outputs == dynamic
 
 
 def test_out_of_memory_in_the_static_loop_halves_the_batch_too(model_and_tokenizer, monkeypatch):
@@ -594,16 +637,22 @@ def _whole_answer_log_likelihood(model, prompt, answer):
     return sum(log_probs[len(prompt) - 1 + i, token].item() for i, token in enumerate(answer))
 
 
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["own prompts", "a shared prefix"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "a chunk per prompt"])
-def test_likelihood_chooses_the_label_whose_whole_answer_is_most_probable(model_and_tokenizer, monkeypatch, chunked):
+def test_likelihood_chooses_the_label_whose_whole_answer_is_most_probable(
+    model_and_tokenizer, monkeypatch, chunked, shared_prefix
+):
     """--decoding likelihood: each label's answer (its tokens and the end token) scored after the prompt, as one
-    example's forward alone scores it; the answer is the best label's tokens."""
+    example's forward alone scores it; the answer is the best label's tokens. Also when the prompts share a
+    prefix, prefilled once."""
     from qlora_kit import label_likelihood
 
     model, tokenizer = model_and_tokenizer
     if chunked:
         monkeypatch.setattr(label_likelihood, "CHUNK_BYTES", 1)
-    prompts, stop = _prompts(tokenizer, count=5), [tokenizer.eos_token_id]
+    prompts = _prompts_sharing_a_prefix(count=5) if shared_prefix else _prompts(tokenizer, count=5)
+    assert (generation.shared_prefix_length(model, prompts) > 0) == shared_prefix
+    stop = [tokenizer.eos_token_id]
     names = ("sci.space", "sci.med", "rec.autos", "comp.graphics", "comp.os.ms-windows.misc")
     labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in names]
     scores = label_likelihood.answer_log_likelihoods(model, tokenizer, prompts, labels, prefill_tokens=64)
