@@ -271,20 +271,19 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
     return tokens[:cut]
 
 
-def shared_prefix_length(model, batch: list[list[int]]) -> int:
+def shared_prefix_length(batch: list[list[int]], model=None) -> int:
     """How many leading tokens every prompt of ``batch`` shares, to prefill once (``MIN_SHARED_PREFIX``); 0 when
     there are fewer or only one prompt. Each prompt keeps at least one token of its own (its last position's
-    logits choose its first answer token). Not past a sliding attention window: its cache keeps only the window."""
+    logits choose its first answer token). 0 past ``model``'s sliding attention window: its cache keeps only the
+    window."""
     if len(batch) < 2:
         return 0
-    shortest = min(len(ids) for ids in batch)
-    length = 0
-    first = batch[0]
-    while length < shortest - 1 and all(ids[length] == first[length] for ids in batch):
-        length += 1
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    window = getattr(model.config.get_text_config(), "sliding_window", None) if model is not None else None
     if window and max(len(ids) for ids in batch) > window:
         return 0
+    shortest, first, length = min(len(ids) for ids in batch), batch[0], 0
+    while length < shortest - 1 and all(ids[length] == first[length] for ids in batch):
+        length += 1
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
@@ -325,7 +324,7 @@ def _generate_batch(
     pad_id = tokenizer.pad_token_id
     width = max(len(ids) for ids in batch)
     device = next(model.parameters()).device
-    prefix = shared_prefix_length(model, batch)
+    prefix = shared_prefix_length(batch, model)
     input_ids, attention_mask, position_ids = left_padded(batch, pad_id, device, prefix)
     stops = torch.tensor(stop_ids, device=device)
     labels = LabelAutomaton(trie, pad_id, device) if trie is not None else None

@@ -29,7 +29,7 @@ def answer_log_likelihoods(model, tokenizer, batch: list[list[int]], sequences: 
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    prefix = shared_prefix_length(model, batch)
+    prefix = shared_prefix_length(batch, model)
     input_ids, attention_mask, position_ids = left_padded(batch, tokenizer.pad_token_id, device, prefix)
     count, longest = len(sequences), max(len(sequence) for sequence in sequences)
     answers = torch.full((count, longest), tokenizer.pad_token_id, dtype=torch.long)

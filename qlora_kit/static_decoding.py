@@ -121,7 +121,7 @@ def generate_batch(
     device = next(model.parameters()).device
     use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
     rows = len(batch)
-    prefix = shared_prefix_length(model, batch)
+    prefix = shared_prefix_length(batch, model)
     input_ids, prompt_mask, position_ids = left_padded(batch, pad_id, device, prefix)
 
     with torch.inference_mode():

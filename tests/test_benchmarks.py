@@ -347,3 +347,31 @@ def test_every_recipe_the_lab_names_exists():
         )
     assert len(named) > 15
     assert named <= set(train_throughput.RECIPES), sorted(named - set(train_throughput.RECIPES))
+
+
+def test_prefill_work_counts_the_positions_a_shared_prefix_saves(tiny_model, data_dir, tmp_path):
+    """benchmarks/prefill_work.py on the tiny model and data (laid out as the real data's folders): the few-shot
+    prompts share their examples, so prefill computes fewer positions with sharing, and the timed answers with
+    and without sharing are the same (fp32)."""
+    import gzip
+    import shutil
+
+    for task, prefix in (("newsgroups", "news"), ("samsum", "dialogues")):
+        (tmp_path / task).mkdir()
+        for split in ("train", "test"):
+            with open(data_dir / f"{prefix}_{split}.jsonl", "rb") as plain:
+                with gzip.open(tmp_path / task / f"{split}.jsonl.gz", "wb") as packed:
+                    shutil.copyfileobj(plain, packed)
+    out = tmp_path / "work.json"
+    common = ["--model", tiny_model, "--data_dir", tmp_path, "--max_batch_tokens", 0, 2000, "--out", out]
+    _run("prefill_work.py", *common, "--formats", "finetune/seed", "few-shot/seed", "--time", 4, "--repeats", 1)
+    formats = json.loads(out.read_text())["formats"]
+    few_shot = formats["classification: few-shot/seed"]
+    assert few_shot["budgets"]["rows only"]["shared_prefix_tokens_per_batch"]["min"] > 16
+    for budget in ("rows only", "2000"):  # 2,000 tokens a batch: a batch of one prompt shares nothing
+        counted = few_shot["budgets"][budget]
+        assert counted["positions_with_sharing"] < 0.7 * counted["positions_without_sharing"]
+    assert few_shot["timed"]["same_answers"] == 1.0 and few_shot["timed"]["examples"] == 4
+    # the fine-tuning prompts of the original format begin with a few tokens only: nothing shared
+    plain = formats["summarization: finetune/seed"]["budgets"]["rows only"]
+    assert plain["positions_with_sharing"] == plain["positions_without_sharing"]

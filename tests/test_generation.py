@@ -280,9 +280,12 @@ def test_a_prefix_every_prompt_shares_is_prefilled_once(model_and_tokenizer, mon
     after them in groups; the answers are one prompt at a time's."""
     model, tokenizer = model_and_tokenizer
     prompts, stop = _prompts_sharing_a_prefix(), [tokenizer.eos_token_id]
-    assert generation.shared_prefix_length(model, prompts) == 20
-    assert generation.shared_prefix_length(model, prompts[:1]) == 0  # one prompt: nothing to share
-    assert generation.shared_prefix_length(model, [p[:16] for p in prompts]) == 0  # each keeps a token of its own
+    assert generation.shared_prefix_length(prompts, model) == 20
+    assert generation.shared_prefix_length(prompts[:1], model) == 0  # one prompt: nothing to share
+    assert generation.shared_prefix_length([p[:16] for p in prompts], model) == 0  # each keeps a token of its own
+    with pytest.MonkeyPatch.context() as patch:  # a cache that keeps only a window cannot hold a shared prefix
+        patch.setattr(model.config, "sliding_window", 32)
+        assert generation.shared_prefix_length(prompts, model) == 0
     forwards = []
     real_forward = model.forward
 
@@ -561,10 +564,10 @@ def test_the_static_cache_loop_on_every_architecture_it_runs(model_and_tokenizer
     assert static_decoding.unsupported_reason(model, 100) is None and any(len(answer) > 2 for answer in dynamic)
     assert generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs == dynamic
     # the prompts' common first tokens prefilled once, their keys and values shared by every row: the same answers
-    assert generation.shared_prefix_length(model, prompts) == 0  # fewer than MIN_SHARED_PREFIX tokens
+    assert generation.shared_prefix_length(prompts, model) == 0  # fewer than MIN_SHARED_PREFIX tokens
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generation, "MIN_SHARED_PREFIX", 1)
-        assert generation.shared_prefix_length(model, prompts) > 1
+        assert generation.shared_prefix_length(prompts, model) > 1
         for loop in ("dynamic", "static"):
             assert generation.generate(model, tokenizer, prompts, loop=loop, **kwargs).outputs == dynamic
 
@@ -651,7 +654,7 @@ def test_likelihood_chooses_the_label_whose_whole_answer_is_most_probable(
     if chunked:
         monkeypatch.setattr(label_likelihood, "CHUNK_BYTES", 1)
     prompts = _prompts_sharing_a_prefix(count=5) if shared_prefix else _prompts(tokenizer, count=5)
-    assert (generation.shared_prefix_length(model, prompts) > 0) == shared_prefix
+    assert (generation.shared_prefix_length(prompts, model) > 0) == shared_prefix
     stop = [tokenizer.eos_token_id]
     names = ("sci.space", "sci.med", "rec.autos", "comp.graphics", "comp.os.ms-windows.misc")
     labels = [answer_ids(tokenizer, name, tokenizer.eos_token) for name in names]
