@@ -11,6 +11,9 @@ evenly spread test prompts of each format, with and without sharing, on this mac
 
     python benchmarks/prefill_work.py --out benchmarks/results/prefill_work.json
     python benchmarks/prefill_work.py --time 16 --formats few-shot/seed --out /tmp/prefill_time.json
+
+``--model DIR`` times another model than the tokenizer's (e.g. the 7B-shaped one of ``zephyr_shaped.py``, random
+weights: each prompt's token ids are taken modulo its vocabulary, which keeps which tokens the prompts share).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from qlora_kit import generation
 from qlora_kit.data import canonical_labels
+from qlora_kit.errors import run_main
 from qlora_kit.evaluation import BASELINE_CONTEXT
 from qlora_kit.formatting import PromptFormat
 from qlora_kit.tasks import TASKS
@@ -120,15 +124,22 @@ def main(args) -> dict:
 
     from qlora_kit import modeling
 
-    source = modeling.resolve_model_source(args.model)
+    # a folder may hold a tokenizer alone (reproduce/stage_tokenizer.sh)
+    source = args.tokenizer if Path(args.tokenizer).is_dir() else modeling.resolve_model_source(args.tokenizer)
     tokenizer = modeling.load_tokenizer(source, padding_side="left")
     model = None
     if args.time:
-        model = modeling.load_model(source, load_in_4bit=False, use_flash_attention=False, for_training=False)
+        timed_source = modeling.resolve_model_source(args.model) if args.model else source
+        model = modeling.load_model(
+            timed_source, load_in_4bit=args.load_in_4bit, use_flash_attention=False, for_training=False
+        )
         model.eval()
+        vocabulary = model.get_input_embeddings().num_embeddings
     results = {
         "command": " ".join(sys.argv),
-        "model": args.model,
+        "tokenizer": args.tokenizer,
+        "timed_model": (args.model or args.tokenizer) if args.time else None,
+        "load_in_4bit": args.load_in_4bit,
         "what": "prompt positions prefill runs through the model over the engine's batches and row groups, "
         "without and with the batch's shared prefix run once; --time: seconds of generate on a subset",
         "prefill_tokens": args.prefill_tokens,
@@ -159,7 +170,7 @@ def main(args) -> dict:
                 )
             if args.time:
                 step = max(1, len(prompts) // args.time)
-                subset = prompts[::step][: args.time]
+                subset = [[token % vocabulary for token in ids] for ids in prompts[::step][: args.time]]
                 timed = entry["timed"] = time_generation(
                     model, tokenizer, subset, new_tokens, args.repeats, args.batch_size
                 )
@@ -180,7 +191,9 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="its tokenizer builds the prompts")
+    parser.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct", help="builds the prompts")
+    parser.add_argument("--model", default=None, help="the model --time runs (default: the tokenizer's)")
+    parser.add_argument("--load_in_4bit", action="store_true", help="the timed model in 4-bit (a GPU)")
     parser.add_argument("--data_dir", default=str(HERE.parent.parent / "shared" / "data"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
@@ -197,4 +210,5 @@ if __name__ == "__main__":
     parser.add_argument("--time", type=int, default=0, help="also time generate on this many prompts a format")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
-    main(parser.parse_args())
+    arguments = parser.parse_args()
+    run_main(lambda: main(arguments))

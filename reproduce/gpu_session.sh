@@ -221,6 +221,16 @@ bench_small_model() {
     --profile_steps "${SMALL_PROFILE_STEPS:-2}" --out "$R/bench_small_model/train_throughput_small_model.json"
 }
 
+# The prefix every prompt of a batch shares (few-shot examples, the zero-shot instruction and classes, the chat
+# template) prefilled once against every row prefilling it, on the 7B-shaped model in 4-bit (after build_z7):
+# PREFIX_TIME (512) evenly spread 20 Newsgroups test prompts a format, 3 repeats each way, and the positions counted
+# on the whole test set. Needs SmolLM2's tokenizer (bash reproduce/stage_tokenizer.sh here: .device/tokenizer).
+bench_prefix() {
+  python3 benchmarks/prefill_work.py --tokenizer "${TOKENIZER_DIR:-.device/tokenizer}" --model "$Z7" --load_in_4bit \
+    --data_dir "$DATA_DIR" --tasks classification --formats few-shot/seed zero-shot/seed finetune/chat \
+    --max_batch_tokens 110000 --time "${PREFIX_TIME:-512}" --out "$R/bench_prefix/prefill_work_zephyr7b_shape.json"
+}
+
 # All-module LoRA with the vocabulary logits at every position (the default) against only where the answer is
 # scored (--logits_where_scored), side by side, on the 7B-shaped model (after build_z7) and on SmolLM2
 # (vocabulary 49,152 over a 576-wide model).

@@ -363,7 +363,7 @@ def test_prefill_work_counts_the_positions_a_shared_prefix_saves(tiny_model, dat
                 with gzip.open(tmp_path / task / f"{split}.jsonl.gz", "wb") as packed:
                     shutil.copyfileobj(plain, packed)
     out = tmp_path / "work.json"
-    common = ["--model", tiny_model, "--data_dir", tmp_path, "--max_batch_tokens", 0, 2000, "--out", out]
+    common = ["--tokenizer", tiny_model, "--data_dir", tmp_path, "--max_batch_tokens", 0, 2000, "--out", out]
     _run("prefill_work.py", *common, "--formats", "finetune/seed", "few-shot/seed", "--time", 4, "--repeats", 1)
     formats = json.loads(out.read_text())["formats"]
     few_shot = formats["classification: few-shot/seed"]
