@@ -140,6 +140,7 @@ def main(args) -> dict:
         "tokenizer": args.tokenizer,
         "timed_model": (args.model or args.tokenizer) if args.time else None,
         "load_in_4bit": args.load_in_4bit,
+        "timed_dtype": str(next(model.parameters()).dtype) if model is not None else None,
         "what": "prompt positions prefill runs through the model over the engine's batches and row groups, "
         "without and with the batch's shared prefix run once; --time: seconds of generate on a subset",
         "prefill_tokens": args.prefill_tokens,
