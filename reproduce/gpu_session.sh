@@ -103,6 +103,23 @@ bench_peer_best() {
     --out "$R/bench_peer_best/train_throughput_peer_best_classification.json"
 }
 
+# The training-speed targets in one run per task (SPEED_TASKS, default both; about 8 minutes a task on an H100
+# after build_z7, Unsloth unpacked in $UNSLOTH): the original recipe in a bare PyTorch + peft loop (the baseline of
+# the default's speed-up), the default, Unsloth without dropout and our leanest settings on its targets, and the
+# leanest with lm_head adapted too (the original's --full_tune). 3 passes of 20 steps each.
+bench_targets() {
+  local task
+  for task in ${SPEED_TASKS:-classification summarization}; do
+    python3 benchmarks/train_throughput.py --model_dir "$Z7" --tasks "$task" --unsloth_path "${UNSLOTH:-/tmp/uns}" \
+      --scratch "$R/scratch" \
+      --recipes "bare PyTorch + peft loop, original recipe, all modules" "fast, all modules" \
+                "Unsloth without LoRA dropout, fast recipe's batches, every linear layer" \
+                "fast without LoRA dropout, fused LoRA, decoder layers compiled, every linear layer" \
+                "fast without LoRA dropout, fused LoRA, decoder layers compiled, all modules" \
+      --out "$R/bench_targets/train_throughput_targets_$task.json"
+  done
+}
+
 # The default against the same with fused LoRA layers (--fused_lora), 20 Newsgroups lengths, 3 passes of 20 steps,
 # nothing else on the GPU (about 4 minutes with build_z7).
 bench_fused_lora() {
