@@ -19,7 +19,8 @@ The modules, in the order a run goes through them (the top-level scripts are thi
     selection       scoring each checkpoint on validation while training; the best one marked
   evaluation
     evaluation      a trained run or a zero/few-shot baseline: data, prompts, generation, metrics, files
-    generation      the batched greedy engine (growing key/value cache), out-of-memory halving
+    generation      the batched greedy engine (growing key/value cache, shared prompt prefix prefilled once),
+                    out-of-memory halving
     static_decoding the engine's static-cache loop, replayed as CUDA graphs on a GPU
     label_likelihood classification by the most probable whole label answer (--decoding likelihood)
     metrics         label parsing and metrics: small pure functions
@@ -29,7 +30,7 @@ The modules, in the order a run goes through them (the top-level scripts are thi
     results         JSON / JSONL result files, written atomically
     sweep           the shell sweeps' runs: train then evaluate, skipping finished ones
     export          a run's adapter merged into a standalone 16-bit model
-    distributed     several processes: the main one, waiting, gathering
+    distributed     several processes: the main one, waiting, gathering, closing the group
     console, errors what the console shows; one-line errors instead of tracebacks
 """
 
