@@ -337,3 +337,17 @@ def test_gpu_session_packs_every_few_seconds_what_a_cut_off_stage_wrote(tmp_path
     assert cut.returncode == 124  # cut off by its time limit
     with tarfile.open(pack) as packed:
         assert "./partial.json" in packed.getnames()
+
+
+def test_gpu_session_bench_prefix_times_both_ways_on_the_7b_stage(tiny_model, data_dir, tmp_path):
+    """bench_prefix, with the tiny model standing for the 7B-shaped one and its tokenizer for SmolLM2's: three
+    20 Newsgroups formats counted on the whole test set and timed both ways, the same answers."""
+    _gpu_session("bench_prefix", tiny_model, data_dir, tmp_path, Z7=str(tiny_model), TOKENIZER_DIR=str(tiny_model),
+                 PREFIX_TIME="3")  # fmt: skip
+    result = json.loads((tmp_path / "r" / "bench_prefix" / "prefill_work_zephyr7b_shape.json").read_text())
+    assert result["load_in_4bit"] and set(result["formats"]) == {
+        "classification: few-shot/seed", "classification: zero-shot/seed", "classification: finetune/chat",
+    }  # fmt: skip
+    for entry in result["formats"].values():
+        assert entry["timed"]["examples"] == 3 and entry["timed"]["same_answers"] == 1.0
+        assert list(entry["budgets"]) == ["110000"]
