@@ -275,13 +275,16 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
 def shared_prefix_length(batch: list[list[int]], model=None) -> int:
     """How many leading tokens every prompt of ``batch`` shares, to prefill once (``MIN_SHARED_PREFIX``); 0 when
     there are fewer or only one prompt. Each prompt keeps at least one token of its own (its last position's
-    logits choose its first answer token). 0 past ``model``'s sliding attention window: its cache keeps only the
-    window."""
+    logits choose its first answer token). 0 past ``model``'s sliding attention window (its cache keeps only the
+    window), and with attention other than sdpa or eager (the masks with padding after the prefix are tested with
+    those two only)."""
     if len(batch) < 2:
         return 0
-    window = getattr(model.config.get_text_config(), "sliding_window", None) if model is not None else None
-    if window and max(len(ids) for ids in batch) > window:
-        return 0
+    if model is not None:
+        config = model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+        if (window and max(len(ids) for ids in batch) > window) or config._attn_implementation not in ("sdpa", "eager"):
+            return 0
     shortest, first, length = min(len(ids) for ids in batch), batch[0], 0
     while length < shortest - 1 and all(ids[length] == first[length] for ids in batch):
         length += 1

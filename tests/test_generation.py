@@ -286,6 +286,9 @@ def test_a_prefix_every_prompt_shares_is_prefilled_once(model_and_tokenizer, mon
     with pytest.MonkeyPatch.context() as patch:  # a cache that keeps only a window cannot hold a shared prefix
         patch.setattr(model.config, "sliding_window", 32)
         assert generation.shared_prefix_length(prompts, model) == 0
+    with pytest.MonkeyPatch.context() as patch:  # attention whose padded masks are not tested with it
+        patch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+        assert generation.shared_prefix_length(prompts, model) == 0
     forwards = []
     real_forward = model.forward
 
