@@ -2,8 +2,7 @@
 
 Prompts are sorted by length and left-padded in batches (the tokens every prompt of a batch begins with are
 prefilled once and shared); the answer is what comes after the prompt's token positions, cut at the first stop
-token. On CUDA out of
-memory the batch is halved and the same prompts are retried; a prompt that fails even
+token. On CUDA out of memory the batch is halved and the same prompts are retried; a prompt that fails even
 alone is reported as failed, never recorded as an empty answer. Beam search (``num_beams``) runs through
 transformers' own generate over the same batches; choosing labels by likelihood (``label_likelihood``) too.
 """
