@@ -24,17 +24,27 @@ from pathlib import Path
 
 
 def timed(function):
+    """``function()``'s value, its seconds, and its GPU memory: the peak and the caching allocator's counts over the
+    call (cudaMalloc / cudaFree calls and retries: a decode cache that grows step by step makes a new block for
+    every layer at every step until the allocator holds enough; one allocated once makes none)."""
     import torch
+    import training_batches as tb
 
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    tb.reset_gpu_memory_stats()
     started = time.perf_counter()
     value = function()
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
-    return value, time.perf_counter() - started, peak
+    seconds = time.perf_counter() - started
+    counts = torch.cuda.memory_stats() if cuda else {}
+    memory = {
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "allocator": {key: counts.get(key) for key in tb.ALLOCATOR_COUNTS} if cuda else None,
+    }
+    return value, seconds, memory
 
 
 def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop_ids: list[int], trie):
@@ -104,13 +114,13 @@ def main(args):
         scored = task.score([row["target"] for row in rows], predictions, config["label_names"])
         return {key: value for key, value in scored.items() if not isinstance(value, dict)}
 
-    def record(name, outputs, seconds, peak, count, extra=None):
+    def record(name, outputs, seconds, memory, count, extra=None):
         results["runs"][name] = {
             "examples": count,
             "seconds": seconds,
             "examples_per_second": count / seconds,
             "ms_per_example": 1000 * seconds / count,
-            "peak_gpu_memory_gb": peak,
+            **memory,
             **(extra or {}),
         }
         print(f"{name}: {count} examples in {seconds:.2f}s = {count / seconds:.1f} examples/s", flush=True)
@@ -129,26 +139,26 @@ def main(args):
         last call's answers."""
         first = None
         for call in range(1, args.engine_calls + 1):
-            out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **{**settings, **changes}))
+            out, seconds, memory = timed(lambda: generate(model, tokenizer, job.prompt_ids, **{**settings, **changes}))
             first = first or out.outputs
             extra = {"metrics": metric(out.outputs)}
             if engine is not None:
                 extra["identical_to_engine"] = identical(out.outputs, engine)
             if call > 1:
                 extra["identical_to_first_call"] = identical(out.outputs, first)
-            record(f"{name}_call{call}", out.outputs, seconds, peak, len(rows), extra)
+            record(f"{name}_call{call}", out.outputs, seconds, memory, len(rows), extra)
         return out.outputs
 
     engine = called("engine")
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
-        out, seconds, peak = timed(
+        out, seconds, memory = timed(
             lambda: generate(model, tokenizer, job.prompt_ids, stop_check_every=args.stop_check_every, **settings)
         )
         extra = {
             "metrics": metric(out.outputs),
             "identical_to_engine": identical(out.outputs, engine),
         }
-        record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, peak, len(rows), extra)
+        record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, memory, len(rows), extra)
     # the static-cache loop (CUDA graphs on a GPU) at each stop-check interval
     static = {
         every: called(f"engine_static_check_every{every}", loop="static", stop_check_every=every)
@@ -159,23 +169,23 @@ def main(args):
     for budget in args.static_batch_tokens:
         called(f"engine_static_batch_tokens{budget}", loop="static", max_batch_tokens=budget)
     for batch_size in args.batch_sizes_plain:
-        out, seconds, peak = timed(
+        out, seconds, memory = timed(
             lambda size=batch_size: generate(
                 model, tokenizer, job.prompt_ids, batch_size=size, loop="plain", **settings
             )
         )
         extra = {"metrics": metric(out.outputs), "identical_to_engine": identical(out.outputs, engine)}
-        record(f"plain_generate_batch{batch_size}", out.outputs, seconds, peak, len(rows), extra)
+        record(f"plain_generate_batch{batch_size}", out.outputs, seconds, memory, len(rows), extra)
     subset = list(range(0, len(rows), max(1, len(rows) // args.one_at_a_time)))[: args.one_at_a_time]
     trie = LabelTrie(job.label_sequences) if job.label_sequences else None
-    single, seconds, peak = timed(
+    single, seconds, memory = timed(
         lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
     )
     engine_subset = [engine[i] for i in subset]
     extra = {"engine_identical_share": identical(single, engine_subset)}
     for every, outputs in static.items():
         extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
-    record("one_at_a_time", single, seconds, peak, len(subset), extra)
+    record("one_at_a_time", single, seconds, memory, len(subset), extra)
     if args.profile:  # where an engine call's time goes (benchmarks/profiling.py)
         profile = results["profile_engine"] = {}
         with profiling.profiled(profile):
@@ -187,13 +197,13 @@ def main(args):
         del model
         model = _load_finetuned(config, adapter, merge_adapter=True, use_flash_attention=False)
         for call in range(1, args.engine_calls + 1):
-            out, seconds, peak = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
+            out, seconds, memory = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
             extra = {
                 "metrics": metric(out.outputs),
                 "identical_to_engine": identical(out.outputs, engine),
                 "one_at_a_time_identical_share": identical([out.outputs[i] for i in subset], single),
             }
-            record(f"engine_adapter_merged_call{call}", out.outputs, seconds, peak, len(rows), extra)
+            record(f"engine_adapter_merged_call{call}", out.outputs, seconds, memory, len(rows), extra)
     print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))
 
 

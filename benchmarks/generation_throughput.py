@@ -30,6 +30,7 @@ def main(args):
 
     import profiling
     import torch
+    import training_batches as tb
     import zephyr_shaped
     from peft import LoraConfig, get_peft_model
 
@@ -81,9 +82,12 @@ def main(args):
     def peak_gb():
         return torch.cuda.max_memory_allocated() / 1e9 if cuda else None
 
-    def reset_peak():
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+    def reset_peak():  # the peak and the allocator's counts (training_batches.ALLOCATOR_COUNTS) start afresh
+        tb.reset_gpu_memory_stats()
+
+    def allocator_counts():
+        counts = torch.cuda.memory_stats() if cuda else {}
+        return {key: counts.get(key) for key in tb.ALLOCATOR_COUNTS} if cuda else None
 
     def record(name, seconds, count, extra=None):
         per = seconds / count
@@ -93,6 +97,7 @@ def main(args):
             "seconds_per_example": per,
             "examples_per_second": 1 / per,
             "peak_gpu_memory_gb": peak_gb(),
+            "allocator": allocator_counts(),
             **(extra or {}),
         }
         base = results["runs"].get("original_one_at_a_time_4bit")
