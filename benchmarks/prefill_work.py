@@ -9,7 +9,7 @@ through the model with and without that sharing, over the engine's own batches (
 still attend to the shared keys). A count of work, not a timing; ``--time N`` also times ``generate`` on ``N``
 evenly spread test prompts of each format, with and without sharing, on this machine.
 
-    python benchmarks/prefill_work.py --out benchmarks/results/prefill_work.json
+    python benchmarks/prefill_work.py --out benchmarks/results/prefill_work_counts.json
     python benchmarks/prefill_work.py --time 16 --formats few-shot/seed --out /tmp/prefill_time.json
 
 ``--model DIR`` times another model than the tokenizer's (e.g. the 7B-shaped one of ``zephyr_shaped.py``, random
@@ -29,7 +29,7 @@ from pathlib import Path
 from qlora_kit import generation
 from qlora_kit.data import canonical_labels
 from qlora_kit.errors import run_main
-from qlora_kit.evaluation import BASELINE_CONTEXT
+from qlora_kit.evaluation import BASELINE_CONTEXT, baseline_format
 from qlora_kit.formatting import PromptFormat
 from qlora_kit.tasks import TASKS
 
@@ -54,14 +54,14 @@ def build_prompts(task, tokenizer, data_dir: str, purpose: str, style: str, max_
     """Every test example's prompt ids in one format, as the evaluation scripts build them; and the answer's
     token budget."""
     train_rows, test_rows, label_names = load_task_rows(task.name, data_dir)
-    fmt = PromptFormat(task, purpose, style, tokenizer, label_names=label_names)
     if purpose == "finetune":
         new_tokens, max_prompt_tokens = task.max_new_tokens, max_seq_length
-    else:
+        fmt = PromptFormat(task, purpose, style, tokenizer, label_names=label_names)
+    else:  # as zephyr_baseline_inference.py builds them, with its defaults
         new_tokens = task.baseline_max_new_tokens
-        max_prompt_tokens = BASELINE_CONTEXT - new_tokens
-    if purpose == "few-shot":
-        fmt.set_few_shot(task.few_shot_examples(train_rows, task.shots), max_prompt_tokens)
+        fmt, max_prompt_tokens = baseline_format(
+            task, tokenizer, purpose, style, label_names, train_rows, task.shots, BASELINE_CONTEXT - new_tokens
+        )
     return [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in test_rows], new_tokens
 
 
