@@ -39,10 +39,9 @@ def timed(function):
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    counts = torch.cuda.memory_stats() if cuda else {}
     memory = {
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-        "allocator": {key: counts.get(key) for key in tb.ALLOCATOR_COUNTS} if cuda else None,
+        "allocator": tb.allocator_counts(),
     }
     return value, seconds, memory
 

@@ -85,10 +85,6 @@ def main(args):
     def reset_peak():  # the peak and the allocator's counts (training_batches.ALLOCATOR_COUNTS) start afresh
         tb.reset_gpu_memory_stats()
 
-    def allocator_counts():
-        counts = torch.cuda.memory_stats() if cuda else {}
-        return {key: counts.get(key) for key in tb.ALLOCATOR_COUNTS} if cuda else None
-
     def record(name, seconds, count, extra=None):
         per = seconds / count
         results["runs"][name] = {
@@ -97,7 +93,7 @@ def main(args):
             "seconds_per_example": per,
             "examples_per_second": 1 / per,
             "peak_gpu_memory_gb": peak_gb(),
-            "allocator": allocator_counts(),
+            "allocator": tb.allocator_counts(),
             **(extra or {}),
         }
         base = results["runs"].get("original_one_at_a_time_4bit")

@@ -59,9 +59,8 @@ def build_prompts(task, tokenizer, data_dir: str, purpose: str, style: str, max_
         fmt = PromptFormat(task, purpose, style, tokenizer, label_names=label_names)
     else:  # as zephyr_baseline_inference.py builds them, with its defaults
         new_tokens = task.baseline_max_new_tokens
-        fmt, max_prompt_tokens = baseline_format(
-            task, tokenizer, purpose, style, label_names, train_rows, task.shots, BASELINE_CONTEXT - new_tokens
-        )
+        max_prompt_tokens = BASELINE_CONTEXT - new_tokens
+        fmt = baseline_format(task, tokenizer, purpose, style, label_names, train_rows, task.shots, max_prompt_tokens)
     return [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in test_rows], new_tokens
 
 

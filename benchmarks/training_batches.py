@@ -222,6 +222,16 @@ def reset_gpu_memory_stats() -> None:
         torch.cuda.reset_accumulated_memory_stats()
 
 
+def allocator_counts() -> dict | None:
+    """The allocator's counts (``ALLOCATOR_COUNTS``) since ``reset_gpu_memory_stats``; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    stats = torch.cuda.memory_stats()
+    return {key: stats.get(key) for key in ALLOCATOR_COUNTS}
+
+
 def timed_record(
     timed: list, seconds: list[float], steps: int, repeats: int, packing: bool = False, warmup_seconds=None
 ) -> dict:
@@ -232,7 +242,6 @@ def timed_record(
     import torch
 
     on_gpu = torch.cuda.is_available()
-    allocator = torch.cuda.memory_stats() if on_gpu else {}
     tokens = sum(len(row["input_ids"]) for row in timed)  # no padding: rows are unpadded until collated
     examples = sum(len(row["seq_lengths"]) for row in timed) if packing else len(timed)
     return {
@@ -244,7 +253,7 @@ def timed_record(
         **summary(seconds, tokens, examples),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
         "peak_gpu_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
-        "allocator": {key: allocator.get(key) for key in ALLOCATOR_COUNTS} if on_gpu else None,
+        "allocator": allocator_counts(),
     }
 
 

@@ -390,13 +390,15 @@ def baseline_dir(args: Namespace) -> Path:
     )
 
 
-def baseline_format(task, tokenizer, prompt_type, prompt_style, label_names, train_rows, shots, max_prompt_tokens):
-    """A zero- or few-shot baseline's prompt format (the few-shot examples, drawn from ``train_rows``, filled in to
-    use at most half of ``max_prompt_tokens``), and ``max_prompt_tokens``."""
+def baseline_format(
+    task, tokenizer, prompt_type, prompt_style, label_names, train_rows, shots, max_prompt_tokens
+) -> PromptFormat:
+    """A zero- or few-shot baseline's prompt format: the few-shot examples, drawn from ``train_rows``, filled in to
+    use at most half of ``max_prompt_tokens``."""
     fmt = PromptFormat(task, prompt_type, prompt_style, tokenizer, label_names=label_names)
     if prompt_type == "few-shot":
         fmt.set_few_shot(task.few_shot_examples(train_rows, shots), max_prompt_tokens)
-    return fmt, max_prompt_tokens
+    return fmt
 
 
 def evaluate_baseline(args: Namespace) -> dict:
@@ -424,10 +426,10 @@ def evaluate_baseline(args: Namespace) -> dict:
     source_path = modeling.resolve_model_source(args.pretrained_ckpt)
     tokenizer = modeling.load_tokenizer(source_path, padding_side="left")
     end_token = end_of_turn_token(tokenizer)
-    fmt, max_prompt_tokens = baseline_format(
-        task, tokenizer, args.prompt_type, args.prompt_style, label_names, train_rows, args.shots,
-        args.max_prompt_tokens or BASELINE_CONTEXT - args.max_new_tokens,
-    )  # fmt: skip
+    max_prompt_tokens = args.max_prompt_tokens or BASELINE_CONTEXT - args.max_new_tokens
+    fmt = baseline_format(
+        task, tokenizer, args.prompt_type, args.prompt_style, label_names, train_rows, args.shots, max_prompt_tokens
+    )
     model = modeling.load_model(
         source_path, load_in_4bit=args.load_in_4bit, use_flash_attention=args.use_flash_attention, for_training=False
     )
