@@ -60,6 +60,7 @@ def test_generation_benchmark_tiny(tmp_path):
         8,
         "--profile_loop",
         "static",
+        "--adapter_in_compute_dtype",
     )
     result = json.loads(out.read_text())
     profile = result["profile_engine_4bit"]
@@ -73,8 +74,12 @@ def test_generation_benchmark_tiny(tmp_path):
         "engine_static_4bit_batch8",
         "plain_generate_4bit_batch8",
         "engine_merged_bf16_batch8",
+        "engine_static_4bit_batch8_adapter_in_compute_dtype",
     }
     assert runs["engine_static_4bit_batch8"]["identical_to_engine"] == 1.0
+    # the CPU computes in fp32, as peft keeps the adapter: nothing to cast, the same answers
+    adapter = runs["engine_static_4bit_batch8_adapter_in_compute_dtype"]
+    assert adapter["lora_tensors_cast"] == 0 and adapter["identical_to_engine"] == 1.0
     assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
     assert runs["engine_4bit_batch8_stop_check_every4"]["identical_to_engine"] == 1.0
     assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1

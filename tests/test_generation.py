@@ -1,3 +1,5 @@
+import types
+
 import pytest
 import torch
 
@@ -461,6 +463,28 @@ def test_the_plain_path_gives_the_same_answers(model_and_tokenizer, monkeypatch,
     monkeypatch.setenv("QLORA_KIT_GENERATION", "fast")
     with pytest.raises(generation.UsageError, match="QLORA_KIT_GENERATION=fast"):
         generation.generate(model, tokenizer, prompts, **kwargs)
+
+
+def test_the_decode_loop_is_chosen_by_the_models_device(monkeypatch):
+    """Unless a loop is named: the static loop for a model on a GPU, the growing cache on the CPU (and on a device
+    the table does not name); a loop named by generate(loop=...) or QLORA_KIT_GENERATION wins over both."""
+
+    class On:  # a model whose parameters live on ``device`` (no GPU is needed to ask where they are)
+        def __init__(self, device):
+            self.device = device
+
+        def parameters(self):
+            return iter([types.SimpleNamespace(device=torch.device(self.device))])
+
+    monkeypatch.delenv("QLORA_KIT_GENERATION", raising=False)
+    assert generation._batch_generator(None, On("cuda")) is static_decoding.generate_batch
+    assert generation._batch_generator(None, On("cpu")) is generation._generate_batch
+    assert generation._batch_generator(None, On("meta")) is generation._generate_batch
+    assert generation._batch_generator("dynamic", On("cuda")) is generation._generate_batch
+    monkeypatch.setenv("QLORA_KIT_GENERATION", "dynamic")
+    assert generation._batch_generator(None, On("cuda")) is generation._generate_batch
+    monkeypatch.setenv("QLORA_KIT_GENERATION", "static")
+    assert generation._batch_generator(None, On("cpu")) is static_decoding.generate_batch
 
 
 @pytest.mark.parametrize("constrained", [False, True])
