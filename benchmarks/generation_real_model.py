@@ -175,6 +175,16 @@ def main(args):
     for every, outputs in static.items():
         extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
     record("one_at_a_time", single, seconds, memory, len(subset), extra)
+    if args.fused_lora_inference:  # the adapter's product added in place, in the output's dtype; undone after
+        from qlora_kit import fused_lora
+
+        fused_lora.fuse_lora(model, for_inference=True)
+        fused = called("engine_static_fused_lora_inference", loop="static")
+        results["runs"][f"engine_static_fused_lora_inference_call{args.engine_calls}"][
+            "one_at_a_time_identical_share"
+        ] = identical([fused[i] for i in subset], single)
+        for module in model.modules():
+            module.__dict__.pop("_fused_for_inference", None)
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
     for budget in args.static_batch_tokens:
@@ -191,11 +201,11 @@ def main(args):
             "one_at_a_time_identical_share": identical([out.outputs[i] for i in subset], single),
         }
         record(f"plain_generate_batch{batch_size}", out.outputs, seconds, memory, len(rows), extra)
-    if args.profile:  # where an engine call's time goes (benchmarks/profiling.py)
-        profile = results["profile_engine"] = {}
+    if args.profile:  # where an engine call's time goes (benchmarks/profiling.py), in the loop asked for
+        profile = results["profile_engine"] = {"loop": args.profile_loop}
         with profiling.profiled(profile):
-            generate(model, tokenizer, job.prompt_ids, **settings)
-        profiling.print_summary("profile of an engine call", profile)
+            generate(model, tokenizer, job.prompt_ids, **{**settings, "loop": args.profile_loop})
+        profiling.print_summary(f"profile of an engine call ({args.profile_loop} loop)", profile)
     if args.merged and not config["load_in_4bit"]:
         # --merge_adapter on a 16-bit base: the same weights with no LoRA matmuls per step (bf16 rounding of
         # the merged weights may flip near-ties)
@@ -238,7 +248,15 @@ if __name__ == "__main__":
         default=[],
         help="also the static-cache loop with batches of at most N padded tokens each (smaller batches, less padding)",
     )
+    parser.add_argument(
+        "--fused_lora_inference",
+        action="store_true",
+        help="also the static loop with the adapter's product added in place (fused_lora.fuse_lora(for_inference))",
+    )
     parser.add_argument("--profile", action="store_true", help="profile one more engine call")
+    parser.add_argument(
+        "--profile_loop", choices=("dynamic", "static"), default="static", help="the decode loop --profile runs"
+    )
     parser.add_argument(
         "--stop_check_every",
         type=int,

@@ -50,7 +50,7 @@ def main(args):
     import zephyr_shaped
     from peft import LoraConfig, get_peft_model
 
-    from qlora_kit import modeling
+    from qlora_kit import fused_lora, modeling
     from qlora_kit.generation import generate
 
     if args.write_lengths:
@@ -206,22 +206,24 @@ def main(args):
             same = sum(a == b for a, b in zip(out.outputs, engine_outputs[::step]))
             extra["identical_to_engine"] = same / len(subset)
         record(f"plain_generate_4bit_batch{batch_size}", time.perf_counter() - started, len(subset), extra)
-    if args.adapter_in_compute_dtype:  # the same prompts, static loop, the LoRA weights in bf16 (no casts per layer)
-        cast = adapter_in_compute_dtype(model)
+
+    def static_variant(name, extra):  # the same prompts through the static loop, after a change to the model
         subset = prompts[:: args.stride_4bit]
         batch_size = max(args.batch_sizes_4bit)
         reset_peak()
         started = time.perf_counter()
         out = generate(model, Tok, subset, batch_size=batch_size, loop="static", **engine_4bit)
-        record(
-            f"engine_static_4bit_batch{batch_size}_adapter_in_compute_dtype",
-            time.perf_counter() - started,
-            len(subset),
-            {
-                "identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset),
-                "lora_tensors_cast": cast,
-            },
-        )
+        same = sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)
+        record(f"engine_static_4bit_batch{batch_size}_{name}", time.perf_counter() - started, len(subset),
+               {"identical_to_engine": same, **extra})  # fmt: skip
+
+    if args.fused_lora_inference:  # the adapter's product added in place (fused_lora, for_inference), then undone
+        fused_lora.fuse_lora(model, for_inference=True)
+        static_variant("fused_lora_inference", {})
+        for module in model.modules():
+            module.__dict__.pop("_fused_for_inference", None)
+    if args.adapter_in_compute_dtype:  # the LoRA weights in bf16 (no casts per layer); left so
+        static_variant("adapter_in_compute_dtype", {"lora_tensors_cast": adapter_in_compute_dtype(model)})
     del model
     if cuda:
         torch.cuda.empty_cache()
@@ -306,6 +308,11 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--profile_loop", choices=("dynamic", "static"), default="dynamic", help="the decode loop the profile runs"
+    )
+    parser.add_argument(
+        "--fused_lora_inference",
+        action="store_true",
+        help="also the static loop with the adapter's product added in place (fused_lora.fuse_lora(for_inference))",
     )
     parser.add_argument(
         "--adapter_in_compute_dtype",

@@ -20,6 +20,11 @@ docs/benchmarks.md) it was 0.95x the default at the median, later passes even: n
 It applies where the result is the same LoRA: training (train mode), one active adapter, no DoRA or other
 variant, no LoRA bias, a frozen base that is a ``torch.nn.Linear`` or a bitsandbytes 4-bit layer, the adapter's
 compute dtype equal to the base output's. Any other call runs peft's own forward (a training call says why, once).
+
+For evaluation, ``fuse_lora(model, for_inference=True)`` also routes calls without gradients in eval mode through
+the same in-place product, in the output's dtype: peft computes an adapter loaded onto a 4-bit base in fp32, casting
+each adapted layer's input to fp32 and its output back, besides the copy and the sum above; here the small adapter
+weights are cast instead. The same LoRA up to rounding (bf16 on a GPU, where a near-tie may turn; exact in fp32).
 """
 
 from __future__ import annotations
@@ -90,9 +95,10 @@ class _LoRALinear(torch.autograd.Function):
         return grad_x, grad_dropped, grad_A, grad_B, None, None
 
 
-def unfused_reason(layer, x) -> str | None:
+def unfused_reason(layer, x, inference: bool = False) -> str | None:
     """Why the fused function would not compute this training call of a peft LoRA layer as peft does (None: it
-    would)."""
+    would). ``inference``: a call without gradients, where the base's trainability and the adapter's dtype do not
+    matter (the product is computed in the output's dtype)."""
     adapters = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(adapters) != 1:
         return f"{len(adapters)} active adapters"
@@ -105,6 +111,8 @@ def unfused_reason(layer, x) -> str | None:
         return "a LoRA bias or a non-linear adapter"
     if not (four_bit or type(base) is torch.nn.Linear):
         return f"a {type(base).__name__} base layer"
+    if inference:
+        return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "a base layer that trains"
     if four_bit and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
@@ -122,10 +130,34 @@ def unfused_reason(layer, x) -> str | None:
 _warned: set[str] = set()
 
 
+def _adapted_in_place(x, lora_A, lora_B, scaling, base_layer):
+    """base(x) + scaling * x A^T B^T without gradients, the adapter's product added in place in the output's dtype."""
+    result = base_layer(x)
+    if not result.is_contiguous():
+        result = result.contiguous()
+    dtype = result.dtype
+    scaled = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), lora_A.to(dtype).t()).mul_(scaling)
+    result.view(-1, result.shape[-1]).addmm_(scaled, lora_B.to(dtype).t())
+    return result
+
+
 def _fused_forward(self, x, *args, **kwargs):
-    # training only (with or without gradients: reentrant checkpointing's first forward has none)
-    if args or kwargs or not self.training or self.disable_adapters or self.merged:
-        return self._peft_forward(x, *args, **kwargs)  # evaluation, or no adapter to add
+    if args or kwargs or self.disable_adapters or self.merged:
+        return self._peft_forward(x, *args, **kwargs)  # no adapter to add, or a call peft's own forward must read
+    if not self.training:  # evaluation: fused only when asked for (for_inference), and only without gradients
+        if not getattr(self, "_fused_for_inference", False) or torch.is_grad_enabled():
+            return self._peft_forward(x)
+        reason = unfused_reason(self, x, inference=True)
+        if reason is not None:
+            if reason not in _warned:
+                _warned.add(reason)
+                log.warning("LoRA layers with %s evaluate through peft's own forward", reason)
+            return self._peft_forward(x)
+        name = next(name for name in self.active_adapters if name in self.lora_A)
+        return _adapted_in_place(
+            x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.get_base_layer()
+        )
+    # training (with or without gradients: reentrant checkpointing's first forward has none)
     reason = unfused_reason(self, x)
     if reason is not None:
         if reason not in _warned:
@@ -145,15 +177,20 @@ def _fused_forward(self, x, *args, **kwargs):
     )
 
 
-def fuse_lora(model) -> int:
-    """Route the training forward of every peft LoRA linear layer of ``model`` through the fused function; returns
-    how many layers. Idempotent; adapters save and load under the same names."""
+def fuse_lora(model, for_inference: bool = False) -> int:
+    """Route the training forward of every peft LoRA linear layer of ``model`` through the fused function, and with
+    ``for_inference`` its calls without gradients in eval mode too; returns how many layers were routed anew.
+    Idempotent; adapters save and load under the same names."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and hasattr(module, "lora_A") and not hasattr(module, "_peft_forward"):
+        if not (isinstance(module, LoraLayer) and hasattr(module, "lora_A")):
+            continue
+        if not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
+        if for_inference:
+            module._fused_for_inference = True
     return count

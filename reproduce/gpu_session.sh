@@ -274,14 +274,15 @@ bench_gen_loops() {
     --out "$R/bench_gen_loops/generation_throughput_loops.json"
 }
 
-# The static loop with the adapter as peft loads it (fp32 on a 4-bit base) against the adapter cast to bf16, the
-# whole test set, 4-bit model, three times over (about 1 minute a pass after the model loads).
-bench_gen_adapter_dtype() {
+# The static loop with the adapter as peft loads it (fp32 on a 4-bit base), with its product added in place
+# (fused_lora for inference), and with its weights cast to bf16: the whole test set, 4-bit model, three passes
+# (about 1.5 minutes a pass after the model loads).
+bench_gen_inference_lora() {
   local pass
   for pass in 1 2 3; do
     python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 0 --stride_4bit 1 \
-      --batch_sizes_merged --batch_sizes_plain --stop_check_every 1 --adapter_in_compute_dtype \
-      --out "$R/bench_gen_adapter_dtype/generation_throughput_adapter_dtype_pass$pass.json"
+      --batch_sizes_merged --batch_sizes_plain --stop_check_every 1 --fused_lora_inference --adapter_in_compute_dtype \
+      --out "$R/bench_gen_inference_lora/generation_throughput_inference_lora_pass$pass.json"
   done
 }
 

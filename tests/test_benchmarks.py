@@ -61,6 +61,7 @@ def test_generation_benchmark_tiny(tmp_path):
         "--profile_loop",
         "static",
         "--adapter_in_compute_dtype",
+        "--fused_lora_inference",
     )
     result = json.loads(out.read_text())
     profile = result["profile_engine_4bit"]
@@ -75,11 +76,13 @@ def test_generation_benchmark_tiny(tmp_path):
         "plain_generate_4bit_batch8",
         "engine_merged_bf16_batch8",
         "engine_static_4bit_batch8_adapter_in_compute_dtype",
+        "engine_static_4bit_batch8_fused_lora_inference",
     }
     assert runs["engine_static_4bit_batch8"]["identical_to_engine"] == 1.0
     # the CPU computes in fp32, as peft keeps the adapter: nothing to cast, the same answers
     adapter = runs["engine_static_4bit_batch8_adapter_in_compute_dtype"]
     assert adapter["lora_tensors_cast"] == 0 and adapter["identical_to_engine"] == 1.0
+    assert runs["engine_static_4bit_batch8_fused_lora_inference"]["identical_to_engine"] == 1.0  # fp32: exact
     assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
     assert runs["engine_4bit_batch8_stop_check_every4"]["identical_to_engine"] == 1.0
     assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1
@@ -311,6 +314,7 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
         "--profile",
         "--static_batch_tokens",
         160,
+        "--fused_lora_inference",
         "--out",
         out,
     )
@@ -320,11 +324,14 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
     static = {f"engine_static_check_every{every}_call{call}" for every in (1, 4) for call in (1, 2)}
     static |= {"engine_static_batch_tokens160_call1", "engine_static_batch_tokens160_call2"}  # in smaller batches
+    static |= {"engine_static_fused_lora_inference_call1", "engine_static_fused_lora_inference_call2"}
     assert set(runs) == ways | merged | static
     assert runs["engine_stop_check_every4"]["identical_to_engine"] == 1.0  # the same answers, whatever the check
     assert all(runs[name]["identical_to_engine"] == 1.0 for name in static)  # and whatever the loop
     assert runs["one_at_a_time"]["engine_static_check_every4_identical_share"] == 1.0
+    assert runs["engine_static_fused_lora_inference_call2"]["one_at_a_time_identical_share"] == 1.0  # fp32
     assert set(result["profile_engine"]["ranges"]) == {"prefill", "decode"}
+    assert result["profile_engine"]["loop"] == "static"  # the default on a GPU
     # merged weights round differently from base + LoRA: near-ties may flip, most answers may not
     assert runs["engine_adapter_merged_call1"]["identical_to_engine"] >= 0.9
     assert runs["engine_call1"]["examples"] == 12 and runs["one_at_a_time"]["examples"] == 5

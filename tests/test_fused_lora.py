@@ -214,3 +214,42 @@ def test_fused_layers_over_base_layers_with_a_bias(tmp_path, four_bit):
     assert fused_lora.fuse_lora(fused) == 15
     assert fused.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().bias is not None
     _assert_same(_loss_and_grads(fused, _ids()), _loss_and_grads(expected, _ids()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["16-bit base", "4-bit base"])
+def test_fused_layers_for_inference_give_peft_logits_and_answers(tiny_model, four_bit, fused_calls, monkeypatch):
+    """for_inference: eval calls without gradients add the adapter's product in place; in fp32 the logits are
+    peft's and greedy answers the same. Without for_inference, or with gradients, evaluation stays peft's."""
+    from qlora_kit import generation
+
+    peft_model, fused = _adapted(tiny_model, four_bit).eval(), _adapted(tiny_model, four_bit).eval()
+    layers = fused_lora.fuse_lora(fused)
+    ids = _ids()
+    with torch.inference_mode():
+        expected = peft_model(input_ids=ids).logits
+        fused(input_ids=ids)
+    assert not fused_calls  # fused for training only: evaluation is peft's
+    assert fused_lora.fuse_lora(fused, for_inference=True) == 0  # already routed: now for inference too
+    inference_calls = []
+    adapted_in_place = fused_lora._adapted_in_place
+
+    def counted(*args):
+        inference_calls.append(1)
+        return adapted_in_place(*args)
+
+    monkeypatch.setattr(fused_lora, "_adapted_in_place", counted)
+    with torch.inference_mode():
+        got = fused(input_ids=ids).logits
+    assert len(inference_calls) == layers
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    prompts = [list(range(5, 5 + n)) for n in (3, 9, 6)]
+    settings = dict(max_new_tokens=6, stop_ids=[-1], progress=False)
+    answers = generation.generate(fused, _Pad, prompts, **settings).outputs
+    assert answers == generation.generate(peft_model, _Pad, prompts, **settings).outputs
+    inference_calls.clear()
+    fused(input_ids=ids).logits.sum().backward()  # with gradients: peft's forward
+    assert not inference_calls
+
+
+class _Pad:  # the engine needs only the pad id
+    pad_token_id = 0
