@@ -189,6 +189,9 @@ def main(args):
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
     for budget in args.static_batch_tokens:
         called(f"engine_static_batch_tokens{budget}", loop="static", max_batch_tokens=budget)
+    # ... and with other prefill groups: more prompt tokens through the model at once, fewer forwards per batch
+    for tokens in args.static_prefill_tokens:
+        called(f"engine_static_prefill_tokens{tokens}", loop="static", prefill_tokens=tokens)
     for batch_size in args.batch_sizes_plain:
         out, seconds, memory = timed(
             lambda size=batch_size: generate(
@@ -211,14 +214,10 @@ def main(args):
         # the merged weights may flip near-ties)
         del model
         model = _load_finetuned(config, adapter, merge_adapter=True, use_flash_attention=False)
-        for call in range(1, args.engine_calls + 1):
-            out, seconds, memory = timed(lambda: generate(model, tokenizer, job.prompt_ids, **settings))
-            extra = {
-                "metrics": metric(out.outputs),
-                "identical_to_engine": identical(out.outputs, engine),
-                "one_at_a_time_identical_share": identical([out.outputs[i] for i in subset], single),
-            }
-            record(f"engine_adapter_merged_call{call}", out.outputs, seconds, memory, len(rows), extra)
+        merged = called("engine_static_adapter_merged", loop="static")  # the loop a GPU runs by default
+        results["runs"][f"engine_static_adapter_merged_call{args.engine_calls}"]["one_at_a_time_identical_share"] = (
+            identical([merged[i] for i in subset], single)
+        )
     print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))
 
 
@@ -252,6 +251,13 @@ if __name__ == "__main__":
         "--fused_lora_inference",
         action="store_true",
         help="also the static loop with the adapter's product added in place (fused_lora.fuse_lora(for_inference))",
+    )
+    parser.add_argument(
+        "--static_prefill_tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the static-cache loop prefilling at most N prompt tokens at once (default: generation.PREFILL_TOKENS)",
     )
     parser.add_argument("--profile", action="store_true", help="profile one more engine call")
     parser.add_argument(

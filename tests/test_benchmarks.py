@@ -315,16 +315,19 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
         "--static_batch_tokens",
         160,
         "--fused_lora_inference",
+        "--static_prefill_tokens",
+        16,
         "--out",
         out,
     )
     result = json.loads(out.read_text())
     runs = result["runs"]
-    merged = {"engine_adapter_merged_call1", "engine_adapter_merged_call2"}  # the run's base is 16-bit
+    merged = {"engine_static_adapter_merged_call1", "engine_static_adapter_merged_call2"}  # the base is 16-bit
     ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
     static = {f"engine_static_check_every{every}_call{call}" for every in (1, 4) for call in (1, 2)}
     static |= {"engine_static_batch_tokens160_call1", "engine_static_batch_tokens160_call2"}  # in smaller batches
     static |= {"engine_static_fused_lora_inference_call1", "engine_static_fused_lora_inference_call2"}
+    static |= {"engine_static_prefill_tokens16_call1", "engine_static_prefill_tokens16_call2"}  # many small groups
     assert set(runs) == ways | merged | static
     assert runs["engine_stop_check_every4"]["identical_to_engine"] == 1.0  # the same answers, whatever the check
     assert all(runs[name]["identical_to_engine"] == 1.0 for name in static)  # and whatever the loop
@@ -333,7 +336,7 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert set(result["profile_engine"]["ranges"]) == {"prefill", "decode"}
     assert result["profile_engine"]["loop"] == "static"  # the default on a GPU
     # merged weights round differently from base + LoRA: near-ties may flip, most answers may not
-    assert runs["engine_adapter_merged_call1"]["identical_to_engine"] >= 0.9
+    assert runs["engine_static_adapter_merged_call1"]["identical_to_engine"] >= 0.9
     assert runs["engine_call1"]["examples"] == 12 and runs["one_at_a_time"]["examples"] == 5
     assert runs["plain_generate_batch4"]["identical_to_engine"] == 1.0
     assert runs["one_at_a_time"]["engine_identical_share"] == 1.0
