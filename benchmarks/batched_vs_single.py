@@ -32,7 +32,7 @@ def main(args):
     rows = evaluation.load_eval_rows(get_task("classification"), eval_args, label_names)
     tokenizer = modeling.load_tokenizer(str(adapter), padding_side="left")
     fmt = PromptFormat("classification", "finetune", config["prompt_style"], tokenizer, label_names=label_names)
-    prompts = [fmt.prompt_ids(row["input"], config["settings"]["max_seq_length"]) for row in rows]
+    prompts = fmt.prompts_ids([row["input"] for row in rows], config["settings"]["max_seq_length"])
     model = evaluation._load_finetuned(config, adapter, merge_adapter=False, use_flash_attention=False)
     stop = sorted({tokenizer.convert_tokens_to_ids(config["end_token"]), tokenizer.eos_token_id})
 

@@ -61,7 +61,7 @@ def build_prompts(task, tokenizer, data_dir: str, purpose: str, style: str, max_
         new_tokens = task.baseline_max_new_tokens
         max_prompt_tokens = BASELINE_CONTEXT - new_tokens
         fmt = baseline_format(task, tokenizer, purpose, style, label_names, train_rows, task.shots, max_prompt_tokens)
-    return [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in test_rows], new_tokens
+    return fmt.prompts_ids([row["input"] for row in test_rows], max_prompt_tokens), new_tokens
 
 
 def count(prompts: list[list[int]], new_tokens: int, batch_size: int, max_batch_tokens, prefill_tokens: int) -> dict:

@@ -135,7 +135,8 @@ def real_prompt_lengths(task: str, data_file: str, tokenizer_source: str, max_to
     rows = rows[:limit]
     tokenizer = load_tokenizer(tokenizer_source)
     fmt = PromptFormat(task, "finetune", "seed", tokenizer)
-    return [len(fmt.prompt_ids(row["input"], max_tokens)) for row in rows], [row["target"] for row in rows], tokenizer
+    lengths = [len(ids) for ids in fmt.prompts_ids([row["input"] for row in rows], max_tokens)]
+    return lengths, [row["target"] for row in rows], tokenizer
 
 
 def environment() -> dict:

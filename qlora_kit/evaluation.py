@@ -154,13 +154,13 @@ def plan_job(
 ) -> GenerationJob:
     """Stage 1: every prompt's token ids, the stop tokens and, for constrained or likelihood decoding, the label
     sequences."""
-    prompt_ids = [fmt.prompt_ids(row["input"], max_prompt_tokens) for row in rows]
+    prompt_ids = fmt.prompts_ids([row["input"] for row in rows], max_prompt_tokens)
     constrained = task.labelled and getattr(args, "decoding", "greedy") in ("constrained", "likelihood")
     return GenerationJob(
         task=task,
         rows=rows,
         prompt_ids=prompt_ids,
-        prompt_texts=[tokenizer.decode(ids) for ids in prompt_ids],
+        prompt_texts=tokenizer.batch_decode(prompt_ids),
         label_names=label_names,
         stop_ids=sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id}),
         label_sequences=[answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None,

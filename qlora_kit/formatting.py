@@ -44,8 +44,30 @@ def end_of_turn_token(tokenizer) -> str:
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of a whole prompt: the tokenizer's BOS unless the text (a rendered template) has it already."""
-    has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+    return encode_all(tokenizer, [text])[0]
+
+
+def encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``encode`` of every text, in one call per kind (with or without a BOS of its own). A fast tokenizer's own
+    ``encode_batch`` spreads the texts over the CPU's cores (the 20 Newsgroups test prompts, 13.8 M characters:
+    ~10 s one by one on one core); transformers' batch call around it costs more than it saves, so it is skipped
+    where the tokenizer has a backend."""
+    bos = tokenizer.bos_token
+    has_bos = [bool(bos) and text.startswith(bos) for text in texts]
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    ids: list = [None] * len(texts)
+    for kind in (False, True):
+        where = [i for i, flag in enumerate(has_bos) if flag is kind]
+        if not where:
+            continue
+        batch = [texts[i] for i in where]
+        if backend is not None:
+            encoded = [encoding.ids for encoding in backend.encode_batch(batch, add_special_tokens=not kind)]
+        else:
+            encoded = tokenizer(batch, add_special_tokens=not kind)["input_ids"]
+        for i, row in zip(where, encoded):
+            ids[i] = row
+    return ids
 
 
 @dataclass
@@ -106,6 +128,24 @@ class PromptFormat:
             for row in examples
         )
 
+    def prompts_ids(self, texts: list[str], max_tokens: int | list[int], skip_unfit: bool = False) -> list:
+        """``prompt_ids`` of every text (``max_tokens``: one budget, or one per text), the prompts that fit
+        tokenized together in one batch. ``skip_unfit``: None for a text whose prompt cannot fit its budget
+        (instead of the error)."""
+        budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(texts)
+        whole = encode_all(self.tokenizer, [self.render(text) for text in texts])
+        prompts = []
+        for text, ids, budget in zip(texts, whole, budgets):
+            if len(ids) > budget:
+                try:
+                    ids = self.prompt_ids(text, budget) if budget > 0 or not skip_unfit else None
+                except UsageError:
+                    if not skip_unfit:
+                        raise
+                    ids = None
+            prompts.append(ids)
+        return prompts
+
     def prompt_ids(self, text: str, max_tokens: int) -> list[int]:
         """Token ids of the prompt for ``text``, the text shortened until the whole prompt fits ``max_tokens``."""
         ids = encode(self.tokenizer, self.render(text))
@@ -127,7 +167,13 @@ class PromptFormat:
 
 def answer_ids(tokenizer, answer: str, end_token: str) -> list[int]:
     """Token ids of the completion: the answer, then the end-of-turn token (EOS)."""
-    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(end_token)]
+    return answers_ids(tokenizer, [answer], end_token)[0]
+
+
+def answers_ids(tokenizer, answers: list[str], end_token: str) -> list[list[int]]:
+    """``answer_ids`` of every answer, tokenized in one batch."""
+    end = tokenizer.convert_tokens_to_ids(end_token)
+    return [ids + [end] for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]] if answers else []
 
 
 def build_training_examples(
@@ -138,13 +184,10 @@ def build_training_examples(
     Rows whose answer alone does not fit are skipped and counted; if none fit, that is an error.
     """
     examples, skipped = [], 0
-    for row in rows:
-        completion = answer_ids(fmt.tokenizer, row["target"], end_token)
-        budget = max_seq_length - len(completion)
-        try:
-            prompt = fmt.prompt_ids(row["input"], budget) if budget > 0 else None
-        except UsageError:
-            prompt = None
+    completions = answers_ids(fmt.tokenizer, [row["target"] for row in rows], end_token)
+    budgets = [max_seq_length - len(completion) for completion in completions]
+    prompts = fmt.prompts_ids([row["input"] for row in rows], budgets, skip_unfit=True)
+    for prompt, completion in zip(prompts, completions):
         if prompt is None:
             skipped += 1
             continue

@@ -390,3 +390,27 @@ def test_prefill_work_counts_the_positions_a_shared_prefix_saves(tiny_model, dat
     # the fine-tuning prompts of the original format begin with a few tokens only: nothing shared
     plain = formats["summarization: finetune/seed"]["budgets"]["rows only"]
     assert plain["positions_with_sharing"] == plain["positions_without_sharing"]
+
+
+def test_inference_overhead_times_an_evaluation_without_generating(trained_run_for_resume, data_dir, tmp_path):
+    """inference_overhead.py: the inference script's whole run with instant answers; every stage timed, the run's
+    files written (to its own folder, not the run's), nothing generated."""
+    out, written = tmp_path / "o.json", tmp_path / "eval"
+    _run(
+        "inference_overhead.py",
+        "--task",
+        "classification",
+        "--experiment_dir",
+        trained_run_for_resume,
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--output_dir",
+        written,
+        "--out",
+        out,
+    )
+    result = json.loads(out.read_text())
+    assert result["examples"] == 12 and result["wall_seconds_without_generation"] > 0
+    assert all(seconds > 0 for seconds in result["stage_seconds"].values()), result["stage_seconds"]
+    metrics = json.loads((written / "metrics.json").read_text())
+    assert metrics["invalid"] == 0 and metrics["n"] == 12  # every answer the first label: valid, mostly wrong

@@ -1,7 +1,14 @@
 import pytest
 
 from qlora_kit.errors import UsageError
-from qlora_kit.formatting import PromptFormat, answer_ids, build_training_examples, encode, end_of_turn_token
+from qlora_kit.formatting import (
+    PromptFormat,
+    answer_ids,
+    build_training_examples,
+    encode,
+    encode_all,
+    end_of_turn_token,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +86,31 @@ def test_a_million_character_text_fits(tokenizer):
     fmt = PromptFormat("classification", "finetune", "seed", tokenizer)
     ids = fmt.prompt_ids("orbit " * 170_000, 64)
     assert len(ids) <= 64 and tokenizer.decode(ids).endswith("### Class:")
+
+
+@pytest.mark.parametrize("style", ["seed", "chat"])
+def test_prompts_tokenized_together_are_the_prompts_tokenized_one_by_one(tokenizer, style):
+    """prompts_ids: one batch for the prompts that fit, the rest shortened one by one: the same ids as
+    prompt_ids text by text, whatever the budget; with skip_unfit a prompt that cannot fit is None."""
+    fmt = PromptFormat("summarization", "finetune", style, tokenizer)
+    texts = ["A: hi", "B: " + "very long dialogue " * 80, "", "Chloé: ça va? " * 30, "C: ok"]
+    for budget in (60, 200, 1000):
+        assert fmt.prompts_ids(texts, budget) == [fmt.prompt_ids(text, budget) for text in texts]
+    overhead = len(fmt.prompt_ids("", 1000))  # the prompt around an empty text
+    budgets = [overhead + 1, overhead + 30, 300, overhead + 10, 1000]
+    assert fmt.prompts_ids(texts, budgets) == [fmt.prompt_ids(t, b) for t, b in zip(texts, budgets)]
+    unfit = fmt.prompts_ids(texts, [1000, overhead - 1, 0, 1000, 1000], skip_unfit=True)
+    assert unfit[1] is None and unfit[2] is None and unfit[0] == fmt.prompt_ids(texts[0], 1000)
+    with pytest.raises(UsageError, match="prompt without any input text"):
+        fmt.prompts_ids(texts, overhead - 1)
+
+
+def test_texts_encoded_together_are_the_tokenizers_own_ids(tokenizer):
+    """encode_all (the backend's batch call) gives what the tokenizer's own call gives text by text: its BOS added
+    unless the text begins with it."""
+    bos = tokenizer.bos_token
+    texts = ["engine noise", bos + "already has one", "", "Chloé: ça va?\n\n  spaces  ", "x" * 3000]
+    expected = [tokenizer(t, add_special_tokens=not t.startswith(bos))["input_ids"] for t in texts]
+    assert encode_all(tokenizer, texts) == expected
+    assert [encode(tokenizer, t) for t in texts] == expected
+    assert expected[0][0] == tokenizer.bos_token_id and expected[1].count(tokenizer.bos_token_id) == 1
