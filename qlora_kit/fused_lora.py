@@ -136,8 +136,8 @@ def _adapted_in_place(x, lora_A, lora_B, scaling, base_layer):
     if not result.is_contiguous():
         result = result.contiguous()
     dtype = result.dtype
-    scaled = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), lora_A.to(dtype).t()).mul_(scaling)
-    result.view(-1, result.shape[-1]).addmm_(scaled, lora_B.to(dtype).t())
+    reduced = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), lora_A.to(dtype).t())  # tokens x rank
+    result.view(-1, result.shape[-1]).addmm_(reduced, lora_B.to(dtype).t(), alpha=scaling)  # scaled in the product
     return result
 
 

@@ -414,3 +414,17 @@ def test_inference_overhead_times_an_evaluation_without_generating(trained_run_f
     assert all(seconds > 0 for seconds in result["stage_seconds"].values()), result["stage_seconds"]
     metrics = json.loads((written / "metrics.json").read_text())
     assert metrics["invalid"] == 0 and metrics["n"] == 12  # every answer the first label: valid, mostly wrong
+
+
+def test_forward_ops_counts_what_each_way_of_adding_the_adapter_runs(tmp_path):
+    """forward_ops.py on the tiny 7B-shaped model with an adapter on every linear layer: the product added in place
+    runs fewer operations than peft's layers (no separate scaling and sum), the merged adapter fewer still (none)."""
+    out = tmp_path / "ops.json"
+    _run("forward_ops.py", "--tiny", "--tiny_dir", tmp_path / "m", "--out", out)
+    ways = json.loads(out.read_text())["ways"]
+    peft, fused, merged = (ways[name]["operations"] for name in ways)
+    assert peft > fused > merged > 0
+    adapted = 2 * 7  # two decoder layers of 7 adapted projections ("all-linear" leaves lm_head out)
+    assert ways[next(iter(ways))]["by_name"]["aten::linear"] == 3 * adapted + 1  # base, A, B of each; lm_head
+    assert list(ways)[1].startswith("adapter's product added in place")
+    assert fused == peft - 2 * adapted  # per layer: mm + addmm_ instead of 2 linear, mul and add
