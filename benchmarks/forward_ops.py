@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 
@@ -78,6 +77,7 @@ def load_ways(args):
 
 def main(args) -> dict:
     import torch
+    import zephyr_shaped
 
     results = {"command": " ".join(sys.argv), "tokens": args.tokens, "ways": {}}
     input_ids = torch.randint(3, 100, (1, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -93,9 +93,7 @@ def main(args) -> dict:
         print(f"{name}: {total} operations a forward, {total / layers:.1f} a decoder layer", flush=True)
         del model
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        zephyr_shaped.write_result(Path(args.out), results)
     return results
 
 

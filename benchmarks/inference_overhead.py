@@ -40,6 +40,8 @@ def instant_answers(model, tokenizer, prompts, *, label_sequences=None, on_batch
 
 
 def main(args) -> dict:
+    import zephyr_shaped
+
     from qlora_kit import evaluation
     from qlora_kit.eval_cli import build_finetuned_parser, finetuned_main
 
@@ -69,9 +71,7 @@ def main(args) -> dict:
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        zephyr_shaped.write_result(Path(args.out), result)
     return result
 
 

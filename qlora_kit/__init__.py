@@ -14,14 +14,15 @@ The modules, in the order a run goes through them (the top-level scripts are thi
     packing         several examples in one row, each attending only to itself
     memory_budget   the largest micro-batch under --max_memory_gb
     sft_trainer     trl's SFTTrainer set up for a recipe
-    fused_lora      LoRA layers trained as one autograd function each (--fused_lora)
+    fused_lora      LoRA layers trained as one autograd function each (--fused_lora); for evaluation,
+                    the adapter's product added in place
     training        train(): the stages of a training run, one function each
     selection       scoring each checkpoint on validation while training; the best one marked
   evaluation
     evaluation      a trained run or a zero/few-shot baseline: data, prompts, generation, metrics, files
     generation      the batched greedy engine (growing key/value cache, shared prompt prefix prefilled once),
                     out-of-memory halving
-    static_decoding the engine's static-cache loop, replayed as CUDA graphs on a GPU
+    static_decoding the engine's static-cache loop, replayed as CUDA graphs (the default on a GPU)
     label_likelihood classification by the most probable whole label answer (--decoding likelihood)
     metrics         label parsing and metrics: small pure functions
     compare         two evaluations of the same items, compared pairwise
