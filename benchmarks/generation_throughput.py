@@ -307,7 +307,7 @@ if __name__ == "__main__":
         "--profile_examples", type=int, default=0, help="profile the engine on this many prompts (0: no profile)"
     )
     parser.add_argument(
-        "--profile_loop", choices=("dynamic", "static"), default="dynamic", help="the decode loop the profile runs"
+        "--profile_loop", choices=("dynamic", "static"), default="static", help="the decode loop the profile runs"
     )
     parser.add_argument(
         "--fused_lora_inference",

@@ -49,9 +49,9 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
     """``encode`` of every text, in one call per kind (with or without a BOS of its own). A fast tokenizer's own
-    ``encode_batch`` spreads the texts over the CPU's cores (the 20 Newsgroups test prompts, 13.8 M characters:
-    ~10 s one by one on one core); transformers' batch call around it costs more than it saves, so it is skipped
-    where the tokenizer has a backend."""
+    ``encode_batch`` may spread the texts over the CPU's cores (the 20 Newsgroups test prompts, 13.8 M characters,
+    take ~10 s one call each; on two cores the batch was no faster, more cores are not measured yet); transformers'
+    batch call around it costs more than it saves (12 s there), so it is skipped where the tokenizer has a backend."""
     bos = tokenizer.bos_token
     has_bos = [bool(bos) and text.startswith(bos) for text in texts]
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
