@@ -136,19 +136,21 @@ class PromptFormat:
         whole = encode_all(self.tokenizer, [self.render(text) for text in texts])
         prompts = []
         for text, ids, budget in zip(texts, whole, budgets):
-            if len(ids) > budget:
-                try:
-                    ids = self.prompt_ids(text, budget) if budget > 0 or not skip_unfit else None
-                except UsageError:
-                    if not skip_unfit:
-                        raise
-                    ids = None
-            prompts.append(ids)
+            try:
+                prompts.append(self._fitted(text, ids, budget))
+            except UsageError:
+                if not skip_unfit:
+                    raise
+                prompts.append(None)
         return prompts
 
     def prompt_ids(self, text: str, max_tokens: int) -> list[int]:
         """Token ids of the prompt for ``text``, the text shortened until the whole prompt fits ``max_tokens``."""
-        ids = encode(self.tokenizer, self.render(text))
+        return self._fitted(text, encode(self.tokenizer, self.render(text)), max_tokens)
+
+    def _fitted(self, text: str, ids: list[int], max_tokens: int) -> list[int]:
+        """``ids`` (the whole prompt for ``text``, encoded) if they fit ``max_tokens``, else the prompt with the text
+        shortened until it does."""
         if len(ids) <= max_tokens:
             return ids
         overhead = len(encode(self.tokenizer, self.render("")))
