@@ -183,8 +183,7 @@ def main(args):
         results["runs"][f"engine_static_fused_lora_inference_call{args.engine_calls}"][
             "one_at_a_time_identical_share"
         ] = identical([fused[i] for i in subset], single)
-        for module in model.modules():
-            module.__dict__.pop("_fused_for_inference", None)
+        fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
     for budget in args.static_batch_tokens:

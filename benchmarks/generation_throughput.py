@@ -220,8 +220,7 @@ def main(args):
     if args.fused_lora_inference:  # the adapter's product added in place (fused_lora, for_inference), then undone
         fused_lora.fuse_lora(model, for_inference=True)
         static_variant("fused_lora_inference", {})
-        for module in model.modules():
-            module.__dict__.pop("_fused_for_inference", None)
+        fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     if args.adapter_in_compute_dtype:  # the LoRA weights in bf16 (no casts per layer); left so
         static_variant("adapter_in_compute_dtype", {"lora_tensors_cast": adapter_in_compute_dtype(model)})
     del model

@@ -144,43 +144,38 @@ def _adapted_in_place(x, lora_A, lora_B, scaling, base_layer):
 def _fused_forward(self, x, *args, **kwargs):
     if args or kwargs or self.disable_adapters or self.merged:
         return self._peft_forward(x, *args, **kwargs)  # no adapter to add, or a call peft's own forward must read
-    if not self.training:  # evaluation: fused only when asked for (for_inference), and only without gradients
-        if not getattr(self, "_fused_for_inference", False) or torch.is_grad_enabled():
-            return self._peft_forward(x)
-        reason = unfused_reason(self, x, inference=True)
-        if reason is not None:
-            if reason not in _warned:
-                _warned.add(reason)
-                log.warning("LoRA layers with %s evaluate through peft's own forward", reason)
-            return self._peft_forward(x)
-        name = next(name for name in self.active_adapters if name in self.lora_A)
-        return _adapted_in_place(
-            x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.get_base_layer()
-        )
-    # training (with or without gradients: reentrant checkpointing's first forward has none)
-    reason = unfused_reason(self, x)
+    # training, with or without gradients (reentrant checkpointing's first forward has none); in eval mode only when
+    # asked for (for_inference) and only without gradients
+    inference = not self.training
+    if inference and (not getattr(self, "_fused_for_inference", False) or torch.is_grad_enabled()):
+        return self._peft_forward(x)
+    reason = unfused_reason(self, x, inference)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
-            log.warning("--fused_lora: LoRA layers with %s train through peft's own forward", reason)
-        return self._peft_forward(x, *args, **kwargs)
+            if inference:
+                log.warning("LoRA layers with %s evaluate through peft's own forward", reason)
+            else:
+                log.warning("--fused_lora: LoRA layers with %s train through peft's own forward", reason)
+        return self._peft_forward(x)
     name = next(name for name in self.active_adapters if name in self.lora_A)
-    dropout = self.lora_dropout[name]
-    dropped = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
-    return _LoRALinear.apply(
-        x,
-        dropped,
+    lora_A, lora_B, scaling, base = (
         self.lora_A[name].weight,
         self.lora_B[name].weight,
         self.scaling[name],
         self.get_base_layer(),
     )
+    if inference:
+        return _adapted_in_place(x, lora_A, lora_B, scaling, base)
+    dropout = self.lora_dropout[name]
+    dropped = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    return _LoRALinear.apply(x, dropped, lora_A, lora_B, scaling, base)
 
 
 def fuse_lora(model, for_inference: bool = False) -> int:
-    """Route the training forward of every peft LoRA linear layer of ``model`` through the fused function, and with
-    ``for_inference`` its calls without gradients in eval mode too; returns how many layers were routed anew.
-    Idempotent; adapters save and load under the same names."""
+    """Route the training forward of every peft LoRA linear layer of ``model`` through the fused function, and its
+    calls without gradients in eval mode too while ``for_inference`` (a later call without it hands them back to
+    peft); returns how many layers were routed anew. Idempotent; adapters save and load under the same names."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -191,6 +186,5 @@ def fuse_lora(model, for_inference: bool = False) -> int:
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
-        if for_inference:
-            module._fused_for_inference = True
+        module._fused_for_inference = for_inference
     return count

@@ -249,6 +249,10 @@ def test_fused_layers_for_inference_give_peft_logits_and_answers(tiny_model, fou
     inference_calls.clear()
     fused(input_ids=ids).logits.sum().backward()  # with gradients: peft's forward
     assert not inference_calls
+    assert fused_lora.fuse_lora(fused) == 0  # without for_inference: evaluation back through peft's layers
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not inference_calls
 
 
 class _Pad:  # the engine needs only the pad id
