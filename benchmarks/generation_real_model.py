@@ -129,7 +129,20 @@ def main(args):
     def identical(outputs, reference) -> float:
         return sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
 
-    engine = None  # the engine's answers, once it has run: what every other way is compared with
+    # the engine's answers, and one at a time's on an evenly spread subset, once each has run: what every later way
+    # is compared with
+    engine = single = None
+    subset = list(range(0, len(rows), max(1, len(rows) // args.one_at_a_time)))[: args.one_at_a_time]
+
+    def compared(outputs) -> dict:
+        """The metric of answers to every prompt, and their shares identical to the engine's and to one at a time's
+        (those that have run)."""
+        extra = {"metrics": metric(outputs)}
+        if engine is not None:
+            extra["identical_to_engine"] = identical(outputs, engine)
+        if single is not None:
+            extra["one_at_a_time_identical_share"] = identical([outputs[i] for i in subset], single)
+        return extra
 
     def called(name, **changes):
         """``generate`` with ``settings`` changed by ``changes``, called ``--engine_calls`` times, each recorded as
@@ -141,9 +154,7 @@ def main(args):
         for call in range(1, args.engine_calls + 1):
             out, seconds, memory = timed(lambda: generate(model, tokenizer, job.prompt_ids, **{**settings, **changes}))
             first = first or out.outputs
-            extra = {"metrics": metric(out.outputs)}
-            if engine is not None:
-                extra["identical_to_engine"] = identical(out.outputs, engine)
+            extra = compared(out.outputs)
             if call > 1:
                 extra["identical_to_first_call"] = identical(out.outputs, first)
             record(f"{name}_call{call}", out.outputs, seconds, memory, len(rows), extra)
@@ -154,18 +165,14 @@ def main(args):
         out, seconds, memory = timed(
             lambda: generate(model, tokenizer, job.prompt_ids, stop_check_every=args.stop_check_every, **settings)
         )
-        extra = {
-            "metrics": metric(out.outputs),
-            "identical_to_engine": identical(out.outputs, engine),
-        }
+        extra = compared(out.outputs)
         record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, memory, len(rows), extra)
     # the static-cache loop (CUDA graphs on a GPU) at each stop-check interval
     static = {
         every: called(f"engine_static_check_every{every}", loop="static", stop_check_every=every)
         for every in args.static_stop_check_every
     }
-    # one at a time on an evenly spread subset: the exactness check, before the slower comparisons
-    subset = list(range(0, len(rows), max(1, len(rows) // args.one_at_a_time)))[: args.one_at_a_time]
+    # one at a time on the subset: the exactness check, before the slower comparisons
     trie = LabelTrie(job.label_sequences) if job.label_sequences else None
     single, seconds, memory = timed(
         lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
@@ -179,10 +186,7 @@ def main(args):
         from qlora_kit import fused_lora
 
         fused_lora.fuse_lora(model, for_inference=True)
-        fused = called("engine_static_fused_lora_inference", loop="static")
-        results["runs"][f"engine_static_fused_lora_inference_call{args.engine_calls}"][
-            "one_at_a_time_identical_share"
-        ] = identical([fused[i] for i in subset], single)
+        called("engine_static_fused_lora_inference", loop="static")
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
@@ -197,12 +201,7 @@ def main(args):
                 model, tokenizer, job.prompt_ids, batch_size=size, **{**settings, "loop": "plain"}
             )
         )
-        extra = {
-            "metrics": metric(out.outputs),
-            "identical_to_engine": identical(out.outputs, engine),
-            "one_at_a_time_identical_share": identical([out.outputs[i] for i in subset], single),
-        }
-        record(f"plain_generate_batch{batch_size}", out.outputs, seconds, memory, len(rows), extra)
+        record(f"plain_generate_batch{batch_size}", out.outputs, seconds, memory, len(rows), compared(out.outputs))
     if args.profile:  # where an engine call's time goes (benchmarks/profiling.py), in the loop asked for
         profile = results["profile_engine"] = {"loop": args.profile_loop}
         with profiling.profiled(profile):
@@ -213,10 +212,7 @@ def main(args):
         # the merged weights may flip near-ties)
         del model
         model = _load_finetuned(config, adapter, merge_adapter=True, use_flash_attention=False)
-        merged = called("engine_static_adapter_merged", loop="static")  # the loop a GPU runs by default
-        results["runs"][f"engine_static_adapter_merged_call{args.engine_calls}"]["one_at_a_time_identical_share"] = (
-            identical([merged[i] for i in subset], single)
-        )
+        called("engine_static_adapter_merged", loop="static")  # the loop a GPU runs by default
     print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))
 
 
