@@ -416,14 +416,14 @@ LOOPS = ("dynamic", "static", "plain")
 DEFAULT_LOOP = {"cuda": "static", "cpu": "dynamic"}
 
 
-def _batch_generator(loop: str | None, model=None):
+def _batch_generator(loop: str | None, model):
     """The decode loop to use: ``loop`` if given, else QLORA_KIT_GENERATION if set, else ``DEFAULT_LOOP`` for the
     model's device (the CPU's for any device it does not name)."""
     import os
 
     from . import static_decoding
 
-    device = next(model.parameters()).device.type if model is not None else "cpu"
+    device = next(model.parameters()).device.type
     choice = loop or os.environ.get("QLORA_KIT_GENERATION", "") or DEFAULT_LOOP.get(device, DEFAULT_LOOP["cpu"])
     if choice not in LOOPS:
         given = f"loop={choice!r}: use" if loop else f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to"
