@@ -112,6 +112,7 @@ def build(folder: Path, tiny: bool = False, shape: str = "zephyr-7b", layers: in
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
+        torch.manual_seed(0)  # the same random weights every time: a run can be repeated
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(config)
     finally:

