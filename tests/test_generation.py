@@ -535,6 +535,32 @@ def test_the_static_cache_loop_gives_the_same_answers(model_and_tokenizer, monke
         assert all(answer + stop in labels for answer in static)
 
 
+@pytest.mark.parametrize("loop", ["dynamic", "static"])
+def test_decode_steps_read_the_cache_without_a_copy_per_query_head(model_and_tokenizer, monkeypatch, loop):
+    """The tiny model has 4 query heads on 2 key/value heads. Decode steps attend with the cache as it is; copying
+    it once per query head (transformers' repeat_kv) at every step read the whole cache three times over for
+    SmolLM2 (3 query heads a key/value head; transformers 5.17 did so wherever a mask was given). Only prefill
+    copies: as many copies for 8 new tokens as for 2."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model, tokenizer = model_and_tokenizer
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    prompts = _prompts(tokenizer, count=6)
+    copies = []
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda states, n: copies.append(states.shape[2]) or real(states, n))
+    counted = {}
+    for new_tokens in (2, 8):
+        copies.clear()
+        out = generation.generate(
+            model, tokenizer, prompts, max_new_tokens=new_tokens, stop_ids=[-1], batch_size=3, progress=False,
+            loop=loop,
+        )  # fmt: skip
+        assert all(len(answer) == new_tokens for answer in out.outputs)  # no stop: every step ran
+        counted[new_tokens] = len(copies)
+    assert counted[2] == counted[8]
+
+
 def test_the_static_loop_falls_back_where_it_cannot_run(model_and_tokenizer, monkeypatch, caplog):
     """A model whose attention the static cache cannot drive (here: an architecture not tested with it) decodes
     with the growing cache, saying why, and gives the same answers."""
