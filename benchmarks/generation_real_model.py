@@ -186,7 +186,7 @@ def main(args):
         from qlora_kit import fused_lora
 
         fused_lora.fuse_lora(model, for_inference=True)
-        called("engine_static_fused_lora_inference", loop="static")
+        called(f"engine_{args.variant_loop}_fused_lora_inference", loop=args.variant_loop)
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
@@ -212,7 +212,7 @@ def main(args):
         # the merged weights may flip near-ties)
         del model
         model = _load_finetuned(config, adapter, merge_adapter=True, use_flash_attention=False)
-        called("engine_static_adapter_merged", loop="static")  # the loop a GPU runs by default
+        called(f"engine_{args.variant_loop}_adapter_merged", loop=args.variant_loop)
     print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))
 
 
@@ -233,7 +233,7 @@ if __name__ == "__main__":
         "--merged",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also the engine with the adapter merged into a 16-bit base (--merge_adapter)",
+        help="also the adapter merged into a 16-bit base (--merge_adapter), in --variant_loop",
     )
     parser.add_argument(
         "--static_batch_tokens",
@@ -245,7 +245,13 @@ if __name__ == "__main__":
     parser.add_argument(
         "--fused_lora_inference",
         action="store_true",
-        help="also the static loop with the adapter's product added in place (fused_lora.fuse_lora(for_inference))",
+        help="also the adapter's product added in place (fused_lora.fuse_lora(for_inference)), in --variant_loop",
+    )
+    parser.add_argument(
+        "--variant_loop",
+        choices=("dynamic", "static"),
+        default="static",
+        help="the decode loop --fused_lora_inference and --merged run in (static: the default on a GPU)",
     )
     parser.add_argument(
         "--static_prefill_tokens",

@@ -352,6 +352,22 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert runs["engine_static_check_every1_call2"]["identical_to_first_call"] == 1.0
 
 
+def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(trained_run_for_resume, data_dir, tmp_path):
+    """--variant_loop dynamic: the in-place adapter product and the merged adapter through the growing cache (the
+    CPU's loop), named so; in fp32 their answers are the engine's."""
+    out = tmp_path / "g.json"
+    _run(
+        "generation_real_model.py", "--experiment_dir", trained_run_for_resume, "--test_file",
+        data_dir / "news_test.jsonl", "--decoding", "constrained", "--limit", 6, "--engine_calls", 1,
+        "--batch_sizes_plain", "--one_at_a_time", 2, "--stop_check_every", 1, "--static_stop_check_every",
+        "--fused_lora_inference", "--variant_loop", "dynamic", "--out", out,
+    )  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    variants = {"engine_dynamic_fused_lora_inference_call1", "engine_dynamic_adapter_merged_call1"}
+    assert set(runs) == {"engine_call1", "one_at_a_time"} | variants
+    assert runs["engine_dynamic_fused_lora_inference_call1"]["identical_to_engine"] == 1.0
+
+
 def test_every_recipe_the_lab_names_exists():
     """The GPU stages name benchmark recipes by their full names: a misspelt one would end a sitting's stage."""
     import re
