@@ -91,6 +91,7 @@ def main(args):
         stop_ids=job.stop_ids,
         label_sequences=job.label_sequences,
         max_batch_tokens=args.max_batch_tokens,
+        batch_size=args.batch_size,
         progress=False,
         loop="dynamic",  # "the engine": the growing cache; the static loop is named where it runs
     )
@@ -154,7 +155,7 @@ def main(args):
         for call in range(1, args.engine_calls + 1):
             out, seconds, memory = timed(lambda: generate(model, tokenizer, job.prompt_ids, **{**settings, **changes}))
             first = first or out.outputs
-            extra = compared(out.outputs)
+            extra = {**compared(out.outputs), "final_batch_size": out.final_batch_size}
             if call > 1:
                 extra["identical_to_first_call"] = identical(out.outputs, first)
             record(f"{name}_call{call}", out.outputs, seconds, memory, len(rows), extra)
@@ -198,7 +199,7 @@ def main(args):
     for batch_size in args.batch_sizes_plain:
         out, seconds, memory = timed(
             lambda size=batch_size: generate(
-                model, tokenizer, job.prompt_ids, batch_size=size, **{**settings, "loop": "plain"}
+                model, tokenizer, job.prompt_ids, **{**settings, "loop": "plain", "batch_size": size}
             )
         )
         record(f"plain_generate_batch{batch_size}", out.outputs, seconds, memory, len(rows), compared(out.outputs))
@@ -224,6 +225,9 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's")
     parser.add_argument("--max_batch_tokens", type=int, default=None, help="default: the engine's budget")
+    parser.add_argument(
+        "--batch_size", type=int, default=None, help="prompts a batch, every engine way (default: the engine's)"
+    )
     parser.add_argument("--engine_calls", type=int, default=2)
     parser.add_argument(
         "--batch_sizes_plain", type=int, nargs="*", default=[64, 256], help="plain generate (none given: not run)"
