@@ -243,7 +243,8 @@ def add_generation_args(parser: argparse.ArgumentParser, task, *, baseline: bool
         "--batch_size",
         type=positive_int,
         default=None,
-        help="generation batch size (default: automatic, halved on out-of-memory)",
+        help="generation batch size (default: 1,024 prompts on a GPU, within --max_batch_tokens; 32 on a CPU; "
+        "halved on out-of-memory)",
     )
     group.add_argument(
         "--max_batch_tokens",
