@@ -366,7 +366,7 @@ def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(traine
     variants = {"engine_dynamic_fused_lora_inference_call1", "engine_dynamic_adapter_merged_call1"}
     assert set(runs) == {"engine_call1", "one_at_a_time"} | variants
     assert runs["engine_dynamic_fused_lora_inference_call1"]["identical_to_engine"] == 1.0
-    assert runs["engine_call1"]["final_batch_size"] == 4  # not the CPU's default, 8
+    assert runs["engine_call1"]["final_batch_size"] == 4  # the flag's, not the CPU's default
 
 
 def test_every_recipe_the_lab_names_exists():

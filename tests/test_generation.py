@@ -548,7 +548,7 @@ def test_decode_steps_read_the_cache_without_a_copy_per_query_head(model_and_tok
     prompts = _prompts(tokenizer, count=6)
     copies = []
     real = sdpa.repeat_kv
-    monkeypatch.setattr(sdpa, "repeat_kv", lambda states, n: copies.append(states.shape[2]) or real(states, n))
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda states, n: copies.append(n) or real(states, n))
     counted = {}
     for new_tokens in (2, 8):
         copies.clear()
