@@ -207,16 +207,18 @@ def main(args):
             extra["identical_to_engine"] = same / len(subset)
         record(f"plain_generate_4bit_batch{batch_size}", time.perf_counter() - started, len(subset), extra)
 
-    def static_variant(name, extra):  # the same prompts through the static loop, after a change to the model
+    def static_variant(name, extra, **changes):  # the same prompts through the static loop, after a change
         subset = prompts[:: args.stride_4bit]
         batch_size = max(args.batch_sizes_4bit)
         reset_peak()
         started = time.perf_counter()
-        out = generate(model, Tok, subset, batch_size=batch_size, loop="static", **engine_4bit)
+        out = generate(model, Tok, subset, batch_size=batch_size, loop="static", **{**engine_4bit, **changes})
         same = sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)
         record(f"engine_static_4bit_batch{batch_size}_{name}", time.perf_counter() - started, len(subset),
                {"identical_to_engine": same, **extra})  # fmt: skip
 
+    for budget in args.static_max_batch_tokens:  # smaller batches, for a card with less memory to spare
+        static_variant(f"max_batch_tokens{budget}", {"max_batch_tokens": budget}, max_batch_tokens=budget)
     if args.fused_lora_inference:  # the adapter's product added in place (fused_lora, for_inference), then undone
         fused_lora.fuse_lora(model, for_inference=True)
         static_variant("fused_lora_inference", {})
@@ -307,6 +309,13 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--profile_loop", choices=("dynamic", "static"), default="static", help="the decode loop the profile runs"
+    )
+    parser.add_argument(
+        "--static_max_batch_tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the static loop in batches of at most N padded tokens (less memory), after the default budget",
     )
     parser.add_argument(
         "--fused_lora_inference",

@@ -62,6 +62,8 @@ def test_generation_benchmark_tiny(tmp_path):
         "static",
         "--adapter_in_compute_dtype",
         "--fused_lora_inference",
+        "--static_max_batch_tokens",
+        1024,
     )
     result = json.loads(out.read_text())
     profile = result["profile_engine_4bit"]
@@ -77,6 +79,7 @@ def test_generation_benchmark_tiny(tmp_path):
         "engine_merged_bf16_batch8",
         "engine_static_4bit_batch8_adapter_in_compute_dtype",
         "engine_static_4bit_batch8_fused_lora_inference",
+        "engine_static_4bit_batch8_max_batch_tokens1024",
     }
     # Another loop's answers on random weights are compared, not required equal: bitsandbytes' 4-bit CPU kernels
     # compute in bf16 on CPUs with AVX512-BF16, where the loops' last-bit differences can flip a near-tie.
@@ -86,6 +89,8 @@ def test_generation_benchmark_tiny(tmp_path):
     # the CPU computes in fp32, as peft keeps the adapter: nothing to cast, the static loop's answers unchanged
     adapter = runs["engine_static_4bit_batch8_adapter_in_compute_dtype"]
     assert adapter["lora_tensors_cast"] == 0 and adapter["identical_to_engine"] == static
+    smaller = runs["engine_static_4bit_batch8_max_batch_tokens1024"]  # 16 prompts of ~190 tokens: several batches
+    assert smaller["max_batch_tokens"] == 1024 and 0 <= smaller["identical_to_engine"] <= 1
     assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
     assert runs["engine_4bit_batch8_stop_check_every4"]["identical_to_engine"] == 1.0
     assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1
