@@ -1,7 +1,9 @@
 """Evaluation speed and exactness on a real trained run (e.g. SmolLM2-135M-Instruct with its adapter), side by
 side in one process: one example at a time (greedy), a plain batched ``model.generate`` (left padding, the
 engine's own batches), and the project's engine with each of its decode loops (the growing cache; the static cache,
-its steps replayed as CUDA graphs on a GPU), each called twice (the first call warms up kernels and caches).
+its steps replayed as CUDA graphs on a GPU), each called twice (the first call warms up kernels and caches). The
+adapter runs through peft's own layers in every way but ``--fused_lora_inference`` (the product added in place,
+evaluation's default on a GPU) and ``--merged``.
 
 Times are generation alone (the prompts are built and tokenised before the clock starts); the inference script
 prints its whole wall time separately. Exactness: the share of outputs identical to one-at-a-time greedy on an
@@ -84,7 +86,9 @@ def main(args):
     job = plan_job(
         task, tokenizer, fmt, rows, eval_args, config["settings"]["max_seq_length"], end_token, config["label_names"]
     )
-    model = _load_finetuned(config, adapter, merge_adapter=False, use_flash_attention=False)
+    # peft's layers: the reference every variant is compared with (evaluation's default on a GPU is the in-place
+    # product, --fused_lora_inference here)
+    model = _load_finetuned(config, adapter, merge_adapter=False, use_flash_attention=False, adapter_product="peft")
     new_tokens = args.max_new_tokens or task.max_new_tokens
     settings = dict(
         max_new_tokens=new_tokens,

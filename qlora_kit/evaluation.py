@@ -77,7 +77,12 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     distributed.barrier()
 
 
-def _load_finetuned(config: dict, adapter: Path, merge_adapter: bool, use_flash_attention: bool):
+def _load_finetuned(
+    config: dict, adapter: Path, merge_adapter: bool, use_flash_attention: bool, adapter_product: str = "peft"
+):
+    """The run's base model with its adapter, for evaluation: merged into the weights (``merge_adapter``), or added
+    to each adapted layer's output by peft's own layers (``adapter_product="peft"``) or in place (``"in_place"``,
+    ``fused_lora.inference_product``)."""
     from peft import PeftModel
 
     source = config["model_source"]
@@ -90,6 +95,10 @@ def _load_finetuned(config: dict, adapter: Path, merge_adapter: bool, use_flash_
     model = PeftModel.from_pretrained(model, adapter)
     if merge_adapter:
         model = modeling.merge_adapter(model)  # plain bf16 weights: no 4-bit dequantization per step
+    elif adapter_product == "in_place":
+        from . import fused_lora
+
+        fused_lora.fuse_lora(model, for_inference=True)
     model.eval()
     return model
 
@@ -316,6 +325,9 @@ def evaluate_run(task, args: Namespace) -> dict:
     started = time.perf_counter()
     task = get_task(task)
     check_decoding(args)
+    from . import fused_lora
+
+    adapter_product = "merged" if args.merge_adapter else fused_lora.inference_product()
     distributed.init()
     run = RunFolder(args.experiment_dir)
     config = run.config()
@@ -341,7 +353,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     end_token = config.get("end_token") or end_of_turn_token(tokenizer)
     fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
-    model = _load_finetuned(config, adapter, args.merge_adapter, args.use_flash_attention)
+    model = _load_finetuned(config, adapter, args.merge_adapter, args.use_flash_attention, adapter_product)
     metrics, records = run_generation(
         task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token, label_names, out_dir=out_dir
     )
@@ -352,6 +364,7 @@ def evaluate_run(task, args: Namespace) -> dict:
         "split": args.split,
         "limit": args.limit,
         "merge_adapter": args.merge_adapter,
+        "adapter_product": adapter_product,
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": max_prompt_tokens,
         "decoding": getattr(args, "decoding", "greedy"),

@@ -24,7 +24,8 @@ compute dtype equal to the base output's. Any other call runs peft's own forward
 For evaluation, ``fuse_lora(model, for_inference=True)`` also routes calls without gradients in eval mode through
 the same in-place product, in the output's dtype: peft computes an adapter loaded onto a 4-bit base in fp32, casting
 each adapted layer's input to fp32 and its output back, besides the copy and the sum above; here the small adapter
-weights are cast instead. The same LoRA up to rounding (bf16 on a GPU, where a near-tie may turn; exact in fp32).
+weights are cast instead. The same LoRA up to rounding (bf16 on a GPU, where a near-tie may turn; exact in fp32). It is how evaluation adds
+an adapter on a GPU (``INFERENCE_PRODUCT``, below).
 """
 
 from __future__ import annotations
@@ -170,6 +171,33 @@ def _fused_forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[name]
     dropped = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
     return _LoRALinear.apply(x, dropped, lora_A, lora_B, scaling, base)
+
+
+# How an evaluation adds the adapter's product to each adapted layer's output, by where the model runs. On a GPU in
+# place, in the output's dtype (``fuse_lora(for_inference=True)``): measured on an H100 (docs/benchmarks.md), 1.56x
+# peft's own layers on a trained SmolLM2 adapter over the 7,317 20 Newsgroups test prompts (7.5 s against 11.6, one
+# pass; peft's casts and copies were half of the GPU's busy time) and 1.06x on the Zephyr-7B shape in 4-bit (8.6
+# against 9.1-9.3 ms an example, three passes). Its bf16 rounding turned 3.8% of that adapter's answers (accuracy
+# 52.06% against 52.19%). On the CPU peft's layers: level there (docs/benchmarks.md), and the loop measured there.
+INFERENCE_PRODUCT = {"cuda": "in_place", "cpu": "peft"}
+INFERENCE_PRODUCTS = ("in_place", "peft")
+
+
+def inference_product(device_type: str | None = None) -> str:
+    """How an evaluation on ``device_type`` (default: a GPU if there is one) adds the adapter's product:
+    QLORA_KIT_ADAPTER_PRODUCT if set (``peft`` evaluates through peft's own layers, e.g. to compare with another
+    tool), else ``INFERENCE_PRODUCT`` for the device (the CPU's for any device it does not name)."""
+    import os
+
+    from .errors import UsageError
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    choice = os.environ.get("QLORA_KIT_ADAPTER_PRODUCT", "") or INFERENCE_PRODUCT.get(device_type, "peft")
+    if choice not in INFERENCE_PRODUCTS:
+        raise UsageError(
+            f"QLORA_KIT_ADAPTER_PRODUCT={choice}: leave it unset, or set it to one of {', '.join(INFERENCE_PRODUCTS)}"
+        )
+    return choice
 
 
 def fuse_lora(model, for_inference: bool = False) -> int:

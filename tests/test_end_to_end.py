@@ -80,6 +80,46 @@ def test_inference_evaluates_the_run(trained_classifier, data_dir):
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
+def test_the_adapter_product_added_in_place_gives_peft_s_answers(trained_classifier, data_dir, tmp_path, monkeypatch):
+    """Evaluation adds the adapter's product in place on a GPU (fused_lora.INFERENCE_PRODUCT) and through peft's own
+    layers on the CPU; QLORA_KIT_ADAPTER_PRODUCT chooses either, and metrics.json says which ran. On the CPU (fp32)
+    both give the same answers; a value that is neither is a one-line error before anything loads."""
+    answers = {}
+    for product in ("", "in_place", "peft"):
+        monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", product)
+        out = tmp_path / (product or "default")
+        run_script(
+            "zephyr_classification_inference.py",
+            "--experiment_dir",
+            trained_classifier,
+            "--test_file",
+            data_dir / "news_test.jsonl",
+            "--limit",
+            8,
+            "--output_dir",
+            out,
+            cwd=tmp_path,
+        )
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["config"]["adapter_product"] == (product or "peft")  # the CPU's default
+        answers[product] = [json.loads(line)["output"] for line in (out / "predictions.jsonl").open()]
+    assert answers["in_place"] == answers["peft"] == answers[""] and len(answers[""]) == 8
+    monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "fused")
+    refused = run_script(
+        "zephyr_classification_inference.py",
+        "--experiment_dir",
+        trained_classifier,
+        "--test_file",
+        data_dir / "news_test.jsonl",
+        "--output_dir",
+        tmp_path / "refused",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert refused.returncode == 2 and "QLORA_KIT_ADAPTER_PRODUCT=fused" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
+
+
 def test_constrained_decoding_has_no_invalid_answers(trained_classifier, data_dir, tmp_path):
     run_script(
         "zephyr_classification_inference.py",

@@ -257,3 +257,16 @@ def test_fused_layers_for_inference_give_peft_logits_and_answers(tiny_model, fou
 
 class _Pad:  # the engine needs only the pad id
     pad_token_id = 0
+
+
+def test_evaluation_adds_the_adapter_in_place_on_a_gpu_and_through_peft_elsewhere(monkeypatch):
+    monkeypatch.delenv("QLORA_KIT_ADAPTER_PRODUCT", raising=False)
+    assert fused_lora.inference_product("cuda") == "in_place"
+    assert fused_lora.inference_product("cpu") == fused_lora.inference_product("mps") == "peft"
+    monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "peft")
+    assert fused_lora.inference_product("cuda") == "peft"
+    monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "in_place")
+    assert fused_lora.inference_product("cpu") == "in_place"
+    monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "fused")
+    with pytest.raises(UsageError, match="QLORA_KIT_ADAPTER_PRODUCT=fused: leave it unset, or set it to one of"):
+        fused_lora.inference_product("cuda")
