@@ -24,8 +24,8 @@ compute dtype equal to the base output's. Any other call runs peft's own forward
 For evaluation, ``fuse_lora(model, for_inference=True)`` also routes calls without gradients in eval mode through
 the same in-place product, in the output's dtype: peft computes an adapter loaded onto a 4-bit base in fp32, casting
 each adapted layer's input to fp32 and its output back, besides the copy and the sum above; here the small adapter
-weights are cast instead. The same LoRA up to rounding (bf16 on a GPU, where a near-tie may turn; exact in fp32). It is how evaluation adds
-an adapter on a GPU (``INFERENCE_PRODUCT``, below).
+weights are cast instead. The same LoRA up to rounding (bf16 on a GPU, where a near-tie may turn; exact in fp32).
+It is how evaluation adds an adapter on a GPU (``INFERENCE_PRODUCT``, below).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def _fused_forward(self, x, *args, **kwargs):
 # How an evaluation adds the adapter's product to each adapted layer's output, by where the model runs. On a GPU in
 # place, in the output's dtype (``fuse_lora(for_inference=True)``): measured on an H100 (docs/benchmarks.md), 1.56x
 # peft's own layers on a trained SmolLM2 adapter over the 7,317 20 Newsgroups test prompts (7.5 s against 11.6, one
-# pass; peft's casts and copies were half of the GPU's busy time) and 1.06x on the Zephyr-7B shape in 4-bit (8.6
+# pass; peft's casts and copies were half of the GPU's busy time) and 1.07x on the Zephyr-7B shape in 4-bit (8.6
 # against 9.1-9.3 ms an example, three passes). Its bf16 rounding turned 3.8% of that adapter's answers (accuracy
 # 52.06% against 52.19%). On the CPU peft's layers: level there (docs/benchmarks.md), and the loop measured there.
 INFERENCE_PRODUCT = {"cuda": "in_place", "cpu": "peft"}
