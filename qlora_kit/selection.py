@@ -109,6 +109,8 @@ class ScoreCheckpoints(TrainerCallback):
             "checkpoint": step,
             "split": "validation",
             "scored_while_training": True,
+            # the training model's own layers: peft's, whatever the inference scripts would use on this device
+            "adapter_product": "peft",
             "select_on": "+".join(self.metrics),
         }
         save_evaluation(self.run.evaluation("validation", step).folder, scores, records, started)

@@ -532,6 +532,7 @@ def test_select_on_scores_every_checkpoint_while_training_and_evaluation_uses_th
     for step in steps:  # the same folders as --checkpoint STEP --split validation writes
         scored = json.loads((run / f"metrics_validation_step-{step}" / "metrics.json").read_text())
         assert scored["n"] == 12 and scored["config"]["scored_while_training"]
+        assert scored["config"]["adapter_product"] == "peft"
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert f"checkpoint-{best}" in kept  # never rotated away, although only 1 is kept
     result = run_script(
