@@ -276,8 +276,8 @@ bench_gen_loops() {
 
 # The static loop with the adapter as peft loads it (fp32 on a 4-bit base), in batches of at most 49,152 tokens
 # (the KV cache of a card with 16 GB to spare), with its product added in place (fused_lora for inference), and with
-# its weights cast to bf16: every 4th test prompt, 4-bit model, three passes (about 2.5 minutes a pass with the
-# model's loading, the growing cache's reference run included).
+# its weights cast to bf16: every 4th test prompt, 4-bit model, three passes (350 s for the three on an H100,
+# the model's loading and the growing cache's reference run included).
 bench_gen_inference_lora() {
   local pass
   for pass in 1 2 3; do
