@@ -47,13 +47,23 @@ def test_training_writes_a_complete_run_folder(trained_classifier):
     assert (trained_classifier / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_inference_evaluates_the_run(trained_classifier, data_dir):
-    result = run_script(
+def classify_inference(run, data_dir, *flags, **kwargs):
+    """The classification inference script on ``run`` over the fixtures' 20 Newsgroups test rows."""
+    return run_script(
         "zephyr_classification_inference.py",
         "--experiment_dir",
-        trained_classifier,
+        run,
         "--test_file",
         data_dir / "news_test.jsonl",
+        *flags,
+        **kwargs,
+    )
+
+
+def test_inference_evaluates_the_run(trained_classifier, data_dir):
+    result = classify_inference(
+        trained_classifier,
+        data_dir,
         "--limit",
         8,
         cwd=trained_classifier.parent,
@@ -68,12 +78,9 @@ def test_inference_evaluates_the_run(trained_classifier, data_dir):
     assert predictions[0]["prompt"].endswith("### Class:") and "From:" not in predictions[0]["prompt"]
     assert {"id", "prompt", "output", "parsed", "reference"} <= set(predictions[0])
     # a finished evaluation is never overwritten silently
-    again = run_script(
-        "zephyr_classification_inference.py",
-        "--experiment_dir",
+    again = classify_inference(
         trained_classifier,
-        "--test_file",
-        data_dir / "news_test.jsonl",
+        data_dir,
         cwd=trained_classifier.parent,
         check=False,
     )
@@ -88,12 +95,9 @@ def test_the_adapter_product_added_in_place_gives_peft_s_answers(trained_classif
     for product in ("", "in_place", "peft"):
         monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", product)
         out = tmp_path / (product or "default")
-        run_script(
-            "zephyr_classification_inference.py",
-            "--experiment_dir",
+        classify_inference(
             trained_classifier,
-            "--test_file",
-            data_dir / "news_test.jsonl",
+            data_dir,
             "--limit",
             8,
             "--output_dir",
@@ -105,12 +109,9 @@ def test_the_adapter_product_added_in_place_gives_peft_s_answers(trained_classif
         answers[product] = [json.loads(line)["output"] for line in (out / "predictions.jsonl").open()]
     assert answers["in_place"] == answers["peft"] == answers[""] and len(answers[""]) == 8
     monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "fused")
-    refused = run_script(
-        "zephyr_classification_inference.py",
-        "--experiment_dir",
+    refused = classify_inference(
         trained_classifier,
-        "--test_file",
-        data_dir / "news_test.jsonl",
+        data_dir,
         "--output_dir",
         tmp_path / "refused",
         cwd=tmp_path,
