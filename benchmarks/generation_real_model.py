@@ -137,7 +137,7 @@ def main(args):
     # the engine's answers, and one at a time's on an evenly spread subset, once each has run: what every later way
     # is compared with
     engine = single = None
-    subset = list(range(0, len(rows), max(1, len(rows) // args.one_at_a_time)))[: args.one_at_a_time]
+    subset = list(range(0, len(rows), max(1, len(rows) // max(1, args.one_at_a_time))))[: args.one_at_a_time]
 
     def compared(outputs) -> dict:
         """The metric of answers to every prompt, and their shares identical to the engine's and to one at a time's
@@ -179,14 +179,14 @@ def main(args):
     }
     # one at a time on the subset: the exactness check, before the slower comparisons
     trie = LabelTrie(job.label_sequences) if job.label_sequences else None
-    single, seconds, memory = timed(
-        lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
-    )
-    engine_subset = [engine[i] for i in subset]
-    extra = {"engine_identical_share": identical(single, engine_subset)}
-    for every, outputs in static.items():
-        extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
-    record("one_at_a_time", single, seconds, memory, len(subset), extra)
+    if subset:
+        single, seconds, memory = timed(
+            lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
+        )
+        extra = {"engine_identical_share": identical(single, [engine[i] for i in subset])}
+        for every, outputs in static.items():
+            extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
+        record("one_at_a_time", single, seconds, memory, len(subset), extra)
     if args.fused_lora_inference:  # the adapter's product added in place, in the output's dtype; undone after
         from qlora_kit import fused_lora
 
@@ -236,7 +236,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--batch_sizes_plain", type=int, nargs="*", default=[64, 256], help="plain generate (none given: not run)"
     )
-    parser.add_argument("--one_at_a_time", type=int, default=64, help="examples generated one at a time")
+    parser.add_argument("--one_at_a_time", type=int, default=64, help="examples generated one at a time (0: none)")
     parser.add_argument(
         "--merged",
         action=argparse.BooleanOptionalAction,

@@ -219,9 +219,13 @@ def main(args):
 
     for budget in args.static_max_batch_tokens:  # smaller batches, for a card with less memory to spare
         static_variant(f"max_batch_tokens{budget}", {"max_batch_tokens": budget}, max_batch_tokens=budget)
-    if args.fused_lora_inference:  # the adapter's product added in place (fused_lora, for_inference), then undone
+    if args.fused_lora_inference or args.fused_max_batch_tokens:  # the adapter's product added in place, then undone
         fused_lora.fuse_lora(model, for_inference=True)
-        static_variant("fused_lora_inference", {})
+        if args.fused_lora_inference:
+            static_variant("fused_lora_inference", {})
+        for budget in args.fused_max_batch_tokens:  # evaluation's default on a GPU, in a smaller card's batches
+            name = f"fused_lora_inference_max_batch_tokens{budget}"
+            static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     if args.adapter_in_compute_dtype:  # the LoRA weights in bf16 (no casts per layer); left so
         static_variant("adapter_in_compute_dtype", {"lora_tensors_cast": adapter_in_compute_dtype(model)})
@@ -321,6 +325,13 @@ if __name__ == "__main__":
         "--fused_lora_inference",
         action="store_true",
         help="also the static loop with the adapter's product added in place (fused_lora.fuse_lora(for_inference))",
+    )
+    parser.add_argument(
+        "--fused_max_batch_tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the static loop with the adapter's product added in place, in batches of at most N padded tokens",
     )
     parser.add_argument(
         "--adapter_in_compute_dtype",

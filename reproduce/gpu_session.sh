@@ -274,6 +274,42 @@ bench_gen_loops() {
     --out "$R/bench_gen_loops/generation_throughput_loops.json"
 }
 
+# Evaluation's default on a GPU (the static loop, the adapter's product added in place) on the whole test set, 4-bit
+# model, at the benchmark's 110k tokens a batch and at smaller budgets (BUDGETS, default 96000 80000: a peak within
+# 22 GB is aimed at; 110k measured 23.8 GB), beside peft's layers at 110k; PASSES (2) processes, about 4.5 minutes
+# each on an H100 with the growing cache's reference run, after build_z7.
+bench_gen_budget() {
+  local pass budgets
+  read -r -a budgets <<< "${BUDGETS:-96000 80000}"
+  for pass in $(seq 1 "${PASSES:-2}"); do
+    python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 0 --stride_4bit 1 \
+      --batch_sizes_merged --batch_sizes_plain --stop_check_every 1 --fused_lora_inference \
+      --fused_max_batch_tokens "${budgets[@]}" --out "$R/bench_gen_budget/generation_throughput_budget_pass$pass.json"
+  done
+}
+
+# SmolLM2 with trained adapters (bench_gen_real's runs, trained first if missing): the adapter's product added in
+# place against the adapter merged into the 16-bit base, each task's whole test set, PASSES (3) processes. What
+# merging by default on a 16-bit base would be chosen by (one pass each measured 1.15x on 20 Newsgroups, 1.62x on
+# SAMSum).
+bench_gen_merged() {
+  local task script data decoding run pass
+  mkdir -p "$R/bench_gen_merged"
+  for task in ${GEN_TASKS:-news samsum}; do
+    if [ $task = samsum ]; then script=zephyr_summarization data=$SAMSUM decoding=greedy
+    else script=zephyr_classification data=$NEWS decoding=constrained; fi
+    run=$R/bench_gen_real/$task-run
+    [ -f "$run/train_metrics.json" ] || python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" \
+      --train_file "$data/train.jsonl.gz" --max_steps "${GEN_TRAIN_STEPS:-300}" --experiment_dir "$run" \
+      "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -3
+    for pass in $(seq 1 "${PASSES:-3}"); do
+      python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
+        --decoding $decoding --engine_calls 1 --batch_sizes_plain --stop_check_every 1 --static_stop_check_every \
+        --one_at_a_time 0 --fused_lora_inference --out "$R/bench_gen_merged/generation_smollm2_${task}_pass$pass.json"
+    done
+  done
+}
+
 # The static loop with the adapter as peft loads it (fp32 on a 4-bit base), in batches of at most 49,152 tokens
 # (the KV cache of a card with 16 GB to spare), with its product added in place (fused_lora for inference), and with
 # its weights cast to bf16: every 4th test prompt, 4-bit model, three passes (350 s for the three on an H100,

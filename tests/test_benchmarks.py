@@ -64,6 +64,8 @@ def test_generation_benchmark_tiny(tmp_path):
         "--fused_lora_inference",
         "--static_max_batch_tokens",
         1024,
+        "--fused_max_batch_tokens",
+        1024,
     )
     result = json.loads(out.read_text())
     profile = result["profile_engine_4bit"]
@@ -80,6 +82,7 @@ def test_generation_benchmark_tiny(tmp_path):
         "engine_static_4bit_batch8_adapter_in_compute_dtype",
         "engine_static_4bit_batch8_fused_lora_inference",
         "engine_static_4bit_batch8_max_batch_tokens1024",
+        "engine_static_4bit_batch8_fused_lora_inference_max_batch_tokens1024",
     }
     # Another loop's answers on random weights are compared, not required equal: bitsandbytes' 4-bit CPU kernels
     # compute in bf16 on CPUs with AVX512-BF16, where the loops' last-bit differences can flip a near-tie.
@@ -91,6 +94,8 @@ def test_generation_benchmark_tiny(tmp_path):
     assert adapter["lora_tensors_cast"] == 0 and adapter["identical_to_engine"] == static
     smaller = runs["engine_static_4bit_batch8_max_batch_tokens1024"]  # 16 prompts of ~190 tokens: several batches
     assert smaller["max_batch_tokens"] == 1024 and 0 <= smaller["identical_to_engine"] <= 1
+    smaller_fused = runs["engine_static_4bit_batch8_fused_lora_inference_max_batch_tokens1024"]
+    assert smaller_fused["max_batch_tokens"] == 1024 and 0 <= smaller_fused["identical_to_engine"] <= 1
     assert runs["plain_generate_4bit_batch8"]["examples"] == 8  # every 1,000th of the 7,507 prompts
     assert runs["engine_4bit_batch8_stop_check_every4"]["identical_to_engine"] == 1.0
     assert 0 <= runs["plain_generate_4bit_batch8"]["identical_to_engine"] <= 1
@@ -359,18 +364,20 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
 
 def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(trained_run_for_resume, data_dir, tmp_path):
     """--variant_loop dynamic: the in-place adapter product and the merged adapter through the growing cache (the
-    CPU's loop), named so; in fp32 their answers are the engine's. --batch_size: every engine way's batches."""
+    CPU's loop), named so; in fp32 their answers are the engine's. --batch_size: every engine way's batches.
+    --one_at_a_time 0: none generated one at a time, and no way compared with them."""
     out = tmp_path / "g.json"
     _run(
         "generation_real_model.py", "--experiment_dir", trained_run_for_resume, "--test_file",
         data_dir / "news_test.jsonl", "--decoding", "constrained", "--limit", 6, "--engine_calls", 1,
-        "--batch_sizes_plain", "--one_at_a_time", 2, "--stop_check_every", 1, "--static_stop_check_every",
+        "--batch_sizes_plain", "--one_at_a_time", 0, "--stop_check_every", 1, "--static_stop_check_every",
         "--fused_lora_inference", "--variant_loop", "dynamic", "--batch_size", 4, "--out", out,
     )  # fmt: skip
     runs = json.loads(out.read_text())["runs"]
     variants = {"engine_dynamic_fused_lora_inference_call1", "engine_dynamic_adapter_merged_call1"}
-    assert set(runs) == {"engine_call1", "one_at_a_time"} | variants
+    assert set(runs) == {"engine_call1"} | variants
     assert runs["engine_dynamic_fused_lora_inference_call1"]["identical_to_engine"] == 1.0
+    assert not any("one_at_a_time_identical_share" in run for run in runs.values())
     assert runs["engine_call1"]["final_batch_size"] == 4  # the flag's, not the CPU's default
 
 

@@ -170,7 +170,8 @@ def test_choosing_the_decoding_on_validation():
 
 def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(tiny_model, data_dir, tmp_path):
     """bench_gen_real: without the seeds' runs it trains short small-model runs, then benchmarks each (the engine,
-    the plain path, one at a time, the merged adapter, a profile) and times the whole inference script."""
+    the plain path, one at a time, the merged adapter, a profile) and times the whole inference script.
+    bench_gen_merged then times the in-place product against the merged adapter on those runs, without training."""
     bench = _gpu_session("bench_gen_real", tiny_model, data_dir, tmp_path, GEN_TRAIN_STEPS="2",
                          EXTRA_TRAIN="--max_seq_length 256")  # fmt: skip
     for task in ("samsum", "news"):
@@ -180,6 +181,16 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
         assert result["profile_engine"]["busy_seconds"] > 0
         assert (bench / f"{task}_inference" / "metrics.json").is_file()
         assert json.loads((bench / f"{task}_inference" / "wall.json").read_text())["wall_seconds"] > 0
+    trained = (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns
+    merged = _gpu_session("bench_gen_merged", tiny_model, data_dir, tmp_path, PASSES="2", GEN_TASKS="news")
+    for path in (merged / "generation_smollm2_news_pass1.json", merged / "generation_smollm2_news_pass2.json"):
+        runs = json.loads(path.read_text())["runs"]
+        assert set(runs) == {
+            "engine_call1",
+            "engine_static_fused_lora_inference_call1",
+            "engine_static_adapter_merged_call1",
+        }
+    assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained  # not trained again
 
 
 def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
