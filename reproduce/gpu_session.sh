@@ -195,6 +195,20 @@ bench_anatomy() {
     --out "$R/bench_anatomy/step_anatomy_classification.json"
 }
 
+# gen_task TASK: the caller's script, data and decoding for TASK (news or samsum)
+gen_task() {
+  if [ "$1" = samsum ]; then script=zephyr_summarization data=$SAMSUM decoding=greedy
+  else script=zephyr_classification data=$NEWS decoding=constrained; fi
+}
+
+# gen_trained RUN: RUN trained with the small-model recipe for GEN_TRAIN_STEPS (300), unless it has finished
+# (after gen_task)
+gen_trained() {
+  [ -f "$1/train_metrics.json" ] || python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" \
+    --train_file "$data/train.jsonl.gz" --max_steps "${GEN_TRAIN_STEPS:-300}" --experiment_dir "$1" \
+    "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -3
+}
+
 # Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine's
 # growing-cache and static-cache loops twice each, a plain batched generate, one example at a time, the engine with
 # the adapter merged, and a profile; then the whole inference script timed. The runs: the seeds stage's (GEN_SEED)
@@ -206,14 +220,11 @@ bench_gen_real() {
   local task script data decoding run started
   mkdir -p "$R/bench_gen_real"
   for task in ${GEN_TASKS:-news samsum}; do
-    if [ $task = samsum ]; then script=zephyr_summarization data=$SAMSUM decoding=greedy
-    else script=zephyr_classification data=$NEWS decoding=constrained; fi
+    gen_task $task
     run=$R/seeds/$task-seed-${GEN_SEED:-0}
     if [ ! -f "$run/train_metrics.json" ]; then
       run=$R/bench_gen_real/$task-run
-      [ -f "$run/train_metrics.json" ] || python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" \
-        --train_file "$data/train.jsonl.gz" --max_steps "${GEN_TRAIN_STEPS:-300}" --experiment_dir "$run" \
-        "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -3
+      gen_trained "$run"
     fi
     # shellcheck disable=SC2086
     python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
@@ -296,12 +307,9 @@ bench_gen_merged() {
   local task script data decoding run pass
   mkdir -p "$R/bench_gen_merged"
   for task in ${GEN_TASKS:-news samsum}; do
-    if [ $task = samsum ]; then script=zephyr_summarization data=$SAMSUM decoding=greedy
-    else script=zephyr_classification data=$NEWS decoding=constrained; fi
+    gen_task $task
     run=$R/bench_gen_real/$task-run
-    [ -f "$run/train_metrics.json" ] || python3 "$script.py" --recipe small-model --pretrained_ckpt "$MODEL" \
-      --train_file "$data/train.jsonl.gz" --max_steps "${GEN_TRAIN_STEPS:-300}" --experiment_dir "$run" \
-      "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -3
+    gen_trained "$run"
     for pass in $(seq 1 "${PASSES:-3}"); do
       python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
         --decoding $decoding --engine_calls 1 --batch_sizes_plain --stop_check_every 1 --static_stop_check_every \
