@@ -122,14 +122,11 @@ def test_the_adapter_product_added_in_place_gives_peft_s_answers(trained_classif
 
 
 def test_constrained_decoding_has_no_invalid_answers(trained_classifier, data_dir, tmp_path):
-    run_script(
-        "zephyr_classification_inference.py",
-        "--experiment_dir",
+    classify_inference(
         trained_classifier,
+        data_dir,
         "--decoding",
         "constrained",
-        "--test_file",
-        data_dir / "news_test.jsonl",
         "--output_dir",
         tmp_path / "c",
         cwd=tmp_path,
@@ -314,12 +311,9 @@ def test_gguf_model_trains_and_evaluates(data_dir, tmp_path):
     )
     config = json.loads((tmp_path / "g" / "run_config.json").read_text())
     assert config["end_token"] == "<|im_end|>"
-    run_script(
-        "zephyr_classification_inference.py",
-        "--experiment_dir",
+    classify_inference(
         "g",
-        "--test_file",
-        data_dir / "news_test.jsonl",
+        data_dir,
         "--limit",
         2,
         cwd=tmp_path,
@@ -536,23 +530,17 @@ def test_select_on_scores_every_checkpoint_while_training_and_evaluation_uses_th
         assert scored["config"]["adapter_product"] == "peft"
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert f"checkpoint-{best}" in kept  # never rotated away, although only 1 is kept
-    result = run_script(
-        "zephyr_classification_inference.py",
-        "--experiment_dir",
+    result = classify_inference(
         "run",
-        "--test_file",
-        data_dir / "news_test.jsonl",
+        data_dir,
         "--max_new_tokens",
         4,
         cwd=tmp_path,
     )
     assert f"step {best}" in result.stderr and (run / f"metrics_step-{best}" / "metrics.json").is_file()
-    run_script(
-        "zephyr_classification_inference.py",
-        "--experiment_dir",
+    classify_inference(
         "run",
-        "--test_file",
-        data_dir / "news_test.jsonl",
+        data_dir,
         "--max_new_tokens",
         4,
         "--final_adapter",
