@@ -187,16 +187,19 @@ def main(args):
         for every, outputs in static.items():
             extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
         record("one_at_a_time", single, seconds, memory, len(subset), extra)
+    # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
+    # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches; with
+    # --fused_lora_inference, with the product in place (evaluation's default on a GPU), else through peft's layers
+    smaller_batches = "fused_lora_inference_batch_tokens" if args.fused_lora_inference else "batch_tokens"
     if args.fused_lora_inference:  # the adapter's product added in place, in the output's dtype; undone after
         from qlora_kit import fused_lora
 
         fused_lora.fuse_lora(model, for_inference=True)
         called(f"engine_{args.variant_loop}_fused_lora_inference", loop=args.variant_loop)
-        fused_lora.fuse_lora(model)  # evaluation back through peft's layers
-    # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
-    # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches
     for budget in args.static_batch_tokens:
-        called(f"engine_static_batch_tokens{budget}", loop="static", max_batch_tokens=budget)
+        called(f"engine_static_{smaller_batches}{budget}", loop="static", max_batch_tokens=budget)
+    if args.fused_lora_inference:
+        fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     # ... and with other prefill groups: more prompt tokens through the model at once, fewer forwards per batch
     for tokens in args.static_prefill_tokens:
         called(f"engine_static_prefill_tokens{tokens}", loop="static", prefill_tokens=tokens)
@@ -248,7 +251,8 @@ if __name__ == "__main__":
         type=int,
         nargs="*",
         default=[],
-        help="also the static-cache loop with batches of at most N padded tokens each (smaller batches, less padding)",
+        help="also the static-cache loop with batches of at most N padded tokens each (smaller batches, less padding;"
+        " with --fused_lora_inference, the product in place)",
     )
     parser.add_argument(
         "--fused_lora_inference",

@@ -287,8 +287,8 @@ bench_gen_loops() {
 
 # Evaluation's default on a GPU (the static loop, the adapter's product added in place) on the whole test set, 4-bit
 # model, at the benchmark's 110k tokens a batch and at smaller budgets (BUDGETS, default 96000 80000: a peak within
-# 22 GB is aimed at; 110k measured 23.8 GB), beside peft's layers at 110k; PASSES (2) processes, about 4.5 minutes
-# each on an H100 with the growing cache's reference run, after build_z7.
+# 22 GB is aimed at; 110k measured 23.8 GB), beside peft's layers at 110k; PASSES (2) processes, about 5 minutes
+# each on an H100 with the growing cache's reference run, after build_z7 (measured: 80,000 tokens, 20.0 GB).
 bench_gen_budget() {
   local pass budgets
   read -r -a budgets <<< "${BUDGETS:-96000 80000}"
@@ -302,9 +302,12 @@ bench_gen_budget() {
 # SmolLM2 with trained adapters (bench_gen_real's runs, trained first if missing): the adapter's product added in
 # place against the adapter merged into the 16-bit base, each task's whole test set, PASSES (3) processes. What
 # merging by default on a 16-bit base would be chosen by (one pass each measured 1.15x on 20 Newsgroups, 1.62x on
-# SAMSum).
+# SAMSum). Also the product in place in batches of at most GEN_BATCH_TOKENS tokens (default 65536 131072): each
+# batch decodes over its own longest prompt's cache, where one batch of all 819 SAMSum dialogues pads every row to
+# the longest (912 positions against a mean prompt of 208; attention was 0.69 of 2.46 s of kernel time).
 bench_gen_merged() {
-  local task script data decoding run pass
+  local task script data decoding run pass budgets
+  read -r -a budgets <<< "${GEN_BATCH_TOKENS-65536 131072}"
   mkdir -p "$R/bench_gen_merged"
   for task in ${GEN_TASKS:-news samsum}; do
     gen_task $task
@@ -313,7 +316,8 @@ bench_gen_merged() {
     for pass in $(seq 1 "${PASSES:-3}"); do
       python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
         --decoding $decoding --engine_calls 1 --batch_sizes_plain --stop_check_every 1 --static_stop_check_every \
-        --one_at_a_time 0 --fused_lora_inference --out "$R/bench_gen_merged/generation_smollm2_${task}_pass$pass.json"
+        --one_at_a_time 0 --fused_lora_inference --static_batch_tokens "${budgets[@]}" \
+        --out "$R/bench_gen_merged/generation_smollm2_${task}_pass$pass.json"
     done
   done
 }

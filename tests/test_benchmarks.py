@@ -338,7 +338,9 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     merged = {"engine_static_adapter_merged_call1", "engine_static_adapter_merged_call2"}  # the base is 16-bit
     ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
     static = {f"engine_static_check_every{every}_call{call}" for every in (1, 4) for call in (1, 2)}
-    static |= {"engine_static_batch_tokens160_call1", "engine_static_batch_tokens160_call2"}  # in smaller batches
+    # in smaller batches, with the product in place as --fused_lora_inference asks
+    static |= {"engine_static_fused_lora_inference_batch_tokens160_call1"}
+    static |= {"engine_static_fused_lora_inference_batch_tokens160_call2"}
     static |= {"engine_static_fused_lora_inference_call1", "engine_static_fused_lora_inference_call2"}
     static |= {"engine_static_prefill_tokens16_call1", "engine_static_prefill_tokens16_call2"}  # many small groups
     assert set(runs) == ways | merged | static
