@@ -601,11 +601,37 @@ seeds() {
   wait
 }
 
+# seed_task TASK: the seeds stage's script, training data, test flags, decodings and validation metric for TASK
+# (news, newsfull or samsum), set in the caller's variables
+seed_task() {
+  if [ "$1" = news ]; then
+    script=zephyr_classification
+    train=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --select_on accuracy)
+    eval="--test_file $NEWS/test.jsonl.gz"
+    decodings=constrained,greedy
+    metric=accuracy
+  elif [ "$1" = newsfull ]; then
+    # every training message, nothing held out: scored at the recipe's last epoch, the one every held-out run
+    # chose on validation (results/README.md)
+    script=zephyr_classification
+    train=(--train_file "$NEWS/train.jsonl.gz")
+    eval="--test_file $NEWS/test.jsonl.gz"
+    decodings=constrained,greedy
+    metric=
+  else
+    script=zephyr_summarization
+    train=(--train_file "$SAMSUM/train.jsonl.gz" --validation_file "$SAMSUM/validation.jsonl.gz" --select_on rouge1+rouge2)
+    eval="--test_file $SAMSUM/test.jsonl.gz"
+    decodings=-
+    metric=rouge1+rouge2
+  fi
+}
+
 # seed_run TASK[+VARIANT] SEED: train $R/seeds/TASK[+VARIANT]-seed-SEED, choose its checkpoint on validation (the
-# last epoch's for newsfull) and score that one on test. A variant's extra training flags are in $VARIANT_<name>
-# (e.g. SEED_RUNS="news+epochs5-0" VARIANT_epochs5="--epochs 5").
+# last epoch's for newsfull) and score that one on test (with SEED_TEST=0 not: a variant waits for choose_variant).
+# A variant's extra training flags are in $VARIANT_<name> (e.g. SEED_RUNS="news+epochs5-0" VARIANT_epochs5="--epochs 5").
 seed_run() {
-  local task=${1%%+*} seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings step task_extra=() variant=() var
+  local task=${1%%+*} seed=$2 run=$R/seeds/$1-seed-$2 script train eval decodings metric step task_extra=() variant=() var
   var=EXTRA_TRAIN_${task^^}
   read -r -a task_extra <<< "${!var:-}"
   if [[ $1 == *+* ]]; then
@@ -614,24 +640,7 @@ seed_run() {
     read -r -a variant <<< "${!var}"
     task_extra+=("${variant[@]}")
   fi
-  if [ "$task" = news ]; then
-    script=zephyr_classification
-    train=(--train_file "$NEWS/train.jsonl.gz" --validation_fraction 0.1 --select_on accuracy)
-    eval="--test_file $NEWS/test.jsonl.gz"
-    decodings=constrained,greedy
-  elif [ "$task" = newsfull ]; then
-    # every training message, nothing held out: scored at the recipe's last epoch, the one every held-out run
-    # chose on validation (results/README.md)
-    script=zephyr_classification
-    train=(--train_file "$NEWS/train.jsonl.gz")
-    eval="--test_file $NEWS/test.jsonl.gz"
-    decodings=constrained,greedy
-  else
-    script=zephyr_summarization
-    train=(--train_file "$SAMSUM/train.jsonl.gz" --validation_file "$SAMSUM/validation.jsonl.gz" --select_on rouge1+rouge2)
-    eval="--test_file $SAMSUM/test.jsonl.gz"
-    decodings=-
-  fi
+  seed_task "$task"
   {
     if [ ! -f "$run/train_metrics.json" ]; then
       local resume=()
@@ -645,9 +654,40 @@ seed_run() {
       step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step() or '')")
     fi
     [ -f "$run/train_metrics.json" ] && [ -n "$step" ] || { echo "$run: training did not finish: nothing scored on test"; return; }
-    test_checkpoint "$script" "--max_batch_tokens 150000 $eval" "$decodings" "$run" "$step"
+    if [ "${SEED_TEST:-1}" = 1 ]; then
+      test_checkpoint "$script" "--max_batch_tokens 150000 $eval" "$decodings" "$run" "$step"
+    else
+      echo "$run: step $step chosen on validation, not scored on test (SEED_TEST=0)"
+    fi
   } >> "$R/logs/seeds_$1-seed-$seed.log" 2>&1
   echo "$1 seed $seed: $(tail -1 "$R/logs/seeds_$1-seed-$seed.log")"
+}
+
+# choose_variant: the seeds stage's runs of VARIANT (e.g. news+epochs5, trained with SEED_TEST=0: chosen on
+# validation, not scored on test) against the recipe's runs of the same seeds under CURRENT_SEEDS (default
+# $R/seeds; the committed ones, results/smollm2/seeds, need no training again), on validation
+# (reproduce/choose_variant.py); only if the variant wins are its chosen checkpoints scored on test, once.
+# Choice: $R/choose_variant/VARIANT.json. E.g., in one sitting:
+#   SEED_TEST=0 SEED_RUNS="news+epochs5-0 news+epochs5-1 news+epochs5-2" VARIANT_epochs5="--epochs 5" \
+#     VARIANT=news+epochs5 CURRENT_SEEDS=results/smollm2/seeds bash reproduce/gpu_session.sh seeds choose_variant
+choose_variant() {
+  local variant=${VARIANT:-} task script train eval decodings metric run step candidates=() current=()
+  [ -n "$variant" ] || { echo "choose_variant: set VARIANT to the variant's runs, e.g. news+epochs5"; return 1; }
+  task=${variant%%+*}
+  seed_task "$task"
+  [ -n "$metric" ] || { echo "choose_variant: $task runs hold nothing out to choose on"; return 1; }
+  for run in "$R/seeds/$variant"-seed-*; do [ -f "$run/selection.json" ] && candidates+=("$run"); done
+  for run in "${CURRENT_SEEDS:-$R/seeds}/$task"-seed-*; do [ -f "$run/selection.json" ] && current+=("$run"); done
+  [ ${#candidates[@]} -gt 0 ] || { echo "choose_variant: no run of $variant chose a checkpoint under $R/seeds"; return 1; }
+  [ ${#current[@]} -gt 0 ] || { echo "choose_variant: no run of $task under ${CURRENT_SEEDS:-$R/seeds}"; return 1; }
+  if [ "$(python3 reproduce/choose_variant.py --current "${current[@]}" --candidate "${candidates[@]}" \
+          --select_on "$metric" --out "$R/choose_variant/$variant.json" | tee /dev/stderr | tail -1)" = candidate ]
+  then
+    for run in "${candidates[@]}"; do
+      step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step())")
+      test_checkpoint "$script" "--max_batch_tokens 150000 $eval" "$decodings" "$run" "$step"
+    done
+  fi
 }
 
 # A decoding chosen on validation over the runs of `seeds`:

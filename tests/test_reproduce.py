@@ -168,6 +168,62 @@ def test_choosing_the_decoding_on_validation():
     assert choose([{"current": 0.6, "candidate": 0.65}, {"current": 0.6, "candidate": 0.5}])["choice"] == "current"
 
 
+def _chosen_run(path: Path, seed: int, step: int, accuracy: float, n: int = 100) -> str:
+    """A run folder as the seeds stage leaves it: its seed, its checkpoint chosen on validation and that score."""
+    (path / f"metrics_validation_step-{step}").mkdir(parents=True)
+    (path / "run_config.json").write_text(json.dumps({"settings": {"seed": seed}}))
+    (path / "selection.json").write_text(json.dumps({"select_on": ["accuracy"], "best_step": step}))
+    (path / f"metrics_validation_step-{step}" / "metrics.json").write_text(json.dumps({"n": n, "accuracy": accuracy}))
+    return str(path)
+
+
+def test_choosing_a_variant_pairs_the_runs_by_seed(tmp_path):
+    """choose_variant.py compares each variant run with the recipe's run of the same seed, on validation only."""
+    sys.path.insert(0, str(ROOT / "reproduce"))
+    from choose_variant import paired
+
+    current = [_chosen_run(tmp_path / f"news-seed-{seed}", seed, 60, score) for seed, score in ((0, 0.7), (1, 0.8))]
+    variant = [
+        _chosen_run(tmp_path / "news+e5-seed-1", 1, 100, 0.85),
+        _chosen_run(tmp_path / "news+e5-seed-0", 0, 80, 0.6),
+    ]
+    pairs = paired(current, variant, ["accuracy"])
+    assert [(p["seed"], p["current"], p["candidate"], p["candidate_step"]) for p in pairs] == [
+        (1, 0.8, 0.85, 100),
+        (0, 0.7, 0.6, 80),
+    ]
+    with pytest.raises(SystemExit, match="no current run of seed 2"):
+        paired(current, [_chosen_run(tmp_path / "news+e5-seed-2", 2, 80, 0.9)], ["accuracy"])
+    with pytest.raises(SystemExit, match="50 validation examples against 100"):
+        paired(current, [_chosen_run(tmp_path / "other-seed-0", 0, 80, 0.9, n=50)], ["accuracy"])
+
+
+def test_gpu_session_chooses_a_variant_on_validation_before_any_test(tiny_model, data_dir, tmp_path):
+    """seeds with SEED_TEST=0 trains and chooses on validation without scoring test; choose_variant then compares
+    the variant with the recipe seed by seed, and scores the variant's chosen checkpoint on test only if it won."""
+    seeds = _gpu_session("seeds", tiny_model, data_dir, tmp_path, SEED_RUNS="news-0 news+epochs2-0", SEED_TEST="0",
+                         VARIANT_epochs2="--epochs 2", EXTRA_TRAIN="--max_seq_length 256 --max_steps 4")  # fmt: skip
+    for name in ("news-seed-0", "news+epochs2-seed-0"):
+        assert (seeds / name / "selection.json").is_file() and not list((seeds / name).glob("metrics_step-*"))
+    choose = _gpu_session("choose_variant", tiny_model, data_dir, tmp_path, VARIANT="news+epochs2")
+    choice = json.loads((choose / "news+epochs2.json").read_text())
+    assert choice["split"] == "validation" and choice["metric"] == "accuracy" and len(choice["runs"]) == 1
+    pair = choice["runs"][0]
+    assert Path(pair["current_run"]).name == "news-seed-0" and Path(pair["candidate_run"]).name == "news+epochs2-seed-0"
+    # the tiny model scores alike both ways: a tie keeps the recipe, and nothing is scored on test
+    assert choice["choice"] == "current" and not list((seeds / "news+epochs2-seed-0").glob("metrics_step-*"))
+    # had the variant scored higher on validation, its chosen checkpoint is scored on test, both decodings
+    step = pair["candidate_step"]
+    validation = seeds / "news+epochs2-seed-0" / f"metrics_validation_step-{step}" / "metrics.json"
+    validation.write_text(json.dumps({**json.loads(validation.read_text()), "accuracy": pair["current"] + 0.5}))
+    choice = json.loads((_gpu_session("choose_variant", tiny_model, data_dir, tmp_path, VARIANT="news+epochs2")
+                         / "news+epochs2.json").read_text())  # fmt: skip
+    assert choice["choice"] == "candidate"
+    scored = sorted(p.name for p in (seeds / "news+epochs2-seed-0").glob("metrics_step-*"))
+    assert scored == [f"metrics_step-{step}_constrained", f"metrics_step-{step}_greedy"]
+    assert not list((seeds / "news-seed-0").glob("metrics_step-*"))  # the recipe's run is not scored again
+
+
 def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(tiny_model, data_dir, tmp_path):
     """bench_gen_real: without the seeds' runs it trains short small-model runs, then benchmarks each (the engine,
     the plain path, one at a time, the merged adapter, a profile) and times the whole inference script.
