@@ -198,6 +198,10 @@ def main(args):
         called(f"engine_{args.variant_loop}_fused_lora_inference", loop=args.variant_loop)
     for budget in args.static_batch_tokens:
         called(f"engine_static_{smaller_batches}{budget}", loop="static", max_batch_tokens=budget)
+    # ... and dropping a batch's finished rows once at most this share of them still decodes
+    compacted = "fused_lora_inference_compact_below" if args.fused_lora_inference else "compact_below"
+    for share in args.compact_below:
+        called(f"engine_static_{compacted}{share:g}", loop="static", compact_below=share)
     if args.fused_lora_inference:
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     # ... and with other prefill groups: more prompt tokens through the model at once, fewer forwards per batch
@@ -253,6 +257,14 @@ if __name__ == "__main__":
         default=[],
         help="also the static-cache loop with batches of at most N padded tokens each (smaller batches, less padding;"
         " with --fused_lora_inference, the product in place)",
+    )
+    parser.add_argument(
+        "--compact_below",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also the static-cache loop dropping a batch's finished rows once at most this share still decodes"
+        " (with --fused_lora_inference, the product in place)",
     )
     parser.add_argument(
         "--fused_lora_inference",

@@ -486,6 +486,7 @@ def generate(
     stop_check_every: int = STOP_CHECK_EVERY,
     num_beams: int = 1,
     likelihood: bool = False,
+    compact_below: float | None = None,
 ) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order (with ``num_beams`` > 1, beam search's).
 
@@ -504,6 +505,8 @@ def generate(
     prompts (every prompt keeps ``num_beams`` rows of cache).
     ``likelihood``: not generated but chosen: each prompt's answer is the one of ``label_sequences`` the model
     gives the highest probability (``label_likelihood``).
+    ``compact_below``: the static loop drops a batch's finished rows once at most this share still decodes
+    (``static_decoding.generate_batch``); None (the default): never.
     """
     import collections
 
@@ -539,6 +542,10 @@ def generate(
         generate_batch = functools.partial(_generate_batch_plain, num_beams=num_beams)
     else:
         generate_batch = _batch_generator(loop, model)
+        from . import static_decoding
+
+        if compact_below is not None and generate_batch is static_decoding.generate_batch:
+            generate_batch = functools.partial(generate_batch, compact_below=compact_below)
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:

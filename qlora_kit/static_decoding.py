@@ -31,6 +31,10 @@ MODEL_TYPES = (
 # cannot happen while a graph is being captured.
 WARMUP_STEPS = 2
 
+# Rows a batch must have shed before it is compacted (``compact_below``): fewer, and the copies and the new
+# capture cost more than the rows saved.
+MIN_COMPACTED_ROWS = 8
+
 _SAID: set[str] = set()  # reasons for falling back already logged by this process
 
 
@@ -91,10 +95,15 @@ def generate_batch(
     prefill_tokens: int,
     stop_check_every: int = 1,
     use_graphs: bool | None = None,
+    compact_below: float | None = None,
 ):
     """Greedy answers for one left-padded batch, as ``generation._generate_batch`` gives them.
 
     ``use_graphs``: replay the decode step as a CUDA graph (default: on a GPU).
+    ``compact_below``: at a stop check, when at most this share of the rows still decodes (and at least
+    ``MIN_COMPACTED_ROWS`` have finished), the finished rows are dropped from the cache and every per-row tensor,
+    and the step is captured again for the rows left: a step's cost grows with its rows (each reads its whole
+    cache), and a batch of answers of mixed lengths runs until its longest ends. None: never.
     """
     import torch
 
@@ -195,13 +204,47 @@ def generate_batch(
             write_at.add_(1)
             choose()
 
+        every_answer = answers  # each row's answer, once its row is compacted away
+        row_ids = torch.arange(rows, device=device)  # the row of the batch each decoded row is
+
+        def compact(alive):
+            """Only the rows in ``alive`` decode from here: every per-row tensor cut to them (the step's closures
+            read these names, so they see the new tensors; a captured graph does not)."""
+            nonlocal keys, values, cache, mask, positions, finished, answers, token, logits, states, row_ids
+            if answers is not every_answer:  # the rows of an earlier compaction
+                every_answer.index_copy_(0, row_ids, answers)
+            keys = [layer.index_select(0, alive) for layer in keys]
+            values = [layer.index_select(0, alive) for layer in values]
+            cache = _static_cache(keys, values, write_at)
+            mask, positions, finished, answers, token, logits, row_ids = (
+                tensor.index_select(0, alive) for tensor in (mask, positions, finished, answers, token, logits, row_ids)
+            )
+            if states is not None:
+                states = states.index_select(0, alive)
+
         graph = None
         side = torch.cuda.Stream() if use_graphs else None
+        warm = 0  # eager steps since the batch (or its compacted rows) began: captured after WARMUP_STEPS
         with torch.profiler.record_function("decode"):
             choose()  # the first new token, from the prefill's logits
             done = 1
-            while done < max_new_tokens and not (done % stop_check_every == 0 and bool(finished.all())):
-                if use_graphs and graph is None and done > WARMUP_STEPS:
+            while done < max_new_tokens:
+                if done % stop_check_every == 0:
+                    decoding = int((~finished).sum())  # waits for the GPU
+                    if decoding == 0:
+                        break
+                    current = len(row_ids)
+                    if (
+                        compact_below is not None
+                        and current - decoding >= MIN_COMPACTED_ROWS
+                        and decoding <= compact_below * current
+                        and max_new_tokens - done > WARMUP_STEPS + 1
+                    ):
+                        del graph
+                        graph = None
+                        compact((~finished).nonzero().squeeze(1))
+                        warm = 0
+                if use_graphs and graph is None and warm >= WARMUP_STEPS:
                     graph = _capture(step, side)
                     use_graphs = graph is not None
                 if graph is not None:
@@ -211,10 +254,14 @@ def generate_batch(
                     with torch.cuda.stream(side):
                         step()
                     torch.cuda.current_stream().wait_stream(side)
+                    warm += 1
                 else:
                     step()
+                    warm += 1
                 done += 1
-        generated = answers[:, :done].tolist()
+        if answers is not every_answer:
+            every_answer.index_copy_(0, row_ids, answers)
+        generated = every_answer[:, :done].tolist()
         del graph
     return [cut_at_stop(row, stop_ids) for row in generated]
 

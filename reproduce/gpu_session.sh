@@ -304,10 +304,13 @@ bench_gen_budget() {
 # merging by default on a 16-bit base would be chosen by (one pass each measured 1.15x on 20 Newsgroups, 1.62x on
 # SAMSum). Also the product in place in batches of at most GEN_BATCH_TOKENS tokens (default 65536 131072): each
 # batch decodes over its own longest prompt's cache, where one batch of all 819 SAMSum dialogues pads every row to
-# the longest (912 positions against a mean prompt of 208; attention was 0.69 of 2.46 s of kernel time).
+# the longest (912 positions against a mean prompt of 208; attention was 0.69 of 2.46 s of kernel time); and
+# dropping a batch's finished rows once at most GEN_COMPACT of them still decode (default 0.5 0.25: a batch runs
+# until its longest answer ends, every finished row still read each step).
 bench_gen_merged() {
-  local task script data decoding run pass budgets
+  local task script data decoding run pass budgets shares
   read -r -a budgets <<< "${GEN_BATCH_TOKENS-65536 131072}"
+  read -r -a shares <<< "${GEN_COMPACT-0.5 0.25}"
   mkdir -p "$R/bench_gen_merged"
   for task in ${GEN_TASKS:-news samsum}; do
     gen_task $task
@@ -316,7 +319,7 @@ bench_gen_merged() {
     for pass in $(seq 1 "${PASSES:-3}"); do
       python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
         --decoding $decoding --engine_calls 1 --batch_sizes_plain --stop_check_every 1 --static_stop_check_every \
-        --one_at_a_time 0 --fused_lora_inference --static_batch_tokens "${budgets[@]}" \
+        --one_at_a_time 0 --fused_lora_inference --static_batch_tokens "${budgets[@]}" --compact_below "${shares[@]}" \
         --out "$R/bench_gen_merged/generation_smollm2_${task}_pass$pass.json"
     done
   done

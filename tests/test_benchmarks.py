@@ -327,6 +327,8 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
         "--profile",
         "--static_batch_tokens",
         160,
+        "--compact_below",
+        0.5,
         "--fused_lora_inference",
         "--static_prefill_tokens",
         16,
@@ -341,6 +343,9 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     # in smaller batches, with the product in place as --fused_lora_inference asks
     static |= {"engine_static_fused_lora_inference_batch_tokens160_call1"}
     static |= {"engine_static_fused_lora_inference_batch_tokens160_call2"}
+    # dropping finished rows: the same answers
+    static |= {"engine_static_fused_lora_inference_compact_below0.5_call1"}
+    static |= {"engine_static_fused_lora_inference_compact_below0.5_call2"}
     static |= {"engine_static_fused_lora_inference_call1", "engine_static_fused_lora_inference_call2"}
     static |= {"engine_static_prefill_tokens16_call1", "engine_static_prefill_tokens16_call2"}  # many small groups
     assert set(runs) == ways | merged | static

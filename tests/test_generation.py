@@ -1,3 +1,4 @@
+import collections
 import types
 
 import pytest
@@ -533,6 +534,39 @@ def test_the_static_cache_loop_gives_the_same_answers(model_and_tokenizer, monke
     assert any(len(answer) > 1 for answer in static)
     if constrained:
         assert all(answer + stop in labels for answer in static)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_the_static_loop_drops_finished_rows_and_gives_the_same_answers(model_and_tokenizer, monkeypatch, constrained):
+    """compact_below: once few enough rows still decode, the finished ones leave the cache and the step runs on the
+    rest (here at every stop check where one row in ten has finished); the answers are those of the whole batch
+    decoding to its end, in the prompts' order."""
+    model, tokenizer = model_and_tokenizer
+    _, _, _, kwargs = _nine_prompts_three_labels(tokenizer, constrained)
+    prompts = [[1] + [5 + (i * 7 + j * 3) % 50 for j in range(5 + i % 9)] for i in range(24)]
+    kwargs.update(batch_size=len(prompts), max_new_tokens=10)
+    # stop at the token the rows generate most after their first: rows end at different steps
+    endless = generation.generate(model, tokenizer, prompts, loop="static", **{**kwargs, "stop_ids": [-1]}).outputs
+    counts = collections.Counter(token for answer in endless for token in answer[1:])
+    kwargs["stop_ids"] = [counts.most_common(1)[0][0]]
+    monkeypatch.setattr(static_decoding, "MIN_COMPACTED_ROWS", 1)
+    rows = []  # the rows of every decode step (one new token a row)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, named: rows.append(len(named["input_ids"])) if named["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True,
+    )
+    try:
+        whole = generation.generate(model, tokenizer, prompts, loop="static", **kwargs).outputs
+        whole_rows = list(rows)
+        rows.clear()
+        compacted = generation.generate(model, tokenizer, prompts, loop="static", compact_below=0.9, **kwargs).outputs
+    finally:
+        hook.remove()
+    assert compacted == whole
+    assert len({len(answer) for answer in whole}) > 1  # rows ended at different steps
+    assert set(whole_rows) == {len(prompts)}  # without compact_below every step decodes every row
+    assert rows == sorted(rows, reverse=True) and rows[-1] < len(prompts)  # with it, fewer and fewer
+    assert len(rows) == len(whole_rows)  # as many steps
 
 
 @pytest.mark.parametrize("loop", ["dynamic", "static"])

@@ -239,13 +239,14 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
         assert json.loads((bench / f"{task}_inference" / "wall.json").read_text())["wall_seconds"] > 0
     trained = (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns
     merged = _gpu_session("bench_gen_merged", tiny_model, data_dir, tmp_path, PASSES="2", GEN_TASKS="news",
-                          GEN_BATCH_TOKENS="300")  # fmt: skip
+                          GEN_BATCH_TOKENS="300", GEN_COMPACT="0.5")  # fmt: skip
     for path in (merged / "generation_smollm2_news_pass1.json", merged / "generation_smollm2_news_pass2.json"):
         runs = json.loads(path.read_text())["runs"]
         assert set(runs) == {
             "engine_call1",
             "engine_static_fused_lora_inference_call1",
             "engine_static_fused_lora_inference_batch_tokens300_call1",
+            "engine_static_fused_lora_inference_compact_below0.5_call1",
             "engine_static_adapter_merged_call1",
         }
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained  # not trained again
