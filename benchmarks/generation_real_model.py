@@ -190,18 +190,17 @@ def main(args):
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches; with
     # --fused_lora_inference, with the product in place (evaluation's default on a GPU), else through peft's layers
-    smaller_batches = "fused_lora_inference_batch_tokens" if args.fused_lora_inference else "batch_tokens"
+    in_place = "fused_lora_inference_" if args.fused_lora_inference else ""
     if args.fused_lora_inference:  # the adapter's product added in place, in the output's dtype; undone after
         from qlora_kit import fused_lora
 
         fused_lora.fuse_lora(model, for_inference=True)
         called(f"engine_{args.variant_loop}_fused_lora_inference", loop=args.variant_loop)
     for budget in args.static_batch_tokens:
-        called(f"engine_static_{smaller_batches}{budget}", loop="static", max_batch_tokens=budget)
+        called(f"engine_static_{in_place}batch_tokens{budget}", loop="static", max_batch_tokens=budget)
     # ... and dropping a batch's finished rows once at most this share of them still decodes
-    compacted = "fused_lora_inference_compact_below" if args.fused_lora_inference else "compact_below"
     for share in args.compact_below:
-        called(f"engine_static_{compacted}{share:g}", loop="static", compact_below=share)
+        called(f"engine_static_{in_place}compact_below{share:g}", loop="static", compact_below=share)
     if args.fused_lora_inference:
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     # ... and with other prefill groups: more prompt tokens through the model at once, fewer forwards per batch

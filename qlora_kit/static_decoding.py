@@ -240,8 +240,7 @@ def generate_batch(
                         and decoding <= compact_below * current
                         and max_new_tokens - done > WARMUP_STEPS + 1
                     ):
-                        del graph
-                        graph = None
+                        graph = None  # captured for the rows dropped now
                         compact((~finished).nonzero().squeeze(1))
                         warm = 0
                 if use_graphs and graph is None and warm >= WARMUP_STEPS:
