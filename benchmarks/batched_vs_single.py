@@ -51,7 +51,7 @@ def main(args):
     prompts = fmt.prompts_ids([row["input"] for row in rows], config["settings"]["max_seq_length"])
     if args.bf16:  # the GPU's compute dtype on any device
         modeling.compute_dtype = lambda: torch.bfloat16
-    model = evaluation._load_finetuned(config, adapter, merge_adapter=False, use_flash_attention=False)
+    model = evaluation._load_finetuned(config, adapter, use_flash_attention=False)
     if args.lm_head_fp32:
         logits_in_fp32(model)
     stop = sorted({tokenizer.convert_tokens_to_ids(config["end_token"]), tokenizer.eos_token_id})

@@ -88,7 +88,7 @@ def main(args):
     )
     # peft's layers: the reference every variant is compared with (evaluation's default on a GPU is the in-place
     # product, --fused_lora_inference here)
-    model = _load_finetuned(config, adapter, merge_adapter=False, use_flash_attention=False, adapter_product="peft")
+    model = _load_finetuned(config, adapter, use_flash_attention=False, adapter_product="peft")
     new_tokens = args.max_new_tokens or task.max_new_tokens
     settings = dict(
         max_new_tokens=new_tokens,
@@ -222,8 +222,10 @@ def main(args):
         # --merge_adapter on a 16-bit base: the same weights with no LoRA matmuls per step (bf16 rounding of
         # the merged weights may flip near-ties)
         del model
-        model = _load_finetuned(config, adapter, merge_adapter=True, use_flash_attention=False)
+        model = _load_finetuned(config, adapter, use_flash_attention=False, adapter_product="merged")
         called(f"engine_{args.variant_loop}_adapter_merged", loop=args.variant_loop)
+        for share in args.compact_below:  # merged and dropping finished rows
+            called(f"engine_static_adapter_merged_compact_below{share:g}", loop="static", compact_below=share)
     print(json.dumps({name: round(run["examples_per_second"], 1) for name, run in results["runs"].items()}))
 
 
@@ -263,7 +265,7 @@ if __name__ == "__main__":
         nargs="*",
         default=[],
         help="also the static-cache loop dropping a batch's finished rows once at most this share still decodes"
-        " (with --fused_lora_inference, the product in place)",
+        " (with --fused_lora_inference, the product in place; with --merged, also merged)",
     )
     parser.add_argument(
         "--fused_lora_inference",

@@ -22,8 +22,11 @@ def build_finetuned_parser(task, description: str) -> argparse.ArgumentParser:
     add_adapter_args(parser, "evaluate")  # a checkpoint's results go to metrics[_SPLIT]_step-STEP
     parser.add_argument(
         "--merge_adapter",
-        action="store_true",
-        help="load the base in bf16 and merge the LoRA weights: faster generation, more memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="merge the LoRA weights into the base before generating (a 4-bit base is loaded in bf16 for it: "
+        "more memory). Default: merged on a GPU when the run's base is 16-bit (measured faster), kept apart "
+        "otherwise; --no-merge_adapter keeps it apart",
     )
     parser.add_argument("--use_flash_attention", action="store_true", help="use flash_attention_2 (needs flash-attn)")
     add_data_args(parser, task)

@@ -77,17 +77,16 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     distributed.barrier()
 
 
-def _load_finetuned(
-    config: dict, adapter: Path, merge_adapter: bool, use_flash_attention: bool, adapter_product: str = "peft"
-):
-    """The run's base model with its adapter, for evaluation: merged into the weights (``merge_adapter``), or added
-    to each adapted layer's output by peft's own layers (``adapter_product="peft"``) or in place (``"in_place"``,
-    ``fused_lora.inference_product``)."""
+def _load_finetuned(config: dict, adapter: Path, use_flash_attention: bool, adapter_product: str = "peft"):
+    """The run's base model with its adapter, for evaluation (``fused_lora.inference_product``): merged into the
+    weights (``adapter_product="merged"``; a 4-bit base is loaded in bf16 for it), or added to each adapted layer's
+    output by peft's own layers (``"peft"``) or in place (``"in_place"``)."""
     from peft import PeftModel
 
     source = config["model_source"]
     if not Path(source).exists():  # a Hub id, or a run folder copied from another machine: resolve again
         source = modeling.resolve_model_source(config["pretrained_ckpt"])
+    merge_adapter = adapter_product == "merged"
     load_in_4bit = config["load_in_4bit"] and not merge_adapter
     model = modeling.load_model(
         source, load_in_4bit=load_in_4bit, use_flash_attention=use_flash_attention, for_training=False
@@ -327,10 +326,12 @@ def evaluate_run(task, args: Namespace) -> dict:
     check_decoding(args)
     from . import fused_lora
 
-    adapter_product = "merged" if args.merge_adapter else fused_lora.inference_product()
     distributed.init()
     run = RunFolder(args.experiment_dir)
     config = run.config()
+    adapter_product = fused_lora.inference_product(
+        base_in_4bit=config["load_in_4bit"], merge_adapter=getattr(args, "merge_adapter", None)
+    )
     if config.get("task") != task.name:
         raise UsageError(f"--experiment_dir {run.path} is a {config.get('task')} run, not a {task.name} run")
     checkpoint = run.default_checkpoint(getattr(args, "checkpoint", None), getattr(args, "final_adapter", False))
@@ -353,7 +354,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     end_token = config.get("end_token") or end_of_turn_token(tokenizer)
     fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
-    model = _load_finetuned(config, adapter, args.merge_adapter, args.use_flash_attention, adapter_product)
+    model = _load_finetuned(config, adapter, args.use_flash_attention, adapter_product)
     metrics, records = run_generation(
         task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token, label_names, out_dir=out_dir
     )
@@ -363,7 +364,7 @@ def evaluate_run(task, args: Namespace) -> dict:
         "adapter": str(adapter),
         "split": args.split,
         "limit": args.limit,
-        "merge_adapter": args.merge_adapter,
+        "merge_adapter": adapter_product == "merged",
         "adapter_product": adapter_product,
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": max_prompt_tokens,

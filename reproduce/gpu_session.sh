@@ -300,13 +300,12 @@ bench_gen_budget() {
 }
 
 # SmolLM2 with trained adapters (bench_gen_real's runs, trained first if missing): the adapter's product added in
-# place against the adapter merged into the 16-bit base, each task's whole test set, PASSES (3) processes. What
-# merging by default on a 16-bit base would be chosen by (one pass each measured 1.15x on 20 Newsgroups, 1.62x on
-# SAMSum). Also the product in place in batches of at most GEN_BATCH_TOKENS tokens (default 65536 131072): each
-# batch decodes over its own longest prompt's cache, where one batch of all 819 SAMSum dialogues pads every row to
-# the longest (912 positions against a mean prompt of 208; attention was 0.69 of 2.46 s of kernel time); and
-# dropping a batch's finished rows once at most GEN_COMPACT of them still decode (default 0.5 0.25: a batch runs
-# until its longest answer ends, every finished row still read each step).
+# place against the adapter merged into the 16-bit base, each task's whole test set, PASSES (3) processes (measured:
+# merged 1.27-1.64x in every pass, now the default for a 16-bit base on a GPU). Also the product in place in batches
+# of at most GEN_BATCH_TOKENS tokens (default 65536 131072; measured 0.41-0.68x: "" leaves them out); and dropping a
+# batch's finished rows once at most GEN_COMPACT of them still decode (default 0.5 0.25), in place and merged
+# (measured in place: 1.14-1.22x on SAMSum at 0.25, not on 20 Newsgroups; merged: next). For the merged question
+# alone: GEN_TASKS=samsum GEN_BATCH_TOKENS="" GEN_COMPACT=0.25, about 6 minutes with the training.
 bench_gen_merged() {
   local task script data decoding run pass budgets shares
   read -r -a budgets <<< "${GEN_BATCH_TOKENS-65536 131072}"

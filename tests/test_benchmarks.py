@@ -338,6 +338,10 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     result = json.loads(out.read_text())
     runs = result["runs"]
     merged = {"engine_static_adapter_merged_call1", "engine_static_adapter_merged_call2"}  # the base is 16-bit
+    merged |= {
+        "engine_static_adapter_merged_compact_below0.5_call1",
+        "engine_static_adapter_merged_compact_below0.5_call2",
+    }
     ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
     static = {f"engine_static_check_every{every}_call{call}" for every in (1, 4) for call in (1, 2)}
     # in smaller batches, with the product in place as --fused_lora_inference asks
@@ -357,6 +361,8 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert result["profile_engine"]["loop"] == "static"  # the default on a GPU
     # merged weights round differently from base + LoRA: near-ties may flip, most answers may not
     assert runs["engine_static_adapter_merged_call1"]["identical_to_engine"] >= 0.9
+    dropped = runs["engine_static_adapter_merged_compact_below0.5_call1"]  # merged, finished rows dropped
+    assert dropped["metrics"] == runs["engine_static_adapter_merged_call2"]["metrics"]
     assert 0.8 <= runs["engine_static_adapter_merged_call2"]["one_at_a_time_identical_share"] <= 1  # in the file
     assert runs["engine_call1"]["examples"] == 12 and runs["one_at_a_time"]["examples"] == 5
     assert runs["plain_generate_batch4"]["identical_to_engine"] == 1.0

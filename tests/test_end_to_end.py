@@ -108,6 +108,13 @@ def test_the_adapter_product_added_in_place_gives_peft_s_answers(trained_classif
         assert metrics["config"]["adapter_product"] == (product or "peft")  # the CPU's default
         answers[product] = [json.loads(line)["output"] for line in (out / "predictions.jsonl").open()]
     assert answers["in_place"] == answers["peft"] == answers[""] and len(answers[""]) == 8
+    # --merge_adapter merges (here too), --no-merge_adapter keeps the adapter apart against the variable
+    monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "merged")
+    for flag, product in (("--merge_adapter", "merged"), ("--no-merge_adapter", "peft")):
+        out = tmp_path / flag.strip("-")
+        classify_inference(trained_classifier, data_dir, "--limit", 2, flag, "--output_dir", out, cwd=tmp_path)
+        config = json.loads((out / "metrics.json").read_text())["config"]
+        assert (config["adapter_product"], config["merge_adapter"]) == (product, product == "merged")
     monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "fused")
     refused = classify_inference(
         trained_classifier,

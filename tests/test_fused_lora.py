@@ -263,6 +263,17 @@ def test_evaluation_adds_the_adapter_in_place_on_a_gpu_and_through_peft_elsewher
     monkeypatch.delenv("QLORA_KIT_ADAPTER_PRODUCT", raising=False)
     assert fused_lora.inference_product("cuda") == "in_place"
     assert fused_lora.inference_product("cpu") == fused_lora.inference_product("mps") == "peft"
+    # a 16-bit base is merged on a GPU, unless --no-merge_adapter; --merge_adapter merges anywhere
+    assert fused_lora.inference_product("cuda", base_in_4bit=False) == "merged"
+    assert fused_lora.inference_product("cuda", base_in_4bit=False, merge_adapter=False) == "in_place"
+    assert fused_lora.inference_product("cpu", base_in_4bit=False) == "peft"
+    assert fused_lora.inference_product("cpu", merge_adapter=True) == "merged"
+    monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "merged")
+    assert fused_lora.inference_product("cpu") == "merged"
+    assert fused_lora.inference_product("cuda", base_in_4bit=False, merge_adapter=False) == "in_place"
+    monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "in_place")
+    assert fused_lora.inference_product("cuda", base_in_4bit=False) == "in_place"
+    assert fused_lora.inference_product("cuda", merge_adapter=True) == "merged"
     monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "peft")
     assert fused_lora.inference_product("cuda") == "peft"
     monkeypatch.setenv("QLORA_KIT_ADAPTER_PRODUCT", "in_place")

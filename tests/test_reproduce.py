@@ -248,6 +248,7 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
             "engine_static_fused_lora_inference_batch_tokens300_call1",
             "engine_static_fused_lora_inference_compact_below0.5_call1",
             "engine_static_adapter_merged_call1",
+            "engine_static_adapter_merged_compact_below0.5_call1",
         }
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained  # not trained again
 
