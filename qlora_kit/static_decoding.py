@@ -210,12 +210,14 @@ def generate_batch(
         def compact(alive):
             """Only the rows in ``alive`` decode from here: every per-row tensor cut to them (the step's closures
             read these names, so they see the new tensors; a captured graph does not)."""
-            nonlocal keys, values, cache, mask, positions, finished, answers, token, logits, states, row_ids
+            nonlocal mask, positions, finished, answers, token, logits, states, row_ids
             if answers is not every_answer:  # the rows of an earlier compaction
                 every_answer.index_copy_(0, row_ids, answers)
-            keys = [layer.index_select(0, alive) for layer in keys]
-            values = [layer.index_select(0, alive) for layer in values]
-            cache = _static_cache(keys, values, write_at)
+            # layer by layer, each layer's whole cache released once its kept rows are copied: one layer is held
+            # twice, not all (copying every layer first, SAMSum at 0.25 peaked at 15.2 GB against 12.9 without)
+            for layer, part in enumerate(cache.layers):
+                part.keys = keys[layer] = keys[layer].index_select(0, alive)
+                part.values = values[layer] = values[layer].index_select(0, alive)
             mask, positions, finished, answers, token, logits, row_ids = (
                 tensor.index_select(0, alive) for tensor in (mask, positions, finished, answers, token, logits, row_ids)
             )
