@@ -244,6 +244,7 @@ def generate_missing(
             shard=(rank, world),
             num_beams=getattr(args, "num_beams", 1),
             likelihood=getattr(args, "decoding", "greedy") == "likelihood",
+            compact_below=job.task.compact_below,
         )
     finally:
         if partial is not None:

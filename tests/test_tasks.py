@@ -44,6 +44,7 @@ COLOUR_TASK = Task(
     max_new_tokens=4,
     baseline_max_new_tokens=4,
     shots=1,
+    compact_below=0.5,  # the static loop's; handed to generate (the CPU's loop ignores it)
     summary_metrics=("n", "accuracy"),
     selection_metrics=("accuracy",),
 )
@@ -55,7 +56,7 @@ def colour_task(monkeypatch):
     return COLOUR_TASK
 
 
-def test_a_third_task_trains_and_evaluates_through_the_same_functions(colour_task, tiny_model, tmp_path):
+def test_a_third_task_trains_and_evaluates_through_the_same_functions(colour_task, tiny_model, tmp_path, monkeypatch):
     from argparse import Namespace
 
     from qlora_kit import evaluation, settings, training
@@ -100,7 +101,13 @@ def test_a_third_task_trains_and_evaluates_through_the_same_functions(colour_tas
         overwrite=False,
         decoding="constrained",
     )
+    asked = []
+    generate = evaluation.generate
+    monkeypatch.setattr(
+        evaluation, "generate", lambda *a, **kw: asked.append(kw["compact_below"]) or generate(*a, **kw)
+    )
     scores = evaluation.evaluate_run("colour", args)
+    assert asked == [0.5]  # the task's decode setting
     assert scores["n"] == 6 and scores["invalid"] == 0  # constrained decoding: every answer is a colour
     predictions = [
         json.loads(line)
