@@ -18,6 +18,9 @@ KR_SAVE=${KR_SAVE:-20}  # kill_resume: checkpoint every KR_SAVE steps, killed af
 # Extra flags for every training / evaluation call (a quick CPU check of this script: --max_steps 2, --limit 8).
 read -r -a EXTRA_TRAIN <<< "${EXTRA_TRAIN:-}"
 read -r -a EXTRA_EVAL <<< "${EXTRA_EVAL:-}"
+# The evaluations behind committed results keep the adapter apart from the base, as those were scored (a GPU now
+# merges a 16-bit base's by default): a new run compared with them, or pooled with them, differs in the run only.
+KEPT_APART=(--no-merge_adapter)
 export PYTHONUNBUFFERED=1
 # several runs share one GPU: freed blocks are reused across sizes instead of each size holding its own
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -373,7 +376,7 @@ lr_scan() {
     (python3 zephyr_classification.py --pretrained_ckpt "$MODEL" --train_file "$NEWS/train.jsonl.gz" \
        --validation_fraction 0.1 --train_sample_fraction 0.1 --epochs 3 --batch_size 16 --no-gradient_checkpointing \
        --learning_rate $lr --experiment_dir "$R/lr_scan/lr-$lr" "${EXTRA_TRAIN[@]}" > "$R/logs/lr_scan_$lr.log" 2>&1 &&
-     python3 zephyr_classification_inference.py --experiment_dir "$R/lr_scan/lr-$lr" --split validation \
+     python3 zephyr_classification_inference.py "${KEPT_APART[@]}" --experiment_dir "$R/lr_scan/lr-$lr" --split validation \
        --train_file "$NEWS/train.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}" >> "$R/logs/lr_scan_$lr.log" 2>&1) &
   done
   wait
@@ -501,7 +504,7 @@ full_data() {
      --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz"
    run=$R/full/classification_sampleFraction-1.0_epochs-3_rank-8_dropout-0.1_full
    if [ -f "$run/metrics/metrics.json" ] && [ ! -f "$run/metrics_constrained/metrics.json" ]; then
-     python3 zephyr_classification_inference.py --experiment_dir "$run" --test_file "$NEWS/test.jsonl.gz" \
+     python3 zephyr_classification_inference.py "${KEPT_APART[@]}" --experiment_dir "$run" --test_file "$NEWS/test.jsonl.gz" \
        --decoding constrained --output_dir "$run/metrics_constrained" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
    fi) &
   local style epochs
@@ -512,7 +515,7 @@ full_data() {
          --test_file "$SAMSUM/test.jsonl.gz"
        run=$R/full/samsum-$style/summarization_epochs-${epochs}_rank-64_dropout-0.1_full
        if [ -f "$run/metrics/metrics.json" ] && [ ! -f "$run/metrics_validation/metrics.json" ]; then
-         python3 zephyr_summarization_inference.py --experiment_dir "$run" --split validation \
+         python3 zephyr_summarization_inference.py "${KEPT_APART[@]}" --experiment_dir "$run" --split validation \
            --validation_file "$SAMSUM/validation.jsonl.gz" --max_batch_tokens 300000 "${EXTRA_EVAL[@]}"
        fi) &
     done
@@ -711,7 +714,7 @@ choose_decoding() {
       [ $flags = current ] && flags=$current || flags=$candidate
       [ -f "$run/metrics_validation_step-$step${suffix:+_$suffix}/metrics.json" ] ||
         # shellcheck disable=SC2086
-        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --split validation \
+        python3 "${script}_inference.py" "${KEPT_APART[@]}" --experiment_dir "$run" --checkpoint "$step" --split validation \
           --output_dir "$run/metrics_validation_step-$step${suffix:+_$suffix}" $flags "${EXTRA_EVAL[@]}" 2>&1 |
           quiet | tail -4
     done
@@ -725,7 +728,7 @@ choose_decoding() {
       step=$(python3 -c "from qlora_kit.run_folder import RunFolder; print(RunFolder('$run').chosen_step())")
       [ -f "$run/metrics_step-${step}_$candidate_suffix/metrics.json" ] ||
         # shellcheck disable=SC2086
-        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" \
+        python3 "${script}_inference.py" "${KEPT_APART[@]}" --experiment_dir "$run" --checkpoint "$step" \
           --output_dir "$run/metrics_step-${step}_$candidate_suffix" $candidate $test "${EXTRA_EVAL[@]}" 2>&1 |
           quiet | tail -4
     done
@@ -767,7 +770,7 @@ target_candidate() {
     for step in $([ ${#eval[@]} -gt 0 ] &&
                   python3 -c "from qlora_kit.run_folder import RunFolder; print(*RunFolder('$run').epoch_end_steps())"); do
       [ -f "$run/metrics_validation_step-$step/metrics.json" ] ||
-        python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --split validation \
+        python3 "${script}_inference.py" "${KEPT_APART[@]}" --experiment_dir "$run" --checkpoint "$step" --split validation \
           --output_dir "$run/metrics_validation_step-$step" "${eval[@]}" "${EXTRA_EVAL[@]}"
     done
   } >> "$R/logs/${TARGETS_DIR:-targets}_$name.log" 2>&1  # appended: a resumed run keeps its earlier commands' log
@@ -836,7 +839,7 @@ test_checkpoint() {
     [ -f "$out/metrics.json" ] && continue
     # shellcheck disable=SC2086
     python3 "${script}_inference.py" --experiment_dir "$run" --checkpoint "$step" --output_dir "$out" \
-      $flags "${choice[@]}" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -14
+      "${KEPT_APART[@]}" $flags "${choice[@]}" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -14
   done
 }
 
