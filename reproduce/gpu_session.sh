@@ -675,6 +675,11 @@ seed_run() {
 # Choice: $R/choose_variant/VARIANT.json. E.g., in one sitting:
 #   SEED_TEST=0 SEED_RUNS="news+epochs5-0 news+epochs5-1 news+epochs5-2" VARIANT_epochs5="--epochs 5" \
 #     VARIANT=news+epochs5 CURRENT_SEEDS=results/smollm2/seeds bash reproduce/gpu_session.sh seeds choose_variant
+# Too long for one sitting: one 20 Newsgroups seed alone took 17.5 minutes for 3 epochs on an H100 at the recipe's
+# --max_memory_gb 22 (micro-batches of 8 x 2; a larger budget in the variant's flags, e.g. --max_memory_gb 40, may
+# give 16 x 1 as seeds 0-1 had on an H200: the same examples a step). Then one seed a sitting (SEED_RUNS=
+# news+epochs5-0, watched with ADAPTERS=... so its chosen adapter comes back), and choose_variant in a last sitting
+# with the three runs unpacked under $R/seeds.
 choose_variant() {
   local variant=${VARIANT:-} task script train eval decodings metric run step candidates=() current=()
   [ -n "$variant" ] || { echo "choose_variant: set VARIANT to the variant's runs, e.g. news+epochs5"; return 1; }
