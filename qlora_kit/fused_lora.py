@@ -209,7 +209,9 @@ def inference_product(
         )
     if merge_adapter:
         return "merged"
-    if choice and not (choice == "merged" and merge_adapter is False):
+    if merge_adapter is False and choice == "merged":
+        choice = ""  # the flag wins over the variable
+    if choice:
         return choice
     if merge_adapter is None and not base_in_4bit and device_type in MERGED_ON:
         return "merged"

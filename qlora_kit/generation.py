@@ -419,9 +419,10 @@ LOOPS = ("dynamic", "static", "plain")
 DEFAULT_LOOP = {"cuda": "static", "cpu": "dynamic"}
 
 
-def _batch_generator(loop: str | None, model):
+def _batch_generator(loop: str | None, model, compact_below: float | None = None):
     """The decode loop to use: ``loop`` if given, else QLORA_KIT_GENERATION if set, else ``DEFAULT_LOOP`` for the
-    model's device (the CPU's for any device it does not name)."""
+    model's device (the CPU's for any device it does not name). ``compact_below`` goes to the static loop, the one
+    that drops finished rows; the others ignore it."""
     import os
 
     from . import static_decoding
@@ -434,7 +435,11 @@ def _batch_generator(loop: str | None, model):
     if choice == "plain":
         log.info("generating with transformers' model.generate (the plain path)")
         return _generate_batch_plain
-    return static_decoding.generate_batch if choice == "static" else _generate_batch
+    if choice != "static":
+        return _generate_batch
+    if compact_below is None:
+        return static_decoding.generate_batch
+    return functools.partial(static_decoding.generate_batch, compact_below=compact_below)
 
 
 def plan_batches(
@@ -541,11 +546,7 @@ def generate(
         log.info("beam search with %d beams (transformers' generate)", num_beams)
         generate_batch = functools.partial(_generate_batch_plain, num_beams=num_beams)
     else:
-        generate_batch = _batch_generator(loop, model)
-        from . import static_decoding
-
-        if compact_below is not None and generate_batch is static_decoding.generate_batch:
-            generate_batch = functools.partial(generate_batch, compact_below=compact_below)
+        generate_batch = _batch_generator(loop, model, compact_below)
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:
