@@ -220,7 +220,7 @@ gen_trained() {
 # GEN_TASKS: which tasks, in order (default "news samsum": 20 Newsgroups' short answers first, the exactness check
 # the static loop waits for).
 bench_gen_real() {
-  local task script data decoding run started
+  local task script data decoding run
   mkdir -p "$R/bench_gen_real"
   for task in ${GEN_TASKS:-news samsum}; do
     gen_task $task
@@ -232,13 +232,37 @@ bench_gen_real() {
     # shellcheck disable=SC2086
     python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
       --decoding $decoding --profile --out "$R/bench_gen_real/generation_smollm2_$task.json" ${GEN_BENCH_FLAGS:-}
-    started=$(date +%s.%N)
-    python3 "${script}_inference.py" --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
-      $([ $task = news ] && echo --decoding constrained) --output_dir "$R/bench_gen_real/${task}_inference" \
-      "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -4
-    python3 -c "import json, sys, time; print(json.dumps({'script': sys.argv[1], 'wall_seconds': time.time() - float(sys.argv[2])}))" \
-      "${script}_inference.py" "$started" | tee "$R/bench_gen_real/${task}_inference/wall.json"
+    timed_inference "$run" "$R/bench_gen_real/${task}_inference"
   done
+}
+
+# timed_inference RUN OUTPUT: the caller's inference script with its defaults on RUN's test set into OUTPUT, and the
+# whole process's wall time (imports included) in OUTPUT/wall.json (after gen_task)
+timed_inference() {
+  local started
+  started=$(date +%s.%N)
+  python3 "${script}_inference.py" --experiment_dir "$1" --test_file "$data/test.jsonl.gz" \
+    $([ "$task" = news ] && echo --decoding constrained) --output_dir "$2" "${EXTRA_EVAL[@]}" 2>&1 | quiet | tail -4
+  python3 -c "import json, sys, time; print(json.dumps({'script': sys.argv[1], 'wall_seconds': time.time() - float(sys.argv[2])}))" \
+    "${script}_inference.py" "$started" | tee "$2/wall.json"
+}
+
+# The inference scripts alone, as a user runs them (every default: on a GPU the adapter merged into the 16-bit base,
+# the static loop, SAMSum's finished rows dropped), PASSES (3) processes a task, on bench_gen_real's runs (trained
+# first if missing: GEN_TRAIN_STEPS steps of the small-model recipe). Each pass's metrics.json has the generation
+# time, wall.json the whole process's; inference_script_smollm2_TASK_defaults.json all passes.
+time_inference() {
+  local task script data decoding run pass
+  for task in ${GEN_TASKS:-news samsum}; do
+    gen_task $task
+    run=$R/bench_gen_real/$task-run
+    gen_trained "$run"
+    for pass in $(seq 1 "${PASSES:-3}"); do
+      timed_inference "$run" "$R/time_inference/${task}_pass$pass"
+    done
+  done
+  python3 reproduce/inference_timings.py "$R/time_inference" "$R/bench_gen_real" --out_dir "$R/time_inference" \
+    --overwrite --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")"
 }
 
 # The small-model recipe's training steps on SmolLM2 with and without compiled decoder layers (3 passes of 20,
@@ -292,12 +316,14 @@ bench_gen_loops() {
 # model, at the benchmark's 110k tokens a batch and at smaller budgets (BUDGETS, default 96000 80000: a peak within
 # 22 GB is aimed at; 110k measured 23.8 GB), beside peft's layers at 110k; PASSES (2) processes, about 5 minutes
 # each on an H100 with the growing cache's reference run, after build_z7 (measured: 80,000 tokens, 20.0 GB).
+# BUDGET_FLAGS: more flags for the benchmark (--no-static leaves out peft's layers, a minute a pass).
 bench_gen_budget() {
   local pass budgets
   read -r -a budgets <<< "${BUDGETS:-96000 80000}"
   for pass in $(seq 1 "${PASSES:-2}"); do
+    # shellcheck disable=SC2086
     python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 0 --stride_4bit 1 \
-      --batch_sizes_merged --batch_sizes_plain --stop_check_every 1 --fused_lora_inference \
+      --batch_sizes_merged --batch_sizes_plain --stop_check_every 1 --fused_lora_inference ${BUDGET_FLAGS:-} \
       --fused_max_batch_tokens "${budgets[@]}" --out "$R/bench_gen_budget/generation_throughput_budget_pass$pass.json"
   done
 }

@@ -38,6 +38,38 @@ def test_compiled_layers_compute_the_same_loss_and_gradients_under_the_same_name
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_layers_keep_gradient_checkpointing(tiny_model):
+    """With gradient checkpointing on, a training forward through the compiled layers keeps as many bytes for the
+    backward as through the eager ones: the checkpoint encloses each compiled call. (Compiled together with the
+    checkpoint inside a layer's forward, as transformers 5.23 checkpoints, the 7B shape kept 51 GB at batch 32
+    against 10.7 GB.)"""
+
+    def kept_bytes(checkpointing: bool, compiled: bool) -> int:
+        model = _adapted(tiny_model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if compiled:
+            sft_trainer.compile_decoder_layers(model)
+        kept = []
+        torch.manual_seed(1)
+        ids = torch.randint(3, model.config.vocab_size, (2, 64))
+
+        # a checkpoint's own hooks take the tensors saved inside it: only what stays for the backward is seen here
+        def keep(tensor):
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return sum(kept)
+
+    checkpointed = kept_bytes(checkpointing=True, compiled=False)
+    assert kept_bytes(checkpointing=False, compiled=False) > 1.5 * checkpointed  # the measure tells them apart
+    assert kept_bytes(checkpointing=True, compiled=True) == checkpointed
+
+
 def test_a_model_without_a_layer_list_is_refused():
     with pytest.raises(UsageError, match="--compile_layers"):
         sft_trainer.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -227,7 +227,8 @@ def test_gpu_session_chooses_a_variant_on_validation_before_any_test(tiny_model,
 def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(tiny_model, data_dir, tmp_path):
     """bench_gen_real: without the seeds' runs it trains short small-model runs, then benchmarks each (the engine,
     the plain path, one at a time, the merged adapter, a profile) and times the whole inference script.
-    bench_gen_merged then times the in-place product against the merged adapter on those runs, without training."""
+    bench_gen_merged then times the in-place product against the merged adapter on those runs, without training,
+    and time_inference the inference script alone on them."""
     bench = _gpu_session("bench_gen_real", tiny_model, data_dir, tmp_path, GEN_TRAIN_STEPS="2",
                          EXTRA_TRAIN="--max_seq_length 256")  # fmt: skip
     for task in ("samsum", "news"):
@@ -251,6 +252,15 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
             "engine_static_adapter_merged_compact_below0.5_call1",
         }
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained  # not trained again
+    # time_inference: the inference script alone, with its defaults, once a pass, gathered into one JSON
+    timed = _gpu_session("time_inference", tiny_model, data_dir, tmp_path, PASSES="2", GEN_TASKS="news")
+    gathered = json.loads((timed / "inference_script_smollm2_news_defaults.json").read_text())
+    assert [record["pass"] for record in gathered["passes"]] == ["news_pass1", "news_pass2"]
+    assert all(record["n"] == gathered["passes"][0]["n"] > 0 for record in gathered["passes"])
+    walls = [record["process_wall_seconds"] for record in gathered["passes"]]
+    assert gathered["process_wall_seconds"]["min"] == min(walls) > 0
+    assert gathered["training"]["global_steps"] == 2 and gathered["device"] == "cpu"
+    assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained
 
 
 def test_rescoring_old_predictions_on_the_benchmark_split(tmp_path):
