@@ -3,7 +3,8 @@ side in one process: one example at a time (greedy), a plain batched ``model.gen
 engine's own batches), and the project's engine with each of its decode loops (the growing cache; the static cache,
 its steps replayed as CUDA graphs on a GPU), each called twice (the first call warms up kernels and caches). The
 adapter runs through peft's own layers in every way but ``--fused_lora_inference`` (the product added in place,
-evaluation's default on a GPU) and ``--merged``.
+evaluation's default on a GPU for a 4-bit base) and ``--merged`` (merged into a 16-bit base, the default there;
+``--merged_first``: also before every other way, as the inference script's first generation).
 
 Times are generation alone (the prompts are built and tokenised before the clock starts); the inference script
 prints its whole wall time separately. Exactness: the share of outputs identical to one-at-a-time greedy on an
@@ -165,6 +166,12 @@ def main(args):
             record(f"{name}_call{call}", out.outputs, seconds, memory, len(rows), extra)
         return out.outputs
 
+    if args.merged_first and not config["load_in_4bit"]:
+        # the merged adapter's calls before any other generation in this process, as the inference script makes
+        # them (its default on a GPU): the first pays what a process's first generation pays, a later one does not
+        peft_model, model = model, _load_finetuned(config, adapter, use_flash_attention=False, adapter_product="merged")
+        called(f"engine_{args.variant_loop}_adapter_merged_first", loop=args.variant_loop)
+        model = peft_model
     engine = called("engine")
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
         out, seconds, memory = timed(
@@ -250,6 +257,12 @@ if __name__ == "__main__":
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also the adapter merged into a 16-bit base (--merge_adapter), in --variant_loop",
+    )
+    parser.add_argument(
+        "--merged_first",
+        action="store_true",
+        help="also the adapter merged, in --variant_loop, before every other way (the process's first generation,"
+        " as in the inference script)",
     )
     parser.add_argument(
         "--static_batch_tokens",

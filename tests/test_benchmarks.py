@@ -378,17 +378,22 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
 def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(trained_run_for_resume, data_dir, tmp_path):
     """--variant_loop dynamic: the in-place adapter product and the merged adapter through the growing cache (the
     CPU's loop), named so; in fp32 their answers are the engine's. --batch_size: every engine way's batches.
-    --one_at_a_time 0: none generated one at a time, and no way compared with them."""
+    --merged_first: the merged adapter once more, before every other way. --one_at_a_time 0: none generated one at
+    a time, and no way compared with them."""
     out = tmp_path / "g.json"
     _run(
         "generation_real_model.py", "--experiment_dir", trained_run_for_resume, "--test_file",
         data_dir / "news_test.jsonl", "--decoding", "constrained", "--limit", 6, "--engine_calls", 1,
         "--batch_sizes_plain", "--one_at_a_time", 0, "--stop_check_every", 1, "--static_stop_check_every",
-        "--fused_lora_inference", "--variant_loop", "dynamic", "--batch_size", 4, "--out", out,
+        "--fused_lora_inference", "--variant_loop", "dynamic", "--batch_size", 4, "--merged_first", "--out", out,
     )  # fmt: skip
     runs = json.loads(out.read_text())["runs"]
     variants = {"engine_dynamic_fused_lora_inference_call1", "engine_dynamic_adapter_merged_call1"}
-    assert set(runs) == {"engine_call1"} | variants
+    assert set(runs) == {"engine_call1", "engine_dynamic_adapter_merged_first_call1"} | variants
+    assert list(runs)[0] == "engine_dynamic_adapter_merged_first_call1"  # --merged_first: before any other way
+    first = runs["engine_dynamic_adapter_merged_first_call1"]
+    assert first["metrics"] == runs["engine_dynamic_adapter_merged_call1"]["metrics"]
+    assert "identical_to_engine" not in first  # nothing had run to compare with
     assert runs["engine_dynamic_fused_lora_inference_call1"]["identical_to_engine"] == 1.0
     assert not any("one_at_a_time_identical_share" in run for run in runs.values())
     assert runs["engine_call1"]["final_batch_size"] == 4  # the flag's, not the CPU's default
