@@ -58,6 +58,27 @@ def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop
 
 
 def main(args):
+    """The benchmark under the numerics asked for (``--exact_reductions``, ``--sdpa_backend``): both change every way
+    alike, one at a time included, so the shares of identical answers say how much they matter."""
+    import contextlib
+
+    import torch
+
+    if args.exact_reductions:  # PyTorch lets cuBLAS add a split bf16 / fp16 product's parts in that precision
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    attention = contextlib.nullcontext()
+    if args.sdpa_backend != "default":  # one attention kernel for every way (batches with a mask, one prompt without)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        attention = sdpa_kernel(
+            {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[args.sdpa_backend]
+        )
+    with attention:
+        run(args)
+
+
+def run(args):
     import json
 
     import profiling
@@ -109,6 +130,8 @@ def main(args):
         "max_new_tokens": new_tokens,
         "decoding": args.decoding if task.labelled else "greedy",
         **zephyr_shaped.environment(),
+        "exact_reductions": args.exact_reductions,
+        "sdpa_backend": args.sdpa_backend,
         "runs": {},
     }
 
@@ -314,6 +337,17 @@ if __name__ == "__main__":
         nargs="*",
         default=[1, 4],
         help="also the static-cache loop (loop='static'), checking for the end every N steps (none given: not run)",
+    )
+    parser.add_argument(
+        "--exact_reductions",
+        action="store_true",
+        help="no reduced-precision reductions in cuBLAS's bf16 / fp16 products (PyTorch allows them by default)",
+    )
+    parser.add_argument(
+        "--sdpa_backend",
+        choices=("default", "efficient", "math"),
+        default="default",
+        help="one scaled-dot-product attention kernel for every way (default: PyTorch's choice per call)",
     )
     parser.add_argument("--out", default="benchmarks/results/generation_real_model.json")
     main(parser.parse_args())

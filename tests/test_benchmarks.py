@@ -379,15 +379,19 @@ def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(traine
     """--variant_loop dynamic: the in-place adapter product and the merged adapter through the growing cache (the
     CPU's loop), named so; in fp32 their answers are the engine's. --batch_size: every engine way's batches.
     --merged_first: the merged adapter once more, before every other way. --one_at_a_time 0: none generated one at
-    a time, and no way compared with them."""
+    a time, and no way compared with them. --exact_reductions and --sdpa_backend: recorded (on the CPU in fp32 they
+    change nothing)."""
     out = tmp_path / "g.json"
     _run(
         "generation_real_model.py", "--experiment_dir", trained_run_for_resume, "--test_file",
         data_dir / "news_test.jsonl", "--decoding", "constrained", "--limit", 6, "--engine_calls", 1,
         "--batch_sizes_plain", "--one_at_a_time", 0, "--stop_check_every", 1, "--static_stop_check_every",
-        "--fused_lora_inference", "--variant_loop", "dynamic", "--batch_size", 4, "--merged_first", "--out", out,
+        "--fused_lora_inference", "--variant_loop", "dynamic", "--batch_size", 4, "--merged_first",
+        "--exact_reductions", "--sdpa_backend", "math", "--out", out,
     )  # fmt: skip
-    runs = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    assert result["exact_reductions"] and result["sdpa_backend"] == "math"  # the numerics, in the file
+    runs = result["runs"]
     variants = {"engine_dynamic_fused_lora_inference_call1", "engine_dynamic_adapter_merged_call1"}
     assert set(runs) == {"engine_call1", "engine_dynamic_adapter_merged_first_call1"} | variants
     assert list(runs)[0] == "engine_dynamic_adapter_merged_first_call1"  # --merged_first: before any other way
