@@ -208,11 +208,12 @@ def compile_decoder_layers(model) -> int:
     keeping the parameter names, so checkpoints and adapters are saved as without it. Returns how many layers.
     Compiled with dynamic shapes: the lengths vary from batch to batch.
 
-    Gradient checkpointing stays outside the compiled region. Transformers >= 5.2x checkpoints a layer inside its
-    ``forward`` (``GradientCheckpointingLayer``), which ``Module.compile`` would trace together with the layer: the
-    compiled graph then keeps activations a checkpoint drops (measured on the 7B shape at batch 32: 51 GB against
-    10.7 GB with the checkpoint outside). There each layer's own forward is compiled and transformers' checkpointing
-    wraps the compiled call, as it wraps ``__call__`` in older versions (where ``Module.compile`` is enough)."""
+    Gradient checkpointing stays outside the compiled region. Transformers 5.23 (the pinned version) checkpoints a
+    layer inside its ``forward`` (``GradientCheckpointingLayer``), which ``Module.compile`` would trace together with
+    the layer: the compiled graph then keeps the activations a checkpoint drops (measured on the 7B shape at batch
+    32: 51 GB against 10.7 GB with the checkpoint outside). There each layer's own forward is compiled and
+    transformers' checkpointing wraps the compiled call, as older versions wrap ``__call__`` (where
+    ``Module.compile`` is enough). A layer compiled by an earlier call is left as it is."""
     import torch
 
     layers = next(
@@ -226,6 +227,8 @@ def compile_decoder_layers(model) -> int:
     if layers is None:
         raise UsageError("--compile_layers: found no list of decoder layers in this model")
     for layer in layers:
+        if getattr(layer, "compiled_forward", None) is not None:
+            continue  # its forward calls compiled_forward: compiling that forward again would call itself
         checkpointed = _checkpointed_forward(type(layer))
         if checkpointed is None:
             layer.compile(dynamic=True)

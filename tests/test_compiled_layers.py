@@ -24,6 +24,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients_under_the_same_name
     eager, compiled = _adapted(tiny_model), _adapted(tiny_model)
     names = list(compiled.state_dict())
     assert sft_trainer.compile_decoder_layers(compiled) == compiled.config.num_hidden_layers
+    sft_trainer.compile_decoder_layers(compiled)  # a second call leaves the compiled layers as they are
     assert list(compiled.state_dict()) == names  # checkpoints and adapters keep their keys
     ids = torch.randint(3, compiled.config.vocab_size, (2, 11))
     losses, grads = [], []
