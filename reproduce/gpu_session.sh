@@ -434,7 +434,7 @@ baselines() {
 grid() {
   local flags=(--pretrained_ckpt "$MODEL" --train_file "$NEWS/train.jsonl.gz" --test_file "$NEWS/test.jsonl.gz"
                --batch_size 16 --no-gradient_checkpointing --learning_rate "$LR" --max_batch_tokens 300000
-               "${EXTRA_TRAIN[@]}" "${EXTRA_EVAL[@]}")
+               "${KEPT_APART[@]}" "${EXTRA_TRAIN[@]}" "${EXTRA_EVAL[@]}")  # each script takes the flags it knows
   env FRACTIONS="0.025 0.05 0.1" EPOCHS=3 EXPERIMENTS="$R/grid" GPUS=${GPU_A:-0},${GPU_A:-0},${GPU_A:-0} \
     ./sample_ablate.sh "${flags[@]}" &
   env FRACTIONS="0.025 0.05 0.1" EPOCHS=3 EXPERIMENTS="$R/grid" NEFTUNE=5 GPUS=${GPU_A:-0},${GPU_A:-0},${GPU_A:-0} \

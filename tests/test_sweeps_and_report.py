@@ -239,6 +239,20 @@ def test_interrupted_runs_resume_and_finished_ones_only_evaluate(tmp_path):
     assert finished == tmp_path / "r" / "metrics" / "metrics.json"
 
 
+def test_a_sweep_passes_each_script_only_the_extra_flags_it_takes(tmp_path):
+    """The sweep's extra flags go to the scripts that take them: --no-merge_adapter (evaluation only) and
+    --decoding to the inference script, --epochs to training, a flag with its value kept together."""
+    from qlora_kit.sweep import PlannedRun, commands
+
+    run = PlannedRun("r", "zephyr_classification.py", "zephyr_classification_inference.py", ["--epochs", "1"])
+    extra = ["--no-merge_adapter", "--decoding", "constrained", "--learning_rate", "5e-4"]
+    train, evaluate = commands(run, tmp_path, tmp_path / "b", extra)[0]
+    assert "--no-merge_adapter" not in train and "--decoding" not in train
+    assert train[train.index("--learning_rate") + 1] == "5e-4"
+    assert "--no-merge_adapter" in evaluate
+    assert evaluate[evaluate.index("--decoding") + 1] == "constrained" and "--learning_rate" not in evaluate
+
+
 def test_choose_checkpoint_by_summed_metrics_then_fewer_invalid_then_earlier():
     from qlora_kit.report import choose_checkpoint
 
