@@ -229,25 +229,25 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         if getattr(layer, "compiled_forward", None) is not None:
             continue  # its forward calls compiled_forward: compiling that forward again would call itself
-        checkpointed = _checkpointed_forward(type(layer))
-        if checkpointed is None:
+        own_forward = _forward_inside_checkpointing(type(layer))
+        if own_forward is None:
             layer.compile(dynamic=True)
         else:
-            layer.compiled_forward = torch.compile(MethodType(checkpointed.__wrapped__, layer), dynamic=True)
+            layer.compiled_forward = torch.compile(MethodType(own_forward, layer), dynamic=True)
             layer.__class__ = _calling_compiled_forward(type(layer))
     return len(layers)
 
 
-def _checkpointed_forward(layer_class):
-    """The class's ``forward`` as transformers' checkpointing wraps it (``GradientCheckpointingLayer`` in
-    versions that checkpoint inside ``forward``), or None."""
+def _forward_inside_checkpointing(layer_class):
+    """The class's own ``forward``, from inside the wrapper with which transformers checkpoints it
+    (``GradientCheckpointingLayer`` in versions that checkpoint inside ``forward``); None otherwise."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
         return None
     if not issubclass(layer_class, GradientCheckpointingLayer) or "__call__" in vars(GradientCheckpointingLayer):
         return None  # not a checkpointing layer, or one checkpointed around __call__ (outside Module.compile's region)
-    return layer_class.forward if hasattr(layer_class.forward, "__wrapped__") else None
+    return getattr(layer_class.forward, "__wrapped__", None)
 
 
 @functools.cache

@@ -24,10 +24,11 @@ def summary(values: list[float]) -> dict:
 
 
 def gather(task: str, passes: list[Path], run: Path, device: str) -> dict:
-    records = []
+    records, config = [], None
     for folder in passes:
         metrics = json.loads((folder / "metrics.json").read_text())
         wall = json.loads((folder / "wall.json").read_text())
+        config = config or metrics["config"]  # the settings every pass ran with: the first pass's
         records.append(
             {
                 "pass": folder.name,
@@ -35,7 +36,6 @@ def gather(task: str, passes: list[Path], run: Path, device: str) -> dict:
                 "process_wall_seconds": wall["wall_seconds"],
             }
         )
-    config = json.loads((passes[0] / "metrics.json").read_text())["config"]
     training = json.loads((run / "train_metrics.json").read_text())
     return {
         "command": f"{SCRIPTS[task]} --experiment_dir RUN --test_file TEST (every default; RUN: the small-model recipe, "
