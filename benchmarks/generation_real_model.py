@@ -49,6 +49,23 @@ def timed(function):
     return value, seconds, memory
 
 
+class BatchClock:
+    """``generate``'s ``on_batch``: each batch's rows and the seconds since the previous batch ended (the call's
+    start, for the first). A batch's answers are on the host when it is called: its work has finished."""
+
+    def __init__(self):
+        self.rows, self.seconds, self.last = [], [], None
+
+    def start(self):
+        self.last = time.perf_counter()
+
+    def __call__(self, indices, answers):
+        now = time.perf_counter()
+        self.rows.append(len(indices))
+        self.seconds.append(round(now - self.last, 4))
+        self.last = now
+
+
 def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop_ids: list[int], trie):
     """Greedy, one prompt alone (a batch of one: no padding), through transformers' generate; constrained like
     the engine."""
@@ -79,6 +96,7 @@ def main(args):
 
 
 def run(args):
+    import contextlib
     import json
 
     import profiling
@@ -173,17 +191,31 @@ def run(args):
             extra["one_at_a_time_identical_share"] = identical([outputs[i] for i in subset], single)
         return extra
 
-    def called(name, **changes):
+    def called(name, profile_first=False, **changes):
         """``generate`` with ``settings`` changed by ``changes``, called ``--engine_calls`` times, each recorded as
         NAME_callK with its metric, its share of answers identical to the engine's (once there are some) and, after
         the first call, to the first call's: the same call need not give the same answers again on a GPU (bf16
-        kernels may pick other algorithms, and a long greedy answer turns at the first near-tie). Returns the
-        last call's answers."""
+        kernels may pick other algorithms, and a long greedy answer turns at the first near-tie), and each batch's
+        seconds (a first call's extra time in its first batch is a process's one-off cost, spread over every batch
+        it is a per-shape one). ``profile_first``: the first call runs under the profiler (its summary in
+        NAME_call1's ``profile``; its time is the profiled one). Returns the last call's answers."""
         first = None
         for call in range(1, args.engine_calls + 1):
-            out, seconds, memory = timed(lambda: generate(model, tokenizer, job.prompt_ids, **{**settings, **changes}))
+            clock = BatchClock()
+
+            def generation(clock=clock):
+                clock.start()
+                return generate(model, tokenizer, job.prompt_ids, on_batch=clock, **{**settings, **changes})
+
+            profile = {} if profile_first and call == 1 else None
+            with profiling.profiled(profile) if profile is not None else contextlib.nullcontext():
+                out, seconds, memory = timed(generation)
             first = first or out.outputs
             extra = {**compared(out.outputs), "final_batch_size": out.final_batch_size}
+            extra.update(batch_rows=clock.rows, batch_seconds=clock.seconds)
+            if profile is not None:
+                extra["profile"] = profile
+                profiling.print_summary(f"{name}_call1 profiled", profile)
             if call > 1:
                 extra["identical_to_first_call"] = identical(out.outputs, first)
             record(f"{name}_call{call}", out.outputs, seconds, memory, len(rows), extra)
@@ -193,8 +225,12 @@ def run(args):
         # the merged adapter's calls before any other generation in this process, as the inference script makes
         # them (its default on a GPU): the first pays what a process's first generation pays, a later one does not
         peft_model, model = model, _load_finetuned(config, adapter, use_flash_attention=False, adapter_product="merged")
-        called(f"engine_{args.variant_loop}_adapter_merged_first", loop=args.variant_loop)
+        called(
+            f"engine_{args.variant_loop}_adapter_merged_first", profile_first=args.profile_first, loop=args.variant_loop
+        )
         model = peft_model
+        if args.only_merged_first:
+            return
     engine = called("engine")
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
         out, seconds, memory = timed(
@@ -322,6 +358,13 @@ if __name__ == "__main__":
         help="also the static-cache loop prefilling at most N prompt tokens at once (default: generation.PREFILL_TOKENS)",
     )
     parser.add_argument("--profile", action="store_true", help="profile one more engine call")
+    parser.add_argument("--only_merged_first", action="store_true", help="with --merged_first: no other way after it")
+    parser.add_argument(
+        "--profile_first",
+        action="store_true",
+        help="with --merged_first: its first call runs under the profiler (where a process's first generation's"
+        " extra time goes: the host's largest costs, cudaMalloc and kernel loading among them)",
+    )
     parser.add_argument(
         "--profile_loop", choices=("dynamic", "static"), default="static", help="the decode loop --profile runs"
     )

@@ -84,6 +84,12 @@ def summary(events, wall_seconds: float, top: int = 15) -> dict:
             name: {"cpu_seconds": event.cpu_time_total / 1e6, "device_seconds": _device_total_us(event) / 1e6}
             for name, event in ranges.items()
         },
+        # where the host's own time went: operators and the CUDA runtime's calls (cudaMalloc, cudaFree, graph
+        # capture and instantiation, synchronisations, launches that first load a kernel), by their own CPU time
+        "host_largest": [
+            {"name": event.key[:160], "calls": event.count, "cpu_seconds": event.self_cpu_time_total / 1e6}
+            for event in sorted(timed, key=lambda event: event.self_cpu_time_total, reverse=True)[:top]
+        ],
     }
 
 
@@ -106,3 +112,5 @@ def print_summary(title: str, result: dict) -> None:
         print(f"  {name}: {seconds:.3f} s", flush=True)
     for name, times in result["ranges"].items():
         print(f"  range {name}: {times['cpu_seconds']:.3f} s host, {times['device_seconds']:.3f} s device", flush=True)
+    for event in result.get("host_largest", [])[:8]:
+        print(f"  host: {event['name'][:60]} x{event['calls']}: {event['cpu_seconds']:.3f} s", flush=True)

@@ -236,6 +236,43 @@ bench_gen_real() {
   done
 }
 
+# A process's first generation against its second (the inference script's is its process's first): the 20
+# Newsgroups run of bench_gen_real (trained first if missing), the adapter merged, two calls before any other, each
+# batch timed; again with PyTorch's default allocator (every stage here sets expandable segments); then the first
+# call profiled (the host's largest costs: allocation, kernel loading, graph capture).
+bench_gen_first_call() {
+  local task=news script data decoding run out=$R/bench_gen_first_call/generation_smollm2_news_first_call
+  gen_task $task
+  run=$R/bench_gen_real/$task-run
+  gen_trained "$run"
+  mkdir -p "$R/bench_gen_first_call"
+  local common=(benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz"
+    --decoding "$decoding" --merged_first --only_merged_first)
+  python3 "${common[@]}" --engine_calls 2 --out "$out.json"
+  env -u PYTORCH_CUDA_ALLOC_CONF python3 "${common[@]}" --engine_calls 2 --out "${out}_default_allocator.json"
+  python3 "${common[@]}" --engine_calls 1 --profile_first --out "${out}_profiled.json"
+}
+
+# Exactness against one at a time under other GPU numerics (the 20 Newsgroups run of bench_gen_real): the static
+# loop through peft's layers and EXACT_N (200) evenly spread prompts one at a time, in one process each for PyTorch's
+# defaults, no reduced-precision reductions in cuBLAS, and that with one attention kernel for batches and single
+# prompts alike (EXACT_SDPA: efficient; the CPU has none such, math there).
+bench_gen_exactness() {
+  local task=news script data decoding run numerics name
+  gen_task $task
+  run=$R/bench_gen_real/$task-run
+  gen_trained "$run"
+  mkdir -p "$R/bench_gen_exactness"
+  for numerics in "" "--exact_reductions" "--exact_reductions --sdpa_backend ${EXACT_SDPA:-efficient}"; do
+    name=$(echo "${numerics:-defaults}" | tr -d '-' | tr ' ' '_')
+    # shellcheck disable=SC2086
+    python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
+      --decoding "$decoding" --engine_calls 1 --no-merged --batch_sizes_plain --stop_check_every 1 \
+      --static_stop_check_every 1 --one_at_a_time "${EXACT_N:-200}" $numerics \
+      --out "$R/bench_gen_exactness/generation_smollm2_news_exactness_$name.json"
+  done
+}
+
 # timed_inference RUN OUTPUT: the caller's inference script with its defaults on RUN's test set into OUTPUT, and the
 # whole process's wall time (imports included) in OUTPUT/wall.json (after gen_task)
 timed_inference() {

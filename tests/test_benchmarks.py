@@ -378,16 +378,17 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
 def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(trained_run_for_resume, data_dir, tmp_path):
     """--variant_loop dynamic: the in-place adapter product and the merged adapter through the growing cache (the
     CPU's loop), named so; in fp32 their answers are the engine's. --batch_size: every engine way's batches.
-    --merged_first: the merged adapter once more, before every other way. --one_at_a_time 0: none generated one at
-    a time, and no way compared with them. --exact_reductions and --sdpa_backend: recorded (on the CPU in fp32 they
-    change nothing)."""
+    --merged_first: the merged adapter once more, before every other way (--profile_first: its first call profiled,
+    the host's largest costs among it). --one_at_a_time 0: none generated one at a time, and no way compared with
+    them. --exact_reductions and --sdpa_backend: recorded (on the CPU in fp32 they change nothing). Every call
+    records each batch's rows and seconds."""
     out = tmp_path / "g.json"
     _run(
         "generation_real_model.py", "--experiment_dir", trained_run_for_resume, "--test_file",
         data_dir / "news_test.jsonl", "--decoding", "constrained", "--limit", 6, "--engine_calls", 1,
         "--batch_sizes_plain", "--one_at_a_time", 0, "--stop_check_every", 1, "--static_stop_check_every",
         "--fused_lora_inference", "--variant_loop", "dynamic", "--batch_size", 4, "--merged_first",
-        "--exact_reductions", "--sdpa_backend", "math", "--out", out,
+        "--exact_reductions", "--sdpa_backend", "math", "--profile_first", "--out", out,
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert result["exact_reductions"] and result["sdpa_backend"] == "math"  # the numerics, in the file
@@ -398,6 +399,10 @@ def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(traine
     first = runs["engine_dynamic_adapter_merged_first_call1"]
     assert first["metrics"] == runs["engine_dynamic_adapter_merged_call1"]["metrics"]
     assert "identical_to_engine" not in first  # nothing had run to compare with
+    assert first["profile"]["host_largest"] and "profile" not in runs["engine_call1"]
+    for run in runs.values():  # 6 prompts in batches of at most 4: two batches, each timed
+        assert run["batch_rows"] == [4, 2] or run["batch_rows"] == [2, 4]
+        assert len(run["batch_seconds"]) == 2 and 0 < sum(run["batch_seconds"]) <= run["seconds"] + 1e-3  # rounded
     assert runs["engine_dynamic_fused_lora_inference_call1"]["identical_to_engine"] == 1.0
     assert not any("one_at_a_time_identical_share" in run for run in runs.values())
     assert runs["engine_call1"]["final_batch_size"] == 4  # the flag's, not the CPU's default

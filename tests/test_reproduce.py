@@ -228,7 +228,8 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
     """bench_gen_real: without the seeds' runs it trains short small-model runs, then benchmarks each (the engine,
     the plain path, one at a time, the merged adapter, a profile) and times the whole inference script.
     bench_gen_merged then times the in-place product against the merged adapter on those runs, without training,
-    and time_inference the inference script alone on them."""
+    and time_inference the inference script alone on them; bench_gen_first_call a process's first generation against
+    its second, bench_gen_exactness one at a time under other numerics, on the same runs."""
     bench = _gpu_session("bench_gen_real", tiny_model, data_dir, tmp_path, GEN_TRAIN_STEPS="2",
                          EXTRA_TRAIN="--max_seq_length 256")  # fmt: skip
     for task in ("samsum", "news"):
@@ -260,6 +261,21 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
     walls = [record["process_wall_seconds"] for record in gathered["passes"]]
     assert gathered["process_wall_seconds"]["min"] == min(walls) > 0
     assert gathered["training"]["global_steps"] == 2 and gathered["device"] == "cpu"
+    assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained
+    # bench_gen_first_call: the merged adapter's first and second calls alone, each batch timed, in three processes
+    first = _gpu_session("bench_gen_first_call", tiny_model, data_dir, tmp_path)
+    for suffix, calls in (("", 2), ("_default_allocator", 2), ("_profiled", 1)):
+        runs = json.loads((first / f"generation_smollm2_news_first_call{suffix}.json").read_text())["runs"]
+        assert list(runs) == [f"engine_static_adapter_merged_first_call{call}" for call in range(1, calls + 1)]
+        assert all(run["batch_seconds"] for run in runs.values())
+    assert runs["engine_static_adapter_merged_first_call1"]["profile"]["host_largest"]
+    # bench_gen_exactness: one at a time beside the static loop under three numerics, one process each
+    exact = _gpu_session("bench_gen_exactness", tiny_model, data_dir, tmp_path, EXACT_N="2", EXACT_SDPA="math")
+    for name in ("defaults", "exact_reductions", "exact_reductions_sdpa_backend_math"):
+        result = json.loads((exact / f"generation_smollm2_news_exactness_{name}.json").read_text())
+        assert result["runs"]["one_at_a_time"]["examples"] == 2
+        assert result["exact_reductions"] == (name != "defaults")
+        assert result["sdpa_backend"] == ("math" if name.endswith("math") else "default")
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained
 
 
