@@ -98,6 +98,7 @@ def main(args):
 def run(args):
     import contextlib
     import json
+    import os
 
     import profiling
     import zephyr_shaped
@@ -150,6 +151,7 @@ def run(args):
         **zephyr_shaped.environment(),
         "exact_reductions": args.exact_reductions,
         "sdpa_backend": args.sdpa_backend,
+        "prefill_attention": os.environ.get("QLORA_KIT_PREFILL_ATTENTION") or "default",
         "runs": {},
     }
 

@@ -37,6 +37,31 @@ def _is_out_of_memory(error: BaseException) -> bool:
 # Prompt tokens run through the model at once while prefilling (rows are grouped to stay under it).
 PREFILL_TOKENS = 16384
 
+# The attention kernels prefill may run on (QLORA_KIT_PREFILL_ATTENTION): ``default``, PyTorch's choice per call, or
+# ``no-cudnn``, any but cuDNN's. cuDNN builds an execution plan for each new shape, and the row-group prefill makes a
+# shape per group: on an H100 a process's first 20 Newsgroups generation with SmolLM2 spent 4.2 s of its 10.5 s in
+# cuDNN's attention on the host, its second call took 5.6 s (docs/benchmarks.md). ``default`` until the other is
+# measured end to end.
+PREFILL_ATTENTION = ("default", "no-cudnn")
+
+
+def prefill_attention():
+    """A context in which prefill's attention runs on the kernels QLORA_KIT_PREFILL_ATTENTION names."""
+    import contextlib
+    import os
+
+    choice = os.environ.get("QLORA_KIT_PREFILL_ATTENTION", "") or PREFILL_ATTENTION[0]
+    if choice not in PREFILL_ATTENTION:
+        raise UsageError(
+            f"QLORA_KIT_PREFILL_ATTENTION={choice}: leave it unset, or set it to one of {', '.join(PREFILL_ATTENTION)}"
+        )
+    if choice == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 # Prompt tokens every prompt of a batch begins with (a chat template's system turn, an instruction, the classes to
 # choose from, few-shot examples) are run through the model once and their keys and values shared by every row,
 # when there are at least this many: fewer, and the extra forward costs more than it saves.
@@ -204,13 +229,14 @@ def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_toke
     shared = None
     if prefix:
         columns = slice(0, prefix)
-        out = model(
-            input_ids=input_ids[:1, columns],
-            attention_mask=attention_mask[:1, columns],
-            position_ids=position_ids[:1, columns],
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with prefill_attention():
+            out = model(
+                input_ids=input_ids[:1, columns],
+                attention_mask=attention_mask[:1, columns],
+                position_ids=position_ids[:1, columns],
+                use_cache=True,
+                logits_to_keep=1,
+            )
         shared = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         del out
     width = input_ids.shape[1]
@@ -222,14 +248,15 @@ def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_toke
             mask = torch.cat([attention_mask[rows, :prefix], mask], dim=1)
             count = end - start
             cache = DynamicCache([(k.expand(count, -1, -1, -1), v.expand(count, -1, -1, -1)) for k, v in shared])
-        out = model(
-            input_ids=input_ids[rows, columns],
-            attention_mask=mask,
-            position_ids=position_ids[rows, columns],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with prefill_attention():
+            out = model(
+                input_ids=input_ids[rows, columns],
+                attention_mask=mask,
+                position_ids=position_ids[rows, columns],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         yield rows, out.past_key_values, out.logits[:, -1].float()
         del out
 

@@ -239,7 +239,8 @@ bench_gen_real() {
 # A process's first generation against its second (the inference script's is its process's first): the 20
 # Newsgroups run of bench_gen_real (trained first if missing), the adapter merged, two calls before any other, each
 # batch timed; again with PyTorch's default allocator (every stage here sets expandable segments); then the first
-# call profiled (the host's largest costs: allocation, kernel loading, graph capture).
+# call profiled (the host's largest costs: allocation, kernel loading, graph capture); then prefill's attention
+# without cuDNN's (QLORA_KIT_PREFILL_ATTENTION=no-cudnn: no execution plan built per new shape).
 bench_gen_first_call() {
   local task=news script data decoding run out=$R/bench_gen_first_call/generation_smollm2_news_first_call
   gen_task $task
@@ -251,6 +252,7 @@ bench_gen_first_call() {
   python3 "${common[@]}" --engine_calls 2 --out "$out.json"
   env -u PYTORCH_CUDA_ALLOC_CONF python3 "${common[@]}" --engine_calls 2 --out "${out}_default_allocator.json"
   python3 "${common[@]}" --engine_calls 1 --profile_first --out "${out}_profiled.json"
+  QLORA_KIT_PREFILL_ATTENTION=no-cudnn python3 "${common[@]}" --engine_calls 2 --out "${out}_prefill_no_cudnn.json"
 }
 
 # Exactness against one at a time under other GPU numerics (the 20 Newsgroups run of bench_gen_real): the static
@@ -287,19 +289,22 @@ timed_inference() {
 # The inference scripts alone, as a user runs them (every default: on a GPU the adapter merged into the 16-bit base,
 # the static loop, SAMSum's finished rows dropped), PASSES (3) processes a task, on bench_gen_real's runs (trained
 # first if missing: GEN_TRAIN_STEPS steps of the small-model recipe). Each pass's metrics.json has the generation
-# time, wall.json the whole process's; inference_script_smollm2_TASK_defaults.json all passes.
+# time, wall.json the whole process's; inference_script_smollm2_TASK_defaults.json all passes. TIMED_AS: a name for
+# the timings of a setting changed by the environment (e.g. TIMED_AS=no_cudnn QLORA_KIT_PREFILL_ATTENTION=no-cudnn):
+# they go to time_inference_NAME.
 time_inference() {
-  local task script data decoding run pass
+  local task script data decoding run pass out=$R/time_inference${TIMED_AS:+_$TIMED_AS}
   for task in ${GEN_TASKS:-news samsum}; do
     gen_task $task
     run=$R/bench_gen_real/$task-run
     gen_trained "$run"
     for pass in $(seq 1 "${PASSES:-3}"); do
-      timed_inference "$run" "$R/time_inference/${task}_pass$pass"
+      timed_inference "$run" "$out/${task}_pass$pass"
     done
   done
-  python3 reproduce/inference_timings.py "$R/time_inference" "$R/bench_gen_real" --out_dir "$R/time_inference" \
-    --overwrite --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")"
+  python3 reproduce/inference_timings.py "$out" "$R/bench_gen_real" --out_dir "$out" --name "${TIMED_AS:-defaults}" \
+    --setting "$(if [ -n "${TIMED_AS:-}" ]; then echo "$(env | grep '^QLORA_KIT_' | tr '\n' ' ')every other default"
+                else echo "every default"; fi)" --overwrite --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")"
 }
 
 # The small-model recipe's training steps on SmolLM2 with and without compiled decoder layers (3 passes of 20,

@@ -23,7 +23,7 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def gather(task: str, passes: list[Path], run: Path, device: str) -> dict:
+def gather(task: str, passes: list[Path], run: Path, device: str, setting: str = "defaults") -> dict:
     records, config = [], None
     for folder in passes:
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -38,7 +38,7 @@ def gather(task: str, passes: list[Path], run: Path, device: str) -> dict:
         )
     training = json.loads((run / "train_metrics.json").read_text())
     return {
-        "command": f"{SCRIPTS[task]} --experiment_dir RUN --test_file TEST (every default; RUN: the small-model recipe, "
+        "command": f"{SCRIPTS[task]} --experiment_dir RUN --test_file TEST ({setting}; RUN: the small-model recipe, "
         f"{training['global_steps']} steps), {len(passes)} processes, timed by reproduce/gpu_session.sh time_inference",
         "device": device,
         "versions": config["versions"],
@@ -57,8 +57,8 @@ def main(args) -> int:
         passes = sorted(root.glob(f"{task}_pass*"), key=lambda path: int(path.name.rsplit("pass", 1)[1]))
         if not passes:
             continue
-        result = gather(task, passes, Path(args.runs_dir) / f"{task}-run", args.device)
-        out = Path(args.out_dir) / f"inference_script_smollm2_{task}_defaults.json"
+        result = gather(task, passes, Path(args.runs_dir) / f"{task}-run", args.device, args.setting)
+        out = Path(args.out_dir) / f"inference_script_smollm2_{task}_{args.name}.json"
         if out.exists() and not args.overwrite:
             print(f"{out} exists (--overwrite replaces it)", file=sys.stderr)
             return 1
@@ -81,4 +81,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="unknown", help="the GPU the passes ran on")
     parser.add_argument("--out_dir", default="benchmarks/results")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--name", default="defaults", help="the files' last word: what the passes ran with")
+    parser.add_argument(
+        "--setting", default="every default", help="what the passes ran with, in words, for the file's command"
+    )
     sys.exit(main(parser.parse_args()))

@@ -466,6 +466,34 @@ def test_the_plain_path_gives_the_same_answers(model_and_tokenizer, monkeypatch,
         generation.generate(model, tokenizer, prompts, **kwargs)
 
 
+@pytest.mark.parametrize("loop", ["dynamic", "static"])
+def test_prefill_can_leave_cudnn_attention_out(model_and_tokenizer, monkeypatch, loop):
+    """QLORA_KIT_PREFILL_ATTENTION=no-cudnn: every prefill forward runs with cuDNN's attention switched off (and the
+    decode steps as before), with the same answers; a value it does not know stops with the variable named."""
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained=True)
+    kwargs["loop"] = loop
+    before = generation.generate(model, tokenizer, prompts, **kwargs).outputs
+    seen = []  # (query length, cuDNN attention allowed) of every forward
+    forward = model.forward
+
+    def spied(*args, **kw):
+        seen.append((kw["input_ids"].shape[1], torch.backends.cuda.cudnn_sdp_enabled()))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", spied)
+    monkeypatch.setenv("QLORA_KIT_PREFILL_ATTENTION", "no-cudnn")
+    assert generation.generate(model, tokenizer, prompts, **kwargs).outputs == before
+    prefill = [allowed for length, allowed in seen if length > 1]
+    decode = [allowed for length, allowed in seen if length == 1]
+    assert prefill and not any(prefill) and decode and all(decode)
+    monkeypatch.setenv("QLORA_KIT_PREFILL_ATTENTION", "flash")
+    with pytest.raises(generation.UsageError, match="QLORA_KIT_PREFILL_ATTENTION=flash"):
+        generation.generate(model, tokenizer, prompts, **kwargs)
+
+
 def test_the_decode_loop_is_chosen_by_the_models_device(monkeypatch):
     """Unless a loop is named: the static loop for a model on a GPU, the growing cache on the CPU (and on a device
     the table does not name); a loop named by generate(loop=...) or QLORA_KIT_GENERATION wins over both."""

@@ -261,14 +261,25 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
     walls = [record["process_wall_seconds"] for record in gathered["passes"]]
     assert gathered["process_wall_seconds"]["min"] == min(walls) > 0
     assert gathered["training"]["global_steps"] == 2 and gathered["device"] == "cpu"
+    assert "(every default;" in gathered["command"]
+    # ... and under a setting the environment changes, named apart
+    timed = _gpu_session("time_inference", tiny_model, data_dir, tmp_path, PASSES="1", GEN_TASKS="news",
+                         TIMED_AS="no_cudnn", QLORA_KIT_PREFILL_ATTENTION="no-cudnn")  # fmt: skip
+    gathered = json.loads(
+        (tmp_path / "r" / "time_inference_no_cudnn" / "inference_script_smollm2_news_no_cudnn.json").read_text()
+    )
+    assert "QLORA_KIT_PREFILL_ATTENTION=no-cudnn" in gathered["command"] and len(gathered["passes"]) == 1
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained
     # bench_gen_first_call: the merged adapter's first and second calls alone, each batch timed, in three processes
     first = _gpu_session("bench_gen_first_call", tiny_model, data_dir, tmp_path)
-    for suffix, calls in (("", 2), ("_default_allocator", 2), ("_profiled", 1)):
-        runs = json.loads((first / f"generation_smollm2_news_first_call{suffix}.json").read_text())["runs"]
+    for suffix, calls in (("", 2), ("_default_allocator", 2), ("_profiled", 1), ("_prefill_no_cudnn", 2)):
+        result = json.loads((first / f"generation_smollm2_news_first_call{suffix}.json").read_text())
+        runs = result["runs"]
         assert list(runs) == [f"engine_static_adapter_merged_first_call{call}" for call in range(1, calls + 1)]
         assert all(run["batch_seconds"] for run in runs.values())
-    assert runs["engine_static_adapter_merged_first_call1"]["profile"]["host_largest"]
+        assert result["prefill_attention"] == ("no-cudnn" if suffix == "_prefill_no_cudnn" else "default")
+        if suffix == "_profiled":
+            assert runs["engine_static_adapter_merged_first_call1"]["profile"]["host_largest"]
     # bench_gen_exactness: one at a time beside the static loop under three numerics, one process each
     exact = _gpu_session("bench_gen_exactness", tiny_model, data_dir, tmp_path, EXACT_N="2", EXACT_SDPA="math")
     for name in ("defaults", "exact_reductions", "exact_reductions_sdpa_backend_math"):
