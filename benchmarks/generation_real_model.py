@@ -98,7 +98,6 @@ def main(args):
 def run(args):
     import contextlib
     import json
-    import os
 
     import profiling
     import zephyr_shaped
@@ -106,7 +105,7 @@ def run(args):
     from qlora_kit import modeling
     from qlora_kit.evaluation import _load_finetuned, load_eval_rows, plan_job
     from qlora_kit.formatting import PromptFormat, end_of_turn_token
-    from qlora_kit.generation import LabelTrie, generate
+    from qlora_kit.generation import LabelTrie, generate, prefill_attention_choice
     from qlora_kit.run_folder import RunFolder
     from qlora_kit.tasks import get_task
 
@@ -151,7 +150,7 @@ def run(args):
         **zephyr_shaped.environment(),
         "exact_reductions": args.exact_reductions,
         "sdpa_backend": args.sdpa_backend,
-        "prefill_attention": os.environ.get("QLORA_KIT_PREFILL_ATTENTION") or "default",
+        "prefill_attention": prefill_attention_choice(),
         "runs": {},
     }
 

@@ -45,9 +45,8 @@ PREFILL_TOKENS = 16384
 PREFILL_ATTENTION = ("default", "no-cudnn")
 
 
-def prefill_attention():
-    """A context in which prefill's attention runs on the kernels QLORA_KIT_PREFILL_ATTENTION names."""
-    import contextlib
+def prefill_attention_choice() -> str:
+    """The ``PREFILL_ATTENTION`` choice QLORA_KIT_PREFILL_ATTENTION names (the first when unset)."""
     import os
 
     choice = os.environ.get("QLORA_KIT_PREFILL_ATTENTION", "") or PREFILL_ATTENTION[0]
@@ -55,7 +54,14 @@ def prefill_attention():
         raise UsageError(
             f"QLORA_KIT_PREFILL_ATTENTION={choice}: leave it unset, or set it to one of {', '.join(PREFILL_ATTENTION)}"
         )
-    if choice == "default":
+    return choice
+
+
+def prefill_attention():
+    """A context in which prefill's attention runs on the kernels QLORA_KIT_PREFILL_ATTENTION names."""
+    import contextlib
+
+    if prefill_attention_choice() == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -212,6 +212,13 @@ gen_trained() {
     "${EXTRA_TRAIN[@]}" 2>&1 | quiet | tail -3
 }
 
+# gen_bench_run TASK: gen_task TASK, and run= bench_gen_real's run of TASK, trained first if missing (gen_trained)
+gen_bench_run() {
+  gen_task "$1"
+  run=$R/bench_gen_real/$1-run
+  gen_trained "$run"
+}
+
 # Evaluation speed and exactness on real trained SmolLM2 runs (benchmarks/generation_real_model.py): the engine's
 # growing-cache and static-cache loops twice each, a plain batched generate, one example at a time, the engine with
 # the adapter merged, and a profile; then the whole inference script timed. The runs: the seeds stage's (GEN_SEED)
@@ -243,9 +250,7 @@ bench_gen_real() {
 # without cuDNN's (QLORA_KIT_PREFILL_ATTENTION=no-cudnn: no execution plan built per new shape).
 bench_gen_first_call() {
   local task=news script data decoding run out=$R/bench_gen_first_call/generation_smollm2_news_first_call
-  gen_task $task
-  run=$R/bench_gen_real/$task-run
-  gen_trained "$run"
+  gen_bench_run $task
   mkdir -p "$R/bench_gen_first_call"
   local common=(benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz"
     --decoding "$decoding" --merged_first --only_merged_first)
@@ -261,9 +266,7 @@ bench_gen_first_call() {
 # alike, --sdpa_backend efficient, has no kernel for an unpadded prompt's grouped key/value heads on a GPU.)
 bench_gen_exactness() {
   local task=news script data decoding run numerics name
-  gen_task $task
-  run=$R/bench_gen_real/$task-run
-  gen_trained "$run"
+  gen_bench_run $task
   mkdir -p "$R/bench_gen_exactness"
   for numerics in "" "--exact_reductions"; do
     name=$(echo "${numerics:-defaults}" | tr -d '-' | tr ' ' '_')
@@ -295,16 +298,15 @@ timed_inference() {
 time_inference() {
   local task script data decoding run pass out=$R/time_inference${TIMED_AS:+_$TIMED_AS}
   for task in ${GEN_TASKS:-news samsum}; do
-    gen_task $task
-    run=$R/bench_gen_real/$task-run
-    gen_trained "$run"
+    gen_bench_run $task
     for pass in $(seq 1 "${PASSES:-3}"); do
       timed_inference "$run" "$out/${task}_pass$pass"
     done
   done
+  local setting="every default"
+  [ -n "${TIMED_AS:-}" ] && setting="$(env | grep '^QLORA_KIT_' | tr '\n' ' ')every other default"
   python3 reproduce/inference_timings.py "$out" "$R/bench_gen_real" --out_dir "$out" --name "${TIMED_AS:-defaults}" \
-    --setting "$(if [ -n "${TIMED_AS:-}" ]; then echo "$(env | grep '^QLORA_KIT_' | tr '\n' ' ')every other default"
-                else echo "every default"; fi)" --overwrite --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")"
+    --setting "$setting" --overwrite --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")"
 }
 
 # The small-model recipe's training steps on SmolLM2 with and without compiled decoder layers (3 passes of 20,
@@ -383,9 +385,7 @@ bench_gen_merged() {
   read -r -a shares <<< "${GEN_COMPACT-0.5 0.25}"
   mkdir -p "$R/bench_gen_merged"
   for task in ${GEN_TASKS:-news samsum}; do
-    gen_task $task
-    run=$R/bench_gen_real/$task-run
-    gen_trained "$run"
+    gen_bench_run $task
     for pass in $(seq 1 "${PASSES:-3}"); do
       python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
         --decoding $decoding --engine_calls 1 --batch_sizes_plain --stop_check_every 1 --static_stop_check_every \

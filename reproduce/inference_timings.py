@@ -23,7 +23,7 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def gather(task: str, passes: list[Path], run: Path, device: str, setting: str = "defaults") -> dict:
+def gather(task: str, passes: list[Path], run: Path, device: str, setting: str = "every default") -> dict:
     records, config = [], None
     for folder in passes:
         metrics = json.loads((folder / "metrics.json").read_text())
