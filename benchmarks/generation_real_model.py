@@ -75,12 +75,16 @@ def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop
 
 
 def main(args):
-    """The benchmark under the numerics asked for (``--exact_reductions``, ``--sdpa_backend``): both change every way
-    alike, one at a time included, so the shares of identical answers say how much they matter."""
+    """The benchmark under the numerics asked for (``--exact_reductions``, ``--sdpa_backend``, ``--fp32``): each
+    changes every way alike, one at a time included, so the shares of identical answers say how much they matter."""
     import contextlib
 
     import torch
 
+    if args.fp32:  # every layer, the cache and the logits in fp32, as on the CPU: is what batching turns bf16 rounding?
+        from qlora_kit import modeling
+
+        modeling.compute_dtype = lambda: torch.float32
     if args.exact_reductions:  # PyTorch lets cuBLAS add a split bf16 / fp16 product's parts in that precision
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
@@ -150,6 +154,7 @@ def run(args):
         **zephyr_shaped.environment(),
         "exact_reductions": args.exact_reductions,
         "sdpa_backend": args.sdpa_backend,
+        "compute_dtype": str(modeling.compute_dtype()).removeprefix("torch."),
         "prefill_attention": prefill_attention_choice(),
         "runs": {},
     }
@@ -392,6 +397,12 @@ if __name__ == "__main__":
         choices=("default", "efficient", "math"),
         default="default",
         help="one scaled-dot-product attention kernel for every way (default: PyTorch's choice per call)",
+    )
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="compute in fp32 (the model, its cache, the logits) instead of the GPU's bf16; cuBLAS's fp32 products"
+        " stay fp32 (PyTorch's default: no TF32)",
     )
     parser.add_argument("--out", default="benchmarks/results/generation_real_model.json")
     main(parser.parse_args())

@@ -51,7 +51,7 @@ def main(args):
     from peft import LoraConfig, get_peft_model
 
     from qlora_kit import fused_lora, modeling
-    from qlora_kit.generation import generate
+    from qlora_kit.generation import generate, prefill_attention_choice
 
     if args.write_lengths:
         lengths, _, _ = zephyr_shaped.real_prompt_lengths(
@@ -87,6 +87,7 @@ def main(args):
         "examples": len(prompts),
         "mean_prompt_tokens": sum(lengths) / len(lengths),
         **zephyr_shaped.environment(),
+        "prefill_attention": prefill_attention_choice(),
         "runs": {},
     }
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")

@@ -246,8 +246,7 @@ bench_gen_real() {
 # A process's first generation against its second (the inference script's is its process's first): the 20
 # Newsgroups run of bench_gen_real (trained first if missing), the adapter merged, two calls before any other, each
 # batch timed; again with PyTorch's default allocator (every stage here sets expandable segments); then the first
-# call profiled (the host's largest costs: allocation, kernel loading, graph capture); then prefill's attention
-# without cuDNN's (QLORA_KIT_PREFILL_ATTENTION=no-cudnn: no execution plan built per new shape).
+# call profiled (the host's largest costs: allocation, kernel loading, graph capture).
 bench_gen_first_call() {
   local task=news script data decoding run out=$R/bench_gen_first_call/generation_smollm2_news_first_call
   gen_bench_run $task
@@ -257,19 +256,40 @@ bench_gen_first_call() {
   python3 "${common[@]}" --engine_calls 2 --out "$out.json"
   env -u PYTORCH_CUDA_ALLOC_CONF python3 "${common[@]}" --engine_calls 2 --out "${out}_default_allocator.json"
   python3 "${common[@]}" --engine_calls 1 --profile_first --out "${out}_profiled.json"
-  QLORA_KIT_PREFILL_ATTENTION=no-cudnn python3 "${common[@]}" --engine_calls 2 --out "${out}_prefill_no_cudnn.json"
+}
+
+# Prefill's attention with cuDNN's kernels (PyTorch's choice) against without (QLORA_KIT_PREFILL_ATTENTION=no-cudnn:
+# no execution plan built per new shape), side by side on bench_gen_real's 20 Newsgroups run: the adapter merged,
+# two calls a process, each batch timed, the two settings alternating, PASSES (3) processes each; then the inference
+# script PASSES times under each (time_inference, as TIMED_AS=prefill_default and TIMED_AS=prefill_no_cudnn).
+bench_prefill_attention() {
+  local task=news script data decoding run pass setting out=$R/bench_prefill_attention/generation_smollm2_news_prefill
+  gen_bench_run $task
+  mkdir -p "$R/bench_prefill_attention"
+  for pass in $(seq 1 "${PASSES:-3}"); do
+    for setting in default no-cudnn; do
+      QLORA_KIT_PREFILL_ATTENTION=$setting python3 benchmarks/generation_real_model.py --experiment_dir "$run" \
+        --test_file "$data/test.jsonl.gz" --decoding "$decoding" --merged_first --only_merged_first \
+        --engine_calls 2 --out "${out}_${setting/-/_}_pass$pass.json"
+    done
+  done
+  for setting in default no-cudnn; do
+    GEN_TASKS=news TIMED_AS=prefill_${setting/-/_} QLORA_KIT_PREFILL_ATTENTION=$setting time_inference
+  done
 }
 
 # Exactness against one at a time under other GPU numerics (the 20 Newsgroups run of bench_gen_real): the static
-# loop through peft's layers and EXACT_N (200) evenly spread prompts one at a time, in one process each for PyTorch's
-# defaults and for no reduced-precision reductions in cuBLAS. (One attention kernel for batches and single prompts
-# alike, --sdpa_backend efficient, has no kernel for an unpadded prompt's grouped key/value heads on a GPU.)
+# loop through peft's layers and EXACT_N (200) evenly spread prompts one at a time, in one process for each of
+# EXACT_NUMERICS (default: PyTorch's defaults, no reduced-precision reductions in cuBLAS, everything in fp32). (One
+# attention kernel for batches and single prompts alike, --sdpa_backend efficient, has no kernel for an unpadded
+# prompt's grouped key/value heads on a GPU.)
 bench_gen_exactness() {
   local task=news script data decoding run numerics name
   gen_bench_run $task
   mkdir -p "$R/bench_gen_exactness"
-  for numerics in "" "--exact_reductions"; do
-    name=$(echo "${numerics:-defaults}" | tr -d '-' | tr ' ' '_')
+  for numerics in ${EXACT_NUMERICS:-defaults --exact_reductions --fp32}; do
+    name=$(echo "$numerics" | tr -d '-')
+    [ "$numerics" = defaults ] && numerics=""
     # shellcheck disable=SC2086
     python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
       --decoding "$decoding" --engine_calls 1 --no-merged --batch_sizes_plain --stop_check_every 1 \
@@ -360,7 +380,8 @@ bench_gen_loops() {
 # model, at the benchmark's 110k tokens a batch and at smaller budgets (BUDGETS, default 96000 80000: a peak within
 # 22 GB is aimed at; 110k measured 23.8 GB), beside peft's layers at 110k; PASSES (2) processes, about 5 minutes
 # each on an H100 with the growing cache's reference run, after build_z7 (measured: 80,000 tokens, 20.0 GB).
-# BUDGET_FLAGS: more flags for the benchmark (--no-static leaves out peft's layers, a minute a pass).
+# BUDGET_FLAGS: more flags for the benchmark (--no-static leaves out peft's layers, a minute a pass). TIMED_AS: a
+# name for a setting changed by the environment, in the files' names (as time_inference has it).
 bench_gen_budget() {
   local pass budgets
   read -r -a budgets <<< "${BUDGETS:-96000 80000}"
@@ -368,7 +389,8 @@ bench_gen_budget() {
     # shellcheck disable=SC2086
     python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 0 --stride_4bit 1 \
       --batch_sizes_merged --batch_sizes_plain --stop_check_every 1 --fused_lora_inference ${BUDGET_FLAGS:-} \
-      --fused_max_batch_tokens "${budgets[@]}" --out "$R/bench_gen_budget/generation_throughput_budget_pass$pass.json"
+      --fused_max_batch_tokens "${budgets[@]}" \
+      --out "$R/bench_gen_budget/generation_throughput_budget${TIMED_AS:+_$TIMED_AS}_pass$pass.json"
   done
 }
 

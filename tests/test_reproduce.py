@@ -229,7 +229,8 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
     the plain path, one at a time, the merged adapter, a profile) and times the whole inference script.
     bench_gen_merged then times the in-place product against the merged adapter on those runs, without training,
     and time_inference the inference script alone on them; bench_gen_first_call a process's first generation against
-    its second, bench_gen_exactness one at a time under other numerics, on the same runs."""
+    its second, bench_prefill_attention prefill with and without cuDNN's attention, bench_gen_exactness one at a time
+    under other numerics, on the same runs."""
     bench = _gpu_session("bench_gen_real", tiny_model, data_dir, tmp_path, GEN_TRAIN_STEPS="2",
                          EXTRA_TRAIN="--max_seq_length 256")  # fmt: skip
     for task in ("samsum", "news"):
@@ -262,30 +263,34 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
     assert gathered["process_wall_seconds"]["min"] == min(walls) > 0
     assert gathered["training"]["global_steps"] == 2 and gathered["device"] == "cpu"
     assert "(every default;" in gathered["command"]
-    # ... and under a setting the environment changes, named apart
-    timed = _gpu_session("time_inference", tiny_model, data_dir, tmp_path, PASSES="1", GEN_TASKS="news",
-                         TIMED_AS="no_cudnn", QLORA_KIT_PREFILL_ATTENTION="no-cudnn")  # fmt: skip
-    gathered = json.loads(
-        (tmp_path / "r" / "time_inference_no_cudnn" / "inference_script_smollm2_news_no_cudnn.json").read_text()
-    )
-    assert "QLORA_KIT_PREFILL_ATTENTION=no-cudnn" in gathered["command"] and len(gathered["passes"]) == 1
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained
     # bench_gen_first_call: the merged adapter's first and second calls alone, each batch timed, in three processes
     first = _gpu_session("bench_gen_first_call", tiny_model, data_dir, tmp_path)
-    for suffix, calls in (("", 2), ("_default_allocator", 2), ("_profiled", 1), ("_prefill_no_cudnn", 2)):
-        result = json.loads((first / f"generation_smollm2_news_first_call{suffix}.json").read_text())
-        runs = result["runs"]
+    for suffix, calls in (("", 2), ("_default_allocator", 2), ("_profiled", 1)):
+        runs = json.loads((first / f"generation_smollm2_news_first_call{suffix}.json").read_text())["runs"]
         assert list(runs) == [f"engine_static_adapter_merged_first_call{call}" for call in range(1, calls + 1)]
         assert all(run["batch_seconds"] for run in runs.values())
-        assert result["prefill_attention"] == ("no-cudnn" if suffix == "_prefill_no_cudnn" else "default")
         if suffix == "_profiled":
             assert runs["engine_static_adapter_merged_first_call1"]["profile"]["host_largest"]
-    # bench_gen_exactness: one at a time beside the static loop under two numerics, one process each
-    exact = _gpu_session("bench_gen_exactness", tiny_model, data_dir, tmp_path, EXACT_N="2")
-    for name in ("defaults", "exact_reductions"):
+    # bench_prefill_attention: cuDNN's attention in prefill or not, alternating processes, then the inference script
+    # under each setting, its timings named apart
+    prefill = _gpu_session("bench_prefill_attention", tiny_model, data_dir, tmp_path, PASSES="1")
+    for setting in ("default", "no-cudnn"):
+        result = json.loads(
+            (prefill / f"generation_smollm2_news_prefill_{setting.replace('-', '_')}_pass1.json").read_text()
+        )
+        assert result["prefill_attention"] == setting and len(result["runs"]) == 2
+        name = f"prefill_{setting.replace('-', '_')}"
+        timed = tmp_path / "r" / f"time_inference_{name}"
+        gathered = json.loads((timed / f"inference_script_smollm2_news_{name}.json").read_text())
+        assert f"QLORA_KIT_PREFILL_ATTENTION={setting} " in gathered["command"] and len(gathered["passes"]) == 1
+    # bench_gen_exactness: one at a time beside the static loop under each numerics asked for, one process each
+    exact = _gpu_session("bench_gen_exactness", tiny_model, data_dir, tmp_path, EXACT_N="2",
+                         EXACT_NUMERICS="defaults --fp32")  # fmt: skip
+    for name in ("defaults", "fp32"):
         result = json.loads((exact / f"generation_smollm2_news_exactness_{name}.json").read_text())
         assert result["runs"]["one_at_a_time"]["examples"] == 2
-        assert result["exact_reductions"] == (name != "defaults")
+        assert result["compute_dtype"] == "float32" and not result["exact_reductions"]
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained
 
 
