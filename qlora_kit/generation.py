@@ -37,12 +37,13 @@ def _is_out_of_memory(error: BaseException) -> bool:
 # Prompt tokens run through the model at once while prefilling (rows are grouped to stay under it).
 PREFILL_TOKENS = 16384
 
-# The attention kernels prefill may run on (QLORA_KIT_PREFILL_ATTENTION): ``default``, PyTorch's choice per call, or
-# ``no-cudnn``, any but cuDNN's. cuDNN builds an execution plan for each new shape, and the row-group prefill makes a
-# shape per group: on an H100 a process's first 20 Newsgroups generation with SmolLM2 spent 4.2 s of its 10.5 s in
-# cuDNN's attention on the host, its second call took 5.6 s (docs/benchmarks.md). ``default`` until the other is
-# measured end to end.
-PREFILL_ATTENTION = ("default", "no-cudnn")
+# The attention kernels prefill may run on (QLORA_KIT_PREFILL_ATTENTION): ``no-cudnn``, any but cuDNN's (flash,
+# memory-efficient, math), or ``pytorch``, PyTorch's choice per call (cuDNN's on an H100 / H200). cuDNN builds an
+# execution plan for each new shape, and the row-group prefill makes a shape per group (about 40 ms each): on an H200
+# a process's first 20 Newsgroups generation with SmolLM2 took 8.8-11.7 s with cuDNN's and 6.0 s without, its second
+# 5.0-5.1 s against 5.1-5.2 s; the inference script generated 1,156 examples a second against 798
+# (docs/benchmarks.md, "Prefill's attention without cuDNN's").
+PREFILL_ATTENTION = ("no-cudnn", "pytorch")
 
 
 def prefill_attention_choice() -> str:
@@ -61,7 +62,7 @@ def prefill_attention():
     """A context in which prefill's attention runs on the kernels QLORA_KIT_PREFILL_ATTENTION names."""
     import contextlib
 
-    if prefill_attention_choice() == "default":
+    if prefill_attention_choice() == "pytorch":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

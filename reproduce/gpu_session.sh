@@ -258,22 +258,23 @@ bench_gen_first_call() {
   python3 "${common[@]}" --engine_calls 1 --profile_first --out "${out}_profiled.json"
 }
 
-# Prefill's attention with cuDNN's kernels (PyTorch's choice) against without (QLORA_KIT_PREFILL_ATTENTION=no-cudnn:
-# no execution plan built per new shape), side by side on bench_gen_real's 20 Newsgroups run: the adapter merged,
-# two calls a process, each batch timed, the two settings alternating, PASSES (3) processes each; then the inference
-# script PASSES times under each (time_inference, as TIMED_AS=prefill_default and TIMED_AS=prefill_no_cudnn).
+# Prefill's attention with cuDNN's kernels (QLORA_KIT_PREFILL_ATTENTION=pytorch: PyTorch's choice, an execution plan
+# built per new shape) against without (no-cudnn, the default), side by side on bench_gen_real's 20 Newsgroups run:
+# the adapter merged, two calls a process, each batch timed, the two settings alternating, PASSES (3) processes
+# each; then the inference script PASSES times under each (time_inference, as TIMED_AS=prefill_pytorch and
+# TIMED_AS=prefill_no_cudnn). Measured on an H200 with GEN_TRAIN_STEPS=100 PASSES=2 (5 minutes, training included).
 bench_prefill_attention() {
   local task=news script data decoding run pass setting out=$R/bench_prefill_attention/generation_smollm2_news_prefill
   gen_bench_run $task
   mkdir -p "$R/bench_prefill_attention"
   for pass in $(seq 1 "${PASSES:-3}"); do
-    for setting in default no-cudnn; do
+    for setting in pytorch no-cudnn; do
       QLORA_KIT_PREFILL_ATTENTION=$setting python3 benchmarks/generation_real_model.py --experiment_dir "$run" \
         --test_file "$data/test.jsonl.gz" --decoding "$decoding" --merged_first --only_merged_first \
         --engine_calls 2 --out "${out}_${setting/-/_}_pass$pass.json"
     done
   done
-  for setting in default no-cudnn; do
+  for setting in pytorch no-cudnn; do
     GEN_TASKS=news TIMED_AS=prefill_${setting/-/_} QLORA_KIT_PREFILL_ATTENTION=$setting time_inference
   done
 }
@@ -313,8 +314,8 @@ timed_inference() {
 # the static loop, SAMSum's finished rows dropped), PASSES (3) processes a task, on bench_gen_real's runs (trained
 # first if missing: GEN_TRAIN_STEPS steps of the small-model recipe). Each pass's metrics.json has the generation
 # time, wall.json the whole process's; inference_script_smollm2_TASK_defaults.json all passes. TIMED_AS: a name for
-# the timings of a setting changed by the environment (e.g. TIMED_AS=no_cudnn QLORA_KIT_PREFILL_ATTENTION=no-cudnn):
-# they go to time_inference_NAME.
+# the timings of a setting changed by the environment (e.g. TIMED_AS=prefill_pytorch
+# QLORA_KIT_PREFILL_ATTENTION=pytorch): they go to time_inference_NAME.
 time_inference() {
   local task script data decoding run pass out=$R/time_inference${TIMED_AS:+_$TIMED_AS}
   for task in ${GEN_TASKS:-news samsum}; do

@@ -467,15 +467,15 @@ def test_the_plain_path_gives_the_same_answers(model_and_tokenizer, monkeypatch,
 
 
 @pytest.mark.parametrize("loop", ["dynamic", "static"])
-def test_prefill_can_leave_cudnn_attention_out(model_and_tokenizer, monkeypatch, loop):
-    """QLORA_KIT_PREFILL_ATTENTION=no-cudnn: every prefill forward runs with cuDNN's attention switched off (and the
-    decode steps as before), with the same answers; a value it does not know stops with the variable named."""
+def test_prefill_leaves_cudnn_attention_out_unless_asked(model_and_tokenizer, monkeypatch, loop):
+    """By default every prefill forward runs with cuDNN's attention switched off (the decode steps as PyTorch chooses);
+    QLORA_KIT_PREFILL_ATTENTION=pytorch leaves prefill to PyTorch's choice too, with the same answers; a value it does
+    not know stops with the variable named."""
     import torch
 
     model, tokenizer = model_and_tokenizer
     prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained=True)
     kwargs["loop"] = loop
-    before = generation.generate(model, tokenizer, prompts, **kwargs).outputs
     seen = []  # (query length, cuDNN attention allowed) of every forward
     forward = model.forward
 
@@ -483,12 +483,20 @@ def test_prefill_can_leave_cudnn_attention_out(model_and_tokenizer, monkeypatch,
         seen.append((kw["input_ids"].shape[1], torch.backends.cuda.cudnn_sdp_enabled()))
         return forward(*args, **kw)
 
+    def cudnn_allowed():  # in prefill's forwards, in the decode steps'
+        prefill = [allowed for length, allowed in seen if length > 1]
+        decode = [allowed for length, allowed in seen if length == 1]
+        assert prefill and decode
+        seen.clear()
+        return set(prefill), set(decode)
+
     monkeypatch.setattr(model, "forward", spied)
-    monkeypatch.setenv("QLORA_KIT_PREFILL_ATTENTION", "no-cudnn")
-    assert generation.generate(model, tokenizer, prompts, **kwargs).outputs == before
-    prefill = [allowed for length, allowed in seen if length > 1]
-    decode = [allowed for length, allowed in seen if length == 1]
-    assert prefill and not any(prefill) and decode and all(decode)
+    monkeypatch.delenv("QLORA_KIT_PREFILL_ATTENTION", raising=False)
+    default = generation.generate(model, tokenizer, prompts, **kwargs).outputs
+    assert cudnn_allowed() == ({False}, {True})
+    monkeypatch.setenv("QLORA_KIT_PREFILL_ATTENTION", "pytorch")
+    assert generation.generate(model, tokenizer, prompts, **kwargs).outputs == default
+    assert cudnn_allowed() == ({True}, {True})
     monkeypatch.setenv("QLORA_KIT_PREFILL_ATTENTION", "flash")
     with pytest.raises(generation.UsageError, match="QLORA_KIT_PREFILL_ATTENTION=flash"):
         generation.generate(model, tokenizer, prompts, **kwargs)

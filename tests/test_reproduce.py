@@ -275,7 +275,7 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
     # bench_prefill_attention: cuDNN's attention in prefill or not, alternating processes, then the inference script
     # under each setting, its timings named apart
     prefill = _gpu_session("bench_prefill_attention", tiny_model, data_dir, tmp_path, PASSES="1")
-    for setting in ("default", "no-cudnn"):
+    for setting in ("pytorch", "no-cudnn"):
         result = json.loads(
             (prefill / f"generation_smollm2_news_prefill_{setting.replace('-', '_')}_pass1.json").read_text()
         )
