@@ -81,7 +81,7 @@ def main(args):
 
     import torch
 
-    if args.fp32:  # every layer, the cache and the logits in fp32, as on the CPU: is what batching turns bf16 rounding?
+    if args.fp32:  # every layer, the cache and the logits in fp32 (as on the CPU): is bf16 what turns batched answers?
         from qlora_kit import modeling
 
         modeling.compute_dtype = lambda: torch.float32

@@ -243,6 +243,13 @@ bench_gen_real() {
   done
 }
 
+# merged_first_calls ARGS...: the benchmark's engine calls with the adapter merged, before any other generation in
+# the process and alone, each batch timed, on the run gen_bench_run chose (ARGS: how many calls, --out, ...)
+merged_first_calls() {
+  python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
+    --decoding "$decoding" --merged_first --only_merged_first "$@"
+}
+
 # A process's first generation against its second (the inference script's is its process's first): the 20
 # Newsgroups run of bench_gen_real (trained first if missing), the adapter merged, two calls before any other, each
 # batch timed; again with PyTorch's default allocator (every stage here sets expandable segments); then the first
@@ -251,11 +258,9 @@ bench_gen_first_call() {
   local task=news script data decoding run out=$R/bench_gen_first_call/generation_smollm2_news_first_call
   gen_bench_run $task
   mkdir -p "$R/bench_gen_first_call"
-  local common=(benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz"
-    --decoding "$decoding" --merged_first --only_merged_first)
-  python3 "${common[@]}" --engine_calls 2 --out "$out.json"
-  env -u PYTORCH_CUDA_ALLOC_CONF python3 "${common[@]}" --engine_calls 2 --out "${out}_default_allocator.json"
-  python3 "${common[@]}" --engine_calls 1 --profile_first --out "${out}_profiled.json"
+  merged_first_calls --engine_calls 2 --out "$out.json"
+  (unset PYTORCH_CUDA_ALLOC_CONF; merged_first_calls --engine_calls 2 --out "${out}_default_allocator.json")
+  merged_first_calls --engine_calls 1 --profile_first --out "${out}_profiled.json"
 }
 
 # Prefill's attention with cuDNN's kernels (QLORA_KIT_PREFILL_ATTENTION=pytorch: PyTorch's choice, an execution plan
@@ -269,9 +274,7 @@ bench_prefill_attention() {
   mkdir -p "$R/bench_prefill_attention"
   for pass in $(seq 1 "${PASSES:-3}"); do
     for setting in pytorch no-cudnn; do
-      QLORA_KIT_PREFILL_ATTENTION=$setting python3 benchmarks/generation_real_model.py --experiment_dir "$run" \
-        --test_file "$data/test.jsonl.gz" --decoding "$decoding" --merged_first --only_merged_first \
-        --engine_calls 2 --out "${out}_${setting/-/_}_pass$pass.json"
+      QLORA_KIT_PREFILL_ATTENTION=$setting merged_first_calls --engine_calls 2 --out "${out}_${setting/-/_}_pass$pass.json"
     done
   done
   for setting in pytorch no-cudnn; do
