@@ -463,3 +463,23 @@ def test_gpu_session_bench_prefix_times_both_ways_on_the_7b_stage(tiny_model, da
     for entry in result["formats"].values():
         assert entry["timed"]["examples"] == 3 and entry["timed"]["same_answers"] == 1.0
         assert list(entry["budgets"]) == ["110000"]
+
+
+def test_gpu_session_bench_gen_budget_prefill_alternates_the_settings_two_calls_a_process(
+    tiny_model, data_dir, tmp_path
+):
+    """bench_gen_budget_prefill on a tiny model of the 7B's architecture (every 500th prompt): PyTorch's choice of
+    prefill attention and no-cudnn in alternating processes, each process's first call and a warm one, no reference
+    run; every file names its setting."""
+    _gpu_session("bench_gen_budget_prefill", tiny_model, data_dir, tmp_path, PASSES="1",
+                 Z7=str(tmp_path / "z7"), BUDGETS="4096", BUDGET_FLAGS="--tiny --stride_4bit 500")  # fmt: skip
+    folder = tmp_path / "r" / "bench_gen_budget_prefill"
+    for setting in ("pytorch", "no_cudnn"):
+        result = json.loads((folder / f"generation_throughput_budget_prefill_{setting}_pass1.json").read_text())
+        assert result["prefill_attention"] == setting.replace("_", "-")
+        first, warm = (f"engine_static_4bit_batch1024_fused_lora_inference_max_batch_tokens4096{call}"
+                       for call in ("", "_call2"))  # fmt: skip
+        assert set(result["runs"]) == {first, warm}
+        for run in (first, warm):
+            assert result["runs"][run]["examples"] == 16 and result["runs"][run]["max_batch_tokens"] == 4096
+            assert "identical_to_engine" not in result["runs"][run]
