@@ -502,3 +502,35 @@ def test_batched_against_one_at_a_time(trained_run_for_resume, data_dir, tmp_pat
     rounded = json.loads((tmp_path / "bf16.json").read_text())
     assert rounded["examples"] == 6 and rounded["dtype"] == "torch.bfloat16" and rounded["lm_head_fp32"]
     assert 0 <= rounded["same_parsed_label_rate"] <= 1
+
+
+def test_summarize_passes_gives_each_runs_median_and_spread_per_setting(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import summarize_passes
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for setting, seconds in (("a", [60.0, 50.0, 70.0]), ("b", [40.0, 45.0, 41.0])):
+        for number, value in enumerate(seconds, 1):
+            runs = {"first": {"seconds": value, "examples_per_second": 100 / value, "peak_gpu_memory_gb": 20.0}}
+            if number < 3:  # a run only some passes have is left out
+                runs["partial"] = {"seconds": 1.0, "examples_per_second": 1.0, "peak_gpu_memory_gb": None}
+            (tmp_path / f"bench_{setting}_pass{number}.json").write_text(json.dumps({"runs": runs}))
+    table = summarize_passes.summarize(sorted(tmp_path.glob("*.json")))
+    assert set(table) == {"bench_a", "bench_b"} and set(table["bench_a"]) == {"first"}
+    assert table["bench_a"]["first"]["seconds"] == {"median": 60.0, "min": 50.0, "max": 70.0, "n": 3}
+    assert table["bench_b"]["first"]["examples_per_second"]["median"] == 100 / 41.0
+    assert (
+        "| bench_b | first | 3 | 41.0 (40.0-45.0) | 2.4 (2.2-2.5) | 20.00 (20.00-20.00) |"
+        in summarize_passes.markdown(table)
+    )
+    (tmp_path / "other.json").write_text("{}")
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "summarize_passes.py"), str(tmp_path / "other.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode == 1
+        and bad.stderr.strip() == f"{tmp_path / 'other.json'}: not a pass's file (its name should end in _passN.json)"
+    )
