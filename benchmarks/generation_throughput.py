@@ -190,15 +190,21 @@ def main(args):
                 len(subset),
                 {"identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)},
             )
-    if args.profile_examples:  # where the engine's time goes, on an evenly spread subset, after the timed runs
+
+    def profile_engine(**changes):  # where the engine's time goes, on an evenly spread subset, after timed runs
         subset = prompts[:: max(1, len(prompts) // args.profile_examples)][: args.profile_examples]
-        profile = results["profile_engine_4bit"] = {"examples": len(subset), "loop": args.profile_loop}
+        loop = "static" if args.profile_loop == "fused" else args.profile_loop
+        profile = results["profile_engine_4bit"] = {"examples": len(subset), "loop": args.profile_loop, **changes}
+        batch_size = max(args.batch_sizes_4bit, default=1024)
         with profiling.profiled(profile):
-            generate(model, Tok, subset, batch_size=max(args.batch_sizes_4bit), loop=args.profile_loop, **engine_4bit)
+            generate(model, Tok, subset, batch_size=batch_size, loop=loop, **{**engine_4bit, **changes})
         profiling.print_summary(
             f"profile of the engine ({args.profile_loop} loop), 4-bit, {len(subset)} examples", profile
         )
         zephyr_shaped.write_result(Path(args.out), results)
+
+    if args.profile_examples and args.profile_loop != "fused":
+        profile_engine()
     for batch_size in args.batch_sizes_plain:
         reset_peak()
         started = time.perf_counter()
@@ -233,6 +239,10 @@ def main(args):
         for budget in args.fused_max_batch_tokens:  # evaluation's default on a GPU, in a smaller card's batches
             name = f"fused_lora_inference_max_batch_tokens{budget}"
             static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
+        if args.profile_examples and args.profile_loop == "fused":  # at the last budget timed
+            profile_engine(
+                **({"max_batch_tokens": args.fused_max_batch_tokens[-1]} if args.fused_max_batch_tokens else {})
+            )
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     if args.adapter_in_compute_dtype:  # the LoRA weights in bf16 (no casts per layer); left so
         static_variant("adapter_in_compute_dtype", {"lora_tensors_cast": adapter_in_compute_dtype(model)})
@@ -326,7 +336,11 @@ if __name__ == "__main__":
         "--profile_examples", type=int, default=0, help="profile the engine on this many prompts (0: no profile)"
     )
     parser.add_argument(
-        "--profile_loop", choices=("dynamic", "static"), default="static", help="the decode loop the profile runs"
+        "--profile_loop",
+        choices=("dynamic", "static", "fused"),
+        default="static",
+        help="the decode loop the profile runs (fused: the static loop with the adapter's product added in place, "
+        "after the timed runs with it, at the last of --fused_max_batch_tokens)",
     )
     parser.add_argument(
         "--static_max_batch_tokens",
@@ -353,4 +367,7 @@ if __name__ == "__main__":
         help="also the static loop with the LoRA weights cast to bf16 (adapter_in_compute_dtype), last",
     )
     parser.add_argument("--out", default="benchmarks/results/generation_throughput.json")
-    main(parser.parse_args())
+    arguments = parser.parse_args()
+    if arguments.profile_loop == "fused" and arguments.profile_examples and not arguments.fused_max_batch_tokens:
+        parser.error("--profile_loop fused profiles after the timed fused runs: give --fused_max_batch_tokens")
+    main(arguments)

@@ -418,6 +418,17 @@ bench_gen_budget_prefill() {
   done
 }
 
+# Where evaluation's time goes on the 7B shape as a GPU runs it (the static loop, the adapter's product added in
+# place, prefill without cuDNN's attention): the whole test set at BUDGETS (80000) tokens a batch timed once, then
+# 1,024 evenly spread prompts profiled at that budget. After build_z7; about a minute and a half on an H100.
+bench_gen_fused_profile() {
+  # shellcheck disable=SC2086
+  python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 0 --stride_4bit 1 \
+    --batch_sizes_4bit --batch_sizes_merged --batch_sizes_plain --fused_max_batch_tokens ${BUDGETS:-80000} \
+    --profile_examples "${PROFILE_EXAMPLES:-1024}" --profile_loop fused ${BUDGET_FLAGS:-} \
+    --out "$R/bench_gen_fused_profile/generation_fused_profile.json"
+}
+
 # SmolLM2 with trained adapters (bench_gen_real's runs, trained first if missing): the adapter's product added in
 # place against the adapter merged into the 16-bit base, each task's whole test set, PASSES (3) processes (measured:
 # merged 1.27-1.64x in every pass, now the default for a 16-bit base on a GPU). Also the product in place in batches

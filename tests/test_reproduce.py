@@ -470,8 +470,9 @@ def test_gpu_session_bench_gen_budget_prefill_alternates_the_settings_two_calls_
 ):
     """bench_gen_budget_prefill on a tiny model of the 7B's architecture (every 500th prompt): PyTorch's choice of
     prefill attention and no-cudnn in alternating processes, each process's first call and a warm one, no reference
-    run; every file names its setting."""
-    _gpu_session("bench_gen_budget_prefill", tiny_model, data_dir, tmp_path, PASSES="1",
+    run; every file names its setting. Then bench_gen_fused_profile on it."""
+    _gpu_session("bench_gen_budget_prefill bench_gen_fused_profile", tiny_model, data_dir, tmp_path, PASSES="1",
+                 PROFILE_EXAMPLES="8",
                  Z7=str(tmp_path / "z7"), BUDGETS="4096", BUDGET_FLAGS="--tiny --stride_4bit 500")  # fmt: skip
     folder = tmp_path / "r" / "bench_gen_budget_prefill"
     for setting in ("pytorch", "no_cudnn"):
@@ -483,3 +484,9 @@ def test_gpu_session_bench_gen_budget_prefill_alternates_the_settings_two_calls_
         for run in (first, warm):
             assert result["runs"][run]["examples"] == 16 and result["runs"][run]["max_batch_tokens"] == 4096
             assert "identical_to_engine" not in result["runs"][run]
+    # bench_gen_fused_profile: the same loop timed once, then profiled at the same budget
+    profiled = json.loads((tmp_path / "r" / "bench_gen_fused_profile" / "generation_fused_profile.json").read_text())
+    assert list(profiled["runs"]) == ["engine_static_4bit_batch1024_fused_lora_inference_max_batch_tokens4096"]
+    profile = profiled["profile_engine_4bit"]
+    assert profile["loop"] == "fused" and profile["max_batch_tokens"] == 4096 and profile["examples"] == 8
+    assert profile["busy_seconds"] > 0 and set(profile["ranges"]) == {"prefill", "decode"}
