@@ -400,19 +400,20 @@ bench_gen_budget() {
 
 # The 7B shape's whole test set as evaluation runs it on a GPU (the static loop, the adapter's product added in
 # place) at BUDGETS (80000: a peak within 22 GB) tokens a batch, prefill's attention without cuDNN's (the default)
-# against PyTorch's choice (QLORA_KIT_PREFILL_ATTENTION=pytorch), the two alternating, PASSES (3) processes each, two
-# calls a process: its first (graph capture, the kernels' first loads, cuDNN's plans) and a warm one. No reference
-# run (the answers of random weights are near-ties, compared elsewhere). After build_z7. BUDGET_FLAGS: more flags for
-# the benchmark.
+# against PyTorch's choice (QLORA_KIT_PREFILL_ATTENTION=pytorch), the two alternating, PASSES (3) processes each,
+# CALLS (2) calls a process: its first (graph capture, the kernels' first loads, cuDNN's plans), then warm ones. No
+# reference run (the answers of random weights are near-ties, compared elsewhere). After build_z7. BUDGET_FLAGS: more
+# flags for the benchmark.
 bench_gen_budget_prefill() {
-  local pass setting budgets
-  read -r -a budgets <<< "${BUDGETS:-80000}"
+  local pass setting call budgets=()
+  # shellcheck disable=SC2206
+  for call in $(seq 1 "${CALLS:-2}"); do budgets+=(${BUDGETS:-80000}); done
   for pass in $(seq 1 "${PASSES:-3}"); do
     for setting in pytorch no-cudnn; do
       # shellcheck disable=SC2086
       QLORA_KIT_PREFILL_ATTENTION=$setting python3 benchmarks/generation_throughput.py --model_dir "$Z7" \
         --original_examples 0 --stride_4bit 1 --batch_sizes_4bit --batch_sizes_merged --batch_sizes_plain \
-        --fused_max_batch_tokens "${budgets[@]}" "${budgets[@]}" ${BUDGET_FLAGS:-} \
+        --fused_max_batch_tokens "${budgets[@]}" ${BUDGET_FLAGS:-} \
         --out "$R/bench_gen_budget_prefill/generation_throughput_budget_prefill_${setting/-/_}_pass$pass.json"
     done
   done
