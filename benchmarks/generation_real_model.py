@@ -107,6 +107,7 @@ def run(args):
     import zephyr_shaped
 
     from qlora_kit import modeling
+    from qlora_kit.compare import paired_differences
     from qlora_kit.evaluation import _load_finetuned, load_eval_rows, plan_job
     from qlora_kit.formatting import PromptFormat, end_of_turn_token
     from qlora_kit.generation import LabelTrie, generate, prefill_attention_choice
@@ -159,12 +160,14 @@ def run(args):
         "runs": {},
     }
 
-    def metric(outputs) -> dict:
-        predictions = [
+    def parsed(outputs) -> list:
+        return [
             task.parse_answer(tokenizer.decode(ids or [], skip_special_tokens=True), config["label_names"])
             for ids in outputs
         ]
-        scored = task.score([row["target"] for row in rows], predictions, config["label_names"])
+
+    def metric(outputs) -> dict:
+        scored = task.score([row["target"] for row in rows], parsed(outputs), config["label_names"])
         return {key: value for key, value in scored.items() if not isinstance(value, dict)}
 
     def record(name, outputs, seconds, memory, count, extra=None):
@@ -187,14 +190,22 @@ def run(args):
     engine = single = None
     subset = list(range(0, len(rows), max(1, len(rows) // max(1, args.one_at_a_time))))[: args.one_at_a_time]
 
+    def against_one_at_a_time(outputs) -> dict:
+        """The answers to one at a time's prompts scored against one at a time's, paired: this way minus one at a
+        time (accuracy or ROUGE, with its bootstrap interval), what bf16 rounding in batches costs or gains."""
+        references = [rows[i]["target"] for i in subset]
+        return paired_differences(references, parsed(single), parsed(outputs), task.labelled)
+
     def compared(outputs) -> dict:
         """The metric of answers to every prompt, and their shares identical to the engine's and to one at a time's
-        (those that have run)."""
+        (those that have run), and their score against one at a time's on its prompts."""
         extra = {"metrics": metric(outputs)}
         if engine is not None:
             extra["identical_to_engine"] = identical(outputs, engine)
         if single is not None:
-            extra["one_at_a_time_identical_share"] = identical([outputs[i] for i in subset], single)
+            on_subset = [outputs[i] for i in subset]
+            extra["one_at_a_time_identical_share"] = identical(on_subset, single)
+            extra["against_one_at_a_time"] = against_one_at_a_time(on_subset)
         return extra
 
     def called(name, profile_first=False, **changes):
@@ -256,8 +267,12 @@ def run(args):
             lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
         )
         extra = {"engine_identical_share": identical(single, [engine[i] for i in subset])}
+        extra["engine_against_one_at_a_time"] = against_one_at_a_time([engine[i] for i in subset])
         for every, outputs in static.items():
             extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
+            extra[f"engine_static_check_every{every}_against_one_at_a_time"] = against_one_at_a_time(
+                [outputs[i] for i in subset]
+            )
         record("one_at_a_time", single, seconds, memory, len(subset), extra)
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches; with

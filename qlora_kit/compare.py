@@ -40,19 +40,31 @@ def compare(a: str | Path, b: str | Path) -> dict:
     if [r["reference"] for r in rows_a] != [r["reference"] for r in rows_b]:
         raise UsageError(f"{folder_a} and {folder_b} were not scored on the same examples (references differ)")
     classification = "accuracy" in json.loads((folder_a / METRICS).read_text(encoding="utf-8"))
-    result = {"a": str(folder_a), "b": str(folder_b), "n": len(rows_a), "differences": {}}
+
+    def answers(rows):  # a failed example's answer counts as none
+        return [None if "error" in r else r.get("parsed") for r in rows]
+
+    references = [r["reference"] for r in rows_a]
+    return {
+        "a": str(folder_a),
+        "b": str(folder_b),
+        "n": len(rows_a),
+        **paired_differences(references, answers(rows_a), answers(rows_b), classification),
+    }
+
+
+def paired_differences(references: list[str], answers_a: list, answers_b: list, classification: bool) -> dict:
+    """B minus A on the same items, from each one's parsed answers (None: no answer): accuracy (paired bootstrap,
+    and McNemar's exact test) for classification, else ROUGE-1/2/L per example (paired bootstrap)."""
     if classification:
-        right_a = [r.get("parsed") == r["reference"] and "error" not in r for r in rows_a]
-        right_b = [r.get("parsed") == r["reference"] and "error" not in r for r in rows_b]
-        result["differences"]["accuracy"] = paired_difference(right_a, right_b)
-        result["mcnemar"] = mcnemar(right_a, right_b)
-    else:
-        references = [r["reference"] for r in rows_a]
-        scores_a = rouge_per_example(references, [r.get("parsed") or "" for r in rows_a])
-        scores_b = rouge_per_example(references, [r.get("parsed") or "" for r in rows_b])
-        for key in ("rouge1", "rouge2", "rougeL"):
-            result["differences"][key] = paired_difference(scores_a[key], scores_b[key])
-    return result
+        right_a = [answer == reference for answer, reference in zip(answers_a, references)]
+        right_b = [answer == reference for answer, reference in zip(answers_b, references)]
+        return {"differences": {"accuracy": paired_difference(right_a, right_b)}, "mcnemar": mcnemar(right_a, right_b)}
+    scores_a = rouge_per_example(references, [answer or "" for answer in answers_a])
+    scores_b = rouge_per_example(references, [answer or "" for answer in answers_b])
+    return {
+        "differences": {key: paired_difference(scores_a[key], scores_b[key]) for key in ("rouge1", "rouge2", "rougeL")}
+    }
 
 
 def describe(result: dict) -> str:

@@ -367,6 +367,11 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert runs["engine_call1"]["examples"] == 12 and runs["one_at_a_time"]["examples"] == 5
     assert runs["plain_generate_batch4"]["identical_to_engine"] == 1.0
     assert runs["one_at_a_time"]["engine_identical_share"] == 1.0
+    # scored against one at a time on its prompts, paired: the same answers in fp32, so no difference either way
+    no_difference = {"difference": 0.0, "ci": [0.0, 0.0], "n": 5}
+    assert runs["one_at_a_time"]["engine_against_one_at_a_time"]["differences"] == {"accuracy": no_difference}
+    later = runs["engine_static_fused_lora_inference_call2"]["against_one_at_a_time"]
+    assert later["differences"] == {"accuracy": no_difference} and later["mcnemar"]["p_value"] == 1.0
     assert runs["engine_call1"]["metrics"]["invalid"] == 0  # constrained: always a label
     assert runs["engine_call2"]["metrics"] == runs["engine_call1"]["metrics"]
     # each later call says how many of its first call's answers it repeats (all, on the CPU in fp32)

@@ -108,3 +108,17 @@ def test_paired_difference_and_mcnemar():
     assert mcnemar([True, False], [True, False])["p_value"] == 1.0
     with pytest.raises(ValueError, match="same examples"):
         paired_difference([1, 0], [1])
+
+
+def test_paired_differences_score_two_ways_answers_against_the_same_references():
+    from qlora_kit.compare import paired_differences
+
+    labels = paired_differences(["a", "b", "c", "d"], ["a", "x", None, "d"], ["a", "b", "c", None], True)
+    assert labels["differences"]["accuracy"]["difference"] == 0.25  # B right on 3 of 4, A on 2
+    assert labels["mcnemar"]["only_a_right"] == 1 and labels["mcnemar"]["only_b_right"] == 2
+    references = ["the cat sat on the mat", "a dog ran"]
+    same = paired_differences(references, ["the cat sat", "a dog"], ["the cat sat", "a dog"], False)
+    assert set(same["differences"]) == {"rouge1", "rouge2", "rougeL"} and "mcnemar" not in same
+    assert all(diff["difference"] == 0 for diff in same["differences"].values())
+    better = paired_differences(references, ["the cat", None], ["the cat sat on the mat", "a dog ran"], False)
+    assert better["differences"]["rouge1"]["difference"] > 0 and better["differences"]["rouge1"]["n"] == 2

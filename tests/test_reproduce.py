@@ -237,6 +237,9 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
         assert json.loads((bench / f"{task}-run" / "train_metrics.json").read_text())["global_steps"] == 2
         result = json.loads((bench / f"generation_smollm2_{task}.json").read_text())
         assert {"engine_call2", "one_at_a_time", "engine_static_adapter_merged_call1"} <= set(result["runs"])
+        # each way scored against one at a time on its prompts: ROUGE for SAMSum, accuracy for 20 Newsgroups
+        against = result["runs"]["engine_static_adapter_merged_call1"]["against_one_at_a_time"]["differences"]
+        assert set(against) == ({"rouge1", "rouge2", "rougeL"} if task == "samsum" else {"accuracy"})
         assert result["profile_engine"]["busy_seconds"] > 0
         assert (bench / f"{task}_inference" / "metrics.json").is_file()
         assert json.loads((bench / f"{task}_inference" / "wall.json").read_text())["wall_seconds"] > 0
