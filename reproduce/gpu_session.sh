@@ -282,23 +282,26 @@ bench_prefill_attention() {
   done
 }
 
-# Exactness against one at a time under other GPU numerics (the 20 Newsgroups run of bench_gen_real): the static
-# loop through peft's layers and EXACT_N (200) evenly spread prompts one at a time, in one process for each of
-# EXACT_NUMERICS (default: PyTorch's defaults, no reduced-precision reductions in cuBLAS, everything in fp32). (One
-# attention kernel for batches and single prompts alike, --sdpa_backend efficient, has no kernel for an unpadded
-# prompt's grouped key/value heads on a GPU.)
+# Exactness against one at a time under other GPU numerics (bench_gen_real's runs of EXACT_TASKS, default news;
+# SAMSum's too with EXACT_TASKS="news samsum"): the static loop through peft's layers and EXACT_N (200) evenly spread
+# prompts one at a time, in one process for each of EXACT_NUMERICS (default: PyTorch's defaults, no
+# reduced-precision reductions in cuBLAS, everything in fp32); each way's answers are also scored against one at a
+# time's, paired (accuracy, or SAMSum's ROUGE). (One attention kernel for batches and single prompts alike,
+# --sdpa_backend efficient, has no kernel for an unpadded prompt's grouped key/value heads on a GPU.)
 bench_gen_exactness() {
-  local task=news script data decoding run numerics name
-  gen_bench_run $task
+  local task script data decoding run numerics name
   mkdir -p "$R/bench_gen_exactness"
-  for numerics in ${EXACT_NUMERICS:-defaults --exact_reductions --fp32}; do
-    name=$(echo "$numerics" | tr -d '-')
-    [ "$numerics" = defaults ] && numerics=""
-    # shellcheck disable=SC2086
-    python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
-      --decoding "$decoding" --engine_calls 1 --no-merged --batch_sizes_plain --stop_check_every 1 \
-      --static_stop_check_every 1 --one_at_a_time "${EXACT_N:-200}" $numerics \
-      --out "$R/bench_gen_exactness/generation_smollm2_news_exactness_$name.json"
+  for task in ${EXACT_TASKS:-news}; do
+    gen_bench_run "$task"
+    for numerics in ${EXACT_NUMERICS:-defaults --exact_reductions --fp32}; do
+      name=$(echo "$numerics" | tr -d '-')
+      [ "$numerics" = defaults ] && numerics=""
+      # shellcheck disable=SC2086
+      python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
+        --decoding "$decoding" --engine_calls 1 --no-merged --batch_sizes_plain --stop_check_every 1 \
+        --static_stop_check_every 1 --one_at_a_time "${EXACT_N:-200}" $numerics \
+        --out "$R/bench_gen_exactness/generation_smollm2_${task}_exactness_$name.json"
+    done
   done
 }
 

@@ -289,11 +289,12 @@ def test_gpu_session_bench_gen_real_trains_short_runs_when_there_are_no_seeds(ti
         assert f"QLORA_KIT_PREFILL_ATTENTION={setting} " in gathered["command"] and len(gathered["passes"]) == 1
     # bench_gen_exactness: one at a time beside the static loop under each numerics asked for, one process each
     exact = _gpu_session("bench_gen_exactness", tiny_model, data_dir, tmp_path, EXACT_N="2",
-                         EXACT_NUMERICS="defaults --fp32")  # fmt: skip
-    for name in ("defaults", "fp32"):
-        result = json.loads((exact / f"generation_smollm2_news_exactness_{name}.json").read_text())
-        assert result["runs"]["one_at_a_time"]["examples"] == 2
-        assert result["compute_dtype"] == "float32" and not result["exact_reductions"]
+                         EXACT_NUMERICS="defaults --fp32", EXACT_TASKS="news samsum")  # fmt: skip
+    for task, name_of_task in (("news", "classification"), ("samsum", "summarization")):
+        for name in ("defaults", "fp32"):
+            result = json.loads((exact / f"generation_smollm2_{task}_exactness_{name}.json").read_text())
+            assert result["runs"]["one_at_a_time"]["examples"] == 2 and result["task"] == name_of_task
+            assert result["compute_dtype"] == "float32" and not result["exact_reductions"]
     assert (bench / "news-run" / "train_metrics.json").stat().st_mtime_ns == trained
 
 
