@@ -278,9 +278,10 @@ def main(args):
         results["runs"]["original_one_at_a_time_4bit"]["speedup_vs_original"] = 1.0
     print("\n| way | ms/example | examples/s | speed-up | peak GPU GB |\n|---|---|---|---|---|")
     for name, run in results["runs"].items():
+        speedup = f"{run['speedup_vs_original']:.1f}x" if "speedup_vs_original" in run else "-"  # no original run
         print(
-            f"| {name} | {run['seconds_per_example'] * 1000:.1f} | {run['examples_per_second']:.1f} | "
-            f"{run.get('speedup_vs_original', float('nan')):.1f}x | {run['peak_gpu_memory_gb']} |"
+            f"| {name} | {run['seconds_per_example'] * 1000:.1f} | {run['examples_per_second']:.1f} | {speedup} | "
+            f"{run['peak_gpu_memory_gb']} |"
         )
     zephyr_shaped.write_result(Path(args.out), results)
 
