@@ -187,14 +187,15 @@ def run(args):
 
     # the engine's answers, and one at a time's on an evenly spread subset, once each has run: what every later way
     # is compared with
-    engine = single = None
+    engine = single = single_answers = None
     subset = list(range(0, len(rows), max(1, len(rows) // max(1, args.one_at_a_time))))[: args.one_at_a_time]
 
     def against_one_at_a_time(outputs) -> dict:
-        """The answers to one at a time's prompts scored against one at a time's, paired: this way minus one at a
-        time (accuracy or ROUGE, with its bootstrap interval), what bf16 rounding in batches costs or gains."""
+        """A way's answers to one at a time's prompts (``outputs``: to every prompt) scored against one at a time's,
+        paired: this way minus one at a time (accuracy or ROUGE, with its bootstrap interval), what bf16 rounding in
+        batches costs or gains."""
         references = [rows[i]["target"] for i in subset]
-        return paired_differences(references, parsed(single), parsed(outputs), task.labelled)
+        return paired_differences(references, single_answers, parsed([outputs[i] for i in subset]), task.labelled)
 
     def compared(outputs) -> dict:
         """The metric of answers to every prompt, and their shares identical to the engine's and to one at a time's
@@ -203,9 +204,8 @@ def run(args):
         if engine is not None:
             extra["identical_to_engine"] = identical(outputs, engine)
         if single is not None:
-            on_subset = [outputs[i] for i in subset]
-            extra["one_at_a_time_identical_share"] = identical(on_subset, single)
-            extra["against_one_at_a_time"] = against_one_at_a_time(on_subset)
+            extra["one_at_a_time_identical_share"] = identical([outputs[i] for i in subset], single)
+            extra["against_one_at_a_time"] = against_one_at_a_time(outputs)
         return extra
 
     def called(name, profile_first=False, **changes):
@@ -266,13 +266,12 @@ def run(args):
         single, seconds, memory = timed(
             lambda: [one_at_a_time(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset]
         )
+        single_answers = parsed(single)  # parsed once: every later way is scored against them
         extra = {"engine_identical_share": identical(single, [engine[i] for i in subset])}
-        extra["engine_against_one_at_a_time"] = against_one_at_a_time([engine[i] for i in subset])
+        extra["engine_against_one_at_a_time"] = against_one_at_a_time(engine)
         for every, outputs in static.items():
             extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
-            extra[f"engine_static_check_every{every}_against_one_at_a_time"] = against_one_at_a_time(
-                [outputs[i] for i in subset]
-            )
+            extra[f"engine_static_check_every{every}_against_one_at_a_time"] = against_one_at_a_time(outputs)
         record("one_at_a_time", single, seconds, memory, len(subset), extra)
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches; with

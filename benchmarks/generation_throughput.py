@@ -104,8 +104,8 @@ def main(args):
 
     def record(name, seconds, count, extra=None):
         if name in results["runs"]:  # the same run again in this process (a warm call): name it by its call
-            calls = 1 + sum(known.startswith(f"{name}_call") for known in results["runs"])
-            name = f"{name}_call{calls + 1}"
+            earlier = sum(known == name or known.startswith(f"{name}_call") for known in results["runs"])
+            name = f"{name}_call{earlier + 1}"
         per = seconds / count
         results["runs"][name] = {
             "examples": count,
@@ -149,6 +149,11 @@ def main(args):
         prefill_tokens=args.prefill_tokens,
     )
     engine_outputs = None  # the growing-cache loop's answers, if it runs: the reference for the other runs'
+    largest_batch = max(args.batch_sizes_4bit, default=1024)  # the static loop's and the profile's batches
+
+    def identical_to_engine(outputs, step=1) -> float:  # share of answers equal to the engine's on the same prompts
+        return sum(a == b for a, b in zip(outputs, engine_outputs[::step])) / len(outputs)
+
     for batch_size in args.batch_sizes_4bit:
         reset_peak()
         started = time.perf_counter()
@@ -178,7 +183,7 @@ def main(args):
                 f"engine_4bit_batch{batch_size}_stop_check_every{args.stop_check_every}",
                 time.perf_counter() - started,
                 len(subset),
-                {"identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)},
+                {"identical_to_engine": identical_to_engine(out.outputs)},
             )
         if args.static:  # the same prompts through the static-cache loop (CUDA graphs on a GPU)
             reset_peak()
@@ -188,16 +193,15 @@ def main(args):
                 f"engine_static_4bit_batch{batch_size}",
                 time.perf_counter() - started,
                 len(subset),
-                {"identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset)},
+                {"identical_to_engine": identical_to_engine(out.outputs)},
             )
 
     def profile_engine(**changes):  # where the engine's time goes, on an evenly spread subset, after timed runs
         subset = prompts[:: max(1, len(prompts) // args.profile_examples)][: args.profile_examples]
         loop = "static" if args.profile_loop == "fused" else args.profile_loop
         profile = results["profile_engine_4bit"] = {"examples": len(subset), "loop": args.profile_loop, **changes}
-        batch_size = max(args.batch_sizes_4bit, default=1024)
         with profiling.profiled(profile):
-            generate(model, Tok, subset, batch_size=batch_size, loop=loop, **{**engine_4bit, **changes})
+            generate(model, Tok, subset, batch_size=largest_batch, loop=loop, **{**engine_4bit, **changes})
         profiling.print_summary(
             f"profile of the engine ({args.profile_loop} loop), 4-bit, {len(subset)} examples", profile
         )
@@ -213,22 +217,18 @@ def main(args):
         out = generate(model, Tok, subset, batch_size=batch_size, loop="plain", **engine_4bit)
         extra = {"final_batch_size": out.final_batch_size}
         if engine_outputs is not None and args.stride_plain % args.stride_4bit == 0:  # the engine's prompts: compare
-            step = args.stride_plain // args.stride_4bit
-            same = sum(a == b for a, b in zip(out.outputs, engine_outputs[::step]))
-            extra["identical_to_engine"] = same / len(subset)
+            extra["identical_to_engine"] = identical_to_engine(out.outputs, args.stride_plain // args.stride_4bit)
         record(f"plain_generate_4bit_batch{batch_size}", time.perf_counter() - started, len(subset), extra)
 
     def static_variant(name, extra, **changes):  # the same prompts through the static loop, after a change
         subset = prompts[:: args.stride_4bit]
-        batch_size = max(args.batch_sizes_4bit, default=1024)
         reset_peak()
         started = time.perf_counter()
-        out = generate(model, Tok, subset, batch_size=batch_size, loop="static", **{**engine_4bit, **changes})
+        out = generate(model, Tok, subset, batch_size=largest_batch, loop="static", **{**engine_4bit, **changes})
         seconds = time.perf_counter() - started
         if engine_outputs is not None:
-            extra = {"identical_to_engine": sum(a == b for a, b in zip(out.outputs, engine_outputs)) / len(subset),
-                     **extra}  # fmt: skip
-        record(f"engine_static_4bit_batch{batch_size}_{name}", seconds, len(subset), extra)
+            extra = {"identical_to_engine": identical_to_engine(out.outputs), **extra}
+        record(f"engine_static_4bit_batch{largest_batch}_{name}", seconds, len(subset), extra)
 
     for budget in args.static_max_batch_tokens:  # smaller batches, for a card with less memory to spare
         static_variant(f"max_batch_tokens{budget}", {"max_batch_tokens": budget}, max_batch_tokens=budget)
@@ -239,10 +239,8 @@ def main(args):
         for budget in args.fused_max_batch_tokens:  # evaluation's default on a GPU, in a smaller card's batches
             name = f"fused_lora_inference_max_batch_tokens{budget}"
             static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
-        if args.profile_examples and args.profile_loop == "fused":  # at the last budget timed
-            profile_engine(
-                **({"max_batch_tokens": args.fused_max_batch_tokens[-1]} if args.fused_max_batch_tokens else {})
-            )
+        if args.profile_examples and args.profile_loop == "fused":  # at the last budget timed (the parser asks one)
+            profile_engine(max_batch_tokens=args.fused_max_batch_tokens[-1])
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     if args.adapter_in_compute_dtype:  # the LoRA weights in bf16 (no casts per layer); left so
         static_variant("adapter_in_compute_dtype", {"lora_tensors_cast": adapter_in_compute_dtype(model)})
