@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,18 @@ def adapter_in_compute_dtype(model) -> int:
             parameter.data = parameter.data.to(dtype)
             cast += 1
     return cast
+
+
+def with_liger_kernels(model) -> None:
+    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU patched into the (peft-wrapped) Mistral model: one pass
+    over the activations each where PyTorch runs several element-wise kernels (the norm's cast, square, mean,
+    rsqrt and products; rotary's halves, negation and products; SiLU then the product). GPU only."""
+    from liger_kernel.transformers import apply_liger_kernel_to_mistral
+
+    apply_liger_kernel_to_mistral(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+        model=model.get_base_model(),
+    )  # fmt: skip
 
 
 def main(args):
@@ -95,6 +108,8 @@ def main(args):
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    if args.liger_kernels and not cuda:
+        raise SystemExit("--liger_kernels: Liger's Triton kernels need a GPU; none is visible")
 
     def peak_gb():
         return torch.cuda.max_memory_allocated() / 1e9 if cuda else None
@@ -241,6 +256,12 @@ def main(args):
             static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
         if args.profile_examples and args.profile_loop == "fused":  # at the last budget timed (the parser asks one)
             profile_engine(max_batch_tokens=args.fused_max_batch_tokens[-1])
+        if args.liger_kernels:  # the same budgets again with Liger's kernels (the first run compiles them)
+            with_liger_kernels(model)
+            results["liger_kernels"] = "RMSNorm, RoPE, SwiGLU"
+            for budget in args.fused_max_batch_tokens:
+                name = f"fused_lora_inference_max_batch_tokens{budget}_liger"
+                static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     if args.adapter_in_compute_dtype:  # the LoRA weights in bf16 (no casts per layer); left so
         static_variant("adapter_in_compute_dtype", {"lora_tensors_cast": adapter_in_compute_dtype(model)})
@@ -361,6 +382,12 @@ if __name__ == "__main__":
         help="also the static loop with the adapter's product added in place, in batches of at most N padded tokens",
     )
     parser.add_argument(
+        "--liger_kernels",
+        action="store_true",
+        help="also the --fused_max_batch_tokens runs again with Liger's RMSNorm, RoPE and SwiGLU kernels patched in "
+        "(GPU only, needs liger-kernel), after them and their profile",
+    )
+    parser.add_argument(
         "--adapter_in_compute_dtype",
         action="store_true",
         help="also the static loop with the LoRA weights cast to bf16 (adapter_in_compute_dtype), last",
@@ -369,4 +396,8 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.profile_loop == "fused" and arguments.profile_examples and not arguments.fused_max_batch_tokens:
         parser.error("--profile_loop fused profiles after the timed fused runs: give --fused_max_batch_tokens")
+    if arguments.liger_kernels and not arguments.fused_max_batch_tokens:
+        parser.error("--liger_kernels runs the --fused_max_batch_tokens budgets again: give them")
+    if arguments.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
+        parser.error("--liger_kernels needs liger-kernel (pip install liger-kernel) and a GPU")
     main(arguments)

@@ -425,6 +425,8 @@ bench_gen_budget_prefill() {
 # Where evaluation's time goes on the 7B shape as a GPU runs it (the static loop, the adapter's product added in
 # place, prefill without cuDNN's attention): the whole test set at BUDGETS (80000) tokens a batch timed once, then
 # 1,024 evenly spread prompts profiled at that budget. After build_z7; about a minute and a half on an H100.
+# BUDGETS="80000 80000": a first and a warm call; BUDGET_FLAGS="--liger_kernels": then the same runs with Liger's
+# RMSNorm, RoPE and SwiGLU kernels patched in.
 bench_gen_fused_profile() {
   # shellcheck disable=SC2086
   python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 0 --stride_4bit 1 \

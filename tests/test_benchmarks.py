@@ -102,6 +102,19 @@ def test_generation_benchmark_tiny(tmp_path):
     assert runs["engine_4bit_batch8"]["examples"] == 16 and runs["engine_4bit_batch8"]["speedup_vs_original"] > 0
 
 
+def test_generation_benchmark_liger_kernels_refused_without_a_gpu(tmp_path):
+    """Liger's kernels are Triton: without liger-kernel or without a GPU the benchmark stops before any run, saying
+    which, and writes nothing."""
+    out = tmp_path / "g.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "generation_throughput.py"), "--tiny", "--model_dir",
+               str(tmp_path / "m"), "--out", str(out), "--fused_max_batch_tokens", "1024", "--liger_kernels"]  # fmt: skip
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode != 0 and "--liger_kernels" in refused.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in refused.stderr and not out.exists()
+    without_budgets = subprocess.run(command[:-3] + ["--liger_kernels"], capture_output=True, text=True, cwd=ROOT)
+    assert without_budgets.returncode == 2 and "give them" in without_budgets.stderr
+
+
 def test_train_benchmark_tiny(tmp_path):
     out = tmp_path / "t.json"
     _run(
