@@ -8,4 +8,5 @@ echo "[test] ruff check and ruff format --check"
 ruff check --quiet .
 ruff format --check --quiet .
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -q "$@" tests
+# the slowest tests listed at the end: where the suite's time goes
+python -m pytest -q --durations=15 "$@" tests
