@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,18 +42,6 @@ def adapter_in_compute_dtype(model) -> int:
     return cast
 
 
-def with_liger_kernels(model) -> None:
-    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU patched into the (peft-wrapped) Mistral model: one pass
-    over the activations each where PyTorch runs several element-wise kernels (the norm's cast, square, mean,
-    rsqrt and products; rotary's halves, negation and products; SiLU then the product). GPU only."""
-    from liger_kernel.transformers import apply_liger_kernel_to_mistral
-
-    apply_liger_kernel_to_mistral(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-        model=model.get_base_model(),
-    )  # fmt: skip
-
-
 def main(args):
     import json
     import random
@@ -63,7 +52,7 @@ def main(args):
     import zephyr_shaped
     from peft import LoraConfig, get_peft_model
 
-    from qlora_kit import fused_lora, modeling
+    from qlora_kit import fused_lora, inference_kernels, modeling
     from qlora_kit.generation import generate, prefill_attention_choice
 
     if args.write_lengths:
@@ -257,8 +246,12 @@ def main(args):
         if args.profile_examples and args.profile_loop == "fused":  # at the last budget timed (the parser asks one)
             profile_engine(max_batch_tokens=args.fused_max_batch_tokens[-1])
         if args.liger_kernels:  # the same budgets again with Liger's kernels (the first run compiles them)
-            with_liger_kernels(model)
-            results["liger_kernels"] = "RMSNorm, RoPE, SwiGLU"
+            os.environ[inference_kernels.VARIABLE] = "liger"  # as evaluation patches them in under that setting
+            if inference_kernels.apply(model) != "liger":
+                raise SystemExit(
+                    "--liger_kernels: Liger's kernels could not be patched in (the warning above says why)"
+                )
+            results["inference_kernels"] = "liger"
             for budget in args.fused_max_batch_tokens:
                 name = f"fused_lora_inference_max_batch_tokens{budget}_liger"
                 static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
@@ -385,7 +378,8 @@ if __name__ == "__main__":
         "--liger_kernels",
         action="store_true",
         help="also the --fused_max_batch_tokens runs again with Liger's RMSNorm, RoPE and SwiGLU kernels patched in "
-        "(GPU only, needs liger-kernel), after them and their profile",
+        "as evaluation does under QLORA_KIT_INFERENCE_KERNELS=liger (GPU only, needs liger-kernel), after them and "
+        "their profile",
     )
     parser.add_argument(
         "--adapter_in_compute_dtype",

@@ -9,7 +9,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import distributed, modeling, results
+from . import distributed, inference_kernels, modeling, results
 from .data import canonical_labels, map_to_known_labels
 from .errors import UsageError
 from .formatting import PromptFormat, answer_ids, end_of_turn_token
@@ -327,6 +327,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     check_decoding(args)
     from . import fused_lora
 
+    inference_kernels.choice()  # a bad QLORA_KIT_INFERENCE_KERNELS stops here, before anything loads
     distributed.init()
     run = RunFolder(args.experiment_dir)
     config = run.config()
@@ -356,6 +357,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     fmt = PromptFormat(task, "finetune", config["prompt_style"], tokenizer, label_names=label_names)
     max_prompt_tokens = args.max_prompt_tokens or config["settings"]["max_seq_length"]
     model = _load_finetuned(config, adapter, args.use_flash_attention, adapter_product)
+    kernels = inference_kernels.apply(model)
     metrics, records = run_generation(
         task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token, label_names, out_dir=out_dir
     )
@@ -367,6 +369,7 @@ def evaluate_run(task, args: Namespace) -> dict:
         "limit": args.limit,
         "merge_adapter": adapter_product == "merged",
         "adapter_product": adapter_product,
+        "inference_kernels": kernels,
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": max_prompt_tokens,
         "decoding": getattr(args, "decoding", "greedy"),
@@ -420,6 +423,7 @@ def evaluate_baseline(args: Namespace) -> dict:
     """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
     started = time.perf_counter()
     check_decoding(args)
+    inference_kernels.choice()  # a bad QLORA_KIT_INFERENCE_KERNELS stops here, before anything loads
     distributed.init()
     task = get_task(args.task_type)
     out_dir = Path(args.output_dir) if args.output_dir else baseline_dir(args)
@@ -449,6 +453,7 @@ def evaluate_baseline(args: Namespace) -> dict:
         source_path, load_in_4bit=args.load_in_4bit, use_flash_attention=args.use_flash_attention, for_training=False
     )
     model.eval()
+    kernels = inference_kernels.apply(model)
     metrics, records = run_generation(
         task, model, tokenizer, fmt, rows, args, max_prompt_tokens, end_token, label_names, out_dir=out_dir
     )
@@ -463,6 +468,7 @@ def evaluate_baseline(args: Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": max_prompt_tokens,
         "load_in_4bit": args.load_in_4bit,
+        "inference_kernels": kernels,
         "decoding": getattr(args, "decoding", "greedy"),
         "num_beams": getattr(args, "num_beams", 1),
         "versions": modeling.library_versions(),

@@ -128,6 +128,23 @@ def test_the_adapter_product_added_in_place_gives_peft_s_answers(trained_classif
     assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
 
 
+def test_inference_kernels_asked_for_where_they_cannot_run(trained_classifier, data_dir, tmp_path, monkeypatch):
+    """QLORA_KIT_INFERENCE_KERNELS=liger on the CPU: the script says why Liger's kernels do not run, evaluates with
+    PyTorch's, and metrics.json says which ran; a value that is no choice is a one-line error before anything
+    loads."""
+    monkeypatch.setenv("QLORA_KIT_INFERENCE_KERNELS", "liger")
+    out = tmp_path / "liger"
+    result = classify_inference(trained_classifier, data_dir, "--limit", 2, "--output_dir", out, cwd=tmp_path)
+    assert "QLORA_KIT_INFERENCE_KERNELS=liger: the model is on the cpu" in result.stdout + result.stderr
+    assert json.loads((out / "metrics.json").read_text())["config"]["inference_kernels"] == "pytorch"
+    monkeypatch.setenv("QLORA_KIT_INFERENCE_KERNELS", "triton")
+    refused = classify_inference(
+        trained_classifier, data_dir, "--output_dir", tmp_path / "refused", cwd=tmp_path, check=False
+    )
+    assert refused.returncode == 2 and "QLORA_KIT_INFERENCE_KERNELS=triton" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
+
+
 def test_constrained_decoding_has_no_invalid_answers(trained_classifier, data_dir, tmp_path):
     classify_inference(
         trained_classifier,

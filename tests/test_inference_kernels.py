@@ -1,0 +1,47 @@
+"""Evaluation's element-wise kernels (QLORA_KIT_INFERENCE_KERNELS) on the CPU: the choice read and checked, and
+Liger's kernels, asked for where they cannot run, said so once and the model's forwards left as they were."""
+
+import logging
+
+import pytest
+import torch
+
+from qlora_kit import inference_kernels
+from qlora_kit.errors import UsageError
+
+
+def test_the_choice_is_pytorch_unless_the_variable_names_another(monkeypatch):
+    monkeypatch.delenv(inference_kernels.VARIABLE, raising=False)
+    assert inference_kernels.choice() == "pytorch"
+    monkeypatch.setenv(inference_kernels.VARIABLE, "liger")
+    assert inference_kernels.choice() == "liger"
+    monkeypatch.setenv(inference_kernels.VARIABLE, "triton")
+    with pytest.raises(UsageError, match="QLORA_KIT_INFERENCE_KERNELS=triton: .* one of pytorch, liger"):
+        inference_kernels.choice()
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["model", "peft model"])
+def test_liger_asked_for_on_the_cpu_leaves_the_forwards(tiny_model, monkeypatch, caplog, wrapped):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    if wrapped:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    monkeypatch.delenv(inference_kernels.VARIABLE, raising=False)
+    with caplog.at_level(logging.WARNING, logger="qlora_kit.inference_kernels"):
+        assert inference_kernels.apply(model) == "pytorch"
+        assert not caplog.records  # the default asks for nothing
+        monkeypatch.setenv(inference_kernels.VARIABLE, "liger")
+        assert inference_kernels.apply(model) == "pytorch"
+    assert len(caplog.records) == 1
+    assert "QLORA_KIT_INFERENCE_KERNELS=liger: the model is on the cpu" in caplog.text
+    base = model.get_base_model() if wrapped else model
+    layer = base.model.layers[0]
+    for module in (base.model.norm, layer.input_layernorm, layer.mlp):  # no forward patched onto an instance
+        assert "forward" not in vars(module)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
