@@ -19,7 +19,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -97,8 +96,9 @@ def main(args):
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    if args.liger_kernels and not cuda:
-        raise SystemExit("--liger_kernels: Liger's Triton kernels need a GPU; none is visible")
+    liger_refused = args.liger_kernels and inference_kernels.unavailable_reason(device, "mistral")
+    if liger_refused:  # before the model loads
+        raise SystemExit(f"--liger_kernels: {liger_refused}")
 
     def peak_gb():
         return torch.cuda.max_memory_allocated() / 1e9 if cuda else None
@@ -392,6 +392,4 @@ if __name__ == "__main__":
         parser.error("--profile_loop fused profiles after the timed fused runs: give --fused_max_batch_tokens")
     if arguments.liger_kernels and not arguments.fused_max_batch_tokens:
         parser.error("--liger_kernels runs the --fused_max_batch_tokens budgets again: give them")
-    if arguments.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
-        parser.error("--liger_kernels needs liger-kernel (pip install liger-kernel) and a GPU")
     main(arguments)

@@ -4,9 +4,9 @@ Besides its matrix products, a decoder layer's forward in PyTorch runs several e
 and writing a whole activation: RMSNorm's cast, square, mean, rsqrt and two products (twice a layer); rotary
 embedding's halves, negation, two products and a sum, for queries and keys; SiLU and a product in the MLP. By
 count, on the 7B shape a 16,384-token prefill group moves about 8 GB a layer so: some 80 ms a group at an H100's
-3.35 TB/s, against about 360 ms of matrix products. Liger's Triton kernels do each of the three in one pass. ``liger`` patches them into the model
-an evaluation loads (a GPU and liger-kernel needed, else PyTorch's, said once); ``pytorch``, the default, leaves
-PyTorch's.
+3.35 TB/s, against about 360 ms of matrix products. Liger's Triton kernels do each of the three in one pass.
+``liger`` patches them into the model an evaluation loads (a GPU and liger-kernel needed, else a warning and
+PyTorch's); ``pytorch``, the default, leaves PyTorch's.
 """
 
 from __future__ import annotations
@@ -30,18 +30,17 @@ def choice() -> str:
     return chosen
 
 
-def unavailable_reason(model) -> str | None:
-    """Why Liger's kernels cannot run in ``model``'s forwards; None when they can."""
+def unavailable_reason(device_type: str, model_type: str) -> str | None:
+    """Why Liger's kernels cannot run in the forwards of a ``model_type`` model on ``device_type``; None when they
+    can."""
     import importlib.util
 
-    device = next(model.parameters()).device.type
-    if device != "cuda":
-        return f"the model is on the {device}, and Liger's kernels are Triton (a GPU's)"
+    if device_type != "cuda":
+        return f"the model is on the {device_type}, and Liger's kernels are Triton (a GPU's)"
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed (pip install liger-kernel)"
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    model_type = model.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"Liger has no kernels for model type {model_type!r}"
     return None
@@ -53,7 +52,7 @@ def apply(model) -> str:
     if choice() == "pytorch":
         return "pytorch"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    reason = unavailable_reason(base)
+    reason = unavailable_reason(next(base.parameters()).device.type, base.config.model_type)
     if reason is not None:
         log.warning("%s=liger: %s; PyTorch's kernels instead", VARIABLE, reason)
         return "pytorch"
