@@ -19,7 +19,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ def main(args):
     from peft import LoraConfig, get_peft_model
 
     from qlora_kit import fused_lora, inference_kernels, modeling
+    from qlora_kit.errors import UsageError
     from qlora_kit.generation import generate, prefill_attention_choice
 
     if args.write_lengths:
@@ -96,9 +96,13 @@ def main(args):
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    liger_refused = args.liger_kernels and inference_kernels.unavailable_reason(device, "mistral")
+    try:
+        kernels_asked = inference_kernels.choice()
+    except UsageError as error:
+        raise SystemExit(str(error)) from None
+    liger_refused = kernels_asked == "liger" and inference_kernels.unavailable_reason(device, "mistral")
     if liger_refused:  # before the model loads
-        raise SystemExit(f"--liger_kernels: {liger_refused}")
+        raise SystemExit(f"{inference_kernels.VARIABLE}=liger: {liger_refused}")
 
     def peak_gb():
         return torch.cuda.max_memory_allocated() / 1e9 if cuda else None
@@ -238,6 +242,8 @@ def main(args):
         static_variant(f"max_batch_tokens{budget}", {"max_batch_tokens": budget}, max_batch_tokens=budget)
     if args.fused_lora_inference or args.fused_max_batch_tokens:  # the adapter's product added in place, then undone
         fused_lora.fuse_lora(model, for_inference=True)
+        # the element-wise kernels as evaluation chooses them (QLORA_KIT_INFERENCE_KERNELS), for every fused run
+        results["inference_kernels"] = inference_kernels.apply(model)
         if args.fused_lora_inference:
             static_variant("fused_lora_inference", {})
         for budget in args.fused_max_batch_tokens:  # evaluation's default on a GPU, in a smaller card's batches
@@ -245,16 +251,6 @@ def main(args):
             static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
         if args.profile_examples and args.profile_loop == "fused":  # at the last budget timed (the parser asks one)
             profile_engine(max_batch_tokens=args.fused_max_batch_tokens[-1])
-        if args.liger_kernels:  # the same budgets again with Liger's kernels (the first run compiles them)
-            os.environ[inference_kernels.VARIABLE] = "liger"  # as evaluation patches them in under that setting
-            if inference_kernels.apply(model) != "liger":
-                raise SystemExit(
-                    "--liger_kernels: Liger's kernels could not be patched in (the warning above says why)"
-                )
-            results["inference_kernels"] = "liger"
-            for budget in args.fused_max_batch_tokens:
-                name = f"fused_lora_inference_max_batch_tokens{budget}_liger"
-                static_variant(name, {"max_batch_tokens": budget}, max_batch_tokens=budget)
         fused_lora.fuse_lora(model)  # evaluation back through peft's layers
     if args.adapter_in_compute_dtype:  # the LoRA weights in bf16 (no casts per layer); left so
         static_variant("adapter_in_compute_dtype", {"lora_tensors_cast": adapter_in_compute_dtype(model)})
@@ -375,13 +371,6 @@ if __name__ == "__main__":
         help="also the static loop with the adapter's product added in place, in batches of at most N padded tokens",
     )
     parser.add_argument(
-        "--liger_kernels",
-        action="store_true",
-        help="also the --fused_max_batch_tokens runs again with Liger's RMSNorm, RoPE and SwiGLU kernels patched in "
-        "as evaluation does under QLORA_KIT_INFERENCE_KERNELS=liger (GPU only, needs liger-kernel), after them and "
-        "their profile",
-    )
-    parser.add_argument(
         "--adapter_in_compute_dtype",
         action="store_true",
         help="also the static loop with the LoRA weights cast to bf16 (adapter_in_compute_dtype), last",
@@ -390,6 +379,4 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.profile_loop == "fused" and arguments.profile_examples and not arguments.fused_max_batch_tokens:
         parser.error("--profile_loop fused profiles after the timed fused runs: give --fused_max_batch_tokens")
-    if arguments.liger_kernels and not arguments.fused_max_batch_tokens:
-        parser.error("--liger_kernels runs the --fused_max_batch_tokens budgets again: give them")
     main(arguments)

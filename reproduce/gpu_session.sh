@@ -402,31 +402,41 @@ bench_gen_budget() {
 }
 
 # The 7B shape's whole test set as evaluation runs it on a GPU (the static loop, the adapter's product added in
-# place) at BUDGETS (80000: a peak within 22 GB) tokens a batch, prefill's attention without cuDNN's (the default)
-# against PyTorch's choice (QLORA_KIT_PREFILL_ATTENTION=pytorch), the two alternating, PASSES (3) processes each,
-# CALLS (2) calls a process: its first (graph capture, the kernels' first loads, cuDNN's plans), then warm ones. No
-# reference run (the answers of random weights are near-ties, compared elsewhere). After build_z7. BUDGET_FLAGS: more
-# flags for the benchmark.
-bench_gen_budget_prefill() {
-  local pass setting call budgets=()
+# place) at BUDGETS (80000: a peak within 22 GB) tokens a batch under each value of one QLORA_KIT_* setting, the
+# values alternating, PASSES (3) processes each, CALLS (2) calls a process: its first (graph capture, the kernels'
+# first loads, cuDNN's plans, Triton's compiles), then warm ones. No reference run (the answers of random weights are
+# near-ties, compared elsewhere). After build_z7. BUDGET_FLAGS: more flags for the benchmark.
+# Arguments: the setting's variable, its values, the name of the stage's folder and files.
+gen_budget_alternating() {
+  local variable=$1 values=$2 name=$3 pass setting call budgets=()
   # shellcheck disable=SC2206
   for call in $(seq 1 "${CALLS:-2}"); do budgets+=(${BUDGETS:-80000}); done
   for pass in $(seq 1 "${PASSES:-3}"); do
-    for setting in pytorch no-cudnn; do
+    for setting in $values; do
       # shellcheck disable=SC2086
-      QLORA_KIT_PREFILL_ATTENTION=$setting python3 benchmarks/generation_throughput.py --model_dir "$Z7" \
+      env "$variable=$setting" python3 benchmarks/generation_throughput.py --model_dir "$Z7" \
         --original_examples 0 --stride_4bit 1 --batch_sizes_4bit --batch_sizes_merged --batch_sizes_plain \
         --fused_max_batch_tokens "${budgets[@]}" ${BUDGET_FLAGS:-} \
-        --out "$R/bench_gen_budget_prefill/generation_throughput_budget_prefill_${setting/-/_}_pass$pass.json"
+        --out "$R/bench_gen_$name/generation_throughput_${name}_${setting/-/_}_pass$pass.json"
     done
   done
+}
+
+# Prefill's attention without cuDNN's (the default) against PyTorch's choice (QLORA_KIT_PREFILL_ATTENTION=pytorch).
+bench_gen_budget_prefill() {
+  gen_budget_alternating QLORA_KIT_PREFILL_ATTENTION "pytorch no-cudnn" budget_prefill
+}
+
+# PyTorch's element-wise kernels against Liger's RMSNorm, RoPE and SwiGLU kernels (QLORA_KIT_INFERENCE_KERNELS=liger,
+# needs liger-kernel; measured 1.16x, 3 passes on an H100, now the default for a 4-bit model on a GPU).
+bench_gen_budget_kernels() {
+  gen_budget_alternating QLORA_KIT_INFERENCE_KERNELS "pytorch liger" budget_kernels
 }
 
 # Where evaluation's time goes on the 7B shape as a GPU runs it (the static loop, the adapter's product added in
 # place, prefill without cuDNN's attention): the whole test set at BUDGETS (80000) tokens a batch timed once, then
 # 1,024 evenly spread prompts profiled at that budget. After build_z7; about a minute and a half on an H100.
-# BUDGETS="80000 80000": a first and a warm call; BUDGET_FLAGS="--liger_kernels": then the same runs with Liger's
-# RMSNorm, RoPE and SwiGLU kernels patched in.
+# BUDGETS="80000 80000": a first and a warm call.
 bench_gen_fused_profile() {
   # shellcheck disable=SC2086
   python3 benchmarks/generation_throughput.py --model_dir "$Z7" --original_examples 0 --stride_4bit 1 \

@@ -1,6 +1,7 @@
 """The benchmark scripts' code paths, on a tiny model of the same architecture, so they stay runnable."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -103,16 +104,20 @@ def test_generation_benchmark_tiny(tmp_path):
 
 
 def test_generation_benchmark_liger_kernels_refused_without_a_gpu(tmp_path):
-    """Liger's kernels are Triton: without liger-kernel or without a GPU the benchmark stops before any run, saying
-    which, and writes nothing."""
+    """Liger's kernels are Triton: asked for (QLORA_KIT_INFERENCE_KERNELS=liger, as evaluation reads it) without
+    liger-kernel or without a GPU, the benchmark stops before any run, saying which, and writes nothing; so does a
+    value that is no choice."""
     out = tmp_path / "g.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "generation_throughput.py"), "--tiny", "--model_dir",
-               str(tmp_path / "m"), "--out", str(out), "--fused_max_batch_tokens", "1024", "--liger_kernels"]  # fmt: skip
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert refused.returncode != 0 and "--liger_kernels" in refused.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in refused.stderr and not out.exists()
-    without_budgets = subprocess.run(command[:-3] + ["--liger_kernels"], capture_output=True, text=True, cwd=ROOT)
-    assert without_budgets.returncode == 2 and "give them" in without_budgets.stderr
+               str(tmp_path / "m"), "--out", str(out), "--fused_max_batch_tokens", "1024"]  # fmt: skip
+    for variable, expected in [
+        ("liger", "QLORA_KIT_INFERENCE_KERNELS=liger: "),
+        ("triton", "QLORA_KIT_INFERENCE_KERNELS=triton: leave it unset"),
+    ]:
+        env = {**os.environ, "QLORA_KIT_INFERENCE_KERNELS": variable}
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith(expected)
+        assert "Traceback" not in refused.stderr and not out.exists()
 
 
 def test_train_benchmark_tiny(tmp_path):

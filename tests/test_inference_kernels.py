@@ -10,14 +10,30 @@ from qlora_kit import inference_kernels
 from qlora_kit.errors import UsageError
 
 
-def test_the_choice_is_pytorch_unless_the_variable_names_another(monkeypatch):
+def test_the_choice_is_auto_unless_the_variable_names_another(monkeypatch):
     monkeypatch.delenv(inference_kernels.VARIABLE, raising=False)
-    assert inference_kernels.choice() == "pytorch"
-    monkeypatch.setenv(inference_kernels.VARIABLE, "liger")
-    assert inference_kernels.choice() == "liger"
+    assert inference_kernels.choice() == "auto"
+    for named in ("pytorch", "liger"):
+        monkeypatch.setenv(inference_kernels.VARIABLE, named)
+        assert inference_kernels.choice() == named
     monkeypatch.setenv(inference_kernels.VARIABLE, "triton")
-    with pytest.raises(UsageError, match="QLORA_KIT_INFERENCE_KERNELS=triton: .* one of pytorch, liger"):
+    with pytest.raises(UsageError, match="QLORA_KIT_INFERENCE_KERNELS=triton: .* one of auto, pytorch, liger"):
         inference_kernels.choice()
+
+
+@pytest.mark.parametrize(
+    "chosen, reason, in_4bit, expected",
+    [
+        ("auto", None, True, "liger"),  # the case measured faster: a 4-bit model on a GPU, liger-kernel there
+        ("auto", None, False, "pytorch"),  # a 16-bit model: not measured, PyTorch's
+        ("auto", "the model is on the cpu", True, "pytorch"),
+        ("liger", None, False, "liger"),  # asked for by name: any model Liger has kernels for
+        ("liger", "liger-kernel is not installed", True, "pytorch"),
+        ("pytorch", None, True, "pytorch"),
+    ],
+)
+def test_which_kernels_run(chosen, reason, in_4bit, expected):
+    assert inference_kernels.kernels_for(chosen, reason, in_4bit) == expected
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["model", "peft model"])
@@ -31,10 +47,11 @@ def test_liger_asked_for_on_the_cpu_leaves_the_forwards(tiny_model, monkeypatch,
     ids = torch.tensor([[1, 5, 9, 12, 7]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    monkeypatch.delenv(inference_kernels.VARIABLE, raising=False)
     with caplog.at_level(logging.WARNING, logger="qlora_kit.inference_kernels"):
-        assert inference_kernels.apply(model) == "pytorch"
-        assert not caplog.records  # the default asks for nothing
+        for quiet in ("pytorch", "auto"):  # neither asks for Liger's: PyTorch's, without a warning
+            monkeypatch.setenv(inference_kernels.VARIABLE, quiet)
+            assert inference_kernels.apply(model) == "pytorch"
+            assert not caplog.records
         monkeypatch.setenv(inference_kernels.VARIABLE, "liger")
         assert inference_kernels.apply(model) == "pytorch"
     assert len(caplog.records) == 1
