@@ -27,6 +27,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 mkdir -p "$R/logs"
 
 quiet() { grep --line-buffered -v "it/s]\|s/it]\|ex/s]\|examples/s]"; }
+gpu_name() { python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"; }
 
 build_z7() {
   python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import zephyr_shaped; zephyr_shaped.build(Path('$Z7'))"
@@ -333,7 +334,28 @@ time_inference() {
   local setting="every default"
   [ -n "${TIMED_AS:-}" ] && setting="$(env | grep '^QLORA_KIT_' | tr '\n' ' ')every other default"
   python3 reproduce/inference_timings.py "$out" "$R/bench_gen_real" --out_dir "$out" --name "${TIMED_AS:-defaults}" \
-    --setting "$setting" --overwrite --device "$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")"
+    --setting "$setting" --overwrite --device "$(gpu_name)"
+}
+
+# Evaluation's element-wise kernels on a small model: SmolLM2 in 4-bit, zero-shot on 20 Newsgroups' first
+# KERNEL_ROWS (4000) test rows, PyTorch's kernels and Liger's (QLORA_KIT_INFERENCE_KERNELS) at the default batch
+# budget, then both at 262,144 tokens a batch, each in its own process; then their speed and answers compared
+# (compare_evaluations.py; two budgets give each kernel's own spread of answers). About 3 minutes on an H100, the
+# first Liger process compiling its kernels.
+bench_kernels_smollm2() {
+  local out=$R/bench_kernels_smollm2 name kernels budget pairs=()
+  for name in pytorch liger pytorch_262k liger_262k; do
+    kernels=${name%_262k} budget=()
+    [ "$name" != "$kernels" ] && budget=(--max_batch_tokens 262144)
+    QLORA_KIT_INFERENCE_KERNELS=$kernels python3 zephyr_baseline_inference.py --task_type classification \
+      --prompt_type zero-shot --pretrained_ckpt "$MODEL" --load_in_4bit --train_file "$NEWS/train.jsonl.gz" \
+      --test_file "$NEWS/test.jsonl.gz" --limit "${KERNEL_ROWS:-4000}" "${budget[@]}" "${EXTRA_EVAL[@]}" \
+      --output_dir "$out/$name"
+    pairs+=("$name=$out/$name")
+  done
+  python3 reproduce/compare_evaluations.py "${pairs[@]}" --device "$(gpu_name)" --setting "zephyr_baseline_inference.py, \
+SmolLM2-135M-Instruct in 4-bit NF4, 20 Newsgroups zero-shot, the first ${KERNEL_ROWS:-4000} test rows; each in its \
+own process, in this order, on one machine" --out "$out/inference_kernels_smollm2_zero_shot.json" --overwrite
 }
 
 # The small-model recipe's training steps on SmolLM2 with and without compiled decoder layers (3 passes of 20,

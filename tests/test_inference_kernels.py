@@ -22,18 +22,19 @@ def test_the_choice_is_auto_unless_the_variable_names_another(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "chosen, reason, in_4bit, expected",
+    "chosen, reason, in_4bit, hidden_size, expected",
     [
-        ("auto", None, True, "liger"),  # the case measured faster: a 4-bit model on a GPU, liger-kernel there
-        ("auto", None, False, "pytorch"),  # a 16-bit model: not measured, PyTorch's
-        ("auto", "the model is on the cpu", True, "pytorch"),
-        ("liger", None, False, "liger"),  # asked for by name: any model Liger has kernels for
-        ("liger", "liger-kernel is not installed", True, "pytorch"),
-        ("pytorch", None, True, "pytorch"),
+        ("auto", None, True, 4096, "liger"),  # the case measured faster: the 7B shape in 4-bit on a GPU
+        ("auto", None, True, 576, "pytorch"),  # a small model (SmolLM2-135M measured slower)
+        ("auto", None, False, 4096, "pytorch"),  # a 16-bit model: not measured, PyTorch's
+        ("auto", "the model is on the cpu", True, 4096, "pytorch"),
+        ("liger", None, False, 576, "liger"),  # asked for by name: any model Liger has kernels for
+        ("liger", "liger-kernel is not installed", True, 4096, "pytorch"),
+        ("pytorch", None, True, 4096, "pytorch"),
     ],
 )
-def test_which_kernels_run(chosen, reason, in_4bit, expected):
-    assert inference_kernels.kernels_for(chosen, reason, in_4bit) == expected
+def test_which_kernels_run(chosen, reason, in_4bit, hidden_size, expected):
+    assert inference_kernels.kernels_for(chosen, reason, in_4bit, hidden_size) == expected
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["model", "peft model"])

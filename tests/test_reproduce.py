@@ -494,3 +494,47 @@ def test_gpu_session_bench_gen_budget_prefill_alternates_the_settings_two_calls_
     profile = profiled["profile_engine_4bit"]
     assert profile["loop"] == "fused" and profile["max_batch_tokens"] == 4096 and profile["examples"] == 8
     assert profile["busy_seconds"] > 0 and set(profile["ranges"]) == {"prefill", "decode"}
+
+
+def test_comparing_evaluations_counts_the_answers_that_agree():
+    sys.path.insert(0, str(ROOT / "reproduce"))
+    from compare_evaluations import agreement
+
+    shares = agreement(["comp.graphics", "sci.med", "rec.autos", "talk"], ["comp.graphics", "sci.medicine", "rec", "x"])
+    assert shares == {"rows": 4, "same_output": 0.25, "same_first_5_characters": 0.5}
+
+
+def test_gpu_session_bench_kernels_smollm2_compares_the_kernels_answers(tiny_model, data_dir, tmp_path):
+    """bench_kernels_smollm2 on the tiny model: four zero-shot evaluations of the same rows, their speed and the
+    agreement of every pair in one JSON. On the CPU Liger's kernels cannot run: their evaluations run PyTorch's,
+    say so, and give the same answers as PyTorch's at the same budget."""
+    folder = _gpu_session("bench_kernels_smollm2", tiny_model, data_dir, tmp_path, KERNEL_ROWS="6")
+    result = json.loads((folder / "inference_kernels_smollm2_zero_shot.json").read_text())
+    assert list(result["evaluations"]) == ["pytorch", "liger", "pytorch_262k", "liger_262k"]
+    for name, entry in result["evaluations"].items():
+        assert entry["inference_kernels"] == "pytorch" and entry["examples"] == 6
+        assert (entry["max_batch_tokens"] == 262144) == name.endswith("_262k")
+    assert len(result["pairs"]) == 6
+    assert result["pairs"]["pytorch / liger"]["same_output"] == 1.0
+    assert result["pairs"]["pytorch_262k / liger_262k"]["same_output"] == 1.0
+    assert (
+        "QLORA_KIT_INFERENCE_KERNELS=liger: the model is on the cpu"
+        in (tmp_path / "r" / "logs").joinpath("bench_kernels_smollm2.log").read_text() + _gpu_session.stdout
+    )
+
+
+def test_comparing_evaluations_refuses_other_rows_and_missing_files(tmp_path):
+    for name, ids in (("a", [1, 2]), ("b", [2, 1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"n": 2, "config": {}}))
+        rows = [json.dumps({"id": i, "output": "x"}) for i in ids]
+        (tmp_path / name / "predictions.jsonl").write_text("\n".join(rows) + "\n")
+    script = [sys.executable, str(ROOT / "reproduce" / "compare_evaluations.py"), "--out", str(tmp_path / "c.json")]
+    for folders, message in (
+        ([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"], "error: b evaluated other rows than a"),
+        ([f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"], f"error: {tmp_path / 'c' / 'metrics.json'} does not exist"),
+        ([f"a={tmp_path / 'a'}", str(tmp_path / "b")], "give each evaluation as NAME=FOLDER"),
+    ):
+        refused = subprocess.run(script + folders, capture_output=True, text=True)
+        assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "c.json").exists()
