@@ -6,8 +6,8 @@
 Each NAME=FOLDER is an evaluation's output folder (metrics.json and predictions.jsonl). For every folder: its
 generation time, examples a second and the settings that bear on speed (its element-wise kernels, batch budget); for
 every pair: the share of rows whose generated text is the same, and whose first PREFIX characters are (where greedy
-answers part, a near-tie flipped by a rounding difference; how soon says how much). The rows must be the same ones,
-in the same order. The JSON keeps numbers only, no text from the rows.
+answers part, a near-tie flipped by a rounding difference; how soon says how much). The rows must be the same ones.
+The JSON keeps numbers only, no text from the rows.
 """
 
 import argparse
@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PREFIX = 5
 
 
@@ -29,14 +30,19 @@ def agreement(outputs_a: list[str], outputs_b: list[str], prefix: int = PREFIX) 
     }
 
 
-def read_evaluation(folder: Path) -> tuple[dict, list[str], list]:
-    """An evaluation folder's metrics, outputs and row ids; a one-line error where a file is missing."""
-    metrics_file, predictions_file = folder / "metrics.json", folder / "predictions.jsonl"
-    for path in (metrics_file, predictions_file):
-        if not path.is_file():
-            raise SystemExit(f"error: {path} does not exist (an evaluation's output folder holds it)")
-    records = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]
-    return json.loads(metrics_file.read_text()), [r["output"] for r in records], [r["id"] for r in records]
+def read_evaluation(path: str) -> tuple[dict, list[str], list]:
+    """An evaluation folder's metrics, and its outputs and row ids in id order (as qlora_kit.compare reads them)."""
+    from qlora_kit.compare import evaluation_folder, read_predictions
+    from qlora_kit.errors import UsageError
+    from qlora_kit.run_folder import METRICS
+
+    try:
+        folder = evaluation_folder(path)
+        records = read_predictions(folder)
+    except UsageError as error:
+        raise SystemExit(f"error: {error}") from None
+    metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
+    return metrics, [record["output"] for record in records], [record["id"] for record in records]
 
 
 def main(args) -> int:
@@ -45,12 +51,12 @@ def main(args) -> int:
         name, _, folder = item.partition("=")
         if not name or not folder:
             raise SystemExit(f"error: {item!r}: give each evaluation as NAME=FOLDER")
-        named[name] = read_evaluation(Path(folder))
+        named[name] = read_evaluation(folder)
     ids = {name: row_ids for name, (_, _, row_ids) in named.items()}
     first = next(iter(ids))
     for name, row_ids in ids.items():
         if row_ids != ids[first]:
-            raise SystemExit(f"error: {name} evaluated other rows than {first} (or in another order)")
+            raise SystemExit(f"error: {name} evaluated other rows than {first}")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")

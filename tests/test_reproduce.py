@@ -524,7 +524,7 @@ def test_gpu_session_bench_kernels_smollm2_compares_the_kernels_answers(tiny_mod
 
 
 def test_comparing_evaluations_refuses_other_rows_and_missing_files(tmp_path):
-    for name, ids in (("a", [1, 2]), ("b", [2, 1])):
+    for name, ids in (("a", [1, 2]), ("b", [3, 1])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({"n": 2, "config": {}}))
         rows = [json.dumps({"id": i, "output": "x"}) for i in ids]
@@ -532,7 +532,7 @@ def test_comparing_evaluations_refuses_other_rows_and_missing_files(tmp_path):
     script = [sys.executable, str(ROOT / "reproduce" / "compare_evaluations.py"), "--out", str(tmp_path / "c.json")]
     for folders, message in (
         ([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"], "error: b evaluated other rows than a"),
-        ([f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"], f"error: {tmp_path / 'c' / 'metrics.json'} does not exist"),
+        ([f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"], f"error: {tmp_path / 'c'}: neither an evaluation folder"),
         ([f"a={tmp_path / 'a'}", str(tmp_path / "b")], "give each evaluation as NAME=FOLDER"),
     ):
         refused = subprocess.run(script + folders, capture_output=True, text=True)
