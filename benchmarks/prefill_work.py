@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from qlora_kit.data import canonical_labels
 from qlora_kit.errors import run_main
 from qlora_kit.evaluation import BASELINE_CONTEXT, baseline_format
 from qlora_kit.formatting import PromptFormat
+from qlora_kit.metrics import spread
 from qlora_kit.tasks import TASKS
 
 HERE = Path(__file__).resolve().parent
@@ -112,9 +112,7 @@ def time_generation(model, tokenizer, prompts, new_tokens: int, repeats: int, ba
                 generation.MIN_SHARED_PREFIX = saved
             answers[way] = out.outputs
     same = sum(a == b for a, b in zip(answers["without"], answers["with"])) / len(prompts)
-    result = {
-        way: {"median": statistics.median(s), "min": min(s), "max": max(s), "all": s} for way, s in seconds.items()
-    }
+    result = {way: {**spread(s), "all": s} for way, s in seconds.items()}
     return {**result, "speedup": result["without"]["median"] / result["with"]["median"], "same_answers": same}
 
 

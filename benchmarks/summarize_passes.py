@@ -8,17 +8,13 @@ as median (min-max) over the passes. Prints a markdown table; ``--out`` also wri
 import argparse
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
+from qlora_kit.metrics import spread
+
 PASS = re.compile(r"_pass(\d+)$")
 MEASURES = ("seconds", "examples_per_second", "peak_gpu_memory_gb")
-
-
-def spread(values: list[float]) -> dict:
-    """The median, least and largest of one measure over the passes."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def summarize(paths: list[Path]) -> dict:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+import statistics
 from collections import Counter
 
 INVALID = "<invalid>"
+
+
+def spread(values: list[float]) -> dict:
+    """The median, least and largest of a repeated measurement, and how many times it was taken."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def _normalise(text: str) -> str:

@@ -11,16 +11,14 @@ gives the training figures.
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from qlora_kit.metrics import spread  # noqa: E402
+
 TIMES = ("generation_seconds", "examples_per_second", "wall_seconds", "process_wall_seconds")
 SCRIPTS = {"news": "zephyr_classification_inference.py", "samsum": "zephyr_summarization_inference.py"}
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def gather(task: str, passes: list[Path], run: Path, device: str, setting: str = "every default") -> dict:
@@ -46,7 +44,7 @@ def gather(task: str, passes: list[Path], run: Path, device: str, setting: str =
         "decoding": config.get("decoding"),
         "training": {key: training.get(key) for key in ("global_steps", "train_runtime_s", "tokens_per_second")},
         "passes": records,
-        **{key: summary([record[key] for record in records]) for key in TIMES},
+        **{key: spread([record[key] for record in records]) for key in TIMES},
     }
 
 
