@@ -73,8 +73,9 @@ def main(args):
         return
     folder = zephyr_shaped.build(Path(args.model_dir), tiny=args.tiny)
     lengths = json.loads(Path(args.lengths).read_text())["lengths"]
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     rng = random.Random(0)
-    prompts = [[1] + [rng.randrange(3, 32000) for _ in range(n - 1)] for n in lengths]
+    prompts = [[1] + [rng.randrange(3, vocab) for _ in range(n - 1)] for n in lengths]
     print(f"{len(prompts)} prompts, mean {sum(lengths) / len(lengths):.0f} tokens, max {max(lengths)}")
 
     class Tok:  # the engine needs only the pad id
