@@ -8,10 +8,11 @@ count, on the 7B shape a 16,384-token prefill group moves about 8 GB a layer so:
 
 ``auto``, the default, patches them in where they were measured faster: a model in 4-bit, of hidden size at least
 ``AUTO_MIN_HIDDEN_SIZE``, on a GPU with liger-kernel installed (the Zephyr-7B shape, hidden size 4,096, its whole 20
-Newsgroups test set on an H100: 1.16x, 54.2 s against 63.0 s a warm call, the same peak memory). A small model's
-forwards wait on the host, where a Triton kernel's launch costs more than PyTorch's: SmolLM2-135M in 4-bit (hidden
-size 576) generated for 4,000 prompts at 0.76x PyTorch's speed with them (one process each, Triton's kernels
-already compiled). PyTorch's elsewhere, a 16-bit model included (not measured).
+Newsgroups test set on an H100: 1.16x, 54.2 s against 63.0 s a warm call, the same peak memory). On a small model
+they were slower: SmolLM2-135M in 4-bit (hidden size 576) generated for 4,000 prompts at 0.76x PyTorch's speed with
+them (one process each, Triton's kernels already compiled), likely because its forwards wait on the host, where a
+Triton kernel's launch from Python costs more than PyTorch's. PyTorch's elsewhere, a 16-bit model included (not
+measured).
 ``liger`` patches them into any model Liger has kernels for (a GPU and liger-kernel needed, else a warning and
 PyTorch's); ``pytorch`` leaves PyTorch's.
 """
