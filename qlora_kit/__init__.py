@@ -24,7 +24,7 @@ The modules, in the order a run goes through them (the top-level scripts are thi
                     out-of-memory halving
     static_decoding the engine's static-cache loop, replayed as CUDA graphs (the default on a GPU)
     label_likelihood classification by the most probable whole label answer (--decoding likelihood)
-    inference_kernels fused element-wise kernels (Liger's) in evaluation's forwards, when asked for
+    inference_kernels fused element-wise kernels (Liger's) in evaluation's forwards (a 7B-wide 4-bit model on a GPU)
     metrics         label parsing and metrics: small pure functions
     compare         two evaluations of the same items, compared pairwise
   around them
