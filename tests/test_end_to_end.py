@@ -131,7 +131,13 @@ def test_the_adapter_product_added_in_place_gives_peft_s_answers(trained_classif
 def test_inference_kernels_asked_for_where_they_cannot_run(trained_classifier, data_dir, tmp_path, monkeypatch):
     """QLORA_KIT_INFERENCE_KERNELS=liger on the CPU: the script says why Liger's kernels do not run, evaluates with
     PyTorch's, and metrics.json says which ran; a value that is no choice is a one-line error before anything
-    loads."""
+    loads. Left unset (auto), the CPU runs PyTorch's without a word about it."""
+    monkeypatch.delenv("QLORA_KIT_INFERENCE_KERNELS", raising=False)
+    result = classify_inference(
+        trained_classifier, data_dir, "--limit", 2, "--output_dir", tmp_path / "auto", cwd=tmp_path
+    )
+    assert "QLORA_KIT_INFERENCE_KERNELS" not in result.stdout + result.stderr
+    assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["config"]["inference_kernels"] == "pytorch"
     monkeypatch.setenv("QLORA_KIT_INFERENCE_KERNELS", "liger")
     out = tmp_path / "liger"
     result = classify_inference(trained_classifier, data_dir, "--limit", 2, "--output_dir", out, cwd=tmp_path)
