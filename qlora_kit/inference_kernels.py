@@ -73,7 +73,8 @@ def apply(model) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = unavailable_reason(next(base.parameters()).device.type, base.config.model_type)
     in_4bit = any(type(module).__name__ == "Linear4bit" for module in base.modules())
-    if kernels_for(chosen, reason, in_4bit, base.config.hidden_size) == "pytorch":
+    hidden_size = getattr(base.config, "hidden_size", 0)  # a config without one: not a model measured faster
+    if kernels_for(chosen, reason, in_4bit, hidden_size) == "pytorch":
         if chosen == "liger":  # asked for by name: say why not
             log.warning("%s=liger: %s; PyTorch's kernels instead", VARIABLE, reason)
         return "pytorch"
