@@ -45,7 +45,8 @@ def _dequantized_4bit(weight):
     return bnb_functional.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state)
 
 
-def _is_4bit(layer) -> bool:
+def is_4bit_layer(layer) -> bool:
+    """Whether ``layer`` is bitsandbytes' 4-bit linear layer (False where bitsandbytes is not installed)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -55,7 +56,7 @@ def _is_4bit(layer) -> bool:
 
 def _base_weight(layer) -> torch.Tensor:
     """The base layer's weight as an (out, in) matrix (dequantized when it is 4-bit)."""
-    return _dequantized_4bit(layer.weight) if _is_4bit(layer) else layer.weight
+    return _dequantized_4bit(layer.weight) if is_4bit_layer(layer) else layer.weight
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -107,7 +108,7 @@ def unfused_reason(layer, x, inference: bool = False) -> str | None:
     if name in getattr(layer, "lora_variant", {}):
         return f"a LoRA variant ({type(layer.lora_variant[name]).__name__})"
     lora_A, lora_B, base = layer.lora_A[name], layer.lora_B[name], layer.get_base_layer()
-    four_bit = _is_4bit(base)
+    four_bit = is_4bit_layer(base)
     if not isinstance(lora_A, torch.nn.Linear) or lora_B.bias is not None:
         return "a LoRA bias or a non-linear adapter"
     if not (four_bit or type(base) is torch.nn.Linear):

@@ -72,7 +72,9 @@ def apply(model) -> str:
         return "pytorch"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = unavailable_reason(next(base.parameters()).device.type, base.config.model_type)
-    in_4bit = any(type(module).__name__ == "Linear4bit" for module in base.modules())
+    from .fused_lora import is_4bit_layer
+
+    in_4bit = any(is_4bit_layer(module) for module in base.modules())
     hidden_size = getattr(base.config, "hidden_size", 0)  # a config without one: not a model measured faster
     if kernels_for(chosen, reason, in_4bit, hidden_size) == "pytorch":
         if chosen == "liger":  # asked for by name: say why not
