@@ -8,7 +8,8 @@ evaluation's default on a GPU for a 4-bit base) and ``--merged`` (merged into a 
 
 Times are generation alone (the prompts are built and tokenised before the clock starts); the inference script
 prints its whole wall time separately. Exactness: the share of outputs identical to one-at-a-time greedy on an
-evenly spread subset, to the plain path on every prompt, and the metric of each way.
+evenly spread subset, to the plain path on every prompt, and the metric of each way. ``--recheck_margins``: how
+near a tie the answers that differ from one at a time's came, and the static loop deciding near ties alone.
 
 Usage (after training a run, e.g. `python zephyr_summarization.py --recipe small-model ...`):
     python benchmarks/generation_real_model.py --experiment_dir RUN --test_file samsum/test.jsonl.gz \\
@@ -72,6 +73,26 @@ def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop
     from qlora_kit.generation import _generate_batch_plain
 
     return _generate_batch_plain(model, tokenizer, [prompt], max_new_tokens, stop_ids, trie)[0]
+
+
+# Margins (logits) at which near_ties counts what rechecking would do.
+MARGIN_GRID = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def near_ties(margins: list[float], outputs: list, subset: list[int], single: list) -> dict:
+    """How near each of the static loop's answers came to a tie against whether it equals one at a time's: the
+    closest margins of the subset's answers that differ, and for each margin of ``MARGIN_GRID`` the share of
+    every answer under it (the share ``recheck_margin`` would decode again alone) and the subset's share identical
+    once those are (an answer decoded alone is one at a time's)."""
+    differ = [i for i, answer in zip(subset, single) if outputs[i] != answer]
+    grid = {}
+    for margin in MARGIN_GRID:
+        fixed = sum(margins[i] < margin for i in differ)
+        grid[f"{margin:g}"] = {
+            "share_rechecked": sum(m < margin for m in margins) / len(margins),
+            "identical_share_if_rechecked": 1 - (len(differ) - fixed) / len(subset),
+        }
+    return {"differing_margins": sorted(margins[i] for i in differ), "by_margin": grid}
 
 
 def main(args):
@@ -228,7 +249,10 @@ def run(args):
             with profiling.profiled(profile) if profile is not None else contextlib.nullcontext():
                 out, seconds, memory = timed(generation)
             first = first or out.outputs
+            latest["result"] = out
             extra = {**compared(out.outputs), "final_batch_size": out.final_batch_size}
+            if "recheck_margin" in changes:
+                extra["rechecked"] = len(out.rechecked)
             extra.update(batch_rows=clock.rows, batch_seconds=clock.seconds)
             if profile is not None:
                 extra["profile"] = profile
@@ -248,6 +272,7 @@ def run(args):
         model = peft_model
         if args.only_merged_first:
             return
+    latest = {}  # the last call's GenerationResult
     engine = called("engine")
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
         out, seconds, memory = timed(
@@ -256,10 +281,15 @@ def run(args):
         extra = compared(out.outputs)
         record(f"engine_stop_check_every{args.stop_check_every}", out.outputs, seconds, memory, len(rows), extra)
     # the static-cache loop (CUDA graphs on a GPU) at each stop-check interval
-    static = {
-        every: called(f"engine_static_check_every{every}", loop="static", stop_check_every=every)
-        for every in args.static_stop_check_every
-    }
+    static, margins = {}, None
+    for every in args.static_stop_check_every:
+        # with --recheck_margins the first interval's calls record how near each answer came to a tie
+        track = bool(args.recheck_margins) and margins is None
+        static[every] = called(
+            f"engine_static_check_every{every}", loop="static", stop_check_every=every, track_margins=track
+        )
+        if track:
+            margins = latest["result"].closest_margins
     # one at a time on the subset: the exactness check, before the slower comparisons
     trie = LabelTrie(job.label_sequences) if job.label_sequences else None
     if subset:
@@ -272,7 +302,12 @@ def run(args):
         for every, outputs in static.items():
             extra[f"engine_static_check_every{every}_identical_share"] = identical(single, [outputs[i] for i in subset])
             extra[f"engine_static_check_every{every}_against_one_at_a_time"] = against_one_at_a_time(outputs)
+        if margins is not None:
+            extra["near_ties"] = near_ties(margins, static[args.static_stop_check_every[0]], subset, single)
         record("one_at_a_time", single, seconds, memory, len(subset), extra)
+    # the static loop rechecking its near ties: each answer closer than the margin to a tie decoded again alone
+    for margin in args.recheck_margins:
+        called(f"engine_static_recheck_margin{margin:g}", loop="static", recheck_margin=margin)
     # the static loop at smaller token budgets: each batch's rows decode over its own longest prompt's cache (less
     # padding: a single batch of prompts of mixed lengths pads most rows to the longest), in more batches; with
     # --fused_lora_inference, with the product in place (evaluation's default on a GPU), else through peft's layers
@@ -331,6 +366,14 @@ if __name__ == "__main__":
         "--batch_sizes_plain", type=int, nargs="*", default=[64, 256], help="plain generate (none given: not run)"
     )
     parser.add_argument("--one_at_a_time", type=int, default=64, help="examples generated one at a time (0: none)")
+    parser.add_argument(
+        "--recheck_margins",
+        type=float,
+        nargs="*",
+        default=[],
+        help="the static loop with each recheck margin (logits; answers nearer a tie decoded again alone), after "
+        "the first static call records every answer's margin against one at a time's answers",
+    )
     parser.add_argument(
         "--merged",
         action=argparse.BooleanOptionalAction,

@@ -23,6 +23,9 @@ class GenerationResult:
     outputs: list[list[int] | None]  # new token ids per prompt (stop token removed); None = failed
     failures: dict[int, str] = field(default_factory=dict)  # prompt index -> reason
     final_batch_size: int = 0
+    # per prompt, how near its greedy choices came to a tie (``closest_margin``); None where not tracked
+    closest_margins: list[float | None] = field(default_factory=list)
+    rechecked: list[int] = field(default_factory=list)  # prompts decoded again alone (``RECHECK_MARGIN``)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -73,6 +76,42 @@ def prefill_attention():
 # choose from, few-shot examples) are run through the model once and their keys and values shared by every row,
 # when there are at least this many: fewer, and the extra forward costs more than it saves.
 MIN_SHARED_PREFIX = 16
+
+# Greedy answers whose choice came down to a near tie, decoded again alone. A batch's numbers are not a single
+# prompt's: its matrix products split their sums another way for another number of rows, and padding changes the
+# attention kernel, so in bf16 a row's logits move by a rounding error or two. Where the best token led the next by
+# less than this (in logits, after constrained decoding's restriction, at any step), the batched answer is replaced
+# by transformers' generate on the prompt alone (``_generate_batch_plain``), the one-at-a-time answer. 0: never.
+# Set by QLORA_KIT_RECHECK_MARGIN.
+RECHECK_MARGIN = 0.0
+
+
+def recheck_margin_setting() -> float:
+    """The ``RECHECK_MARGIN`` QLORA_KIT_RECHECK_MARGIN sets (a number of logits, at least 0), else the default."""
+    import os
+
+    given = os.environ.get("QLORA_KIT_RECHECK_MARGIN", "")
+    if not given:
+        return RECHECK_MARGIN
+    try:
+        margin = float(given)
+    except ValueError:
+        margin = -1.0
+    if not margin >= 0:
+        raise UsageError(
+            f"QLORA_KIT_RECHECK_MARGIN={given}: leave it unset, or set it to a number of logits (0 or more; 0: never)"
+        )
+    return margin
+
+
+def closest_margin(scores, closest, finished) -> None:
+    """``closest`` (per row, in place) lowered to how far each still-decoding row's best score led its second
+    (infinite where one token alone was allowed); rows ``finished`` before this choice keep theirs."""
+    import torch
+
+    top = scores.topk(2, dim=-1).values
+    closest.copy_(torch.where(finished, closest, torch.minimum(closest, top[:, 0] - top[:, 1])))
+
 
 # Decode steps between checks that every row has stopped. Each check waits for the GPU (a host synchronisation);
 # checking less often lets the host queue the next steps meanwhile but may run up to this many - 1 steps past
@@ -356,9 +395,11 @@ def _generate_batch(
     trie: LabelTrie | None,
     prefill_tokens: int = PREFILL_TOKENS,
     stop_check_every: int = 1,
+    margins: list | None = None,
 ):
     """Greedy answers for one left-padded batch: prefill in row groups, then decode all rows together, checking
-    every ``stop_check_every`` steps whether all rows have stopped."""
+    every ``stop_check_every`` steps whether all rows have stopped. ``margins``: each row's ``closest_margin``
+    appended to it."""
     import torch
 
     pad_id = tokenizer.pad_token_id
@@ -377,10 +418,13 @@ def _generate_batch(
         with torch.profiler.record_function("decode"):
             finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
             states = labels.start(len(batch), device) if labels else None
+            closest = torch.full((len(batch),), float("inf"), device=device) if margins is not None else None
             tokens = []
             for step in range(max_new_tokens):
                 if labels is not None:
                     logits = labels.restrict(logits, states)
+                if closest is not None:
+                    closest_margin(logits, closest, finished)
                 next_token = logits.argmax(-1)
                 next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
                 tokens.append(next_token)
@@ -400,6 +444,8 @@ def _generate_batch(
                 cache, logits = out.past_key_values, out.logits[:, -1].float()
                 del out
             generated = torch.stack(tokens, dim=1).tolist()
+            if closest is not None:
+                margins.extend(closest.tolist())
     return [cut_at_stop(row, stop_ids) for row in generated]
 
 
@@ -526,6 +572,8 @@ def generate(
     num_beams: int = 1,
     likelihood: bool = False,
     compact_below: float | None = None,
+    recheck_margin: float | None = None,
+    track_margins: bool = False,
 ) -> GenerationResult:
     """Greedy answers for token-id prompts, in the prompts' order (with ``num_beams`` > 1, beam search's).
 
@@ -546,11 +594,17 @@ def generate(
     gives the highest probability (``label_likelihood``).
     ``compact_below``: the static loop drops a batch's finished rows once at most this share still decodes
     (``static_decoding.generate_batch``); None (the default): never.
+    ``recheck_margin``: answers whose greedy choice came within this many logits of a tie are decoded again alone
+    (``RECHECK_MARGIN``; default: QLORA_KIT_RECHECK_MARGIN, else ``RECHECK_MARGIN``); the static and dynamic loops
+    only. ``track_margins``: record each answer's ``closest_margin`` (in ``closest_margins``) even when not
+    rechecking.
     """
     import collections
 
     import torch
     from tqdm.auto import tqdm
+
+    from . import static_decoding
 
     batch_size = batch_size or default_batch_size()
     if max_batch_tokens is None:
@@ -581,11 +635,18 @@ def generate(
         generate_batch = functools.partial(_generate_batch_plain, num_beams=num_beams)
     else:
         generate_batch = _batch_generator(loop, model, compact_below)
+    recheck_margin = recheck_margin_setting() if recheck_margin is None else recheck_margin
+    tracks = getattr(generate_batch, "func", generate_batch) in (_generate_batch, static_decoding.generate_batch)
+    if recheck_margin > 0 and not tracks:
+        log.info("near ties are rechecked with the static or dynamic loop only: answers kept as generated")
+    track_margins = tracks and (track_margins or recheck_margin > 0)
+    result.closest_margins = [None] * len(prompts)
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:
             queue.appendleft(indices[rows_that_fit:])
             indices = indices[:rows_that_fit]
+        margins = [] if track_margins else None
         try:
             answers = generate_batch(
                 model,
@@ -596,7 +657,12 @@ def generate(
                 trie,
                 prefill_tokens,
                 stop_check_every,
+                **({"margins": margins} if track_margins else {}),
             )
+            near_ties = [row for row, margin in enumerate(margins or []) if margin < recheck_margin]
+            for row in near_ties:  # the prompt alone, as one at a time would answer it
+                alone = [prompts[indices[row]]]
+                answers[row] = _generate_batch_plain(model, tokenizer, alone, max_new_tokens, stop_ids, trie)[0]
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
             if not _is_out_of_memory(error):
                 raise
@@ -614,6 +680,9 @@ def generate(
             continue
         for index, answer in zip(indices, answers):
             result.outputs[index] = answer
+        for index, margin in zip(indices, margins or []):
+            result.closest_margins[index] = margin
+        result.rechecked.extend(indices[row] for row in near_ties)
         if on_batch is not None:
             on_batch(indices, answers)
         bar.update(len(indices))

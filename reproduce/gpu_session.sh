@@ -287,8 +287,10 @@ bench_prefill_attention() {
 # SAMSum's too with EXACT_TASKS="news samsum"): the static loop through peft's layers and EXACT_N (200) evenly spread
 # prompts one at a time, in one process for each of EXACT_NUMERICS (default: PyTorch's defaults, no
 # reduced-precision reductions in cuBLAS, everything in fp32); each way's answers are also scored against one at a
-# time's, paired (accuracy, or SAMSum's ROUGE). (One attention kernel for batches and single prompts alike,
-# --sdpa_backend efficient, has no kernel for an unpadded prompt's grouped key/value heads on a GPU.)
+# time's, paired (accuracy, or SAMSum's ROUGE). EXACT_RECHECK (e.g. "0.25 1"): the margins at which the static loop
+# also decodes its near ties again alone (--recheck_margins), after its first call records how near a tie every
+# answer came. (One attention kernel for batches and single prompts alike, --sdpa_backend efficient, has no kernel
+# for an unpadded prompt's grouped key/value heads on a GPU.)
 bench_gen_exactness() {
   local task script data decoding run numerics name
   mkdir -p "$R/bench_gen_exactness"
@@ -301,6 +303,7 @@ bench_gen_exactness() {
       python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
         --decoding "$decoding" --engine_calls 1 --no-merged --batch_sizes_plain --stop_check_every 1 \
         --static_stop_check_every 1 --one_at_a_time "${EXACT_N:-200}" $numerics \
+        ${EXACT_RECHECK:+--recheck_margins $EXACT_RECHECK} \
         --out "$R/bench_gen_exactness/generation_smollm2_${task}_exactness_$name.json"
     done
   done

@@ -350,6 +350,8 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
         "--fused_lora_inference",
         "--static_prefill_tokens",
         16,
+        "--recheck_margins",
+        "inf",
         "--out",
         out,
     )
@@ -370,6 +372,7 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     static |= {"engine_static_fused_lora_inference_compact_below0.5_call2"}
     static |= {"engine_static_fused_lora_inference_call1", "engine_static_fused_lora_inference_call2"}
     static |= {"engine_static_prefill_tokens16_call1", "engine_static_prefill_tokens16_call2"}  # many small groups
+    static |= {"engine_static_recheck_margininf_call1", "engine_static_recheck_margininf_call2"}  # all decoded alone
     assert set(runs) == ways | merged | static
     assert runs["engine_stop_check_every4"]["identical_to_engine"] == 1.0  # the same answers, whatever the check
     assert all(runs[name]["identical_to_engine"] == 1.0 for name in static)  # and whatever the loop
@@ -396,6 +399,14 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert "identical_to_first_call" not in runs["engine_call1"]
     assert runs["engine_call2"]["identical_to_first_call"] == 1.0
     assert runs["engine_static_check_every1_call2"]["identical_to_first_call"] == 1.0
+    # every answer rechecked at an infinite margin; what smaller margins would recheck, from the recorded margins
+    assert runs["engine_static_recheck_margininf_call1"]["rechecked"] == 12
+    assert "rechecked" not in runs["engine_static_check_every1_call1"]
+    ties = runs["one_at_a_time"]["near_ties"]
+    assert ties["differing_margins"] == []  # fp32: no answer differs
+    shares = [ties["by_margin"][f"{m:g}"]["share_rechecked"] for m in (0.0625, 0.125, 0.25, 0.5, 1, 2, 4)]
+    assert shares == sorted(shares) and 0 <= shares[0] and shares[-1] <= 1
+    assert {grid["identical_share_if_rechecked"] for grid in ties["by_margin"].values()} == {1.0}
 
 
 def test_generation_benchmark_runs_the_adapter_variants_in_the_loop_asked(trained_run_for_resume, data_dir, tmp_path):
@@ -557,3 +568,20 @@ def test_summarize_passes_gives_each_runs_median_and_spread_per_setting(tmp_path
         bad.returncode == 1
         and bad.stderr.strip() == f"{tmp_path / 'other.json'}: not a pass's file (its name should end in _passN.json)"
     )
+
+
+def test_near_ties_counts_what_rechecking_would_decode_again_and_repair():
+    """Of four answers, the two that differ from one at a time's came within 0.1 and 3 logits of a tie: a margin of
+    0.125 rechecks the two answers under it (half) and repairs one of the two differences, 4 both."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import generation_real_model
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    margins = [0.1, 5.0, 3.0, 0.05]
+    outputs = [[1], [2], [3], [4]]
+    ties = generation_real_model.near_ties(margins, outputs, [0, 1, 2, 3], [[9], [2], [9], [4]])
+    assert ties["differing_margins"] == [0.1, 3.0]
+    assert ties["by_margin"]["0.125"] == {"share_rechecked": 0.5, "identical_share_if_rechecked": 0.75}
+    assert ties["by_margin"]["4"] == {"share_rechecked": 0.75, "identical_share_if_rechecked": 1.0}
+    assert ties["by_margin"]["0.0625"] == {"share_rechecked": 0.25, "identical_share_if_rechecked": 0.5}

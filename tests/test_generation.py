@@ -802,3 +802,94 @@ def test_a_likelihood_evaluation_answers_only_labels_in_its_own_folder(trained_r
     args.num_beams = 2
     with pytest.raises(generation.UsageError, match="--num_beams does not apply to --decoding likelihood"):
         evaluation.evaluate_run("classification", args)
+
+
+def _closest_margin_alone(model, prompt, answer, stop, max_new_tokens, trie, pad_id):
+    """How near the greedy choices of ``answer`` (then its stop token, if it stopped) came to a tie, from the
+    prompt alone run through the model with the answer's tokens so far: the least gap between the best two
+    allowed tokens' logits."""
+    chosen = answer + stop[:1] if len(answer) < max_new_tokens else answer
+    gaps = []
+    for k in range(len(chosen)):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + chosen[:k]])).logits[0, -1].float()
+        allowed = trie.allowed(chosen[:k], pad_id) if trie is not None else range(len(logits))
+        top = logits[list(allowed)].topk(min(2, len(allowed))).values
+        gaps.append(float(top[0] - top[1]) if len(top) == 2 else float("inf"))
+    return min(gaps)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+@pytest.mark.parametrize("loop", ["dynamic", "static", "static-compacted"])
+def test_each_answer_records_how_near_its_choices_came_to_a_tie(model_and_tokenizer, monkeypatch, loop, constrained):
+    """track_margins: each answer's least gap between the best two allowed tokens over the steps it decoded
+    (a token constrained decoding forces counts as no tie at all), as the prompt alone gives it, in batches of
+    mixed lengths; the answers are unchanged."""
+    model, tokenizer = model_and_tokenizer
+    prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained)
+    kwargs["max_new_tokens"] = 6
+    compact = {}
+    if loop == "static-compacted":
+        monkeypatch.setattr(static_decoding, "MIN_COMPACTED_ROWS", 1)
+        compact = {"compact_below": 0.99}
+    chosen = loop.split("-")[0]
+    plain = generation.generate(model, tokenizer, prompts, loop=chosen, **compact, **kwargs)
+    tracked = generation.generate(model, tokenizer, prompts, loop=chosen, track_margins=True, **compact, **kwargs)
+    assert tracked.outputs == plain.outputs and not tracked.rechecked
+    assert plain.closest_margins == [None] * len(prompts)
+    trie = generation.LabelTrie(labels) if constrained else None
+    for prompt, answer, margin in zip(prompts, tracked.outputs, tracked.closest_margins):
+        expected = _closest_margin_alone(
+            model, prompt, answer, stop, kwargs["max_new_tokens"], trie, tokenizer.pad_token_id
+        )
+        assert margin == pytest.approx(expected, abs=1e-3)
+    if constrained:  # after a label's first tokens the rest is forced; before, three labels compete
+        assert all(0 <= margin < float("inf") for margin in tracked.closest_margins)
+
+
+def test_near_ties_are_decoded_again_alone(model_and_tokenizer, monkeypatch):
+    """recheck_margin: exactly the answers whose closest margin is under it are replaced by transformers' generate
+    on their prompt alone; QLORA_KIT_RECHECK_MARGIN sets it, a value that is not a number of logits is refused."""
+    model, tokenizer = model_and_tokenizer
+    prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained=True)
+    margins = generation.generate(model, tokenizer, prompts, track_margins=True, **kwargs).closest_margins
+    threshold = sorted(margins)[4] + 1e-6  # five of nine under it
+    alone = []
+    real = generation._generate_batch_plain
+
+    def marked(model, tokenizer, batch, *args, **kwargs):
+        alone.append(batch)
+        return [[-7] + answer for answer in real(model, tokenizer, batch, *args, **kwargs)]
+
+    monkeypatch.setattr(generation, "_generate_batch_plain", marked)
+    monkeypatch.setenv("QLORA_KIT_RECHECK_MARGIN", str(threshold))
+    result = generation.generate(model, tokenizer, prompts, **kwargs)
+    under = sorted(i for i, margin in enumerate(margins) if margin < threshold)
+    assert sorted(result.rechecked) == under and len(under) == 5
+    assert sorted(alone) == sorted([prompts[i]] for i in under)
+    trie = generation.LabelTrie(labels)
+    for i, answer in enumerate(result.outputs):
+        if i in under:  # the prompt's answer alone, marked as such here
+            assert answer == [-7] + real(model, tokenizer, [prompts[i]], kwargs["max_new_tokens"], stop, trie)[0]
+        else:
+            assert answer[:1] != [-7] and answer + stop in labels
+    monkeypatch.setattr(generation, "_generate_batch_plain", real)
+    everything = generation.generate(model, tokenizer, prompts, recheck_margin=float("inf"), **kwargs)
+    assert sorted(everything.rechecked) == list(range(len(prompts)))
+    for bad in ("near", "-1", "nan"):
+        monkeypatch.setenv("QLORA_KIT_RECHECK_MARGIN", bad)
+        with pytest.raises(generation.UsageError, match=f"QLORA_KIT_RECHECK_MARGIN={bad}"):
+            generation.generate(model, tokenizer, prompts, **kwargs)
+    monkeypatch.delenv("QLORA_KIT_RECHECK_MARGIN")
+    assert generation.recheck_margin_setting() == generation.RECHECK_MARGIN
+
+
+def test_near_ties_are_left_as_generated_by_a_loop_that_does_not_track_them(model_and_tokenizer, monkeypatch, caplog):
+    """The plain path has no margins to go by: it says so once and rechecks nothing."""
+    model, tokenizer = model_and_tokenizer
+    prompts, _, _, kwargs = _nine_prompts_three_labels(tokenizer, constrained=False)
+    monkeypatch.setenv("QLORA_KIT_GENERATION", "plain")
+    with caplog.at_level("INFO", logger="qlora_kit.generation"):
+        result = generation.generate(model, tokenizer, prompts, recheck_margin=float("inf"), **kwargs)
+    assert not result.rechecked and result.closest_margins == [None] * len(prompts)
+    assert "near ties are rechecked with the static or dynamic loop only" in caplog.text
