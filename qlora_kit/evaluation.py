@@ -13,7 +13,7 @@ from . import distributed, inference_kernels, modeling, results
 from .data import canonical_labels, map_to_known_labels
 from .errors import UsageError
 from .formatting import PromptFormat, answer_ids, end_of_turn_token
-from .generation import default_max_batch_tokens, generate
+from .generation import default_max_batch_tokens, generate, recheck_margin_setting
 from .run_folder import (
     METRICS,
     PREDICTIONS,
@@ -256,7 +256,8 @@ def generate_missing(
             index, job.rows[index], job.prompt_texts[index], None, job.task, job.label_names, error=error
         )
     ran = sum(output is not None for output in generated.outputs) + len(generated.failures)
-    return records, {"seconds": seconds, "new": ran, "batch": generated.final_batch_size}
+    timing = {"seconds": seconds, "new": ran, "batch": generated.final_batch_size}
+    return records, {**timing, "rechecked": len(generated.rechecked)}
 
 
 def run_generation(
@@ -307,6 +308,9 @@ def run_generation(
             "examples_per_second": new / seconds if seconds and new else None,
             "final_batch_size": min(part["batch"] for part in gathered),
             "max_batch_tokens": max_batch_tokens,  # the padded-token budget of a batch (None: the CPU's)
+            # answers within the recheck margin of a tie, decoded again alone (generation.RECHECK_MARGIN)
+            "recheck_margin": recheck_margin_setting(),
+            "rechecked_near_ties": sum(part.get("rechecked", 0) for part in gathered),
         }
     )
     return metrics, all_records
@@ -328,6 +332,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     from . import fused_lora
 
     inference_kernels.choice()  # a bad QLORA_KIT_INFERENCE_KERNELS stops here, before anything loads
+    recheck_margin_setting()  # and a bad QLORA_KIT_RECHECK_MARGIN
     distributed.init()
     run = RunFolder(args.experiment_dir)
     config = run.config()
@@ -424,6 +429,7 @@ def evaluate_baseline(args: Namespace) -> dict:
     started = time.perf_counter()
     check_decoding(args)
     inference_kernels.choice()  # a bad QLORA_KIT_INFERENCE_KERNELS stops here, before anything loads
+    recheck_margin_setting()  # and a bad QLORA_KIT_RECHECK_MARGIN
     distributed.init()
     task = get_task(args.task_type)
     out_dir = Path(args.output_dir) if args.output_dir else baseline_dir(args)

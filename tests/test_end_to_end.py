@@ -627,3 +627,24 @@ def test_export_takes_the_checkpoint_chosen_on_validation(tiny_model, data_dir, 
     final = json.loads((tmp_path / "final" / "export_info.json").read_text())
     assert chosen["checkpoint"] == best and chosen["adapter"].endswith(f"checkpoint-{best}")
     assert final["checkpoint"] is None and final["adapter"].endswith("adapter")
+
+
+def test_near_ties_rechecked_alone_on_request(trained_classifier, data_dir, tmp_path, monkeypatch):
+    """QLORA_KIT_RECHECK_MARGIN: answers that came within that many logits of a tie are decoded again alone; at
+    1,000 every answer is, each the same as in its batch on the CPU in fp32, and metrics.json counts them. A value
+    that is not a margin is a one-line error before anything loads."""
+    monkeypatch.delenv("QLORA_KIT_RECHECK_MARGIN", raising=False)
+    classify_inference(trained_classifier, data_dir, "--limit", 3, "--output_dir", tmp_path / "batched", cwd=tmp_path)
+    monkeypatch.setenv("QLORA_KIT_RECHECK_MARGIN", "1000")
+    classify_inference(trained_classifier, data_dir, "--limit", 3, "--output_dir", tmp_path / "alone", cwd=tmp_path)
+    batched, alone = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("batched", "alone"))
+    assert (batched["rechecked_near_ties"], alone["rechecked_near_ties"]) == (0, 3)
+    assert (batched["recheck_margin"], alone["recheck_margin"]) == (0.0, 1000.0)
+    answers = [(tmp_path / name / "predictions.jsonl").read_text() for name in ("batched", "alone")]
+    assert answers[0] == answers[1]
+    monkeypatch.setenv("QLORA_KIT_RECHECK_MARGIN", "near")
+    refused = classify_inference(
+        trained_classifier, data_dir, "--output_dir", tmp_path / "refused", cwd=tmp_path, check=False
+    )
+    assert refused.returncode == 2 and "QLORA_KIT_RECHECK_MARGIN=near" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
