@@ -131,7 +131,7 @@ def run(args):
     from qlora_kit.compare import paired_differences
     from qlora_kit.evaluation import _load_finetuned, load_eval_rows, plan_job
     from qlora_kit.formatting import PromptFormat, end_of_turn_token
-    from qlora_kit.generation import LabelTrie, generate, prefill_attention_choice
+    from qlora_kit.generation import LabelTrie, decode_alone, generate, prefill_attention_choice
     from qlora_kit.run_folder import RunFolder
     from qlora_kit.tasks import get_task
 
@@ -305,6 +305,14 @@ def run(args):
         if margins is not None:
             extra["near_ties"] = near_ties(margins, static[args.static_stop_check_every[0]], subset, single)
         record("one_at_a_time", single, seconds, memory, len(subset), extra)
+        if args.recheck_margins:  # what a recheck runs, on the same prompts: one at a time's answers?
+            alone, seconds, memory = timed(
+                lambda: [
+                    decode_alone(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset
+                ]
+            )
+            extra = {"identical_to_one_at_a_time": identical(alone, single)}
+            record("decode_alone", alone, seconds, memory, len(subset), extra)
     # the static loop rechecking its near ties: each answer closer than the margin to a tie decoded again alone
     for margin in args.recheck_margins:
         called(f"engine_static_recheck_margin{margin:g}", loop="static", recheck_margin=margin)

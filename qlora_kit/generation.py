@@ -81,8 +81,7 @@ MIN_SHARED_PREFIX = 16
 # prompt's: its matrix products split their sums another way for another number of rows, and padding changes the
 # attention kernel, so in bf16 a row's logits move by a rounding error or two. Where the best token led the next by
 # less than this (in logits, after constrained decoding's restriction, at any step), the batched answer is replaced
-# by transformers' generate on the prompt alone (``_generate_batch_plain``), the one-at-a-time answer. 0: never.
-# Set by QLORA_KIT_RECHECK_MARGIN.
+# by the prompt's answer alone (``decode_alone``), the one-at-a-time answer. 0: never. Set by QLORA_KIT_RECHECK_MARGIN.
 RECHECK_MARGIN = 0.0
 
 
@@ -449,6 +448,13 @@ def _generate_batch(
     return [cut_at_stop(row, stop_ids) for row in generated]
 
 
+def decode_alone(model, tokenizer, prompt: list[int], max_new_tokens: int, stop_ids: list[int], trie):
+    """One prompt's greedy answer as one at a time gives it: a batch of one (no padding, no other rows to change
+    the kernels' sums) through the growing-cache loop, the same forwards as transformers' generate on the prompt
+    alone (one prompt's logits in prefill, a dynamic cache), without its per-step overhead."""
+    return _generate_batch(model, tokenizer, [prompt], max_new_tokens, stop_ids, trie)[0]
+
+
 def _generate_batch_plain(
     model,
     tokenizer,
@@ -660,9 +666,8 @@ def generate(
                 **({"margins": margins} if track_margins else {}),
             )
             near_ties = [row for row, margin in enumerate(margins or []) if margin < recheck_margin]
-            for row in near_ties:  # the prompt alone, as one at a time would answer it
-                alone = [prompts[indices[row]]]
-                answers[row] = _generate_batch_plain(model, tokenizer, alone, max_new_tokens, stop_ids, trie)[0]
+            for row in near_ties:
+                answers[row] = decode_alone(model, tokenizer, prompts[indices[row]], max_new_tokens, stop_ids, trie)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
             if not _is_out_of_memory(error):
                 raise

@@ -363,6 +363,7 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
         "engine_static_adapter_merged_compact_below0.5_call2",
     }
     ways = {"engine_call1", "engine_call2", "engine_stop_check_every4", "plain_generate_batch4", "one_at_a_time"}
+    ways |= {"decode_alone"}  # what a recheck runs, against one at a time
     static = {f"engine_static_check_every{every}_call{call}" for every in (1, 4) for call in (1, 2)}
     # in smaller batches, with the product in place as --fused_lora_inference asks
     static |= {"engine_static_fused_lora_inference_batch_tokens160_call1"}
@@ -401,6 +402,7 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert runs["engine_static_check_every1_call2"]["identical_to_first_call"] == 1.0
     # every answer rechecked at an infinite margin; what smaller margins would recheck, from the recorded margins
     assert runs["engine_static_recheck_margininf_call1"]["rechecked"] == 12
+    assert runs["decode_alone"]["identical_to_one_at_a_time"] == 1.0 and runs["decode_alone"]["examples"] == 5
     assert "rechecked" not in runs["engine_static_check_every1_call1"]
     ties = runs["one_at_a_time"]["near_ties"]
     assert ties["differing_margins"] == []  # fp32: no answer differs

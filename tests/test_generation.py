@@ -848,34 +848,41 @@ def test_each_answer_records_how_near_its_choices_came_to_a_tie(model_and_tokeni
 
 
 def test_near_ties_are_decoded_again_alone(model_and_tokenizer, monkeypatch):
-    """recheck_margin: exactly the answers whose closest margin is under it are replaced by transformers' generate
-    on their prompt alone; QLORA_KIT_RECHECK_MARGIN sets it, a value that is not a number of logits is refused."""
+    """recheck_margin: exactly the answers whose closest margin is under it are replaced by the prompt's answer
+    alone (``decode_alone``, one at a time's: transformers' generate on the prompt alone gives the same);
+    QLORA_KIT_RECHECK_MARGIN sets it, a value that is not a number of logits is refused."""
     model, tokenizer = model_and_tokenizer
     prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained=True)
+    kwargs["loop"] = "static"
     margins = generation.generate(model, tokenizer, prompts, track_margins=True, **kwargs).closest_margins
     threshold = sorted(margins)[4] + 1e-6  # five of nine under it
     alone = []
-    real = generation._generate_batch_plain
+    real = generation.decode_alone
 
-    def marked(model, tokenizer, batch, *args, **kwargs):
-        alone.append(batch)
-        return [[-7] + answer for answer in real(model, tokenizer, batch, *args, **kwargs)]
+    def marked(model, tokenizer, prompt, *args):
+        alone.append(prompt)
+        return [-7] + real(model, tokenizer, prompt, *args)
 
-    monkeypatch.setattr(generation, "_generate_batch_plain", marked)
+    monkeypatch.setattr(generation, "decode_alone", marked)
     monkeypatch.setenv("QLORA_KIT_RECHECK_MARGIN", str(threshold))
     result = generation.generate(model, tokenizer, prompts, **kwargs)
     under = sorted(i for i, margin in enumerate(margins) if margin < threshold)
     assert sorted(result.rechecked) == under and len(under) == 5
-    assert sorted(alone) == sorted([prompts[i]] for i in under)
+    assert sorted(alone) == sorted(prompts[i] for i in under)
     trie = generation.LabelTrie(labels)
     for i, answer in enumerate(result.outputs):
-        if i in under:  # the prompt's answer alone, marked as such here
-            assert answer == [-7] + real(model, tokenizer, [prompts[i]], kwargs["max_new_tokens"], stop, trie)[0]
+        if i in under:  # the prompt's answer alone, marked as such here: transformers' generate's on it alone
+            plain = generation._generate_batch_plain(
+                model, tokenizer, [prompts[i]], kwargs["max_new_tokens"], stop, trie
+            )
+            assert answer == [-7] + plain[0]
         else:
             assert answer[:1] != [-7] and answer + stop in labels
-    monkeypatch.setattr(generation, "_generate_batch_plain", real)
+    monkeypatch.setattr(generation, "decode_alone", real)
     everything = generation.generate(model, tokenizer, prompts, recheck_margin=float("inf"), **kwargs)
     assert sorted(everything.rechecked) == list(range(len(prompts)))
+    # in fp32 a prompt alone answers as in its batch
+    assert everything.outputs == generation.generate(model, tokenizer, prompts, **kwargs).outputs
     for bad in ("near", "-1", "nan"):
         monkeypatch.setenv("QLORA_KIT_RECHECK_MARGIN", bad)
         with pytest.raises(generation.UsageError, match=f"QLORA_KIT_RECHECK_MARGIN={bad}"):
