@@ -209,6 +209,7 @@ def run(args):
     # the engine's answers, and one at a time's on an evenly spread subset, once each has run: what every later way
     # is compared with
     engine = single = single_answers = None
+    latest = {}  # the last call's GenerationResult
     subset = list(range(0, len(rows), max(1, len(rows) // max(1, args.one_at_a_time))))[: args.one_at_a_time]
 
     def against_one_at_a_time(outputs) -> dict:
@@ -272,7 +273,6 @@ def run(args):
         model = peft_model
         if args.only_merged_first:
             return
-    latest = {}  # the last call's GenerationResult
     engine = called("engine")
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
         out, seconds, memory = timed(
