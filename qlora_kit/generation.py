@@ -5,6 +5,8 @@ prefilled once and shared); the answer is what comes after the prompt's token po
 token. On CUDA out of memory the batch is halved and the same prompts are retried; a prompt that fails even
 alone is reported as failed, never recorded as an empty answer. Beam search (``num_beams``) runs through
 transformers' own generate over the same batches; choosing labels by likelihood (``label_likelihood``) too.
+An answer whose greedy choice came within ``RECHECK_MARGIN`` logits of a tie may be decoded again on its prompt
+alone, where a batch's rounding cannot turn it.
 """
 
 from __future__ import annotations
