@@ -6,7 +6,11 @@ Usage:
 ``--bf16`` computes in bf16 on the CPU too (as a GPU does; the CPU's default is fp32, where batching changes
 nothing), ``--every N`` takes every Nth test row, ``--constrained`` decodes with the label constraint, and
 ``--lm_head_fp32`` computes the vocabulary logits in fp32 (an untied fp32 copy of the output layer): whether the
-answers that batching turns come from the logits' bf16 rounding or from the layers below.
+answers that batching turns come from the logits' bf16 rounding or from the layers below. ``--recheck_margins``:
+how near a tie the batched answers that differ came (the least lead of the chosen token over the next allowed one,
+in logits), and the batched engine again with the answers under each margin decoded alone (one at a time here is
+the engine on a batch of one, which is what a recheck runs): how many answers each decodes again, what it costs,
+how many answers then equal one at a time's.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def main(args):
     end = config["end_token"]
     labels = [answer_ids(tokenizer, name, end) for name in label_names] if args.constrained else None
 
-    def run(batch_size):
+    def run(batch_size, **options):
         started = time.perf_counter()
         out = generate(
             model,
@@ -70,15 +74,19 @@ def main(args):
             max_batch_tokens=None if batch_size > 1 else 10**9,
             label_sequences=labels,
             progress=False,
+            **options,
         )
         seconds = time.perf_counter() - started
+        runs.append(out)
         return (
             [parse_label(tokenizer.decode(ids, skip_special_tokens=True), label_names) for ids in out.outputs],
             [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.outputs],
             seconds,
         )
 
-    batched, batched_text, batched_seconds = run(args.batch_size)
+    runs = []  # each call's GenerationResult
+    batched, batched_text, batched_seconds = run(args.batch_size, track_margins=bool(args.recheck_margins))
+    margins = runs[-1].closest_margins
     single, single_text, single_seconds = run(1)
     same_label = sum(a == b for a, b in zip(batched, single))
     same_text = sum(a == b for a, b in zip(batched_text, single_text))
@@ -99,6 +107,17 @@ def main(args):
         "batched_seconds": batched_seconds,
         "one_at_a_time_seconds": single_seconds,
     }
+    if args.recheck_margins:
+        differ = [i for i, (a, b) in enumerate(zip(batched_text, single_text)) if a != b]
+        result["differing_margins"] = sorted(margins[i] for i in differ)
+        result["rechecked"] = {}
+        for margin in args.recheck_margins:
+            _, text, seconds = run(args.batch_size, recheck_margin=margin)
+            result["rechecked"][f"{margin:g}"] = {
+                "decoded_alone": len(runs[-1].rechecked),
+                "seconds": seconds,
+                "same_output_text": sum(a == b for a, b in zip(text, single_text)),
+            }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -115,5 +134,8 @@ if __name__ == "__main__":
     parser.add_argument("--bf16", action="store_true", help="compute in bf16 on the CPU too")
     parser.add_argument("--constrained", action="store_true", help="decode with the label constraint")
     parser.add_argument("--lm_head_fp32", action="store_true", help="the vocabulary logits in fp32")
+    parser.add_argument(
+        "--recheck_margins", type=float, nargs="*", default=[], help="the batched engine again at each recheck margin"
+    )
     parser.add_argument("--out", default=None)
     main(parser.parse_args())

@@ -528,16 +528,20 @@ def test_forward_ops_counts_what_each_way_of_adding_the_adapter_runs(tmp_path):
 
 def test_batched_against_one_at_a_time(trained_run_for_resume, data_dir, tmp_path):
     """batched_vs_single.py on a tiny trained run: in fp32 batching changes no answer; in bf16 with the logits in
-    fp32 it runs and says what it computed in."""
+    fp32 it runs and says what it computed in; rechecked at a margin no lead reaches, every answer is decoded alone
+    and equals one at a time's, and each answer that differed in the batch has its lead recorded."""
     common = ["--experiment_dir", trained_run_for_resume, "--test_file", data_dir / "news_test.jsonl"]
     common += ["--constrained", "--batch_size", 4]
     _run("batched_vs_single.py", *common, "--out", tmp_path / "fp32.json")
     exact = json.loads((tmp_path / "fp32.json").read_text())
     assert exact["same_output_text_rate"] == 1.0 and exact["examples"] == 12 and exact["dtype"] == "torch.float32"
-    _run("batched_vs_single.py", *common, "--every", 2, "--bf16", "--lm_head_fp32", "--out", tmp_path / "bf16.json")
+    bf16 = ["--every", 2, "--bf16", "--lm_head_fp32", "--recheck_margins", 1000]
+    _run("batched_vs_single.py", *common, *bf16, "--out", tmp_path / "bf16.json")
     rounded = json.loads((tmp_path / "bf16.json").read_text())
     assert rounded["examples"] == 6 and rounded["dtype"] == "torch.bfloat16" and rounded["lm_head_fp32"]
     assert 0 <= rounded["same_parsed_label_rate"] <= 1
+    assert len(rounded["differing_margins"]) == 6 - rounded["same_output_text"]
+    assert rounded["rechecked"]["1000"]["decoded_alone"] == 6 and rounded["rechecked"]["1000"]["same_output_text"] == 6
 
 
 def test_summarize_passes_gives_each_runs_median_and_spread_per_setting(tmp_path):
