@@ -256,8 +256,12 @@ def generate_missing(
             index, job.rows[index], job.prompt_texts[index], None, job.task, job.label_names, error=error
         )
     ran = sum(output is not None for output in generated.outputs) + len(generated.failures)
-    timing = {"seconds": seconds, "new": ran, "batch": generated.final_batch_size}
-    return records, {**timing, "rechecked": len(generated.rechecked)}
+    return records, {
+        "seconds": seconds,
+        "new": ran,
+        "batch": generated.final_batch_size,
+        "rechecked": len(generated.rechecked),
+    }
 
 
 def run_generation(

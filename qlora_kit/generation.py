@@ -629,7 +629,7 @@ def generate(
         max_batch_tokens=max_batch_tokens,
     )
     queue = collections.deque(share_batches(plan, [len(p) for p in prompts], max_new_tokens, processes)[rank])
-    result = GenerationResult(outputs=[None] * len(prompts))
+    result = GenerationResult(outputs=[None] * len(prompts), closest_margins=[None] * len(prompts))
     bar = tqdm(total=sum(len(batch) for batch in queue), desc="generating", unit="ex", disable=not progress)
     rows_that_fit = None  # learned from an out-of-memory error: later batches are split to this many rows
     if likelihood:
@@ -648,7 +648,6 @@ def generate(
     if recheck_margin > 0 and not tracks:
         log.info("near ties are rechecked with the static or dynamic loop only: answers kept as generated")
     track_margins = tracks and (track_margins or recheck_margin > 0)
-    result.closest_margins = [None] * len(prompts)
     while queue:
         indices = queue.popleft()
         if rows_that_fit and len(indices) > rows_that_fit:

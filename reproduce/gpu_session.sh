@@ -287,7 +287,7 @@ bench_prefill_attention() {
 # SAMSum's too with EXACT_TASKS="news samsum"): the static loop through peft's layers and EXACT_N (200) evenly spread
 # prompts one at a time, in one process for each of EXACT_NUMERICS (default: PyTorch's defaults, no
 # reduced-precision reductions in cuBLAS, everything in fp32); each way's answers are also scored against one at a
-# time's, paired (accuracy, or SAMSum's ROUGE). EXACT_RECHECK (e.g. "0.25 1"): the margins at which the static loop
+# time's, paired (accuracy, or SAMSum's ROUGE). EXACT_RECHECK (e.g. "0.5 2"): the margins at which the static loop
 # also decodes its near ties again alone (--recheck_margins), after its first call records how near a tie every
 # answer came. (One attention kernel for batches and single prompts alike, --sdpa_backend efficient, has no kernel
 # for an unpadded prompt's grouped key/value heads on a GPU.)
