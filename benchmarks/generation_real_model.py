@@ -8,8 +8,9 @@ evaluation's default on a GPU for a 4-bit base) and ``--merged`` (merged into a 
 
 Times are generation alone (the prompts are built and tokenised before the clock starts); the inference script
 prints its whole wall time separately. Exactness: the share of outputs identical to one-at-a-time greedy on an
-evenly spread subset, to the plain path on every prompt, and the metric of each way. ``--recheck_margins``: how
-near a tie the answers that differ from one at a time's came, and the static loop deciding near ties alone.
+evenly spread subset, to the plain path on every prompt, and the metric of each way. ``--track_margins``: how
+near a tie the answers that differ from one at a time's came, and what deciding near ties alone would give;
+``--recheck_margins``: also the static loop doing so, timed.
 
 Usage (after training a run, e.g. `python zephyr_summarization.py --recipe small-model ...`):
     python benchmarks/generation_real_model.py --experiment_dir RUN --test_file samsum/test.jsonl.gz \\
@@ -79,18 +80,20 @@ def one_at_a_time(model, tokenizer, prompt: list[int], max_new_tokens: int, stop
 MARGIN_GRID = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def near_ties(margins: list[float], outputs: list, subset: list[int], single: list) -> dict:
+def near_ties(margins: list[float], outputs: list, subset: list[int], single: list, alone: list | None = None) -> dict:
     """How near each of the static loop's answers came to a tie against whether it equals one at a time's: the
     closest margins of the subset's answers that differ, and for each margin of ``MARGIN_GRID`` the share of
     every answer under it (the share ``recheck_margin`` would decode again alone) and the subset's share identical
-    once those are (an answer decoded alone is one at a time's)."""
+    once those are: an answer under the margin replaced by ``alone``'s (the subset's answers decoded alone), or
+    without them by one at a time's."""
     differ = [i for i, answer in zip(subset, single) if outputs[i] != answer]
+    alone = single if alone is None else alone
     grid = {}
     for margin in MARGIN_GRID:
-        fixed = sum(margins[i] < margin for i in differ)
+        rechecked = [alone[k] if margins[i] < margin else outputs[i] for k, i in enumerate(subset)]
         grid[f"{margin:g}"] = {
             "share_rechecked": sum(m < margin for m in margins) / len(margins),
-            "identical_share_if_rechecked": 1 - (len(differ) - fixed) / len(subset),
+            "identical_share_if_rechecked": sum(a == b for a, b in zip(rechecked, single)) / len(subset),
         }
     return {"differing_margins": sorted(margins[i] for i in differ), "by_margin": grid}
 
@@ -283,8 +286,9 @@ def run(args):
     # the static-cache loop (CUDA graphs on a GPU) at each stop-check interval
     static, margins = {}, None
     for every in args.static_stop_check_every:
-        # with --recheck_margins the first interval's calls record how near each answer came to a tie
-        track = bool(args.recheck_margins) and margins is None
+        # with --track_margins or --recheck_margins the first interval's calls record how near each answer came to
+        # a tie
+        track = (args.track_margins or bool(args.recheck_margins)) and margins is None
         static[every] = called(
             f"engine_static_check_every{every}", loop="static", stop_check_every=every, track_margins=track
         )
@@ -305,13 +309,16 @@ def run(args):
         if margins is not None:
             extra["near_ties"] = near_ties(margins, static[args.static_stop_check_every[0]], subset, single)
         record("one_at_a_time", single, seconds, memory, len(subset), extra)
-        if args.recheck_margins:  # what a recheck runs, on the same prompts: one at a time's answers?
+        if margins is not None:  # what a recheck runs, on the same prompts: one at a time's answers?
             alone, seconds, memory = timed(
                 lambda: [
                     decode_alone(model, tokenizer, job.prompt_ids[i], new_tokens, job.stop_ids, trie) for i in subset
                 ]
             )
             extra = {"identical_to_one_at_a_time": identical(alone, single)}
+            # the static loop with its near ties replaced by these answers, against one at a time's
+            outputs = static[args.static_stop_check_every[0]]
+            extra["near_ties"] = near_ties(margins, outputs, subset, single, alone)
             record("decode_alone", alone, seconds, memory, len(subset), extra)
     # the static loop rechecking its near ties: each answer closer than the margin to a tie decoded again alone
     for margin in args.recheck_margins:
@@ -381,6 +388,12 @@ if __name__ == "__main__":
         default=[],
         help="the static loop with each recheck margin (logits; answers nearer a tie decoded again alone), after "
         "the first static call records every answer's margin against one at a time's answers",
+    )
+    parser.add_argument(
+        "--track_margins",
+        action="store_true",
+        help="the first static call records how near a tie every answer came, and one at a time's prompts are decoded "
+        "alone as a recheck would (--recheck_margins without the timed calls)",
     )
     parser.add_argument(
         "--merged",

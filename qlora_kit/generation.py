@@ -63,11 +63,12 @@ def prefill_attention_choice() -> str:
     return choice
 
 
-def prefill_attention():
-    """A context in which prefill's attention runs on the kernels QLORA_KIT_PREFILL_ATTENTION names."""
+def prefill_attention(choice: str | None = None):
+    """A context in which prefill's attention runs on the kernels ``choice`` names (one of ``PREFILL_ATTENTION``),
+    by default those QLORA_KIT_PREFILL_ATTENTION names."""
     import contextlib
 
-    if prefill_attention_choice() == "pytorch":
+    if (choice or prefill_attention_choice()) == "pytorch":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -263,7 +264,9 @@ def prefill_row_groups(lengths: list[int], prefill_tokens: int) -> list[tuple[in
     return groups
 
 
-def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens: int, prefix: int = 0):
+def _prefill_groups(
+    model, input_ids, attention_mask, position_ids, prefill_tokens: int, prefix: int = 0, attention: str | None = None
+):
     """Run padded prompts (``left_padded``) through the model in groups of consecutive rows, each group cut to its
     own longest prompt and holding at most ``prefill_tokens`` tokens so cut: yields each group's rows (a slice),
     its KV cache and the logits of its rows' last position. The padding a group's rows share is not computed (a
@@ -276,7 +279,7 @@ def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_toke
     shared = None
     if prefix:
         columns = slice(0, prefix)
-        with prefill_attention():
+        with prefill_attention(attention):
             out = model(
                 input_ids=input_ids[:1, columns],
                 attention_mask=attention_mask[:1, columns],
@@ -295,7 +298,7 @@ def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_toke
             mask = torch.cat([attention_mask[rows, :prefix], mask], dim=1)
             count = end - start
             cache = DynamicCache([(k.expand(count, -1, -1, -1), v.expand(count, -1, -1, -1)) for k, v in shared])
-        with prefill_attention():
+        with prefill_attention(attention):
             out = model(
                 input_ids=input_ids[rows, columns],
                 attention_mask=mask,
@@ -308,7 +311,9 @@ def _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_toke
         del out
 
 
-def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int, prefix: int = 0):
+def _prefill(
+    model, input_ids, attention_mask, position_ids, prefill_tokens: int, prefix: int = 0, attention: str | None = None
+):
     """Prefill in row groups (``_prefill_groups``), the groups' KV caches joined into one as wide as the batch (a
     group's columns between the shared prefix and its longest prompt are zeros, masked), so that the whole batch
     decodes together: a decode step costs about as much for 500 rows as for 50, while prefill activations would
@@ -318,7 +323,8 @@ def _prefill(model, input_ids, attention_mask, position_ids, prefill_tokens: int
 
     width = input_ids.shape[1]
     caches, last_logits = [], []
-    for _, cache, logits in _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens, prefix):
+    groups = _prefill_groups(model, input_ids, attention_mask, position_ids, prefill_tokens, prefix, attention)
+    for _, cache, logits in groups:
         caches.append(cache)
         last_logits.append(logits)
     if len(caches) == 1:  # the group holds the batch's longest prompt: already as wide as the batch
@@ -397,10 +403,11 @@ def _generate_batch(
     prefill_tokens: int = PREFILL_TOKENS,
     stop_check_every: int = 1,
     margins: list | None = None,
+    prefill_kernels: str | None = None,
 ):
     """Greedy answers for one left-padded batch: prefill in row groups, then decode all rows together, checking
     every ``stop_check_every`` steps whether all rows have stopped. ``margins``: each row's ``closest_margin``
-    appended to it."""
+    appended to it. ``prefill_kernels``: prefill's attention kernels (``prefill_attention``)."""
     import torch
 
     pad_id = tokenizer.pad_token_id
@@ -415,7 +422,9 @@ def _generate_batch(
     # the named ranges show in a profile (benchmarks/profiling.py): prefill against decode
     with torch.inference_mode():
         with torch.profiler.record_function("prefill"):
-            cache, logits = _prefill(model, input_ids, attention_mask[:, :width], position_ids, prefill_tokens, prefix)
+            cache, logits = _prefill(
+                model, input_ids, attention_mask[:, :width], position_ids, prefill_tokens, prefix, prefill_kernels
+            )
         with torch.profiler.record_function("decode"):
             finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
             states = labels.start(len(batch), device) if labels else None
@@ -453,8 +462,9 @@ def _generate_batch(
 def decode_alone(model, tokenizer, prompt: list[int], max_new_tokens: int, stop_ids: list[int], trie):
     """One prompt's greedy answer as one at a time gives it: a batch of one (no padding, no other rows to change
     the kernels' sums) through the growing-cache loop, the same forwards as transformers' generate on the prompt
-    alone (one prompt's logits in prefill, a dynamic cache), without its per-step overhead."""
-    return _generate_batch(model, tokenizer, [prompt], max_new_tokens, stop_ids, trie)[0]
+    alone (one prompt's logits in prefill, a dynamic cache, PyTorch's own choice of attention kernels: another
+    kernel's rounding turns near ties too), without its per-step overhead."""
+    return _generate_batch(model, tokenizer, [prompt], max_new_tokens, stop_ids, trie, prefill_kernels="pytorch")[0]
 
 
 def _generate_batch_plain(

@@ -405,6 +405,7 @@ def test_generation_benchmark_on_a_trained_run(trained_run_for_resume, data_dir,
     assert runs["decode_alone"]["identical_to_one_at_a_time"] == 1.0 and runs["decode_alone"]["examples"] == 5
     assert "rechecked" not in runs["engine_static_check_every1_call1"]
     ties = runs["one_at_a_time"]["near_ties"]
+    assert runs["decode_alone"]["near_ties"] == ties  # decoded alone, the same answers as one at a time
     assert ties["differing_margins"] == []  # fp32: no answer differs
     shares = [ties["by_margin"][f"{m:g}"]["share_rechecked"] for m in (0.0625, 0.125, 0.25, 0.5, 1, 2, 4)]
     assert shares == sorted(shares) and 0 <= shares[0] and shares[-1] <= 1
@@ -591,3 +592,7 @@ def test_near_ties_counts_what_rechecking_would_decode_again_and_repair():
     assert ties["by_margin"]["0.125"] == {"share_rechecked": 0.5, "identical_share_if_rechecked": 0.75}
     assert ties["by_margin"]["4"] == {"share_rechecked": 0.75, "identical_share_if_rechecked": 1.0}
     assert ties["by_margin"]["0.0625"] == {"share_rechecked": 0.25, "identical_share_if_rechecked": 0.5}
+    # decoded alone, the first answer comes out as neither: rechecking it repairs nothing
+    alone = generation_real_model.near_ties(margins, outputs, [0, 1, 2, 3], [[9], [2], [9], [4]], [[7], [2], [9], [4]])
+    assert alone["by_margin"]["0.125"] == {"share_rechecked": 0.5, "identical_share_if_rechecked": 0.5}
+    assert alone["by_margin"]["4"] == {"share_rechecked": 0.75, "identical_share_if_rechecked": 0.75}

@@ -891,6 +891,26 @@ def test_near_ties_are_decoded_again_alone(model_and_tokenizer, monkeypatch):
     assert generation.recheck_margin_setting() == generation.RECHECK_MARGIN
 
 
+def test_a_prompt_decoded_alone_prefills_on_the_kernels_one_at_a_time_runs_on(model_and_tokenizer, monkeypatch):
+    """decode_alone prefills with PyTorch's own choice of attention kernels, as transformers' generate on the prompt
+    alone does, whatever QLORA_KIT_PREFILL_ATTENTION gives the batches: another kernel's rounding turns near ties."""
+    model, tokenizer = model_and_tokenizer
+    prompts, stop, labels, kwargs = _nine_prompts_three_labels(tokenizer, constrained=True)
+    chosen = []
+    real = generation.prefill_attention
+
+    def recorded(choice=None):
+        chosen.append(choice or generation.prefill_attention_choice())
+        return real(choice)
+
+    monkeypatch.setattr(generation, "prefill_attention", recorded)
+    trie = generation.LabelTrie(labels)
+    answer = generation.decode_alone(model, tokenizer, prompts[0], kwargs["max_new_tokens"], stop, trie)
+    assert chosen == ["pytorch"] and answer + stop in labels
+    generation.generate(model, tokenizer, prompts[:2], loop="dynamic", **kwargs)
+    assert chosen[1:] == [generation.PREFILL_ATTENTION[0]]  # the batch: the setting's default
+
+
 def test_near_ties_are_left_as_generated_by_a_loop_that_does_not_track_them(model_and_tokenizer, monkeypatch, caplog):
     """The plain path has no margins to go by: it says so once and rechecks nothing."""
     model, tokenizer = model_and_tokenizer
