@@ -47,13 +47,15 @@ def encode(tokenizer, text: str) -> list[int]:
     return encode_all(tokenizer, [text])[0]
 
 
-def encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_all(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
     """``encode`` of every text, in one call per kind (with or without a BOS of its own). A fast tokenizer's own
     ``encode_batch`` may spread the texts over the CPU's cores (the 20 Newsgroups test prompts, 13.8 M characters,
     take ~10 s one call each; on two cores the batch was no faster, more cores are not measured yet); transformers'
-    batch call around it costs more than it saves (12 s there), so it is skipped where the tokenizer has a backend."""
+    batch call around it costs more than it saves (12 s there), so it is skipped where the tokenizer has a backend.
+    ``add_special_tokens=False``: no special tokens at all (a text's own tokens, as ``PromptFormat.shorten`` counts
+    them)."""
     bos = tokenizer.bos_token
-    has_bos = [bool(bos) and text.startswith(bos) for text in texts]
+    has_bos = [not add_special_tokens or (bool(bos) and text.startswith(bos)) for text in texts]
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     ids: list = [None] * len(texts)
     for kind in (False, True):
@@ -129,42 +131,41 @@ class PromptFormat:
         )
 
     def prompts_ids(self, texts: list[str], max_tokens: int | list[int], skip_unfit: bool = False) -> list:
-        """``prompt_ids`` of every text (``max_tokens``: one budget, or one per text), the prompts that fit
-        tokenized together in one batch. ``skip_unfit``: None for a text whose prompt cannot fit its budget
-        (instead of the error)."""
+        """``prompt_ids`` of every text (``max_tokens``: one budget, or one per text), tokenized together: every
+        prompt in one batch, then the texts too long for theirs shortened together. ``skip_unfit``: None for a
+        text whose prompt cannot fit its budget (instead of the error)."""
         budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(texts)
-        whole = encode_all(self.tokenizer, [self.render(text) for text in texts])
-        prompts = []
-        for text, ids, budget in zip(texts, whole, budgets):
-            try:
-                prompts.append(self._fitted(text, ids, budget))
-            except UsageError:
+        prompts = encode_all(self.tokenizer, [self.render(text) for text in texts])
+        over = [i for i, (ids, budget) in enumerate(zip(prompts, budgets)) if len(ids) > budget]
+        if not over:
+            return prompts
+        overhead = len(encode(self.tokenizer, self.render("")))  # the prompt around an empty text
+        for i in over:
+            if overhead >= budgets[i]:
                 if not skip_unfit:
-                    raise
-                prompts.append(None)
+                    raise UsageError(
+                        f"the {self.task.name} prompt without any input text needs {overhead} tokens, more than the "
+                        f"{budgets[i]} available; raise --max_seq_length (or --max_prompt_tokens)"
+                    )
+                prompts[i] = None
+        over = [i for i in over if prompts[i] is not None]
+        # each text's own tokens (as ``shorten`` counts them), cut to what its budget leaves beside the prompt;
+        # re-tokenizing at the cut can add a token or two, so a prompt still too long is cut again that much shorter
+        text_ids = dict(zip(over, encode_all(self.tokenizer, [texts[i] for i in over], add_special_tokens=False)))
+        keep = {i: budgets[i] - overhead for i in over}
+        while over:
+            cut = self.tokenizer.batch_decode([text_ids[i][: max(keep[i], 0)] for i in over])
+            shortened = [texts[i] if len(text_ids[i]) <= keep[i] else text for i, text in zip(over, cut)]
+            encoded = encode_all(self.tokenizer, [self.render(text) for text in shortened])
+            for i, ids in zip(over, encoded):
+                prompts[i] = ids
+                keep[i] -= max(0, len(ids) - budgets[i])
+            over = [i for i in over if len(prompts[i]) > budgets[i]]
         return prompts
 
     def prompt_ids(self, text: str, max_tokens: int) -> list[int]:
         """Token ids of the prompt for ``text``, the text shortened until the whole prompt fits ``max_tokens``."""
-        return self._fitted(text, encode(self.tokenizer, self.render(text)), max_tokens)
-
-    def _fitted(self, text: str, ids: list[int], max_tokens: int) -> list[int]:
-        """``ids`` (the whole prompt for ``text``, encoded) if they fit ``max_tokens``, else the prompt with the text
-        shortened until it does."""
-        if len(ids) <= max_tokens:
-            return ids
-        overhead = len(encode(self.tokenizer, self.render("")))
-        if overhead >= max_tokens:
-            raise UsageError(
-                f"the {self.task.name} prompt without any input text needs {overhead} tokens, more than the "
-                f"{max_tokens} available; raise --max_seq_length (or --max_prompt_tokens)"
-            )
-        keep = max_tokens - overhead
-        while True:
-            ids = encode(self.tokenizer, self.render(self.shorten(text, keep)))
-            if len(ids) <= max_tokens:
-                return ids
-            keep -= len(ids) - max_tokens  # re-tokenizing at the cut can add a token or two
+        return self.prompts_ids([text], max_tokens)[0]
 
 
 def answer_ids(tokenizer, answer: str, end_token: str) -> list[int]:

@@ -88,17 +88,33 @@ def test_a_million_character_text_fits(tokenizer):
     assert len(ids) <= 64 and tokenizer.decode(ids).endswith("### Class:")
 
 
+def _shortened_one_by_one(fmt, text: str, budget: int) -> list[int]:
+    """The prompt for ``text`` as its definition says, one text at a time: the whole prompt if it fits, else the
+    text cut (``shorten``) to what the budget leaves beside the prompt around an empty text, and cut shorter by
+    as many tokens as the prompt still has too many, until it fits."""
+    ids = encode(fmt.tokenizer, fmt.render(text))
+    keep = budget - len(encode(fmt.tokenizer, fmt.render("")))
+    while len(ids) > budget:
+        ids = encode(fmt.tokenizer, fmt.render(fmt.shorten(text, keep)))
+        keep -= max(0, len(ids) - budget)
+    return ids
+
+
 @pytest.mark.parametrize("style", ["seed", "chat"])
 def test_prompts_tokenized_together_are_the_prompts_tokenized_one_by_one(tokenizer, style):
-    """prompts_ids: one batch for the prompts that fit, the rest shortened one by one: the same ids as
-    prompt_ids text by text, whatever the budget; with skip_unfit a prompt that cannot fit is None."""
+    """prompts_ids: one batch for every prompt, the texts too long shortened together: the same ids as
+    shortening text by text, whatever the budget; with skip_unfit a prompt that cannot fit is None."""
     fmt = PromptFormat("summarization", "finetune", style, tokenizer)
     texts = ["A: hi", "B: " + "very long dialogue " * 80, "", "Chloé: ça va? " * 30, "C: ok"]
     for budget in (60, 200, 1000):
-        assert fmt.prompts_ids(texts, budget) == [fmt.prompt_ids(text, budget) for text in texts]
+        expected = [_shortened_one_by_one(fmt, text, budget) for text in texts]
+        assert fmt.prompts_ids(texts, budget) == expected
+        assert [fmt.prompt_ids(text, budget) for text in texts] == expected
+    assert len(fmt.prompts_ids(texts, 60)[1]) <= 60 < len(fmt.prompts_ids(texts, 1000)[1])  # shortened
     overhead = len(fmt.prompt_ids("", 1000))  # the prompt around an empty text
     budgets = [overhead + 1, overhead + 30, 300, overhead + 10, 1000]
-    assert fmt.prompts_ids(texts, budgets) == [fmt.prompt_ids(t, b) for t, b in zip(texts, budgets)]
+    expected = [_shortened_one_by_one(fmt, t, b) for t, b in zip(texts, budgets)]
+    assert fmt.prompts_ids(texts, budgets) == expected
     unfit = fmt.prompts_ids(texts, [1000, overhead - 1, 0, 1000, 1000], skip_unfit=True)
     assert unfit[1] is None and unfit[2] is None and unfit[0] == fmt.prompt_ids(texts[0], 1000)
     with pytest.raises(UsageError, match="prompt without any input text"):
