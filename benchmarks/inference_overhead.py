@@ -29,6 +29,18 @@ STAGES = {
 }
 
 
+def package_checkout() -> dict:
+    """Which qlora_kit ran (PYTHONPATH may name another checkout, to time it beside this one): its folder and
+    commit."""
+    import subprocess
+
+    import qlora_kit
+
+    folder = Path(qlora_kit.__file__).parent
+    commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return {"folder": str(folder), "commit": commit.stdout.strip() or None}
+
+
 def instant_answers(model, tokenizer, prompts, *, label_sequences=None, on_batch=None, **settings):
     """``generate``'s result without running the model: the first label's tokens (or nothing) for every prompt."""
     from qlora_kit.generation import GenerationResult
@@ -50,6 +62,8 @@ def main(args) -> dict:
     argv = ["--experiment_dir", args.experiment_dir, "--test_file", args.test_file, "--output_dir", output_dir]
     if args.task == "classification":
         argv += ["--decoding", "constrained"]
+    if args.max_prompt_tokens:
+        argv += ["--max_prompt_tokens", str(args.max_prompt_tokens)]
     script_args = build_finetuned_parser(args.task, "").parse_args(argv)
     profile = cProfile.Profile()
     started = time.perf_counter()
@@ -68,6 +82,7 @@ def main(args) -> dict:
         "wall_seconds_without_generation": round(seconds, 3),
         "stage_seconds": stages,
         "cpu_count": os.cpu_count(),
+        "package": package_checkout(),
     }
     print(json.dumps(result, indent=1))
     if args.out:
@@ -80,6 +95,9 @@ if __name__ == "__main__":
     parser.add_argument("--task", choices=("classification", "summarization"), required=True)
     parser.add_argument("--experiment_dir", required=True, help="a trained run folder")
     parser.add_argument("--test_file", required=True)
+    parser.add_argument(
+        "--max_prompt_tokens", type=int, default=None, help="the script's flag (default: the run's max_seq_length)"
+    )
     parser.add_argument("--output_dir", default=None, help="where the script writes (default: a temporary folder)")
     parser.add_argument("--out", default=None, help="a JSON file for the figures")
     main(parser.parse_args())
