@@ -12,7 +12,7 @@ from pathlib import Path
 from . import distributed, inference_kernels, modeling, results
 from .data import canonical_labels, map_to_known_labels
 from .errors import UsageError
-from .formatting import PromptFormat, answer_ids, end_of_turn_token
+from .formatting import PromptFormat, answer_ids, decode_all, end_of_turn_token
 from .generation import default_max_batch_tokens, generate, recheck_margin_setting
 from .run_folder import (
     METRICS,
@@ -168,7 +168,7 @@ def plan_job(
         task=task,
         rows=rows,
         prompt_ids=prompt_ids,
-        prompt_texts=tokenizer.batch_decode(prompt_ids),
+        prompt_texts=decode_all(tokenizer, prompt_ids),
         label_names=label_names,
         stop_ids=sorted({tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id}),
         label_sequences=[answer_ids(tokenizer, name, end_token) for name in label_names] if constrained else None,

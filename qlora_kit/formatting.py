@@ -72,6 +72,15 @@ def encode_all(tokenizer, texts: list[str], add_special_tokens: bool = True) -> 
     return ids
 
 
+def decode_all(tokenizer, rows: list[list[int]]) -> list[str]:
+    """``tokenizer.batch_decode(rows)``, special tokens kept: through a fast tokenizer's own ``decode_batch`` where
+    transformers adds nothing to it (no clean-up of spaces), else through transformers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.batch_decode(rows)
+    return backend.decode_batch(rows, skip_special_tokens=False)
+
+
 @dataclass
 class PromptFormat:
     """How one task's examples become prompts for one purpose (fine-tuning or a baseline) and style."""
@@ -154,7 +163,7 @@ class PromptFormat:
         text_ids = dict(zip(over, encode_all(self.tokenizer, [texts[i] for i in over], add_special_tokens=False)))
         keep = {i: budgets[i] - overhead for i in over}
         while over:
-            cut = self.tokenizer.batch_decode([text_ids[i][: max(keep[i], 0)] for i in over])
+            cut = decode_all(self.tokenizer, [text_ids[i][: max(keep[i], 0)] for i in over])
             shortened = [texts[i] if len(text_ids[i]) <= keep[i] else text for i, text in zip(over, cut)]
             encoded = encode_all(self.tokenizer, [self.render(text) for text in shortened])
             for i, ids in zip(over, encoded):

@@ -5,6 +5,7 @@ from qlora_kit.formatting import (
     PromptFormat,
     answer_ids,
     build_training_examples,
+    decode_all,
     encode,
     encode_all,
     end_of_turn_token,
@@ -130,3 +131,18 @@ def test_texts_encoded_together_are_the_tokenizers_own_ids(tokenizer):
     assert encode_all(tokenizer, texts) == expected
     assert [encode(tokenizer, t) for t in texts] == expected
     assert expected[0][0] == tokenizer.bos_token_id and expected[1].count(tokenizer.bos_token_id) == 1
+
+
+def test_ids_decoded_together_are_the_tokenizers_own_texts(tokenizer, monkeypatch):
+    """decode_all (the backend's batch call) gives what the tokenizer's batch_decode gives, special tokens and
+    spaces before punctuation kept; a tokenizer that cleans up spaces goes through transformers."""
+    fmt = PromptFormat("summarization", "finetune", "chat", tokenizer)
+    rows = [fmt.prompt_ids(text, 60) for text in ["A: hi , there !", "B: " + "long dialogue " * 80, ""]]
+    rows.append([])
+    assert decode_all(tokenizer, rows) == tokenizer.batch_decode(rows)
+    first = tokenizer.convert_ids_to_tokens(rows[0][0])
+    assert first in tokenizer.all_special_tokens and decode_all(tokenizer, rows)[0].startswith(first)  # kept
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", True)
+    calls = []
+    monkeypatch.setattr(tokenizer, "batch_decode", lambda batch: calls.append(batch) or ["x"] * len(batch))
+    assert decode_all(tokenizer, rows) == ["x"] * 4 and calls == [rows]
