@@ -77,17 +77,11 @@ def main(args):
             **options,
         )
         seconds = time.perf_counter() - started
-        runs.append(out)
-        return (
-            [parse_label(tokenizer.decode(ids, skip_special_tokens=True), label_names) for ids in out.outputs],
-            [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.outputs],
-            seconds,
-        )
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out.outputs]
+        return [parse_label(text, label_names) for text in texts], texts, seconds, out
 
-    runs = []  # each call's GenerationResult
-    batched, batched_text, batched_seconds = run(args.batch_size, track_margins=bool(args.recheck_margins))
-    margins = runs[-1].closest_margins
-    single, single_text, single_seconds = run(1)
+    batched, batched_text, batched_seconds, tracked = run(args.batch_size, track_margins=bool(args.recheck_margins))
+    single, single_text, single_seconds, _ = run(1)
     same_label = sum(a == b for a, b in zip(batched, single))
     same_text = sum(a == b for a, b in zip(batched_text, single_text))
     result = {
@@ -109,12 +103,12 @@ def main(args):
     }
     if args.recheck_margins:
         differ = [i for i, (a, b) in enumerate(zip(batched_text, single_text)) if a != b]
-        result["differing_margins"] = sorted(margins[i] for i in differ)
+        result["differing_margins"] = sorted(tracked.closest_margins[i] for i in differ)
         result["rechecked"] = {}
         for margin in args.recheck_margins:
-            _, text, seconds = run(args.batch_size, recheck_margin=margin)
+            _, text, seconds, rechecked = run(args.batch_size, recheck_margin=margin)
             result["rechecked"][f"{margin:g}"] = {
-                "decoded_alone": len(runs[-1].rechecked),
+                "decoded_alone": len(rechecked.rechecked),
                 "seconds": seconds,
                 "same_output_text": sum(a == b for a, b in zip(text, single_text)),
             }

@@ -47,6 +47,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return encode_all(tokenizer, [text])[0]
 
 
+def _fast_backend(tokenizer):
+    """A fast tokenizer's own ``tokenizers.Tokenizer`` (its batch calls skip transformers' per-text work), or None."""
+    return getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+
+
 def encode_all(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
     """``encode`` of every text, in one call per kind (with or without a BOS of its own). A fast tokenizer's own
     ``encode_batch`` may spread the texts over the CPU's cores (the 20 Newsgroups test prompts, 13.8 M characters,
@@ -55,11 +60,12 @@ def encode_all(tokenizer, texts: list[str], add_special_tokens: bool = True) -> 
     ``add_special_tokens=False``: no special tokens at all (a text's own tokens, as ``PromptFormat.shorten`` counts
     them)."""
     bos = tokenizer.bos_token
-    has_bos = [not add_special_tokens or (bool(bos) and text.startswith(bos)) for text in texts]
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    # no special tokens added: to every text when so asked, else to a rendered template that has its BOS already
+    as_is = [not add_special_tokens or (bool(bos) and text.startswith(bos)) for text in texts]
+    backend = _fast_backend(tokenizer)
     ids: list = [None] * len(texts)
     for kind in (False, True):
-        where = [i for i, flag in enumerate(has_bos) if flag is kind]
+        where = [i for i, flag in enumerate(as_is) if flag is kind]
         if not where:
             continue
         batch = [texts[i] for i in where]
@@ -75,7 +81,7 @@ def encode_all(tokenizer, texts: list[str], add_special_tokens: bool = True) -> 
 def decode_all(tokenizer, rows: list[list[int]]) -> list[str]:
     """``tokenizer.batch_decode(rows)``, special tokens kept: through a fast tokenizer's own ``decode_batch`` where
     transformers adds nothing to it (no clean-up of spaces), else through transformers."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    backend = _fast_backend(tokenizer)
     if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return tokenizer.batch_decode(rows)
     return backend.decode_batch(rows, skip_special_tokens=False)
