@@ -290,7 +290,9 @@ bench_prefill_attention() {
 # time's, paired (accuracy, or SAMSum's ROUGE). EXACT_RECHECK (e.g. "0.5 2"): the margins at which the static loop
 # also decodes its near ties again alone (--recheck_margins), after its first call records how near a tie every
 # answer came; EXACT_TRACK=1: that record, and one at a time's prompts decoded alone as a recheck would, without the
-# timed calls (--track_margins). (One attention kernel for batches and single prompts alike, --sdpa_backend
+# timed calls (--track_margins). EXACT_FLAGS: more of generation_real_model.py's flags, e.g. SAMSum's defaults on a
+# GPU: "--merged --compact_below 0.75" (the adapter merged into the 16-bit base, finished rows dropped), scored
+# against one at a time too. (One attention kernel for batches and single prompts alike, --sdpa_backend
 # efficient, has no kernel for an unpadded prompt's grouped key/value heads on a GPU.)
 bench_gen_exactness() {
   local task script data decoding run numerics name
@@ -304,7 +306,7 @@ bench_gen_exactness() {
       python3 benchmarks/generation_real_model.py --experiment_dir "$run" --test_file "$data/test.jsonl.gz" \
         --decoding "$decoding" --engine_calls 1 --no-merged --batch_sizes_plain --stop_check_every 1 \
         --static_stop_check_every 1 --one_at_a_time "${EXACT_N:-200}" $numerics \
-        ${EXACT_RECHECK:+--recheck_margins $EXACT_RECHECK} ${EXACT_TRACK:+--track_margins} \
+        ${EXACT_RECHECK:+--recheck_margins $EXACT_RECHECK} ${EXACT_TRACK:+--track_margins} ${EXACT_FLAGS:-} \
         --out "$R/bench_gen_exactness/generation_smollm2_${task}_exactness_$name.json"
     done
   done
