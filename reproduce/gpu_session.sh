@@ -291,7 +291,7 @@ bench_prefill_attention() {
 # also decodes its near ties again alone (--recheck_margins), after its first call records how near a tie every
 # answer came; EXACT_TRACK=1: that record, and one at a time's prompts decoded alone as a recheck would, without the
 # timed calls (--track_margins). EXACT_FLAGS: more of generation_real_model.py's flags, e.g. SAMSum's defaults on a
-# GPU: "--merged --compact_below 0.75" (the adapter merged into the 16-bit base, finished rows dropped), scored
+# GPU: "--merged --compact_below 0.25" (the adapter merged into the 16-bit base, finished rows dropped), scored
 # against one at a time too. (One attention kernel for batches and single prompts alike, --sdpa_backend
 # efficient, has no kernel for an unpadded prompt's grouped key/value heads on a GPU.)
 bench_gen_exactness() {
@@ -456,9 +456,10 @@ bench_gen_budget_prefill() {
 }
 
 # PyTorch's element-wise kernels against Liger's RMSNorm, RoPE and SwiGLU kernels (QLORA_KIT_INFERENCE_KERNELS=liger,
-# needs liger-kernel; measured 1.16x, 3 passes on an H100, now the default for a 4-bit model on a GPU).
+# needs liger-kernel; measured 1.16x, 3 passes on an H100, now the default for a 4-bit model on a GPU). KERNELS: which
+# of the two, in order (e.g. KERNELS=liger: the default alone, PASSES processes, about 2.5 minutes each on an H100).
 bench_gen_budget_kernels() {
-  gen_budget_alternating QLORA_KIT_INFERENCE_KERNELS "pytorch liger" budget_kernels
+  gen_budget_alternating QLORA_KIT_INFERENCE_KERNELS "${KERNELS:-pytorch liger}" budget_kernels
 }
 
 # Where evaluation's time goes on the 7B shape as a GPU runs it (the static loop, the adapter's product added in
