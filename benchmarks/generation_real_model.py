@@ -212,7 +212,6 @@ def run(args):
     # the engine's answers, and one at a time's on an evenly spread subset, once each has run: what every later way
     # is compared with
     engine = single = single_answers = None
-    latest = {}  # the last call's GenerationResult
     subset = list(range(0, len(rows), max(1, len(rows) // max(1, args.one_at_a_time))))[: args.one_at_a_time]
 
     def against_one_at_a_time(outputs) -> dict:
@@ -240,7 +239,7 @@ def run(args):
         kernels may pick other algorithms, and a long greedy answer turns at the first near-tie), and each batch's
         seconds (a first call's extra time in its first batch is a process's one-off cost, spread over every batch
         it is a per-shape one). ``profile_first``: the first call runs under the profiler (its summary in
-        NAME_call1's ``profile``; its time is the profiled one). Returns the last call's answers."""
+        NAME_call1's ``profile``; its time is the profiled one). Returns the last call's GenerationResult."""
         first = None
         for call in range(1, args.engine_calls + 1):
             clock = BatchClock()
@@ -253,7 +252,6 @@ def run(args):
             with profiling.profiled(profile) if profile is not None else contextlib.nullcontext():
                 out, seconds, memory = timed(generation)
             first = first or out.outputs
-            latest["result"] = out
             extra = {**compared(out.outputs), "final_batch_size": out.final_batch_size}
             if "recheck_margin" in changes:
                 extra["rechecked"] = len(out.rechecked)
@@ -264,7 +262,7 @@ def run(args):
             if call > 1:
                 extra["identical_to_first_call"] = identical(out.outputs, first)
             record(f"{name}_call{call}", out.outputs, seconds, memory, len(rows), extra)
-        return out.outputs
+        return out
 
     if args.merged_first and not config["load_in_4bit"]:
         # the merged adapter's calls before any other generation in this process, as the inference script makes
@@ -276,7 +274,7 @@ def run(args):
         model = peft_model
         if args.only_merged_first:
             return
-    engine = called("engine")
+    engine = called("engine").outputs
     if args.stop_check_every != 1:  # checking for the end every k decode steps instead of every step
         out, seconds, memory = timed(
             lambda: generate(model, tokenizer, job.prompt_ids, stop_check_every=args.stop_check_every, **settings)
@@ -289,11 +287,10 @@ def run(args):
         # with --track_margins or --recheck_margins the first interval's calls record how near each answer came to
         # a tie
         track = (args.track_margins or bool(args.recheck_margins)) and margins is None
-        static[every] = called(
-            f"engine_static_check_every{every}", loop="static", stop_check_every=every, track_margins=track
-        )
+        out = called(f"engine_static_check_every{every}", loop="static", stop_check_every=every, track_margins=track)
+        static[every] = out.outputs
         if track:
-            margins = latest["result"].closest_margins
+            margins = out.closest_margins
     # one at a time on the subset: the exactness check, before the slower comparisons
     trie = LabelTrie(job.label_sequences) if job.label_sequences else None
     if subset:
