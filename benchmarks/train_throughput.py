@@ -148,10 +148,14 @@ RECIPES = {
         "all", "original", sft_overrides=NO_HOST_READS
     ),
     "fast, no reads from the GPU per micro-batch, all modules": _recipe("all", "fast", sft_overrides=NO_HOST_READS),
-    # the small-model recipe (16-bit base, no checkpointing, logits where scored) with and without compiled
-    # layers, for SmolLM2 (--model_dir: its converted folder)
+    # the small-model recipe (16-bit base, no checkpointing, logits where scored, Liger) with compiled layers, and
+    # without each of its two speed choices, for SmolLM2 (--model_dir: its converted folder)
     "small-model, all modules": _recipe("all", "small-model"),
     "small-model, decoder layers compiled, all modules": _recipe("all", "small-model", compile_layers=True),
+    "small-model, vocabulary logits at every position, all modules": _recipe(
+        "all", "small-model", scored_positions_only=False
+    ),
+    "small-model without Liger, all modules": _recipe("all", "small-model", use_liger_kernel=False),
     # --max_memory_gb: the micro-batch the probe picks for a smaller card's budget (same 32 examples a step)
     "fast, fitted to a 16 GB budget, all modules": _recipe("all", "fast", max_memory_gb=16.0),
     "fast, fitted to a 12 GB budget, all modules": _recipe("all", "fast", max_memory_gb=12.0),

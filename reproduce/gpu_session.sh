@@ -364,14 +364,17 @@ SmolLM2-135M-Instruct in 4-bit NF4, 20 Newsgroups zero-shot, the first ${KERNEL_
 own process, in this order, on one machine" --out "$out/inference_kernels_smollm2_zero_shot.json" --overwrite
 }
 
-# The small-model recipe's training steps on SmolLM2 with and without compiled decoder layers (3 passes of 20,
+# The small-model recipe's training steps on SmolLM2, as shipped, with compiled decoder layers, with vocabulary logits
+# at every position and without Liger's kernels (3 passes of 20,
 # both tasks' lengths as benchmarks/train_lengths.json has them, at most 512 tokens), then SMALL_PROFILE_STEPS (2)
 # steps of each profiled: a 135M model's step is far from the GPU's limit, the profile says where it goes.
 bench_small_model() {
   local smollm2
   smollm2=$(python3 -c "from qlora_kit import modeling; print(modeling.resolve_model_source('$MODEL'))" | tail -1)
   python3 benchmarks/train_throughput.py --model_dir "$smollm2" --tasks classification summarization \
-    --recipes "small-model, all modules" "small-model, decoder layers compiled, all modules" --scratch "$R/scratch" \
+    --recipes "small-model, all modules" "small-model, decoder layers compiled, all modules" \
+    "small-model, vocabulary logits at every position, all modules" "small-model without Liger, all modules" \
+    --scratch "$R/scratch" \
     --profile_steps "${SMALL_PROFILE_STEPS:-2}" --out "$R/bench_small_model/train_throughput_small_model.json"
 }
 
