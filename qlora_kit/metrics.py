@@ -112,11 +112,14 @@ def rouge_per_example(references: list[str], predictions: list[str]) -> dict[str
 
     if len(references) != len(predictions):
         raise ValueError("references and predictions differ in length")
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    # two scorers, so that each text is tokenised and stemmed once for ROUGE-1/2/L and once, sentence by sentence,
+    # for ROUGE-Lsum (one scorer of all four would do both for each of its two calls)
+    whole = rouge_scorer.RougeScorer(list(ROUGE_TYPES[:3]), use_stemmer=True)
+    by_sentence = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
     per_example = {key: [] for key in ROUGE_TYPES}
     for reference, prediction in zip(references, predictions):
-        scores = scorer.score(reference, prediction)
-        lsum = scorer.score(split_sentences(reference), split_sentences(prediction))["rougeLsum"]
+        scores = whole.score(reference, prediction)
+        lsum = by_sentence.score(split_sentences(reference), split_sentences(prediction))["rougeLsum"]
         for key in ROUGE_TYPES[:3]:
             per_example[key].append(100 * scores[key].fmeasure)
         per_example["rougeLsum"].append(100 * lsum.fmeasure)
