@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +65,15 @@ def _convert_gguf_unlocked(path: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(path, "rb") as file:
+        if file.read(4) != b"GGUF":
+            raise UsageError(f"{path}: not a GGUF file (it does not begin with the GGUF magic bytes)")
     log.info("converting %s to a model folder at %s (once)", path, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+    except (struct.error, EOFError):
+        raise UsageError(f"{path}: cannot load this GGUF file: it ends before its contents do (cut off in a copy?)")
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path}: cannot load this GGUF file ({first_line})")
@@ -91,6 +97,8 @@ def resolve_model_source(name: str) -> str:
     """A loadable Hub id or folder for ``--pretrained_ckpt``: GGUF files are converted, the embedded name resolved."""
     if name == EMBEDDED_MODEL:
         return str(convert_gguf(embedded_model_gguf()))
+    if name.startswith("embedded:"):
+        raise UsageError(f"--pretrained_ckpt {name}: no such embedded model (there is {EMBEDDED_MODEL})")
     path = Path(name)
     if name.lower().endswith(".gguf"):
         if not path.is_file():

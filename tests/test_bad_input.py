@@ -133,6 +133,31 @@ def test_unsupported_gguf_architecture(data_dir, tmp_path):
     _fails(result, "odd.gguf: cannot load this GGUF file")
 
 
+@pytest.mark.parametrize(
+    "model, needles",
+    [
+        ("notes.gguf", ["notes.gguf: not a GGUF file"]),
+        ("cut.gguf", ["cut.gguf: cannot load this GGUF file", "cut off"]),
+        ("embedded:smollm3", ["--pretrained_ckpt embedded:smollm3: no such embedded model", "smollm2-135m-instruct"]),
+    ],
+)
+def test_model_files_that_are_not_models(model, needles, data_dir, tmp_path):
+    (tmp_path / "notes.gguf").write_text("these are notes, not weights")
+    # a GGUF header (magic, version 3, no tensors, 5 metadata entries) and the file ends before the first entry
+    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (5).to_bytes(8, "little")
+    (tmp_path / "cut.gguf").write_bytes(header)
+    result = run_script(
+        "zephyr_classification.py",
+        "--pretrained_ckpt",
+        model,
+        "--train_file",
+        data_dir / "news_train.jsonl",
+        cwd=tmp_path,
+        check=False,
+    )
+    _fails(result, *needles)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model, data_dir):
     work = tmp_path_factory.mktemp("finished")
