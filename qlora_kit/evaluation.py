@@ -13,7 +13,13 @@ from . import distributed, inference_kernels, modeling, results
 from .data import canonical_labels, map_to_known_labels
 from .errors import UsageError
 from .formatting import PromptFormat, answer_ids, decode_all, end_of_turn_token
-from .generation import default_max_batch_tokens, generate, recheck_margin_setting
+from .generation import (
+    default_max_batch_tokens,
+    generate,
+    loop_setting,
+    prefill_attention_choice,
+    recheck_margin_setting,
+)
 from .run_folder import (
     METRICS,
     PREDICTIONS,
@@ -328,6 +334,14 @@ def score(task, records: list[dict], label_names: list[str]) -> dict:
     )
 
 
+def check_environment() -> None:
+    """A bad QLORA_KIT_* setting of evaluation stops here, before anything loads, not after the model has."""
+    inference_kernels.choice()
+    recheck_margin_setting()
+    loop_setting()
+    prefill_attention_choice()
+
+
 def evaluate_run(task, args: Namespace) -> dict:
     """Evaluate a fine-tuned run folder on its task's test (or validation) split."""
     started = time.perf_counter()
@@ -335,8 +349,7 @@ def evaluate_run(task, args: Namespace) -> dict:
     check_decoding(args)
     from . import fused_lora
 
-    inference_kernels.choice()  # a bad QLORA_KIT_INFERENCE_KERNELS stops here, before anything loads
-    recheck_margin_setting()  # and a bad QLORA_KIT_RECHECK_MARGIN
+    check_environment()
     distributed.init()
     run = RunFolder(args.experiment_dir)
     config = run.config()
@@ -432,8 +445,7 @@ def evaluate_baseline(args: Namespace) -> dict:
     """Zero- or few-shot evaluation of the base model, as the original baseline script did."""
     started = time.perf_counter()
     check_decoding(args)
-    inference_kernels.choice()  # a bad QLORA_KIT_INFERENCE_KERNELS stops here, before anything loads
-    recheck_margin_setting()  # and a bad QLORA_KIT_RECHECK_MARGIN
+    check_environment()
     distributed.init()
     task = get_task(args.task_type)
     out_dir = Path(args.output_dir) if args.output_dir else baseline_dir(args)

@@ -520,19 +520,26 @@ LOOPS = ("dynamic", "static", "plain")
 DEFAULT_LOOP = {"cuda": "static", "cpu": "dynamic"}
 
 
+def loop_setting() -> str | None:
+    """The ``LOOPS`` entry QLORA_KIT_GENERATION names, or None when it is unset."""
+    import os
+
+    choice = os.environ.get("QLORA_KIT_GENERATION", "")
+    if choice and choice not in LOOPS:
+        raise UsageError(f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to one of {', '.join(LOOPS)}")
+    return choice or None
+
+
 def _batch_generator(loop: str | None, model, compact_below: float | None = None):
     """The decode loop to use: ``loop`` if given, else QLORA_KIT_GENERATION if set, else ``DEFAULT_LOOP`` for the
     model's device (the CPU's for any device it does not name). ``compact_below`` goes to the static loop, the one
     that drops finished rows; the others ignore it."""
-    import os
-
     from . import static_decoding
 
     device = next(model.parameters()).device.type
-    choice = loop or os.environ.get("QLORA_KIT_GENERATION", "") or DEFAULT_LOOP.get(device, DEFAULT_LOOP["cpu"])
+    choice = loop or loop_setting() or DEFAULT_LOOP.get(device, DEFAULT_LOOP["cpu"])
     if choice not in LOOPS:
-        given = f"loop={choice!r}: use" if loop else f"QLORA_KIT_GENERATION={choice}: leave it unset, or set it to"
-        raise UsageError(f"{given} one of {', '.join(LOOPS)}")
+        raise UsageError(f"loop={choice!r}: use one of {', '.join(LOOPS)}")
     if choice == "plain":
         log.info("generating with transformers' model.generate (the plain path)")
         return _generate_batch_plain

@@ -37,3 +37,23 @@ def test_usage_error_is_one_line(capsys):
 def test_other_errors_are_not_hidden():
     with pytest.raises(OSError):
         run_main(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "QLORA_KIT_GENERATION",
+        "QLORA_KIT_INFERENCE_KERNELS",
+        "QLORA_KIT_PREFILL_ATTENTION",
+        "QLORA_KIT_RECHECK_MARGIN",
+    ],
+)
+def test_every_evaluation_setting_is_checked_before_anything_loads(variable, monkeypatch):
+    from qlora_kit import evaluation
+
+    for name in ("GENERATION", "INFERENCE_KERNELS", "PREFILL_ATTENTION", "RECHECK_MARGIN"):
+        monkeypatch.delenv(f"QLORA_KIT_{name}", raising=False)
+    evaluation.check_environment()
+    monkeypatch.setenv(variable, "bogus")
+    with pytest.raises(UsageError, match=f"{variable}=bogus: leave it unset"):
+        evaluation.check_environment()
