@@ -18,30 +18,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def bounded(name: str, kind):
+    """An argparse type for training setting ``name``: read as ``kind``, then held to its bounds
+    (``settings.BOUNDS``, which recipe files are held to as well)."""
 
+    def read(text: str):
+        value = kind(text)
+        problem = settings_lib.out_of_bounds(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
 
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    read.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return read
 
 
 def save_interval(text: str) -> int | str:
     """A checkpoint interval: a positive number of optimizer steps, or "epoch"."""
     return text if text == "epoch" else positive_int(text)
-
-
-def dropout_rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
 
 
 def optimizer_name(text: str) -> str:
@@ -87,26 +81,13 @@ def label_names_arg(text: str) -> list[str]:
 
 # How each training flag's value is read; a setting not named here is read as its type (str, float, int).
 FLAG_TYPES = {
-    "lora_r": positive_int,
-    "lora_alpha": positive_int,
-    "epochs": positive_int,
-    "max_steps": positive_int,
-    "batch_size": positive_int,
-    "grad_accum": positive_int,
-    "max_seq_length": positive_int,
-    "logging_steps": positive_int,
-    "keep_checkpoints": positive_int,
-    "dropout": dropout_rate,
-    "train_sample_fraction": fraction,
-    "neftune": non_negative_float,
+    **{name: bounded(name, settings_lib._scalar_type(name)) for name in settings_lib.BOUNDS if name != "save_steps"},
     "optim": optimizer_name,
     "save_steps": save_interval,
     "lora_target_modules": module_names,
     "columns": column_map,
     "label_names": label_names_arg,
     "seed": int,
-    "learning_rate": float,
-    "validation_fraction": float,
 }
 GROUP_ORDER = ("model", "data", "LoRA", "training", "run folder")
 

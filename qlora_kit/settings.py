@@ -171,6 +171,33 @@ class TrainingSettings:
 
 
 FIELDS = {item.name: item for item in dataclasses.fields(TrainingSettings)}
+
+# What a numeric setting's value must be, in words and as a test: held for a flag and a recipe file's value alike
+# (the libraries that would receive a value out of range fail deep inside, with a traceback).
+_POSITIVE_INT = ("a positive integer", lambda value: value >= 1)
+BOUNDS = {
+    **dict.fromkeys(
+        ("lora_r", "lora_alpha", "epochs", "max_steps", "batch_size", "grad_accum", "max_seq_length")
+        + ("logging_steps", "keep_checkpoints", "save_steps"),
+        _POSITIVE_INT,
+    ),
+    "learning_rate": ("> 0", lambda value: value > 0),
+    "dropout": ("in [0, 1)", lambda value: 0 <= value < 1),
+    "train_sample_fraction": ("in (0, 1]", lambda value: 0 < value <= 1),
+    "validation_fraction": ("in (0, 1)", lambda value: 0 < value < 1),
+    "neftune": (">= 0", lambda value: value >= 0),
+    "max_memory_gb": (">= 0 (0: off)", lambda value: value >= 0),
+}
+
+
+def out_of_bounds(name: str, value) -> str | None:
+    """What setting ``name`` must be, when ``value`` is outside its ``BOUNDS`` (None when within, or unbounded)."""
+    if name not in BOUNDS or value is None or isinstance(value, str):  # a str: save_steps' "epoch"
+        return None
+    words, within = BOUNDS[name]
+    return None if within(value) else f"must be {words}, got {value}"
+
+
 # Settings a recipe file may not set: they say which recipe, and what to do with the run folder.
 NOT_IN_RECIPES = ("recipe", "experiment_dir", "overwrite", "resume")
 
@@ -184,8 +211,10 @@ def _scalar_type(name: str):
     return str
 
 
-def coerce(name: str, value, where: str):
-    """A recipe file's value as the setting's type (YAML reads ``1e-3`` as text); a one-line error otherwise."""
+def coerce(name: str, value, where: str, shown: str | None = None):
+    """A recipe file's value as the setting's type (YAML reads ``1e-3`` as text), within its bounds; a one-line error
+    otherwise, from ``where`` (the file), naming the setting as ``shown`` (default: ``name``)."""
+    shown = shown or name
     if value is None:
         return None
     kind = _scalar_type(name)
@@ -194,25 +223,28 @@ def coerce(name: str, value, where: str):
     if kind is list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(item, str) and item.strip() for item in items):
-            raise UsageError(f"{where}: '{name}' must be a list of names, got {value!r}")
+            raise UsageError(f"{where}: '{shown}' must be a list of names, got {value!r}")
         return [item.strip() for item in items]
     if kind is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise UsageError(f"{where}: '{name}' must map column names to column names, got {value!r}")
+            raise UsageError(f"{where}: '{shown}' must map column names to column names, got {value!r}")
         return dict(value)
     if kind is bool:
         if not isinstance(value, bool):
-            raise UsageError(f"{where}: '{name}' must be true or false, got {value!r}")
+            raise UsageError(f"{where}: '{shown}' must be true or false, got {value!r}")
         return value
     try:
         converted = kind(value)
     except (TypeError, ValueError):
-        raise UsageError(f"{where}: '{name}' must be a{'n' if kind is int else ''} {kind.__name__}, got {value!r}")
+        raise UsageError(f"{where}: '{shown}' must be a{'n' if kind is int else ''} {kind.__name__}, got {value!r}")
     if kind is int and isinstance(value, float) and value != converted:
-        raise UsageError(f"{where}: '{name}' must be an int, got {value!r}")
+        raise UsageError(f"{where}: '{shown}' must be an int, got {value!r}")
     choices = FIELDS[name].metadata.get("choices")
     if choices and converted not in choices:
-        raise UsageError(f"{where}: '{name}' must be one of {', '.join(choices)}, got {value!r}")
+        raise UsageError(f"{where}: '{shown}' must be one of {', '.join(choices)}, got {value!r}")
+    problem = out_of_bounds(name, converted)
+    if problem:
+        raise UsageError(f"{where}: '{shown}' {problem}")
     return converted
 
 
@@ -254,7 +286,7 @@ def load_recipe(recipe: str) -> tuple[dict, dict[str, dict], Path]:
         for key, value in entries.items():
             if key not in FIELDS or key in NOT_IN_RECIPES:
                 raise UsageError(f"{path}: unknown setting '{where}{key}'")
-            settings[key] = coerce(key, value, f"{path}: {where}")
+            settings[key] = coerce(key, value, str(path), f"{where}{key}")
         return settings
 
     shared, sections = {}, {}

@@ -38,6 +38,7 @@ def bad_files(tmp_path):
         (["--train_file", "one_label.jsonl"], ["at least two distinct labels"]),
         (["--train_sample_fraction", "1.5"], ["--train_sample_fraction", "(0, 1]"]),
         (["--train_sample_fraction", "0"], ["--train_sample_fraction"]),
+        (["--learning_rate", "-1"], ["--learning_rate", "must be > 0"]),
         (["--dropout", "1.2"], ["--dropout"]),
         (["--lora_r", "0"], ["--lora_r"]),
         (["--optim", "nonsense"], ["--optim", "unknown optimizer 'nonsense'", "paged_adamw_32bit"]),

@@ -117,6 +117,11 @@ def test_print_config_prints_every_setting_and_its_source(tmp_path):
         ("batch_size: many\n", "'batch_size' must be an int"),
         ("packing: 1\n", "'packing' must be true or false"),
         ("lr_scheduler: exponential\n", "'lr_scheduler' must be one of"),
+        # held to the same bounds as the flags (peft, torch or the trainer would fail deep inside)
+        ("learning_rate: -1e-4\n", "'learning_rate' must be > 0, got -0.0001"),
+        ("classification:\n  lora_r: 0\n", "bad.yaml: 'classification.lora_r' must be a positive integer, got 0"),
+        ("dropout: 1.5\n", r"'dropout' must be in \[0, 1\), got 1.5"),
+        ("save_steps: 0\n", "'save_steps' must be a positive integer"),
         ("- a list\n", "a recipe is a mapping"),
     ],
 )
