@@ -79,7 +79,7 @@ def label_names_arg(text: str) -> list[str]:
     return names
 
 
-# How each training flag's value is read; a setting not named here is read as its type (str, float, int).
+# How each training flag's value is read (numbers held to settings.BOUNDS); a setting not named here is read as text.
 FLAG_TYPES = {
     **{name: bounded(name, settings_lib._scalar_type(name)) for name in settings_lib.BOUNDS if name != "save_steps"},
     "optim": optimizer_name,
