@@ -105,6 +105,23 @@ def split_sentences(text: str) -> str:
     return "\n".join(lines)
 
 
+def _stemming_tokenizer():
+    """rouge-score's own tokenizer with its Porter stemmer, each word's stem computed once (most of scoring's time
+    is stemming the same words again): the same tokens as ``use_stemmer=True``."""
+    import functools
+
+    from nltk.stem import porter
+    from rouge_score import tokenize, tokenizers
+
+    class StemmedOnce(tokenizers.Tokenizer):
+        stem = staticmethod(functools.lru_cache(maxsize=None)(porter.PorterStemmer().stem))
+
+        def tokenize(self, text):
+            return tokenize.tokenize(text, self)
+
+    return StemmedOnce()
+
+
 def rouge_per_example(references: list[str], predictions: list[str]) -> dict[str, list[float]]:
     """ROUGE-1/2/L/Lsum F-measures x100 of every example (stemmed, rouge-score, offline). ROUGE-Lsum splits
     reference and prediction into sentences first (``split_sentences``); ROUGE-L takes each as one sequence."""
@@ -112,10 +129,11 @@ def rouge_per_example(references: list[str], predictions: list[str]) -> dict[str
 
     if len(references) != len(predictions):
         raise ValueError("references and predictions differ in length")
-    # two scorers, so that each text is tokenised and stemmed once for ROUGE-1/2/L and once, sentence by sentence,
-    # for ROUGE-Lsum (one scorer of all four would do both for each of its two calls)
-    whole = rouge_scorer.RougeScorer(list(ROUGE_TYPES[:3]), use_stemmer=True)
-    by_sentence = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    # two scorers, so that each text is tokenised once for ROUGE-1/2/L and once, sentence by sentence, for
+    # ROUGE-Lsum (one scorer of all four would do both for each of its two calls)
+    tokenizer = _stemming_tokenizer()
+    whole = rouge_scorer.RougeScorer(list(ROUGE_TYPES[:3]), tokenizer=tokenizer)
+    by_sentence = rouge_scorer.RougeScorer(["rougeLsum"], tokenizer=tokenizer)
     per_example = {key: [] for key in ROUGE_TYPES}
     for reference, prediction in zip(references, predictions):
         scores = whole.score(reference, prediction)
