@@ -1,7 +1,7 @@
 """Where an evaluation's time goes besides generating: the fine-tuned inference script's whole run, in one process,
-with the engine's ``generate`` replaced by instant answers (every prompt gets the first label, or an empty summary),
-so that what is left is loading the model and adapter, reading the data, tokenising, scoring (with its bootstrap
-intervals) and writing. Prints and writes the wall time and the cumulative seconds of each stage.
+with the engine's ``generate`` replaced by instant answers (every prompt gets the first label, or its own last 40
+tokens as a summary), so that what is left is loading the model and adapter, reading the data, tokenising, scoring
+(with its bootstrap intervals) and writing. Prints and writes the wall time and the cumulative seconds of each stage.
 
 Usage (a trained run; the CPU is enough, since nothing is generated):
     python benchmarks/inference_overhead.py --task classification --experiment_dir RUN \\
@@ -41,11 +41,16 @@ def package_checkout() -> dict:
     return {"folder": str(folder), "commit": commit.stdout.strip() or None}
 
 
+# A summary's length in tokens (SAMSum's are about 25 words): what scoring an instant answer compares
+SUMMARY_TOKENS = 40
+
+
 def instant_answers(model, tokenizer, prompts, *, label_sequences=None, on_batch=None, **settings):
-    """``generate``'s result without running the model: the first label's tokens (or nothing) for every prompt."""
+    """``generate``'s result without running the model: the first label's tokens for every prompt, or a summary's
+    length of the prompt's own last tokens (so that scoring compares texts of a summary's length, as it would)."""
     from qlora_kit.generation import GenerationResult
 
-    answers = [list(label_sequences[0]) if label_sequences else [] for _ in prompts]
+    answers = [list(label_sequences[0]) if label_sequences else list(prompt[-SUMMARY_TOKENS:]) for prompt in prompts]
     if on_batch is not None:
         on_batch(list(range(len(prompts))), answers)
     return GenerationResult(outputs=answers)
