@@ -134,3 +134,25 @@ def trained_run_for_resume(tmp_path_factory, tiny_model, data_dir) -> Path:
         cwd=work,
     )
     return work / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_summarizer(tmp_path_factory, tiny_model, data_dir) -> Path:
+    """A tiny summarization run, one step in 16 bits: for tests that only read a trained run."""
+    work = tmp_path_factory.mktemp("summarizer")
+    run_script(
+        "zephyr_summarization.py",
+        "--pretrained_ckpt",
+        tiny_model,
+        "--train_file",
+        data_dir / "dialogues_train.jsonl",
+        "--max_steps",
+        1,
+        "--lora_r",
+        2,
+        "--no-load_in_4bit",
+        "--experiment_dir",
+        "run",
+        cwd=work,
+    )
+    return work / "run"

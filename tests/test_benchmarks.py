@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, run_script
+from conftest import ROOT
 
 
 def _run(script, *args):
@@ -513,29 +513,16 @@ def test_inference_overhead_times_an_evaluation_without_generating(trained_run_f
     assert metrics["invalid"] == 0 and metrics["n"] == 12  # every answer the first label: valid, mostly wrong
 
 
-def test_inference_overhead_answers_a_summary_with_text_to_score(tiny_model, data_dir, tmp_path):
+def test_inference_overhead_answers_a_summary_with_text_to_score(trained_summarizer, data_dir, tmp_path):
     """For summarization the instant answers are texts of a summary's length (the prompt's own last tokens), so that
     the scoring stage compares real texts: every prediction is non-empty."""
-    run_script(
-        "zephyr_summarization.py",
-        "--pretrained_ckpt",
-        tiny_model,
-        "--train_file",
-        data_dir / "dialogues_train.jsonl",
-        "--max_steps",
-        1,
-        "--no-load_in_4bit",
-        "--experiment_dir",
-        "run",
-        cwd=tmp_path,
-    )
     written = tmp_path / "eval"
     _run(
         "inference_overhead.py",
         "--task",
         "summarization",
         "--experiment_dir",
-        tmp_path / "run",
+        trained_summarizer,
         "--test_file",
         data_dir / "dialogues_test.jsonl",
         "--output_dir",

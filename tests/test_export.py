@@ -74,23 +74,9 @@ def test_exported_model_equals_base_plus_adapter(
     assert tokenizer.chat_template  # the chat template travels with the tokenizer
 
 
-def test_the_export_loads_in_a_fresh_process_without_peft(tiny_model, data_dir, tmp_path):
-    run_script(
-        "zephyr_summarization.py",
-        "--pretrained_ckpt",
-        tiny_model,
-        "--train_file",
-        data_dir / "dialogues_train.jsonl",
-        "--max_steps",
-        1,
-        "--lora_r",
-        2,
-        "--no-load_in_4bit",
-        "--experiment_dir",
-        "run",
-        cwd=tmp_path,
-    )
-    run_script("export_model.py", "--experiment_dir", "run", "--output_dir", "out", cwd=tmp_path)
+def test_the_export_loads_in_a_fresh_process_without_peft(trained_summarizer, tmp_path):
+    run = trained_summarizer
+    run_script("export_model.py", "--experiment_dir", run, "--output_dir", "out", cwd=tmp_path)
     code = (
         "import sys; sys.modules['peft'] = None\n"  # any import of peft now fails
         "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -102,9 +88,9 @@ def test_the_export_loads_in_a_fresh_process_without_peft(tiny_model, data_dir, 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == "torch.bfloat16"  # the default export type
-    again = run_script("export_model.py", "--experiment_dir", "run", "--output_dir", "out", cwd=tmp_path, check=False)
+    again = run_script("export_model.py", "--experiment_dir", run, "--output_dir", "out", cwd=tmp_path, check=False)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr.strip().splitlines()[-1]
-    run_script("export_model.py", "--experiment_dir", "run", "--output_dir", "out", "--overwrite", cwd=tmp_path)
+    run_script("export_model.py", "--experiment_dir", run, "--output_dir", "out", "--overwrite", cwd=tmp_path)
 
 
 def test_silenced_library_messages_stay_silent(tiny_model, data_dir, tmp_path):
