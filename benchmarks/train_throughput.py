@@ -156,6 +156,9 @@ RECIPES = {
         "all", "small-model", scored_positions_only=False
     ),
     "small-model without Liger, all modules": _recipe("all", "small-model", use_liger_kernel=False),
+    "small-model, no reads from the GPU per micro-batch, all modules": _recipe(
+        "all", "small-model", sft_overrides=NO_HOST_READS
+    ),
     # --max_memory_gb: the micro-batch the probe picks for a smaller card's budget (same 32 examples a step)
     "fast, fitted to a 16 GB budget, all modules": _recipe("all", "fast", max_memory_gb=16.0),
     "fast, fitted to a 12 GB budget, all modules": _recipe("all", "fast", max_memory_gb=12.0),

@@ -364,18 +364,22 @@ SmolLM2-135M-Instruct in 4-bit NF4, 20 Newsgroups zero-shot, the first ${KERNEL_
 own process, in this order, on one machine" --out "$out/inference_kernels_smollm2_zero_shot.json" --overwrite
 }
 
-# The small-model recipe's training steps on SmolLM2, as shipped, with compiled decoder layers, with vocabulary logits
-# at every position and without Liger's kernels (3 passes of 20,
-# both tasks' lengths as benchmarks/train_lengths.json has them, at most 512 tokens), then SMALL_PROFILE_STEPS (2)
-# steps of each profiled: a 135M model's step is far from the GPU's limit, the profile says where it goes.
+# The small-model recipe's training steps on SmolLM2, as shipped and with one lever each (SMALL_RECIPES: compiled
+# decoder layers, vocabulary logits at every position, without Liger's kernels, fused LoRA, without the trainer's
+# reads from the GPU per micro-batch), 3 passes of 20 steps, the lengths of SMALL_TASKS (default both) as
+# benchmarks/train_lengths.json has them, at most 512 tokens; then SMALL_PROFILE_STEPS (2) steps of each profiled:
+# a 135M model's step is far from the GPU's limit, the profile says where it goes (host or kernels).
+SMALL_RECIPES_DEFAULT=("small-model, all modules" "small-model, decoder layers compiled, all modules"
+  "small-model, vocabulary logits at every position, all modules" "small-model without Liger, all modules"
+  "small-model, fused LoRA, all modules" "small-model, no reads from the GPU per micro-batch, all modules")
 bench_small_model() {
-  local smollm2
+  local smollm2 recipes=("${SMALL_RECIPES_DEFAULT[@]}") tasks
+  [ -n "${SMALL_RECIPES:-}" ] && IFS=';' read -r -a recipes <<< "$SMALL_RECIPES"
+  read -r -a tasks <<< "${SMALL_TASKS:-classification summarization}"
   smollm2=$(python3 -c "from qlora_kit import modeling; print(modeling.resolve_model_source('$MODEL'))" | tail -1)
-  python3 benchmarks/train_throughput.py --model_dir "$smollm2" --tasks classification summarization \
-    --recipes "small-model, all modules" "small-model, decoder layers compiled, all modules" \
-    "small-model, vocabulary logits at every position, all modules" "small-model without Liger, all modules" \
-    --scratch "$R/scratch" \
-    --profile_steps "${SMALL_PROFILE_STEPS:-2}" --out "$R/bench_small_model/train_throughput_small_model.json"
+  python3 benchmarks/train_throughput.py --model_dir "$smollm2" --tasks "${tasks[@]}" --recipes "${recipes[@]}" \
+    --scratch "$R/scratch" --profile_steps "${SMALL_PROFILE_STEPS:-2}" \
+    --out "$R/bench_small_model/train_throughput_small_model${SMALL_SUFFIX:-}.json"
 }
 
 # The prefix every prompt of a batch shares (few-shot examples, the zero-shot instruction and classes, the chat

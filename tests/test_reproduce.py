@@ -538,3 +538,15 @@ def test_comparing_evaluations_refuses_other_rows_and_missing_files(tmp_path):
         refused = subprocess.run(script + folders, capture_output=True, text=True)
         assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+def test_gpu_session_bench_small_model_times_the_recipes_named(tiny_model, data_dir, tmp_path):
+    """bench_small_model with SMALL_RECIPES (';'-separated) and SMALL_TASKS: each named recipe timed and profiled
+    on the task named, nothing else."""
+    recipes = ["small-model, all modules", "small-model, no reads from the GPU per micro-batch, all modules"]
+    _gpu_session("bench_small_model", tiny_model, data_dir, tmp_path, SMALL_RECIPES=";".join(recipes),
+                 SMALL_TASKS="classification", SMALL_PROFILE_STEPS="1")  # fmt: skip
+    result = json.loads((tmp_path / "r" / "bench_small_model" / "train_throughput_small_model.json").read_text())
+    assert list(result["runs"]) == [f"classification: {name}" for name in recipes]
+    for run in result["runs"].values():
+        assert run["tokens_per_second"] > 0 and run["profile"]["steps"] == 1
