@@ -602,7 +602,14 @@ if __name__ == "__main__":
         help="the exact config whose random-weight model --model_dir holds or gets",
     )
     parser.add_argument("--tasks", nargs="+", default=["classification", "summarization"])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="default: all")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=list(RECIPES),
+        choices=list(RECIPES),
+        metavar="RECIPE",
+        help="default: all, namely: " + "; ".join(RECIPES),
+    )
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the same steps")
