@@ -151,7 +151,10 @@ RECIPES = {
     # the small-model recipe (16-bit base, no checkpointing, logits where scored, Liger) with compiled layers, and
     # without each of its two speed choices, for SmolLM2 (--model_dir: its converted folder)
     "small-model, all modules": _recipe("all", "small-model"),
-    "small-model, decoder layers compiled, all modules": _recipe("all", "small-model", compile_layers=True),
+    # Liger's kernels off: torch.compile fails on them inside a compiled layer (training refuses the two together)
+    "small-model without Liger, decoder layers compiled, all modules": _recipe(
+        "all", "small-model", compile_layers=True, use_liger_kernel=False
+    ),
     "small-model, vocabulary logits at every position, all modules": _recipe(
         "all", "small-model", scored_positions_only=False
     ),

@@ -362,6 +362,19 @@ def check_fsdp_combinations(settings: TrainingSettings) -> None:
         )
 
 
+def check_compiled_layers_without_liger(settings: TrainingSettings) -> None:
+    """--compile_layers and Liger's kernels do not go together on a GPU: torch.compile fails tracing Liger's Triton
+    RMSNorm inside a compiled layer (measured on an H100 with liger-kernel 0.8.5 and torch 2.11, the small-model
+    recipe with compiled layers). On the CPU Liger's kernels are not used, so there is nothing to refuse."""
+    import torch
+
+    if settings.compile_layers and settings.use_liger_kernel and torch.cuda.is_available():
+        raise UsageError(
+            "--compile_layers cannot compile Liger's kernels (--use_liger_kernel, on in --recipe small-model): "
+            "add --no-use_liger_kernel (the compiled layers fuse their norms, RoPE and SwiGLU themselves)"
+        )
+
+
 def train(task, settings: TrainingSettings) -> dict:
     """Fine-tune ``task`` with ``settings`` (resolved by ``settings.resolve``) and write the run folder; returns
     the training metrics."""
@@ -369,6 +382,7 @@ def train(task, settings: TrainingSettings) -> dict:
     distributed.init()
     if settings.packing and settings.use_flash_attention:
         raise UsageError("--packing uses a 4-D attention mask, which flash_attention_2 does not take; use SDPA")
+    check_compiled_layers_without_liger(settings)
     if distributed.fsdp_requested():
         check_fsdp_combinations(settings)
     run = RunFolder(settings.experiment_dir or default_run_dir(task, settings))

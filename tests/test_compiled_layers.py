@@ -126,3 +126,24 @@ def test_compiled_layers_do_not_compile_again_for_new_lengths(tiny_model):
         mask[0, : width % 3] = 0  # widths 9 and 30: no padding
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_compiled_layers_with_liger_are_refused_on_a_gpu_before_anything_runs(tmp_path, monkeypatch):
+    """On a GPU torch.compile fails on Liger's kernels inside a compiled layer: training stops with one line
+    naming both flags, before loading anything (no run folder). On the CPU Liger is not used: no refusal."""
+    from qlora_kit import settings
+
+    resolved, _ = settings.resolve(
+        "classification",
+        {"recipe": "small-model", "compile_layers": True, "train_file": "unused.jsonl",
+         "experiment_dir": str(tmp_path / "run")},
+    )  # fmt: skip
+    assert resolved.use_liger_kernel  # the small-model recipe turns Liger on
+    training.check_compiled_layers_without_liger(resolved)  # the CPU: nothing refused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UsageError, match="--compile_layers .*--no-use_liger_kernel"):
+        training.train("classification", resolved)
+    assert not (tmp_path / "run").exists()
+    without_liger, _ = settings.resolve("classification", {"recipe": "small-model", "compile_layers": True,
+                                                           "use_liger_kernel": False})  # fmt: skip
+    training.check_compiled_layers_without_liger(without_liger)
