@@ -540,6 +540,13 @@ def measure_unsloth(model_dir: Path, recipe: dict, task: str, args) -> dict:
 RUNNERS = {"trainer": measure, "bare loop": measure_bare_loop, "unsloth": measure_unsloth}
 
 
+def model_summary(folder: Path) -> dict:
+    """The timed model's architecture, from its config.json."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    return {key: config.get(key) for key in keys}
+
+
 def main(args):
     import zephyr_shaped
 
@@ -559,7 +566,8 @@ def main(args):
     results = {
         "command": " ".join(sys.argv),
         "settings": vars(args),
-        "model_shape": args.shape,
+        # what --model_dir holds: the random model of --shape built here, or any model folder given (e.g. SmolLM2)
+        "model": model_summary(folder),
         "what": "non-padding tokens/s: the median of --repeats passes over the same --steps optimizer steps "
         "(after --warmup_steps), min and max beside it; peak memory over every step",
         "processes": processes(),

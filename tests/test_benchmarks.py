@@ -148,7 +148,10 @@ def test_train_benchmark_tiny(tmp_path):
         "--scratch",
         tmp_path / "s",
     )
-    runs = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    tiny = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert result["model"]["hidden_size"] == tiny["hidden_size"] and result["model"]["model_type"] == "mistral"
+    runs = result["runs"]
     fast = runs["summarization: fast, all modules"]
     # profiled after the timed passes: their windows stay two
     assert fast["profile"]["steps"] == 1 and fast["profile"]["by_kind_seconds"]["matrix products"] > 0
