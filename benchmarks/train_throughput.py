@@ -162,6 +162,8 @@ RECIPES = {
     "small-model, no reads from the GPU per micro-batch, all modules": _recipe(
         "all", "small-model", sft_overrides=NO_HOST_READS
     ),
+    # the adapted layers' inputs not cast to the adapter's fp32 (keep_lora_inputs_uncast)
+    "small-model, LoRA inputs left in bf16, all modules": _recipe("all", "small-model", lora_inputs_uncast=True),
     # --max_memory_gb: the micro-batch the probe picks for a smaller card's budget (same 32 examples a step)
     "fast, fitted to a 16 GB budget, all modules": _recipe("all", "fast", max_memory_gb=16.0),
     "fast, fitted to a 12 GB budget, all modules": _recipe("all", "fast", max_memory_gb=12.0),
@@ -267,6 +269,20 @@ def fuse_rms_norms(model) -> int:
     return count
 
 
+def keep_lora_inputs_uncast(model) -> int:
+    """Leave each adapted layer's input in the compute dtype. Over a 16-bit base peft keeps the adapter in fp32 and
+    casts the layer's input to fp32 before the adapter's matmuls, which autocast (training in bf16) casts back to
+    bf16: two casts a layer each way, ~4 of the ~20 kernels peft runs for an adapted layer in a training step, where
+    a small model's step is bound by how many kernels the host launches. Training only (under autocast: outside it
+    a bf16 input meets an fp32 weight). Returns how many layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def measure(model_dir: Path, recipe: dict, task: str, args, profiler=None) -> dict:
     """One recipe through the project's trainer (qlora_kit.sft_trainer.make_trainer): the warm-up steps, then the
     timed rows ``--repeats`` times, each pass timed on its own. ``profiler(result, model)``, a context manager,
@@ -341,6 +357,8 @@ def measure(model_dir: Path, recipe: dict, task: str, args, profiler=None) -> di
         compile_layers=recipe.get("compile_layers", False),
         fused_lora=recipe.get("fused_lora", False),
     )
+    if recipe.get("lora_inputs_uncast"):
+        keep_lora_inputs_uncast(trainer.model)
     if recipe.get("fused_rms_norm") and not fuse_rms_norms(trainer.model):
         sys.exit("fused_rms_norm: this model has no RMSNorm of the Llama form")
     # before the collator is wrapped: the probe's batches are not training's

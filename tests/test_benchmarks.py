@@ -618,3 +618,38 @@ def test_near_ties_counts_what_rechecking_would_decode_again_and_repair():
     alone = generation_real_model.near_ties(margins, outputs, [0, 1, 2, 3], [[9], [2], [9], [4]], [[7], [2], [9], [4]])
     assert alone["by_margin"]["0.125"] == {"share_rechecked": 0.5, "identical_share_if_rechecked": 0.5}
     assert alone["by_margin"]["4"] == {"share_rechecked": 0.75, "identical_share_if_rechecked": 0.75}
+
+
+def test_lora_inputs_left_uncast_train_the_same_with_fewer_casts(tiny_model):
+    """keep_lora_inputs_uncast: over a bf16 base with an fp32 adapter, under bf16 autocast as training runs, the same
+    loss and adapter gradients with fewer cast kernels (peft's cast of each input to fp32, autocast's back)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    train_throughput = _train_throughput_module()
+
+    def step(uncast):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules="all-linear")
+        model = get_peft_model(model, config)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        if uncast:
+            assert train_throughput.keep_lora_inputs_uncast(model) > 0
+        ids = torch.arange(1, 17).reshape(2, 8)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        casts = sum(event.count for event in prof.key_averages() if event.key == "aten::_to_copy")
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, casts
+
+    loss, grads, casts = step(uncast=False)
+    loss_uncast, grads_uncast, casts_uncast = step(uncast=True)
+    torch.testing.assert_close(loss_uncast, loss)
+    for name in grads:
+        torch.testing.assert_close(grads_uncast[name], grads[name])
+    assert casts_uncast < casts, (casts_uncast, casts)
