@@ -102,7 +102,7 @@ class TrainingSettings:
     compile_layers: bool = _setting(
         False,
         "compile each decoder layer with torch.compile before training (1.2x tokens/s on the 7B shape on an "
-        "H200, not counting the compile time, docs/benchmarks.md)",
+        "H200, not counting the compile time, docs/benchmarks.md); not with Liger's kernels, which it cannot compile",
     )
     fused_lora: bool = _setting(
         False,
@@ -132,8 +132,8 @@ class TrainingSettings:
     logits_where_scored: bool = _setting(
         False,
         "with --full_tune: compute the vocabulary logits only at the "
-        "positions whose next token is scored; less memory, but slower on "
-        "the H200 (0.4-0.7x tokens/s, docs/benchmarks.md)",
+        "positions whose next token is scored; less memory; slower on the 7B shape (0.4-0.6x tokens/s on an "
+        "H200), not on SmolLM2 with --recipe small-model (an H100), docs/benchmarks.md",
     )
     seed: int = _setting(42, "random seed (data order, sampling, LoRA initialisation)")
     report_to: str = _setting("none", "none, tensorboard or wandb")

@@ -164,7 +164,8 @@ class HeadAdapterTrainer(ResumingTrainer):
     """Trains a LoRA adapter on lm_head too: the loss comes from the model's own logits, as in
     ``transformers.Trainer`` (trl computes its loss from ``lm_head.weight`` directly, a fused head that would
     skip the adapter). With ``scored_positions_only`` (``--logits_where_scored``) the logits are computed only
-    where a token is scored (``logits_where_scored``): less memory, but slower on the GPU."""
+    where a token is scored (``logits_where_scored``): less memory; slower on the 7B shape on a GPU, not on SmolLM2
+    with the small-model recipe (docs/benchmarks.md)."""
 
     scored_positions_only = False
 
