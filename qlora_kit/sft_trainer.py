@@ -30,16 +30,26 @@ def _optimizer(name: str, on_gpu: bool) -> str:
     return name
 
 
-def _liger_available(requested: bool, on_gpu: bool) -> bool:
+def liger_kernel_installed() -> bool:
     import importlib.util
 
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_in_use(requested: bool, on_gpu: bool, say_why: bool = False) -> bool:
+    """Whether training runs Liger's kernels: asked for, on a GPU, with liger-kernel installed (``say_why``: log
+    why not, when asked for)."""
     if not requested:
         return False
     if not on_gpu:
-        log.info("Liger kernels need a GPU: not used on the CPU")
+        if say_why:
+            log.info("Liger kernels need a GPU: not used on the CPU")
         return False
-    if importlib.util.find_spec("liger_kernel") is None:
-        log.warning("Liger kernels asked for but liger-kernel is not installed (pip install liger-kernel): not used")
+    if not liger_kernel_installed():
+        if say_why:
+            log.warning(
+                "Liger kernels asked for but liger-kernel is not installed (pip install liger-kernel): not used"
+            )
         return False
     return True
 
@@ -66,7 +76,7 @@ def sft_config(args: TrainingSettings, run_dir: Path):
 
     on_gpu = torch.cuda.is_available()
     dtype = modeling.compute_dtype()
-    liger = _liger_available(args.use_liger_kernel, on_gpu)
+    liger = liger_in_use(args.use_liger_kernel, on_gpu, say_why=True)
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=args.epochs,

@@ -20,7 +20,7 @@ from .packing import PackedCollator, packed_rows
 from .run_folder import RunFolder
 from .selection import ScoreCheckpoints, selection_metrics
 from .settings import TrainingSettings
-from .sft_trainer import StopOnSignal, make_trainer, sft_config
+from .sft_trainer import StopOnSignal, liger_in_use, make_trainer, sft_config
 from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -363,12 +363,12 @@ def check_fsdp_combinations(settings: TrainingSettings) -> None:
 
 
 def check_compiled_layers_without_liger(settings: TrainingSettings) -> None:
-    """--compile_layers and Liger's kernels do not go together on a GPU: torch.compile fails tracing Liger's Triton
-    RMSNorm inside a compiled layer (measured on an H100 with liger-kernel 0.8.5 and torch 2.11, the small-model
-    recipe with compiled layers). On the CPU Liger's kernels are not used, so there is nothing to refuse."""
+    """--compile_layers and Liger's kernels do not go together: torch.compile fails tracing Liger's Triton RMSNorm
+    inside a compiled layer (measured on an H100 with liger-kernel 0.8.5 and torch 2.11, the small-model recipe with
+    compiled layers). Where Liger's kernels would not run (the CPU, liger-kernel not installed) nothing is refused."""
     import torch
 
-    if settings.compile_layers and settings.use_liger_kernel and torch.cuda.is_available():
+    if settings.compile_layers and liger_in_use(settings.use_liger_kernel, torch.cuda.is_available()):
         raise UsageError(
             "--compile_layers cannot compile Liger's kernels (--use_liger_kernel, on in --recipe small-model): "
             "add --no-use_liger_kernel (the compiled layers fuse their norms, RoPE and SwiGLU themselves)"

@@ -130,7 +130,8 @@ def test_compiled_layers_do_not_compile_again_for_new_lengths(tiny_model):
 
 def test_compiled_layers_with_liger_are_refused_on_a_gpu_before_anything_runs(tmp_path, monkeypatch):
     """On a GPU torch.compile fails on Liger's kernels inside a compiled layer: training stops with one line
-    naming both flags, before loading anything (no run folder). On the CPU Liger is not used: no refusal."""
+    naming both flags, before loading anything (no run folder). Where Liger is not used (the CPU, liger-kernel not
+    installed): no refusal."""
     from qlora_kit import settings
 
     resolved, _ = settings.resolve(
@@ -139,8 +140,12 @@ def test_compiled_layers_with_liger_are_refused_on_a_gpu_before_anything_runs(tm
          "experiment_dir": str(tmp_path / "run")},
     )  # fmt: skip
     assert resolved.use_liger_kernel  # the small-model recipe turns Liger on
+    monkeypatch.setattr(sft_trainer, "liger_kernel_installed", lambda: True)
     training.check_compiled_layers_without_liger(resolved)  # the CPU: nothing refused
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sft_trainer, "liger_kernel_installed", lambda: False)
+    training.check_compiled_layers_without_liger(resolved)  # a GPU without liger-kernel: Liger not used either
+    monkeypatch.setattr(sft_trainer, "liger_kernel_installed", lambda: True)
     with pytest.raises(UsageError, match="--compile_layers .*--no-use_liger_kernel"):
         training.train("classification", resolved)
     assert not (tmp_path / "run").exists()
