@@ -13,12 +13,23 @@ CPU, in bf16 as a GPU computes, counts a GPU's bytes in a minute or two a recipe
 with one decoder layer, its rows scaled to Zephyr's 32 (``--full_layers``). Triton kernels (Liger's) are not
 operations of the dispatcher and are not recorded: recipes with them are measured by the kernel profile.
 
+It also counts the step's operations that move data: a GPU launches a kernel for about each, and a small model's
+step (SmolLM2-135M's) waits on the host launching them, so their count is what its recipes change. Two more
+differences count there: dropout on the CPU is three operations (mask, scale, product) where a GPU runs one
+kernel, and the optimizer's multi-tensor updates run on the CPU tensor by tensor where a GPU's fused AdamW
+launches a few kernels for all (its operations are the source "other (optimizer, trainer)", pass "no grad").
+
 Usage:
     python benchmarks/step_anatomy.py --layers 1 --model_dir /tmp/zephyr-1-layer --batch_size 8 \\
         --recipes "fast, all modules" "fast without LoRA dropout, fused LoRA, all modules" \\
         --out benchmarks/results/step_anatomy_cpu.json
     python benchmarks/step_anatomy.py --table benchmarks/results/step_anatomy_cpu.json    # the runs side by side
     python benchmarks/step_anatomy.py --tiny --model_dir /tmp/tiny --out /tmp/anatomy.json     # code path check
+    # SmolLM2-135M (its folder: python -c "from qlora_kit import modeling;
+    #   print(modeling.resolve_model_source('embedded:smollm2-135m-instruct'))"), every layer, operations by source:
+    python benchmarks/step_anatomy.py --model_dir SMOLLM2_FOLDER --full_layers 0 --batch_size 4 --task summarization \
+        --recipes "small-model without Liger, all modules" --out /tmp/anatomy_small.json
+    python benchmarks/step_anatomy.py --table /tmp/anatomy_small.json --operations
     # on a GPU, the whole model, with the kernels' time of each source:
     python benchmarks/step_anatomy.py --model_dir /tmp/z7 --recipes "fast, all modules" --out /tmp/anatomy.json
 """
@@ -241,7 +252,9 @@ def recorded(result: dict, model):
 
 def summarise(operations: list[dict], positions: int, layer_scale: float) -> dict:
     """Per position of the step, layer rows scaled to the full depth: bytes (all, and outside matrix products),
-    matrix-product FLOPs and, on a GPU, kernel milliseconds, by source and by pass."""
+    matrix-product FLOPs and, on a GPU, kernel milliseconds, by source and by pass; and the step's operations that
+    move data (a GPU launches a kernel for about each: where a small model's step waits on the host, their count
+    is its time)."""
     totals = collections.defaultdict(lambda: collections.Counter())
     for row in operations:
         scale = layer_scale if ".N" in row["module"] else 1.0
@@ -249,6 +262,7 @@ def summarise(operations: list[dict], positions: int, layer_scale: float) -> dic
             totals[group]["bytes"] += row["bytes"] * scale
             totals[group]["flops"] += row["flops"] * scale
             totals[group]["device_ms"] += row.get("device_ms", 0.0) * scale
+            totals[group]["operations"] += row["calls"] * scale
             if row["op"] not in MATRIX_PRODUCTS:
                 totals[group]["bytes_outside_matrix_products"] += row["bytes"] * scale
 
@@ -257,6 +271,7 @@ def summarise(operations: list[dict], positions: int, layer_scale: float) -> dic
             "bytes": counter["bytes"] / positions,
             "bytes_outside_matrix_products": counter["bytes_outside_matrix_products"] / positions,
             "matrix_product_flops": counter["flops"] / positions,
+            "operations_per_step": round(counter["operations"]),
             **({"device_ms_per_step": counter["device_ms"]} if counter["device_ms"] else {}),
         }
 
@@ -313,19 +328,25 @@ def print_summary(name: str, summary: dict) -> None:
     every = summary["per_position"]["all"]
     print(
         f"{name}: {summary['positions']} positions; per position {every['bytes'] / 1024:,.0f} KiB moved, "
-        f"{every['bytes_outside_matrix_products'] / 1024:,.0f} KiB outside matrix products",
+        f"{every['bytes_outside_matrix_products'] / 1024:,.0f} KiB outside matrix products; "
+        f"{every['operations_per_step']:,} operations moving data in the step",
         flush=True,
     )
     for group, value in summary["per_position"].items():
         if group != "all":
             outside = value["bytes_outside_matrix_products"]
             ms = f"  {value['device_ms_per_step']:8.1f} ms" if "device_ms_per_step" in value else ""
-            print(f"  {outside / 1024:9,.1f} KiB {outside / every['bytes_outside_matrix_products']:6.1%}{ms}  {group}")
+            operations = f"{value['operations_per_step']:7,} ops"
+            print(
+                f"  {outside / 1024:9,.1f} KiB {outside / every['bytes_outside_matrix_products']:6.1%} {operations}"
+                f"{ms}  {group}"
+            )
 
 
-def markdown_table(results: dict) -> str:
+def markdown_table(results: dict, operations: bool = False) -> str:
     """The runs of a results file side by side: MB moved per position outside matrix products, by source (with the
-    kernels' milliseconds of the step where a GPU measured them)."""
+    kernels' milliseconds of the step where a GPU measured them), or with ``operations`` the step's operations that
+    move data, by source."""
     runs = results["runs"]
     groups = list(dict.fromkeys(group for run in runs.values() for group in run["summary"]["per_position"]))
     lines = ["| source | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
@@ -336,14 +357,23 @@ def markdown_table(results: dict) -> str:
             if value is None:
                 cells.append("-")
                 continue
+            if operations:
+                cells.append(f"{value['operations_per_step']:,}")
+                continue
             cell = f"{value['bytes_outside_matrix_products'] / 1e6:.1f}"
             if "device_ms_per_step" in value:
                 cell += f" ({value['device_ms_per_step']:.0f} ms)"
             cells.append(cell)
-        name = "**all, outside matrix products**" if group == "all" else group
+        name = "**all**" if operations and group == "all" else group
+        name = "**all, outside matrix products**" if name == "all" else name
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     flops = [run["summary"]["per_position"]["all"]["matrix_product_flops"] / 1e9 for run in runs.values()]
     lines.append("| matrix products, GFLOP per position | " + " | ".join(f"{value:.1f}" for value in flops) + " |")
+    # (results written before the operations were counted have no count)
+    counts = [run["summary"]["per_position"]["all"].get("operations_per_step") for run in runs.values()]
+    if any(count is not None for count in counts):
+        cells = " | ".join("-" if count is None else f"{count:,}" for count in counts)
+        lines.append(f"| operations moving data in the step (about a kernel each on a GPU) | {cells} |")
     return "\n".join(lines)
 
 
@@ -361,8 +391,11 @@ if __name__ == "__main__":
     parser.add_argument("--scratch", default="/tmp/step_anatomy")
     parser.add_argument("--out", default="benchmarks/results/step_anatomy.json")
     parser.add_argument("--table", metavar="JSON", help="print a results file's runs as a markdown table, and stop")
+    parser.add_argument(
+        "--operations", action="store_true", help="with --table: the operations moving data by source, not the bytes"
+    )
     parsed = parser.parse_args()
     if parsed.table:
-        print(markdown_table(json.loads(Path(parsed.table).read_text())))
+        print(markdown_table(json.loads(Path(parsed.table).read_text()), parsed.operations))
     else:
         main(parsed)

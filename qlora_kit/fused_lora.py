@@ -17,6 +17,11 @@ so ~0.5 MB a token a block, ~1 MB with the recomputed forward, ~33 MB a token ov
 an H200 sustains, against ~125 us a token at 8,000 tokens/s: at most ~8%. Measured on an H200 (7B shape, 4-bit,
 docs/benchmarks.md) it was 0.95x the default at the median, later passes even: not a default.
 
+A small model's step counts launches, not bytes: SmolLM2-135M's 211 adapted layers run ~20 operations each through
+peft, a kernel each on a GPU, where the host launching them is the step's time. The fused layers run fewer, and cast
+their fp32 adapter weights to bf16 all together once per forward (and the gradients back once), not four casts a
+layer (``_AdapterCasts``).
+
 It applies where the result is the same LoRA: training (train mode), one active adapter, no DoRA or other
 variant, no LoRA bias, a frozen base that is a ``torch.nn.Linear`` or a bitsandbytes 4-bit layer, the adapter's
 compute dtype equal to the base output's. Any other call runs peft's own forward (a training call says why, once).
@@ -61,19 +66,17 @@ def _base_weight(layer) -> torch.Tensor:
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dropped, lora_A, lora_B, scaling, base_layer):
-        # dropped: dropout(x), or None when the adapter has no dropout (then the adapter reads x itself)
+    def forward(ctx, x, dropped, A, B, scaling, base_layer):
+        # dropped: dropout(x), or None when the adapter has no dropout (then the adapter reads x itself); A and B:
+        # the adapter's weights already in the output's dtype (their casts are autograd's, outside this function)
         result = base_layer(x)
         if not result.is_contiguous():
             result = result.contiguous()
-        dtype = result.dtype
-        adapter_input = (x if dropped is None else dropped).reshape(-1, x.shape[-1]).to(dtype)
-        A, B = lora_A.to(dtype), lora_B.to(dtype)
+        adapter_input = (x if dropped is None else dropped).reshape(-1, x.shape[-1]).to(result.dtype)
         scaled = torch.mm(adapter_input, A.t()).mul_(scaling)  # tokens x rank: the only new tensor saved
         result.view(-1, result.shape[-1]).addmm_(scaled, B.t())
         ctx.save_for_backward(x, dropped, A, B, scaled)
         ctx.scaling, ctx.base_layer = scaling, base_layer
-        ctx.param_dtypes = lora_A.dtype, lora_B.dtype
         return result
 
     @staticmethod
@@ -84,9 +87,9 @@ class _LoRALinear(torch.autograd.Function):
         grad_A = grad_B = grad_x = grad_dropped = None
         through_B = torch.mm(grad, B)  # tokens x rank
         if ctx.needs_input_grad[3]:
-            grad_B = torch.mm(grad.t(), scaled).to(ctx.param_dtypes[1])
+            grad_B = torch.mm(grad.t(), scaled)
         if ctx.needs_input_grad[2]:
-            grad_A = torch.mm(through_B.t(), adapter_input).mul_(ctx.scaling).to(ctx.param_dtypes[0])
+            grad_A = torch.mm(through_B.t(), adapter_input).mul_(ctx.scaling)
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad, _base_weight(ctx.base_layer).to(grad.dtype))
             if dropped is None:
@@ -95,6 +98,76 @@ class _LoRALinear(torch.autograd.Function):
         if dropped is not None and ctx.needs_input_grad[1]:
             grad_dropped = torch.mm(through_B, A).mul_(ctx.scaling).view(dropped.shape).to(dropped.dtype)
         return grad_x, grad_dropped, grad_A, grad_B, None, None
+
+
+class _CastTogether(torch.autograd.Function):
+    """Tensors cast to ``dtype`` as one flat tensor: a few kernels for all of them where a cast each is one kernel a
+    tensor, and in the backward the gradients cast back the same way. Outputs nothing used gets no gradient (None,
+    as if it had not been cast), so an optimizer skips its tensor as it would have."""
+
+    @staticmethod
+    def forward(ctx, dtype, *tensors):
+        ctx.set_materialize_grads(False)
+        ctx.shapes = [t.shape for t in tensors]
+        ctx.dtype = tensors[0].dtype
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+        return tuple(part.view(shape) for part, shape in zip(flat.split([t.numel() for t in tensors]), ctx.shapes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        given = [i for i, grad in enumerate(grads) if grad is not None]
+        result = [None] * len(grads)
+        if given:
+            flat = torch.cat([grads[i].reshape(-1) for i in given]).to(ctx.dtype)
+            for i, part in zip(given, flat.split([grads[i].numel() for i in given])):
+                result[i] = part.view(ctx.shapes[i])
+        return None, *result
+
+
+class _AdapterCasts:
+    """The fused layers' adapter weights, cast to the compute dtype once per forward of the model, all together.
+
+    Over a 16-bit or 4-bit base in bf16 peft keeps the adapter in fp32, so each adapted layer casts its two adapter
+    weights to bf16 in the forward and their gradients back in the backward: four kernels a layer, ~840 a step for
+    SmolLM2-135M's 211 adapted layers, where a small model's step is bound by how many kernels the host launches.
+    Cast together: a few. The same values either way.
+
+    The casts are made at the first fused call of a forward of the model with gradients, outside the backward and
+    outside a compiled region, and used by that forward's layers and by their recomputation under checkpointing; a
+    forward pre-hook on the model forgets them when the next forward starts (the backward has used their graph).
+    A call without gradients, or a compiled layer, casts its own, as peft does."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.cast: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forget(self, *unused):
+        self.cast = None
+
+    def weights(self, layer, lora_A, lora_B, dtype):
+        """``layer``'s adapter weights cast to ``dtype``, or None where it casts its own."""
+        if torch.compiler.is_compiling():
+            return None  # the compiled graph keeps its own casts (and traces no Python state)
+        if self.cast is None:
+            if not torch.is_grad_enabled() or torch._C._current_autograd_node() is not None:
+                return None
+            self.cast = self._cast_all(dtype)
+        cast = self.cast.get(id(layer))
+        if cast is None or cast[0].dtype != dtype or cast[2] is not lora_A or cast[3] is not lora_B:
+            return None
+        return cast[0], cast[1]
+
+    def _cast_all(self, dtype) -> dict:
+        pairs = {}
+        for layer in self.layers:
+            names = [name for name in layer.active_adapters if name in layer.lora_A]
+            if len(names) == 1 and isinstance(layer.lora_A[names[0]], torch.nn.Linear):
+                pairs[id(layer)] = (layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight)
+        weights = [weight for pair in pairs.values() for weight in pair]
+        if not weights or len({(w.device, w.dtype) for w in weights}) != 1 or weights[0].dtype == dtype:
+            return {}  # nothing to cast, or not one flat tensor's worth
+        cast = _CastTogether.apply(dtype, *weights)
+        return {key: (cast[2 * i], cast[2 * i + 1], *pair) for i, (key, pair) in enumerate(pairs.items())}
 
 
 def unfused_reason(layer, x, inference: bool = False) -> str | None:
@@ -169,9 +242,14 @@ def _fused_forward(self, x, *args, **kwargs):
     )
     if inference:
         return _adapted_in_place(x, lora_A, lora_B, scaling, base)
+    # the dtype the product runs in (unfused_reason made it the output's): autocast's, else the adapter's own
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else lora_A.dtype
+    casts = getattr(self, "_adapter_casts", None)
+    cast = casts.weights(self, lora_A, lora_B, dtype) if casts is not None else None
+    A, B = cast if cast is not None else (lora_A.to(dtype), lora_B.to(dtype))
     dropout = self.lora_dropout[name]
     dropped = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
-    return _LoRALinear.apply(x, dropped, lora_A, lora_B, scaling, base)
+    return _LoRALinear.apply(x, dropped, A, B, scaling, base)
 
 
 # How an evaluation adds the adapter's product to each adapted layer's output, by where the model runs. On a GPU in
@@ -222,16 +300,25 @@ def inference_product(
 def fuse_lora(model, for_inference: bool = False) -> int:
     """Route the training forward of every peft LoRA linear layer of ``model`` through the fused function, and its
     calls without gradients in eval mode too while ``for_inference`` (a later call without it hands them back to
-    peft); returns how many layers were routed anew. Idempotent; adapters save and load under the same names."""
+    peft); returns how many layers were routed anew. Idempotent; adapters save and load under the same names.
+    Routed for training, the layers cast their adapter weights together once per forward (``_AdapterCasts``)."""
     from peft.tuners.lora import LoraLayer
 
-    count = 0
+    count, routed = 0, []
     for module in model.modules():
         if not (isinstance(module, LoraLayer) and hasattr(module, "lora_A")):
             continue
         if not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
+            routed.append(module)
             count += 1
         module._fused_for_inference = for_inference
+    if routed and not for_inference:  # (an evaluation's forwards, captured in CUDA graphs, need no training casts)
+        casts = _AdapterCasts(routed)
+        for module in routed:
+            module._adapter_casts = casts
+        # every call of the model goes through its innermost model (peft's wrappers call it)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.register_forward_pre_hook(casts.forget)
     return count

@@ -213,6 +213,13 @@ def test_step_anatomy_names_the_source_and_pass_of_every_operation(tmp_path):
     # the same matrix products either way (the model's FLOPs do not depend on how the adapter is added)
     flops = {name: value["all"]["matrix_product_flops"] for name, value in summary.items()}
     assert 0.9 < flops[lean] / flops[default] < 1.1 and flops[default] > 0
+    # the operations moving data, counted by source: fewer with the fused layers, none of peft's adapter products
+    operations = {name: value["all"]["operations_per_step"] for name, value in summary.items()}
+    assert 0 < operations[lean] < operations[default]
+    assert summary[default]["source: LoRA adapter products"]["operations_per_step"] > 0
+    assert "source: LoRA adapter products" not in summary[lean]
+    table = _run("step_anatomy.py", "--table", out, "--operations").stdout
+    assert f"| **all** | {operations[default]:,} | {operations[lean]:,} |" in table
 
 
 def test_fused_rms_norms_compute_the_llama_norm_and_its_gradients(tiny_model):
