@@ -6,11 +6,12 @@ and a sum, each reading or writing a tensor of the layer's output size, in the f
 activations), and a scaled gradient and a sum in the backward. Here the adapter's product is added into the base
 output in place, by the matrix multiply itself (``addmm_``), and the backward is written out the same way:
 
-    forward   y  = base(x);  s = scaling * (d @ A.T);  y += s @ B.T        (d = dropout(x), or x)
-    backward  dB = dy.T @ s;  g = dy @ B;  dA = scaling * g.T @ d
+    forward   y  = base(x);  r = d @ A.T;  y += scaling * r @ B.T          (d = dropout(x), or x)
+    backward  dB = scaling * dy.T @ r;  g = dy @ B;  dA = scaling * g.T @ d
               dx = dy @ W (+ scaling * g @ A, added in place when d is x)
 
-Only ``s`` (tokens x rank) is saved besides the inputs peft saves too. The passes saved, worked for the 7B shape:
+each product scaled in its own accumulation (addmm's alpha), not by a product of its own. Only ``r`` (tokens x rank)
+is saved besides the inputs peft saves too. The passes saved, worked for the 7B shape:
 peft's forward writes and reads the output-sized tensor ~8 more times (copy 2, adapter output 1, scaling 2, sum 3)
 where ``addmm_`` reads and writes it twice; the block's 7 adapted layers output 43,008 values a token, 86 KB in bf16,
 so ~0.5 MB a token a block, ~1 MB with the recomputed forward, ~33 MB a token over 32 blocks: ~10 us at the ~3.3 TB/s
@@ -64,6 +65,12 @@ def _base_weight(layer) -> torch.Tensor:
     return _dequantized_4bit(layer.weight) if is_4bit_layer(layer) else layer.weight
 
 
+def _scaled_product(left, right, scale):
+    """``scale * left @ right`` as one matrix multiply (the scale applied in its accumulation, no separate product:
+    with beta 0 addmm's first argument is not read, so an empty scalar serves)."""
+    return torch.addmm(left.new_empty(()), left, right, beta=0, alpha=scale)
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dropped, A, B, scaling, base_layer):
@@ -73,30 +80,30 @@ class _LoRALinear(torch.autograd.Function):
         if not result.is_contiguous():
             result = result.contiguous()
         adapter_input = (x if dropped is None else dropped).reshape(-1, x.shape[-1]).to(result.dtype)
-        scaled = torch.mm(adapter_input, A.t()).mul_(scaling)  # tokens x rank: the only new tensor saved
-        result.view(-1, result.shape[-1]).addmm_(scaled, B.t())
-        ctx.save_for_backward(x, dropped, A, B, scaled)
+        reduced = torch.mm(adapter_input, A.t())  # tokens x rank: the only new tensor saved
+        result.view(-1, result.shape[-1]).addmm_(reduced, B.t(), alpha=scaling)
+        ctx.save_for_backward(x, dropped, A, B, reduced)
         ctx.scaling, ctx.base_layer = scaling, base_layer
         return result
 
     @staticmethod
     def backward(ctx, grad_result):
-        x, dropped, A, B, scaled = ctx.saved_tensors
+        x, dropped, A, B, reduced = ctx.saved_tensors
         grad = grad_result.reshape(-1, grad_result.shape[-1]).to(A.dtype)
         adapter_input = (x if dropped is None else dropped).reshape(-1, x.shape[-1]).to(A.dtype)
         grad_A = grad_B = grad_x = grad_dropped = None
         through_B = torch.mm(grad, B)  # tokens x rank
         if ctx.needs_input_grad[3]:
-            grad_B = torch.mm(grad.t(), scaled)
+            grad_B = _scaled_product(grad.t(), reduced, ctx.scaling)
         if ctx.needs_input_grad[2]:
-            grad_A = torch.mm(through_B.t(), adapter_input).mul_(ctx.scaling)
+            grad_A = _scaled_product(through_B.t(), adapter_input, ctx.scaling)
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad, _base_weight(ctx.base_layer).to(grad.dtype))
             if dropped is None:
                 grad_x.addmm_(through_B, A, alpha=ctx.scaling)
             grad_x = grad_x.view(x.shape).to(x.dtype)
         if dropped is not None and ctx.needs_input_grad[1]:
-            grad_dropped = torch.mm(through_B, A).mul_(ctx.scaling).view(dropped.shape).to(dropped.dtype)
+            grad_dropped = _scaled_product(through_B, A, ctx.scaling).view(dropped.shape).to(dropped.dtype)
         return grad_x, grad_dropped, grad_A, grad_B, None, None
 
 
