@@ -351,3 +351,17 @@ def test_tensors_cast_together_leave_an_unused_ones_gradient_none():
     (cast_used.float() * 3).sum().backward()
     assert unused.grad is None and used.grad.dtype == torch.float32
     torch.testing.assert_close(used.grad, torch.full((3, 2), 3.0))
+
+
+def test_adapters_too_large_to_cast_together_cast_a_layer_each(tiny_model, monkeypatch):
+    """Above the size bound (a 7B's rank-64 adapters) the flat copy is not made: each layer casts its own."""
+    ids = _ids()
+    counts = {}
+    for too_large in (False, True):
+        if too_large:
+            monkeypatch.setattr(fused_lora, "CAST_TOGETHER_MAX_ELEMENTS", 1)
+        model = _adapted(tiny_model, False)
+        layers = fused_lora.fuse_lora(model)
+        counts[too_large] = _step_counting_casts(model, ids)
+    _assert_same(counts[True][0], counts[False][0], rtol=0, atol=0)
+    assert counts[True][1] - counts[False][1] == 4 * layers - 2
