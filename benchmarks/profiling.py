@@ -24,6 +24,16 @@ KINDS = (
 )
 OTHER = "other element-wise"
 RANGES = ("prefill", "decode")
+# the CUDA runtime's and driver's calls that launch kernels (cuBLAS and Triton launch through the driver's; a CUDA
+# graph's replay, many kernels, is one call)
+LAUNCH_CALLS = (
+    "cudaGraphLaunch",
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel",
+)
 
 
 def kind(name: str) -> str:
@@ -65,6 +75,16 @@ def summary(events, wall_seconds: float, top: int = 15) -> dict:
     return {
         "profiled": "GPU kernels" if on_device else "CPU operators",
         "wall_seconds": wall_seconds,
+        # how many kernels ran, and how many times the host launched one (a CUDA graph's replay runs many kernels
+        # for one launch): where a step waits on the host, the launches are its time
+        **(
+            {
+                "kernels_run": sum(event.count for event in kernels),
+                "kernel_launches": sum(event.count for event in timed if event.key in LAUNCH_CALLS),
+            }
+            if on_device
+            else {}
+        ),
         "busy_seconds": busy_us / 1e6,
         "busy_share_of_wall": busy_us / 1e6 / wall_seconds if wall_seconds else None,
         "by_kind_seconds": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
@@ -105,7 +125,12 @@ def print_summary(title: str, result: dict) -> None:
     share = result["busy_share_of_wall"]
     print(
         f"{title}: {result['wall_seconds']:.2f} s wall, {result['profiled']} busy {result['busy_seconds']:.2f} s"
-        + (f" ({share:.0%})" if share is not None else ""),
+        + (f" ({share:.0%})" if share is not None else "")
+        + (
+            f", {result['kernels_run']:,} kernels from {result['kernel_launches']:,} launches"
+            if "kernels_run" in result
+            else ""
+        ),
         flush=True,
     )
     for name, seconds in result["by_kind_seconds"].items():

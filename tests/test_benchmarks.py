@@ -319,6 +319,35 @@ def test_profile_kinds_name_the_kernels():
     )
 
 
+def test_profile_counts_the_kernels_and_their_launches():
+    """A profile's kernels run and the host's launch calls, counted (a GPU's profile: kernels have device time)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profiling
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def event(key, count, device_us=0.0, cpu_us=1.0):
+        return SimpleNamespace(
+            key=key, count=count, self_device_time_total=device_us, device_time_total=device_us,
+            self_cpu_time_total=cpu_us, cpu_time_total=cpu_us,
+        )  # fmt: skip
+
+    events = [
+        event("sm90_xmma_gemm_bf16bf16_bf16f32", 6, device_us=60.0),
+        event("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>", 9, device_us=9.0),
+        event("aten::mm", 6, device_us=60.0),  # the operator, not a kernel of its own
+        event("cudaLaunchKernel", 9),
+        event("cuLaunchKernelEx", 4),  # cuBLAS through the driver
+        event("cudaGraphLaunch", 1),  # a graph's replay: one launch
+    ]
+    result = profiling.summary(events, wall_seconds=0.001)
+    assert (result["kernels_run"], result["kernel_launches"]) == (15, 14)
+    assert "kernels_run" not in profiling.summary([event("aten::mm", 6)], wall_seconds=0.001)  # the CPU: none
+
+
 def test_flops_per_token_works_the_numbers():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
