@@ -109,8 +109,8 @@ class _LoRALinear(torch.autograd.Function):
 
 class _CastTogether(torch.autograd.Function):
     """Tensors cast to ``dtype`` as one flat tensor: a few kernels for all of them where a cast each is one kernel a
-    tensor, and in the backward the gradients cast back the same way. Outputs nothing used gets no gradient (None,
-    as if it had not been cast), so an optimizer skips its tensor as it would have."""
+    tensor, and in the backward the gradients cast back the same way. A tensor whose cast nothing used gets no
+    gradient (None, as if it had not been cast), so an optimizer skips it as it would have."""
 
     @staticmethod
     def forward(ctx, dtype, *tensors):
