@@ -138,6 +138,15 @@ class _CastTogether(torch.autograd.Function):
 CAST_TOGETHER_MAX_ELEMENTS = 2**25  # 32M weights: 128 MB passing in fp32, 64 MB held in bf16
 
 
+def _data_parallel() -> bool:
+    """Whether several processes train together. DDP then waits for each weight's gradient, or finds the weight
+    unused in the graph: a weight whose layer did not run would be in the graph (through the flat cast) and get
+    none, so there each layer casts its own."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class _AdapterCasts:
     """The fused layers' adapter weights, cast to the compute dtype once per forward of the model, all together.
 
@@ -180,7 +189,7 @@ class _AdapterCasts:
         weights = [weight for pair in pairs.values() for weight in pair]
         if not weights or len({(w.device, w.dtype) for w in weights}) != 1 or weights[0].dtype == dtype:
             return {}  # nothing to cast, or not one flat tensor's worth
-        if sum(weight.numel() for weight in weights) > CAST_TOGETHER_MAX_ELEMENTS:
+        if sum(weight.numel() for weight in weights) > CAST_TOGETHER_MAX_ELEMENTS or _data_parallel():
             return {}
         cast = _CastTogether.apply(dtype, *weights)
         return {key: (cast[2 * i], cast[2 * i + 1], *pair) for i, (key, pair) in enumerate(pairs.items())}

@@ -353,15 +353,20 @@ def test_tensors_cast_together_leave_an_unused_ones_gradient_none():
     torch.testing.assert_close(used.grad, torch.full((3, 2), 3.0))
 
 
-def test_adapters_too_large_to_cast_together_cast_a_layer_each(tiny_model, monkeypatch):
-    """Above the size bound (a 7B's rank-64 adapters) the flat copy is not made: each layer casts its own."""
+@pytest.mark.parametrize("why", ["too large", "data parallel"])
+def test_adapters_cast_a_layer_each_when_too_large_or_data_parallel(tiny_model, monkeypatch, why):
+    """Above the size bound (a 7B's rank-64 adapters) the flat copy is not made, nor under data parallel (DDP waits
+    for each weight's gradient): each layer casts its own."""
     ids = _ids()
     counts = {}
-    for too_large in (False, True):
-        if too_large:
+    for per_layer in (False, True):
+        if per_layer and why == "too large":
             monkeypatch.setattr(fused_lora, "CAST_TOGETHER_MAX_ELEMENTS", 1)
+        elif per_layer:
+            monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+            monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
         model = _adapted(tiny_model, False)
         layers = fused_lora.fuse_lora(model)
-        counts[too_large] = _step_counting_casts(model, ids)
+        counts[per_layer] = _step_counting_casts(model, ids)
     _assert_same(counts[True][0], counts[False][0], rtol=0, atol=0)
     assert counts[True][1] - counts[False][1] == 4 * layers - 2
