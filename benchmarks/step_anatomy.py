@@ -364,14 +364,15 @@ def markdown_table(results: dict, operations: bool = False) -> str:
             if "device_ms_per_step" in value:
                 cell += f" ({value['device_ms_per_step']:.0f} ms)"
             cells.append(cell)
-        name = "**all**" if operations and group == "all" else group
-        name = "**all, outside matrix products**" if name == "all" else name
+        name = group
+        if group == "all":
+            name = "**all**" if operations else "**all, outside matrix products**"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     flops = [run["summary"]["per_position"]["all"]["matrix_product_flops"] / 1e9 for run in runs.values()]
     lines.append("| matrix products, GFLOP per position | " + " | ".join(f"{value:.1f}" for value in flops) + " |")
-    # (results written before the operations were counted have no count)
+    # the bytes' table ends with the step's operations (results written before they were counted have none)
     counts = [run["summary"]["per_position"]["all"].get("operations_per_step") for run in runs.values()]
-    if any(count is not None for count in counts):
+    if not operations and any(count is not None for count in counts):
         cells = " | ".join("-" if count is None else f"{count:,}" for count in counts)
         lines.append(f"| operations moving data in the step (about a kernel each on a GPU) | {cells} |")
     return "\n".join(lines)

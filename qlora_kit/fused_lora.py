@@ -183,7 +183,7 @@ class _AdapterCasts:
     def _cast_all(self, dtype) -> dict:
         pairs = {}
         for layer in self.layers:
-            names = [name for name in layer.active_adapters if name in layer.lora_A]
+            names = _active_adapters(layer)
             if len(names) == 1 and isinstance(layer.lora_A[names[0]], torch.nn.Linear):
                 pairs[id(layer)] = (layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight)
         weights = [weight for pair in pairs.values() for weight in pair]
@@ -195,11 +195,16 @@ class _AdapterCasts:
         return {key: (cast[2 * i], cast[2 * i + 1], *pair) for i, (key, pair) in enumerate(pairs.items())}
 
 
+def _active_adapters(layer) -> list[str]:
+    """The names of ``layer``'s active LoRA adapters."""
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
 def unfused_reason(layer, x, inference: bool = False) -> str | None:
     """Why the fused function would not compute this training call of a peft LoRA layer as peft does (None: it
     would). ``inference``: a call without gradients, where the base's trainability and the adapter's dtype do not
     matter (the product is computed in the output's dtype)."""
-    adapters = [name for name in layer.active_adapters if name in layer.lora_A]
+    adapters = _active_adapters(layer)
     if len(adapters) != 1:
         return f"{len(adapters)} active adapters"
     name = adapters[0]
@@ -258,7 +263,7 @@ def _fused_forward(self, x, *args, **kwargs):
             else:
                 log.warning("--fused_lora: LoRA layers with %s train through peft's own forward", reason)
         return self._peft_forward(x)
-    name = next(name for name in self.active_adapters if name in self.lora_A)
+    name = _active_adapters(self)[0]
     lora_A, lora_B, scaling, base = (
         self.lora_A[name].weight,
         self.lora_B[name].weight,
@@ -329,7 +334,7 @@ def fuse_lora(model, for_inference: bool = False) -> int:
     Routed for training, the layers cast their adapter weights together once per forward (``_AdapterCasts``)."""
     from peft.tuners.lora import LoraLayer
 
-    count, routed = 0, []
+    routed = []
     for module in model.modules():
         if not (isinstance(module, LoraLayer) and hasattr(module, "lora_A")):
             continue
@@ -337,7 +342,6 @@ def fuse_lora(model, for_inference: bool = False) -> int:
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             routed.append(module)
-            count += 1
         module._fused_for_inference = for_inference
     if routed and not for_inference:  # (an evaluation's forwards, captured in CUDA graphs, need no training casts)
         casts = _AdapterCasts(routed)
@@ -346,4 +350,4 @@ def fuse_lora(model, for_inference: bool = False) -> int:
         # every call of the model goes through its innermost model (peft's wrappers call it)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.register_forward_pre_hook(casts.forget)
-    return count
+    return len(routed)

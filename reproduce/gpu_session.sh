@@ -367,8 +367,7 @@ own process, in this order, on one machine" --out "$out/inference_kernels_smollm
 # The small-model recipe's training steps on SmolLM2, as shipped and with one lever each (SMALL_RECIPES, ';'
 # between names: compiled decoder layers without Liger's kernels (torch.compile fails on them), with fused LoRA too,
 # vocabulary logits at every position, without Liger's kernels, fused LoRA, without the trainer's reads from the GPU
-# per micro-batch,
-# the adapted layers' inputs not cast to the adapter's fp32),
+# per micro-batch, the adapted layers' inputs not cast to the adapter's fp32),
 # 3 passes of 20 steps, the lengths of SMALL_TASKS (default both) as benchmarks/train_lengths.json has them, at most
 # 512 tokens; then SMALL_PROFILE_STEPS (2) steps of each profiled: a 135M model's step is far from the GPU's limit,
 # the profile says where it goes (host or kernels). SMALL_SUFFIX names the output file apart.
